@@ -1,0 +1,1 @@
+"""Inference backends: one file each, behind the small protocol in base.py."""

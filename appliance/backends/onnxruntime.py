@@ -1,0 +1,76 @@
+"""ONNX Runtime backend: the embedded default that runs on every cart, CPU first."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from appliance.errors import BackendUnavailable
+from appliance.manifest import Manifest, Precision
+
+log = logging.getLogger(__name__)
+
+
+class OnnxRuntimeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    providers: list[str] = Field(
+        default_factory=lambda: ["CPUExecutionProvider"],
+        description="Execution providers in order of preference; unavailable ones are skipped with a warning.",
+    )
+    intra_op_threads: int = Field(
+        0, ge=0, description="Threads inside one operator; 0 = one per physical core (ORT's choice)."
+    )
+    inter_op_threads: int = Field(1, ge=1, description="Operators run in parallel; 1 because the graph is a chain.")
+    graph_optimization: str = Field("all", pattern="^(disable|basic|extended|all)$")
+
+
+_OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+               "all": "ORT_ENABLE_ALL"}
+
+
+class OnnxRuntimeBackend:
+    name = "onnxruntime"
+
+    def __init__(self, manifest: Manifest, precision: Precision, config: OnnxRuntimeConfig, max_batch: int = 4):
+        import onnxruntime as ort  # imported here so `doctor` can report a missing runtime plainly
+
+        self.precision = precision.value
+        self.model_sha256 = manifest.verify_file(precision)
+        self.max_batch = max_batch
+        self.fallback_reason: str | None = None
+        self.input_name = manifest.input.name
+        options = ort.SessionOptions()
+        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPT_LEVELS[config.graph_optimization])
+        options.intra_op_num_threads = config.intra_op_threads
+        options.inter_op_num_threads = config.inter_op_threads
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        available = set(ort.get_available_providers())
+        providers = [p for p in config.providers if p in available]
+        for missing in [p for p in config.providers if p not in available]:
+            log.warning("ONNX Runtime provider %s is not available here; skipped", missing)
+        if not providers:
+            raise BackendUnavailable(f"none of the configured providers {config.providers} is available")
+        path = manifest.onnx_path(precision)
+        try:
+            self.session = ort.InferenceSession(os.fspath(path), sess_options=options, providers=providers)
+        except Exception as exc:  # ORT raises its own untyped errors for broken graphs
+            raise BackendUnavailable(f"{path}: ONNX Runtime cannot load it: {exc}") from exc
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        input_names = [i.name for i in self.session.get_inputs()]
+        if self.input_name not in input_names:
+            raise BackendUnavailable(f"{path}: has no input {self.input_name!r} (it has {input_names})")
+        missing_outputs = {o.name for o in manifest.outputs} - set(self.output_names)
+        if missing_outputs:
+            raise BackendUnavailable(f"{path}: lacks outputs named in the manifest: {sorted(missing_outputs)}")
+        self.input_dtype = np.float16 if "float16" in self.session.get_inputs()[0].type else np.float32
+
+    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        outputs = self.session.run(self.output_names, {self.input_name: batch.astype(self.input_dtype, copy=False)})
+        return {name: np.asarray(value, dtype=np.float32) for name, value in zip(self.output_names, outputs)}
+
+    def close(self) -> None:
+        del self.session

@@ -1,0 +1,188 @@
+"""The whole configuration: one YAML file, validated strictly at start.
+
+Unknown keys are refused and every error names the key and its YAML line (see yamlsource).
+`cxr-appliance validate-config FILE` checks a file; `cxr-appliance schema` writes the JSON Schema
+for editors. Secrets never live in the YAML itself: they come from a file or an environment variable.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+
+from appliance.backends.onnxruntime import OnnxRuntimeConfig
+from appliance.backends.tensorrt import TensorRTConfig
+from appliance.errors import ConfigError
+from appliance.yamlsource import validate_yaml
+
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "engines" / "cxr-lite0" / "manifest.yaml"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DeviceConfig(Section):
+    site: str = Field("site", pattern=r"^[A-Za-z0-9_-]+$", description="Hospital or ward; first topic level.")
+    device_id: str = Field("cart-1", pattern=r"^[A-Za-z0-9_-]+$", description="This cart; unique per site.")
+    location: str = Field("unassigned", description="Default bed/location when the image does not name one.")
+    location_from_dicom: bool = Field(
+        True, description="Use the DICOM's StationName/Current Patient Location as bed when present."
+    )
+
+
+class IngestConfig(Section):
+    watch: Path = Field(Path("/var/lib/cxr-appliance/inbox"), description="Folder the X-ray unit drops into.")
+    extra_watch: list[Path] = Field(default_factory=list, description="More folders, e.g. a USB mount point.")
+    spool: Path = Field(Path("/var/lib/cxr-appliance/spool"), description="incoming/processing/done/quarantine.")
+    delete_from_watch: bool = Field(
+        True, description="Move files out of watched folders (False: copy; for read-only media)."
+    )
+    stable_seconds: float = Field(
+        2.0, ge=0, description="Without inotify close-write: size/mtime must hold still this long."
+    )
+    poll_seconds: float = Field(1.0, gt=0, description="Rescan interval (also catches missed events).")
+    extensions: list[str] = Field(
+        default_factory=lambda: [".dcm", ".dicom", "", ".png", ".jpg", ".jpeg"],
+        description="Accepted file name endings ('' = no extension, common for DICOM).",
+    )
+    max_file_mb: float = Field(512, gt=0, description="Larger files are quarantined unread.")
+    max_pixels: int = Field(60_000_000, gt=0, description="Images declaring more pixels are refused before decoding.")
+    min_free_mb: float = Field(200, ge=0, description="Stop accepting when the spool disk has less free space.")
+    keep_done_days: float = Field(7, ge=0, description="Processed files are deleted from done/ after this.")
+
+
+class InferenceConfig(Section):
+    model: Path = Field(DEFAULT_MODEL, description="Model manifest (YAML) or its folder.")
+    backend: Literal["auto", "onnxruntime", "tensorrt"] = Field(
+        "auto", description="auto: TensorRT when an engine for this device exists, else ONNX Runtime."
+    )
+    precision: Literal["fp32", "fp16", "int8"] = Field(
+        "fp32", description="ONNX Runtime on CPU: fp32 (default) or int8 if the model ships one that passed its gate."
+    )
+    max_batch: int = Field(4, ge=1, le=64, description="Images batched together when a backlog waits.")
+    onnxruntime: OnnxRuntimeConfig = Field(default_factory=OnnxRuntimeConfig)
+    tensorrt: TensorRTConfig = Field(default_factory=TensorRTConfig)
+
+
+class TlsConfig(Section):
+    ca_file: Path | None = Field(None, description="CA certificate that signed the broker's certificate.")
+    cert_file: Path | None = Field(None, description="Client certificate (mutual TLS).")
+    key_file: Path | None = Field(None, description="Client key (mutual TLS).")
+    insecure_skip_verify: bool = Field(False, description="Never on a ward network; for bench tests only.")
+
+
+class MqttConfig(Section):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    client_id: str | None = Field(None, description="Default: cxr-<site>-<device_id>.")
+    username: str | None = None
+    password_file: Path | None = Field(None, description="File holding the password (mode 0600).")
+    password_env: str | None = Field(None, description="Environment variable holding the password.")
+    tls: TlsConfig | None = None
+    topic_prefix: str = Field("cxr", description="Topics: <prefix>/<site>/<device_id>/{status,result,latest/<bed>}.")
+    keepalive: int = Field(30, ge=5, le=3600)
+    qos: Literal[0, 1, 2] = 1
+    outbox_max: int = Field(
+        100_000, ge=100, description="Outbox bound; beyond it the oldest unsent result is dropped and logged."
+    )
+    reconnect_max_seconds: float = Field(30.0, gt=0)
+    publish_heatmap: bool = Field(True, description="Include the heatmap PNG (a few kB) in the result.")
+
+    @model_validator(mode="after")
+    def _one_password_source(self) -> MqttConfig:
+        if self.password_file and self.password_env:
+            raise ValueError("give password_file or password_env, not both")
+        if (self.password_file or self.password_env) and not self.username:
+            raise ValueError("a password needs a username")
+        return self
+
+    def password(self) -> SecretStr | None:
+        if self.password_file:
+            try:
+                return SecretStr(self.password_file.read_text(encoding="utf-8").strip())
+            except OSError as exc:
+                raise ConfigError(f"mqtt.password_file {self.password_file}: cannot read: {exc.strerror}") from exc
+        if self.password_env:
+            value = os.environ.get(self.password_env)
+            if value is None:
+                raise ConfigError(f"mqtt.password_env: environment variable {self.password_env} is not set")
+            return SecretStr(value)
+        return None
+
+
+class PrivacyConfig(Section):
+    salt_file: Path = Field(
+        Path("/var/lib/cxr-appliance/patient-key.salt"),
+        description="Secret salt for pseudonymous patient keys; created (random) if missing.",
+    )
+    publish_patient_key: bool = Field(True, description="Publish the salted pseudonym (needed for trends).")
+
+
+class JournalConfig(Section):
+    path: Path = Field(Path("/var/lib/cxr-appliance/journal.sqlite3"))
+    retention_days: float = Field(90, gt=0, description="Results older than this are pruned.")
+    retention_count: int = Field(100_000, ge=100, description="At most this many results are kept.")
+
+
+class LoggingConfig(Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["json", "text"] = Field("text", description="json: one object per line for log shippers.")
+
+
+class DisplayConfig(Section):
+    host: str = Field("127.0.0.1", description="Address `cxr-appliance display` serves the ward page on.")
+    port: int = Field(8080, ge=1, le=65535)
+    broker_ws_url: str = Field("ws://127.0.0.1:9001", description="Mosquitto WebSockets URL the page connects to.")
+
+
+class DicomNetConfig(Section):
+    enabled: bool = False
+    ae_title: str = Field("CXR_APPLIANCE", max_length=16)
+    port: int = Field(11112, ge=1, le=65535)
+    bind: str = "0.0.0.0"
+    allowed_calling_ae: list[str] = Field(default_factory=list, description="Empty: accept any calling AE.")
+
+
+class AppConfig(Section):
+    device: DeviceConfig = Field(default_factory=DeviceConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    mqtt: MqttConfig = Field(default_factory=MqttConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    journal: JournalConfig = Field(default_factory=JournalConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    display: DisplayConfig = Field(default_factory=DisplayConfig)
+    dicom_net: DicomNetConfig = Field(default_factory=DicomNetConfig)
+
+    def resolve_paths(self, base: Path) -> AppConfig:
+        """Relative paths in the YAML are relative to the YAML file's folder."""
+
+        def fix(value: object) -> object:
+            if isinstance(value, Path) and not value.is_absolute():
+                return (base / value).resolve()
+            if isinstance(value, list):
+                return [fix(v) for v in value]
+            if isinstance(value, BaseModel):
+                return value.model_copy(update={k: fix(getattr(value, k)) for k in type(value).model_fields})
+            return value
+
+        resolved = fix(self)
+        assert isinstance(resolved, AppConfig)
+        return resolved
+
+
+def load_config(path: Path) -> AppConfig:
+    path = Path(path)
+    return validate_yaml(AppConfig, path).resolve_paths(path.parent.resolve())
+
+
+def config_json_schema() -> dict[str, object]:
+    schema = AppConfig.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "cxr-appliance configuration"
+    return schema

@@ -1,0 +1,81 @@
+"""Load YAML into plain data while remembering where each key was written.
+
+pydantic reports an error location as a path of keys (`mqtt.port`); `validate_yaml` turns that
+path back into `FILE:LINE`, so an engineer fixing a config on a cart sees where to look.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from appliance.errors import ConfigError
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+Location = tuple[int | str, ...]
+
+
+def _index_lines(node: yaml.Node, path: Location, lines: dict[Location, int]) -> None:
+    lines[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = key_node.value
+            lines[(*path, key)] = key_node.start_mark.line + 1
+            _index_lines(value_node, (*path, key), lines)
+            lines[(*path, key)] = key_node.start_mark.line + 1
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _index_lines(item, (*path, index), lines)
+
+
+def load_yaml_with_lines(path: Path) -> tuple[Any, dict[Location, int]]:
+    """Return (data, {key path: line number}) for a YAML file; raise ConfigError if unreadable."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    lines: dict[Location, int] = {}
+    if node is not None:
+        _index_lines(node, (), lines)
+    return data if data is not None else {}, lines
+
+
+def _nearest_line(loc: Location, lines: dict[Location, int]) -> int | None:
+    # An unknown or missing key has no line of its own: fall back to its parent's.
+    for cut in range(len(loc), -1, -1):
+        if loc[:cut] in lines:
+            return lines[loc[:cut]]
+    return None
+
+
+def format_validation_error(exc: ValidationError, source: Path, lines: dict[Location, int]) -> str:
+    messages = []
+    for error in exc.errors():
+        loc: Location = tuple(error["loc"])
+        key = ".".join(str(part) for part in loc) or "(top level)"
+        line = _nearest_line(loc, lines)
+        where = f"{source}:{line}" if line else str(source)
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            message = "unknown key (check its spelling; see the JSON Schema)"
+        elif error["type"] == "missing":
+            message = "required key is missing"
+        messages.append(f"{where}: {key}: {message}")
+    return "invalid configuration:\n  " + "\n  ".join(messages)
+
+
+def validate_yaml(model: type[ModelT], path: Path, error_class: type[ConfigError] = ConfigError) -> ModelT:
+    """Load `path` and validate it as `model`; errors name the key and the YAML line."""
+    data, lines = load_yaml_with_lines(path)
+    try:
+        return model.model_validate(data, context={"source_dir": path.parent})
+    except ValidationError as exc:
+        raise error_class(format_validation_error(exc, path, lines)) from None
