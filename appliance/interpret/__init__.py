@@ -1,0 +1,1 @@
+"""Turn raw model outputs into a result: refusal, triage, findings, severity, zones, text."""
