@@ -2,4 +2,6 @@
 
 __version__ = "0.1.0"
 
-NOT_FOR_DIAGNOSTIC_USE = "Not for diagnostic use"
+from typing import Final
+
+NOT_FOR_DIAGNOSTIC_USE: Final = "Not for diagnostic use"

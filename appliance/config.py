@@ -37,7 +37,9 @@ class DeviceConfig(Section):
 class IngestConfig(Section):
     watch: Path = Field(Path("/var/lib/cxr-appliance/inbox"), description="Folder the X-ray unit drops into.")
     extra_watch: list[Path] = Field(default_factory=list, description="More folders, e.g. a USB mount point.")
-    spool: Path = Field(Path("/var/lib/cxr-appliance/spool"), description="incoming/processing/done/quarantine.")
+    spool: Path = Field(
+        Path("/var/lib/cxr-appliance/spool"), description="incoming/processing/done/quarantine."
+    )
     delete_from_watch: bool = Field(
         True, description="Move files out of watched folders (False: copy; for read-only media)."
     )
@@ -50,8 +52,12 @@ class IngestConfig(Section):
         description="Accepted file name endings ('' = no extension, common for DICOM).",
     )
     max_file_mb: float = Field(512, gt=0, description="Larger files are quarantined unread.")
-    max_pixels: int = Field(60_000_000, gt=0, description="Images declaring more pixels are refused before decoding.")
-    min_free_mb: float = Field(200, ge=0, description="Stop accepting when the spool disk has less free space.")
+    max_pixels: int = Field(
+        60_000_000, gt=0, description="Images declaring more pixels are refused before decoding."
+    )
+    min_free_mb: float = Field(
+        200, ge=0, description="Stop accepting when the spool disk has less free space."
+    )
     keep_done_days: float = Field(7, ge=0, description="Processed files are deleted from done/ after this.")
 
 
@@ -61,7 +67,8 @@ class InferenceConfig(Section):
         "auto", description="auto: TensorRT when an engine for this device exists, else ONNX Runtime."
     )
     precision: Literal["fp32", "fp16", "int8"] = Field(
-        "fp32", description="ONNX Runtime on CPU: fp32 (default) or int8 if the model ships one that passed its gate."
+        "fp32",
+        description="ONNX Runtime on CPU: fp32 (default) or int8 if the model ships one that passed its gate.",
     )
     max_batch: int = Field(4, ge=1, le=64, description="Images batched together when a backlog waits.")
     onnxruntime: OnnxRuntimeConfig = Field(default_factory=OnnxRuntimeConfig)
@@ -84,7 +91,9 @@ class MqttConfig(Section):
     password_file: Path | None = Field(None, description="File holding the password (mode 0600).")
     password_env: str | None = Field(None, description="Environment variable holding the password.")
     tls: TlsConfig | None = None
-    topic_prefix: str = Field("cxr", description="Topics: <prefix>/<site>/<device_id>/{status,result,latest/<bed>}.")
+    topic_prefix: str = Field(
+        "cxr", description="Topics: <prefix>/<site>/<device_id>/{status,result,latest/<bed>}."
+    )
     keepalive: int = Field(30, ge=5, le=3600)
     qos: Literal[0, 1, 2] = 1
     outbox_max: int = Field(
@@ -106,7 +115,9 @@ class MqttConfig(Section):
             try:
                 return SecretStr(self.password_file.read_text(encoding="utf-8").strip())
             except OSError as exc:
-                raise ConfigError(f"mqtt.password_file {self.password_file}: cannot read: {exc.strerror}") from exc
+                raise ConfigError(
+                    f"mqtt.password_file {self.password_file}: cannot read: {exc.strerror}"
+                ) from exc
         if self.password_env:
             value = os.environ.get(self.password_env)
             if value is None:
@@ -137,7 +148,9 @@ class LoggingConfig(Section):
 class DisplayConfig(Section):
     host: str = Field("127.0.0.1", description="Address `cxr-appliance display` serves the ward page on.")
     port: int = Field(8080, ge=1, le=65535)
-    broker_ws_url: str = Field("ws://127.0.0.1:9001", description="Mosquitto WebSockets URL the page connects to.")
+    broker_ws_url: str = Field(
+        "ws://127.0.0.1:9001", description="Mosquitto WebSockets URL the page connects to."
+    )
 
 
 class DicomNetConfig(Section):

@@ -42,4 +42,6 @@ class DecodedImage:
 
     def __post_init__(self) -> None:
         if self.pixels.ndim != 2 or self.pixels.dtype != np.float32:
-            raise ValueError(f"DecodedImage needs float32 (H, W), got {self.pixels.dtype} {self.pixels.shape}")
+            raise ValueError(
+                f"DecodedImage needs float32 (H, W), got {self.pixels.dtype} {self.pixels.shape}"
+            )

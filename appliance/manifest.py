@@ -40,7 +40,9 @@ class Intensity(Strict):
     range: tuple[float, float] = Field(
         (0.0, 1.0), description="Map [0, 1] linearly onto this range, e.g. [-1024, 1024] or [-1, 1]."
     )
-    mean: list[float] = Field(default_factory=lambda: [0.0], description="Subtracted per channel after range.")
+    mean: list[float] = Field(
+        default_factory=lambda: [0.0], description="Subtracted per channel after range."
+    )
     std: list[float] = Field(default_factory=lambda: [1.0], description="Divided per channel after mean.")
 
 
@@ -54,7 +56,9 @@ class InputSpec(Strict):
     aspect: Literal["letterbox", "stretch", "center_crop"] = Field(
         "letterbox", description="letterbox keeps the whole image and pads; center_crop fills and trims."
     )
-    pad_value: float = Field(0.0, description="Value in [0, 1] used for letterbox padding (before intensity).")
+    pad_value: float = Field(
+        0.0, description="Value in [0, 1] used for letterbox padding (before intensity)."
+    )
     intensity: Intensity = Field(default_factory=Intensity)
 
     @model_validator(mode="after")

@@ -33,7 +33,11 @@ def fit(pixels: np.ndarray, spec: InputSpec) -> tuple[np.ndarray, Geometry]:
     if spec.aspect == "stretch":
         new_h, new_w = out_h, out_w
     else:
-        scale = min(out_h / src_h, out_w / src_w) if spec.aspect == "letterbox" else max(out_h / src_h, out_w / src_w)
+        scale = (
+            min(out_h / src_h, out_w / src_w)
+            if spec.aspect == "letterbox"
+            else max(out_h / src_h, out_w / src_w)
+        )
         new_h, new_w = max(1, round(src_h * scale)), max(1, round(src_w * scale))
     # BOX is area averaging when shrinking (no aliasing from a 3000 px detector image), bilinear-like
     # when enlarging; float mode "F" keeps 12-16 bit precision.

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from appliance import NOT_FOR_DIAGNOSTIC_USE
 
-RESULT_SCHEMA = "cxr-appliance/result/v1"
-STATUS_SCHEMA = "cxr-appliance/status/v1"
-ACK_SCHEMA = "cxr-appliance/ack/v1"
+RESULT_SCHEMA: Final = "cxr-appliance/result/v1"
+STATUS_SCHEMA: Final = "cxr-appliance/status/v1"
+ACK_SCHEMA: Final = "cxr-appliance/ack/v1"
 
 Status = Literal["ok", "refused", "error"]
 TriageLevel = Literal["urgent", "abnormal", "normal"]

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from appliance.errors import ConfigError
+from appliance.errors import ConfigError, UserError
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 Location = tuple[int | str, ...]
@@ -72,7 +72,7 @@ def format_validation_error(exc: ValidationError, source: Path, lines: dict[Loca
     return "invalid configuration:\n  " + "\n  ".join(messages)
 
 
-def validate_yaml(model: type[ModelT], path: Path, error_class: type[ConfigError] = ConfigError) -> ModelT:
+def validate_yaml(model: type[ModelT], path: Path, error_class: type[UserError] = ConfigError) -> ModelT:
     """Load `path` and validate it as `model`; errors name the key and the YAML line."""
     data, lines = load_yaml_with_lines(path)
     try:

@@ -24,18 +24,26 @@ class OnnxRuntimeConfig(BaseModel):
     intra_op_threads: int = Field(
         0, ge=0, description="Threads inside one operator; 0 = one per physical core (ORT's choice)."
     )
-    inter_op_threads: int = Field(1, ge=1, description="Operators run in parallel; 1 because the graph is a chain.")
+    inter_op_threads: int = Field(
+        1, ge=1, description="Operators run in parallel; 1 because the graph is a chain."
+    )
     graph_optimization: str = Field("all", pattern="^(disable|basic|extended|all)$")
 
 
-_OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
-               "all": "ORT_ENABLE_ALL"}
+_OPT_LEVELS = {
+    "disable": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "all": "ORT_ENABLE_ALL",
+}
 
 
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
-    def __init__(self, manifest: Manifest, precision: Precision, config: OnnxRuntimeConfig, max_batch: int = 4):
+    def __init__(
+        self, manifest: Manifest, precision: Precision, config: OnnxRuntimeConfig, max_batch: int = 4
+    ):
         import onnxruntime as ort  # imported here so `doctor` can report a missing runtime plainly
 
         self.precision = precision.value
@@ -44,7 +52,9 @@ class OnnxRuntimeBackend:
         self.fallback_reason: str | None = None
         self.input_name = manifest.input.name
         options = ort.SessionOptions()
-        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPT_LEVELS[config.graph_optimization])
+        options.graph_optimization_level = getattr(
+            ort.GraphOptimizationLevel, _OPT_LEVELS[config.graph_optimization]
+        )
         options.intra_op_num_threads = config.intra_op_threads
         options.inter_op_num_threads = config.inter_op_threads
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -65,12 +75,19 @@ class OnnxRuntimeBackend:
             raise BackendUnavailable(f"{path}: has no input {self.input_name!r} (it has {input_names})")
         missing_outputs = {o.name for o in manifest.outputs} - set(self.output_names)
         if missing_outputs:
-            raise BackendUnavailable(f"{path}: lacks outputs named in the manifest: {sorted(missing_outputs)}")
+            raise BackendUnavailable(
+                f"{path}: lacks outputs named in the manifest: {sorted(missing_outputs)}"
+            )
         self.input_dtype = np.float16 if "float16" in self.session.get_inputs()[0].type else np.float32
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        outputs = self.session.run(self.output_names, {self.input_name: batch.astype(self.input_dtype, copy=False)})
-        return {name: np.asarray(value, dtype=np.float32) for name, value in zip(self.output_names, outputs)}
+        outputs = self.session.run(
+            self.output_names, {self.input_name: batch.astype(self.input_dtype, copy=False)}
+        )
+        return {
+            name: np.asarray(value, dtype=np.float32)
+            for name, value in zip(self.output_names, outputs, strict=True)
+        }
 
     def close(self) -> None:
         del self.session

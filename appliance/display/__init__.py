@@ -1,0 +1,1 @@
+"""The ward display: static page (index.html, app.js, style.css, vendored mqtt.js) and its server."""

@@ -1,0 +1,137 @@
+"""Serves the ward display: the static page in this folder plus a generated `config.json`.
+
+The page is plain static files, so any web server can host it next to a hand-written config.json;
+this one exists so `cxr-appliance display` needs nothing but the standard library. It only serves
+files under `directory`, never lists folders, and sends a Content-Security-Policy that lets the page
+talk to its own origin and the broker's WebSockets URL only (the ward monitor needs no other network).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import socket
+from functools import partial
+from http import HTTPStatus
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from appliance.errors import UserError
+
+DISPLAY_DIR = Path(__file__).resolve().parent
+CONFIG_PATH = "/config.json"
+
+
+def _ws_origin(broker_ws_url: str) -> str:
+    parts = urlsplit(broker_ws_url)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise UserError(f"display broker_ws_url {broker_ws_url!r}: must look like ws://host:9001 or wss://host/mqtt")
+    return f"{parts.scheme}://{parts.netloc.rsplit('@', 1)[-1]}"
+
+
+def page_config(
+    broker_ws_url: str,
+    *,
+    topic_prefix: str = "cxr",
+    site: str = "+",
+    username: str | None = None,
+    password: str | None = None,
+    display_name: str | None = None,
+) -> dict[str, Any]:
+    """What the page reads from config.json. The password is the display account's, which the broker's
+    ACL limits to reading results/status and publishing acknowledgements; anyone who can load the page
+    can read it, so never give the display the appliance's own account."""
+    _ws_origin(broker_ws_url)
+    for name, value in (("topic_prefix", topic_prefix), ("site", site)):
+        if not value or any(c in value for c in "/#") or (value != "+" and "+" in value):
+            raise UserError(f"display {name} {value!r}: must be one topic level (no '/', '#' or '+')")
+    return {
+        "broker_ws_url": broker_ws_url,
+        "topic_prefix": topic_prefix,
+        "site": site,
+        "username": username,
+        "password": password,
+        "display_name": display_name or socket.gethostname(),
+    }
+
+
+class DisplayHandler(SimpleHTTPRequestHandler):
+    """Static files plus config.json; no caching so a reload always picks up a new build or config."""
+
+    config_bytes: bytes = b"{}"
+    csp: str = "default-src 'self'"
+
+    def end_headers(self) -> None:
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("Content-Security-Policy", self.csp)
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Referrer-Policy", "no-referrer")
+        super().end_headers()
+
+    def do_GET(self) -> None:
+        if urlsplit(self.path).path == CONFIG_PATH:
+            self.send_response(HTTPStatus.OK)
+            self.send_header("Content-Type", "application/json; charset=utf-8")
+            self.send_header("Content-Length", str(len(self.config_bytes)))
+            self.end_headers()
+            self.wfile.write(self.config_bytes)
+            return
+        super().do_GET()
+
+    def list_directory(self, path: Any) -> None:
+        # A ward page has nothing to browse; folder listings would only leak the layout.
+        self.send_error(HTTPStatus.NOT_FOUND, "Not found")
+        return None
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib signature)
+        pass  # one line per asset on every reload would drown the appliance log
+
+
+def make_server(
+    host: str,
+    port: int,
+    broker_ws_url: str,
+    directory: Path | str = DISPLAY_DIR,
+    **config: Any,
+) -> ThreadingHTTPServer:
+    """A bound, not yet running server (port 0 picks a free port: see `server.server_address`).
+    `config` goes to `page_config` (topic_prefix, site, username, password, display_name)."""
+    root = Path(directory)
+    if not (root / "index.html").is_file():
+        raise UserError(f"display directory {root}: no index.html there")
+    settings = page_config(broker_ws_url, **config)
+    csp = (
+        "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
+        f"connect-src 'self' {_ws_origin(broker_ws_url)}; frame-ancestors 'none'; base-uri 'none'"
+    )
+    handler = type(
+        "BoundDisplayHandler",
+        (DisplayHandler,),
+        {"config_bytes": json.dumps(settings, indent=2).encode("utf-8"), "csp": csp},
+    )
+    try:
+        return ThreadingHTTPServer((host, port), partial(handler, directory=str(root)))
+    except OSError as exc:
+        hint = " (already in use: pick another display.port)" if exc.errno == errno.EADDRINUSE else ""
+        raise UserError(f"display: cannot listen on {host}:{port}: {exc.strerror}{hint}") from exc
+
+
+def serve(
+    host: str,
+    port: int,
+    broker_ws_url: str,
+    directory: Path | str = DISPLAY_DIR,
+    **config: Any,
+) -> None:
+    """Serve until interrupted (Ctrl-C or SIGTERM via the caller)."""
+    server = make_server(host, port, broker_ws_url, directory, **config)
+    bound_host, bound_port = server.server_address[:2]
+    print(f"Ward display on http://{bound_host}:{bound_port}/ (broker {broker_ws_url}). Not for diagnostic use.")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()

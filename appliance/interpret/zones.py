@@ -1,0 +1,73 @@
+"""Lung zones from the heatmap and the lung mask: upper / middle / lower x right / left.
+
+The image is read as a frontal radiograph in standard orientation: the patient's right lung is on
+the image's left. Each lung's rows are cut in thirds; a zone's involvement is the share of its lung
+pixels where the heatmap is high.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+
+from appliance.result import Zone
+
+LEVELS: tuple[Literal["upper", "middle", "lower"], ...] = ("upper", "middle", "lower")
+HOT = 0.5  # heatmap values are per-image normalised to [0, 1]
+MIN_LUNG_PIXELS = 20
+
+
+def _resize_nearest(values: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    rows = np.minimum((np.arange(shape[0]) * values.shape[0] / shape[0]).astype(int), values.shape[0] - 1)
+    cols = np.minimum((np.arange(shape[1]) * values.shape[1] / shape[1]).astype(int), values.shape[1] - 1)
+    return values[rows][:, cols]
+
+
+def lung_zones(
+    heatmap: np.ndarray, lung_probability: np.ndarray | None, lung_threshold: float, min_involvement: float
+) -> list[Zone]:
+    """Zones for one image; both maps are cropped to the image content already."""
+    if lung_probability is None:
+        lungs = np.ones_like(heatmap, dtype=bool)  # no mask head: zones of the whole image
+    else:
+        lungs = _resize_nearest(lung_probability, heatmap.shape) >= lung_threshold
+    hot = heatmap >= HOT
+    width = heatmap.shape[1]
+    zones: list[Zone] = []
+    side_columns: dict[Literal["right", "left"], slice] = {
+        "right": slice(0, width // 2),
+        "left": slice(width // 2, width),
+    }
+    for side, cols in side_columns.items():
+        side_lung = np.zeros_like(lungs)
+        side_lung[:, cols] = lungs[:, cols]
+        rows = np.flatnonzero(side_lung.any(axis=1))
+        if rows.size == 0 or side_lung.sum() < MIN_LUNG_PIXELS:
+            continue
+        edges = np.linspace(rows[0], rows[-1] + 1, 4).round().astype(int)
+        for level, start, stop in zip(LEVELS, edges[:-1], edges[1:], strict=True):
+            zone_lung = side_lung[start:stop]
+            lung_pixels = int(zone_lung.sum())
+            share = float((hot[start:stop] & zone_lung).sum() / lung_pixels) if lung_pixels else 0.0
+            zones.append(
+                Zone(side=side, level=level, involvement=round(share, 3), positive=share >= min_involvement)
+            )
+    return zones
+
+
+def describe_zones(zones: list[Zone]) -> str | None:
+    """'right lower and left middle zones', 'both lower zones' — None when no zone is positive."""
+    positive = [z for z in zones if z.positive]
+    if not positive:
+        return None
+    by_level = {level: {z.side for z in positive if z.level == level} for level in LEVELS}
+    parts = []
+    for level in reversed(LEVELS):  # lower zones first: where pneumonia usually starts
+        sides = by_level[level]
+        if sides == {"right", "left"}:
+            parts.append(f"both {level}")
+        elif sides:
+            parts.append(f"{next(iter(sides))} {level}")
+    noun = "zone" if len(positive) == 1 else "zones"
+    return (", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0]) + f" {noun}"
