@@ -1,0 +1,399 @@
+"""DICOM via pydicom 3 with a permissive decoder stack (Pillow, pylibjpeg-openjpeg, python-gdcm).
+
+Order of work: parse the header with large values deferred, refuse what we cannot or must not decode
+(size, transfer syntax, photometric, truncation) BEFORE touching pixels, then decode the first frame
+only and map it to float32 [0, 1] with the Modality LUT, VOI LUT/window and MONOCHROME1 inversion.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import warnings
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from PIL import Image
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
+from pydicom.uid import (
+    HTJ2K,
+    JPEG2000,
+    UID,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+)
+
+from appliance.errors import InputRejected
+from appliance.image import DecodedImage, ImageMeta
+from appliance.ingest import reasons
+
+# Values above this many bytes stay on disk while the header is parsed, so a huge native image is
+# refused without ever being read into memory.
+_DEFER_BYTES = 64 * 1024
+_GREY = ("MONOCHROME1", "MONOCHROME2")
+_J2K = (JPEG2000, JPEG2000Lossless)
+# Which installed plugin decodes which syntax first (all permissively licensed); pydicom's automatic
+# choice is the fallback. pylibjpeg's JPEG plugin needs the GPL libjpeg and is never named here.
+_PREFERRED_PLUGIN: dict[str, str] = {
+    JPEGBaseline8Bit: "pillow",
+    JPEGExtended12Bit: "gdcm",
+    JPEGLossless: "gdcm",
+    JPEGLosslessSV1: "gdcm",
+    JPEGLSLossless: "gdcm",
+    JPEGLSNearLossless: "gdcm",
+    JPEG2000: "pylibjpeg",
+    JPEG2000Lossless: "pylibjpeg",
+    HTJ2K: "pylibjpeg",
+    HTJ2KLossless: "pylibjpeg",
+    HTJ2KLosslessRPCL: "pylibjpeg",
+}
+
+
+def looks_like_dicom(head: bytes) -> bool:
+    """Part 10 file (preamble + DICM), or a bare dataset starting with a group 0002/0008 element."""
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return True
+    if len(head) < 8:
+        return False
+    group = int.from_bytes(head[0:2], "little")
+    element = int.from_bytes(head[2:4], "little")
+    # Bare datasets start with File Meta (0002) or Identifying (0008) group; element numbers are small.
+    return group in (0x0002, 0x0008) and element < 0x0200
+
+
+def read_dicom(path: Path, *, max_pixels: int, target_size: int | None = None) -> DecodedImage:
+    name = path.name
+    ds = _parse(path)
+    meta = _meta(ds)
+    _refuse_before_decoding(ds, path, meta, max_pixels)
+    raw, scale = _decode_first_frame(ds, name, meta.transfer_syntax or "", target_size)
+    pixels = _to_unit(raw, ds, name)
+    return DecodedImage(pixels=pixels, meta=meta, scale=scale)
+
+
+def _parse(path: Path) -> Dataset:
+    name = path.name
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            # force=True only matters for bare datasets without preamble (looks_like_dicom checked them).
+            ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES, force=True)
+    except PermissionError as exc:
+        raise InputRejected(reasons.PERMISSION_DENIED, f"{name}: {exc.strerror}") from exc
+    except FileNotFoundError as exc:
+        raise InputRejected(reasons.VANISHED, f"{name}: disappeared while reading") from exc
+    except EOFError as exc:
+        raise InputRejected(reasons.TRUNCATED_DICOM, f"{name}: file ends inside the header ({exc})") from exc
+    except (InvalidDicomError, ValueError, KeyError, TypeError, OverflowError, NotImplementedError) as exc:
+        raise InputRejected(reasons.INVALID_DICOM, f"{name}: {type(exc).__name__}: {exc}") from exc
+    for w in caught:
+        text = str(w.message)
+        # pydicom warns (not raises) when encapsulated data ends before its sequence delimiter.
+        if "End of file reached" in text or "delimiter" in text.lower():
+            raise InputRejected(reasons.TRUNCATED_DICOM, f"{name}: {text}")
+    if "TransferSyntaxUID" not in ds.file_meta:
+        # A bare dataset: pydicom guessed the encoding; name it so it can be checked like any other.
+        ds.file_meta.TransferSyntaxUID = (
+            pydicom.uid.ImplicitVRLittleEndian
+            if ds.original_encoding[0]
+            else pydicom.uid.ExplicitVRLittleEndian
+        )
+    if len(ds) == 0:
+        raise InputRejected(reasons.INVALID_DICOM, f"{name}: no data elements could be parsed")
+    return ds
+
+
+def _refuse_before_decoding(ds: Dataset, path: Path, meta: ImageMeta, max_pixels: int) -> None:
+    name = path.name
+    if "PixelData" not in ds:
+        others = [k for k in ("FloatPixelData", "DoubleFloatPixelData") if k in ds]
+        what = f" (only {others[0]}, not supported)" if others else ""
+        raise InputRejected(reasons.NO_PIXEL_DATA, f"{name}: the DICOM holds no Pixel Data{what}")
+    rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+    frames = _frames(ds)
+    if rows <= 0 or cols <= 0:
+        raise InputRejected(reasons.INVALID_DICOM, f"{name}: Rows/Columns missing or zero ({rows} x {cols})")
+    if rows * cols * frames > max_pixels:
+        extra = f" x {frames} frames" if frames > 1 else ""
+        raise InputRejected(
+            reasons.IMAGE_TOO_LARGE,
+            f"{name}: {rows} x {cols}{extra} declared ({rows * cols * frames:,} pixels > limit {max_pixels:,})",
+        )
+    ts = UID(meta.transfer_syntax or "")
+    try:
+        decoder = get_decoder(ts)
+    except NotImplementedError as exc:
+        raise InputRejected(reasons.UNSUPPORTED_TRANSFER_SYNTAX, f"{name}: {ts.name or ts} ({ts})") from exc
+    if not decoder.is_available:
+        missing = "; ".join(decoder.missing_dependencies)
+        raise InputRejected(
+            reasons.UNSUPPORTED_TRANSFER_SYNTAX, f"{name}: {ts.name} ({ts}): no decoder installed ({missing})"
+        )
+    photometric = meta.photometric or ""
+    samples = int(ds.get("SamplesPerPixel") or 1)
+    if photometric not in _GREY or samples != 1:
+        raise InputRejected(
+            reasons.UNSUPPORTED_PHOTOMETRIC,
+            f"{name}: {photometric or 'missing'} with {samples} sample(s) per pixel; a grey radiograph is needed",
+        )
+    bits_alloc, bits_stored = int(ds.get("BitsAllocated") or 0), int(ds.get("BitsStored") or 0)
+    if bits_alloc not in (8, 16) or not 1 <= bits_stored <= bits_alloc:
+        raise InputRejected(
+            reasons.UNSUPPORTED_PIXEL_FORMAT,
+            f"{name}: Bits Allocated {bits_alloc}, Bits Stored {bits_stored}",
+        )
+    if not ts.is_encapsulated:
+        # Native data: the declared size must be in the file; a short value means the copy is incomplete.
+        elem: Any = ds.get_item("PixelData", keep_deferred=True)
+        expected = rows * cols * frames * bits_alloc // 8
+        have = _stored_length(elem, path)
+        if have < expected:
+            raise InputRejected(
+                reasons.TRUNCATED_DICOM, f"{name}: Pixel Data holds {have:,} bytes, {expected:,} declared"
+            )
+
+
+def _stored_length(elem: Any, path: Path) -> int:
+    """Bytes of a (possibly still deferred) Pixel Data value that really are in the file."""
+    value = getattr(elem, "value", None)
+    if value is not None:
+        return len(value)
+    tell, length = int(getattr(elem, "value_tell", 0) or 0), int(getattr(elem, "length", 0) or 0)
+    return max(0, min(length, os.path.getsize(path) - tell))
+
+
+def _frames(ds: Dataset) -> int:
+    try:
+        return max(1, int(ds.get("NumberOfFrames") or 1))
+    except (TypeError, ValueError):
+        return 1
+
+
+def _decode_first_frame(ds: Dataset, name: str, ts: str, target_size: int | None) -> tuple[np.ndarray, float]:
+    if target_size and ds.get("PixelRepresentation", 0) == 0 and (ts == JPEGBaseline8Bit or ts in _J2K):
+        reduced = _decode_reduced(ds, ts, target_size)
+        if reduced is not None:
+            return reduced
+    plugin = _PREFERRED_PLUGIN.get(ts, "")
+    if plugin and plugin not in get_decoder(UID(ts)).available_plugins:
+        plugin = ""
+    try:
+        try:
+            arr = pydicom.pixels.pixel_array(ds, index=0, decoding_plugin=plugin)
+        except Exception:
+            if not plugin:
+                raise
+            arr = pydicom.pixels.pixel_array(ds, index=0)  # any other installed plugin
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise InputRejected(reasons.DECODE_FAILED, f"{name}: {type(exc).__name__}: {exc}") from exc
+    return arr, 1.0
+
+
+def _decode_reduced(ds: Dataset, ts: str, target_size: int) -> tuple[np.ndarray, float] | None:
+    """Decode at 1/2^k size with Pillow (libjpeg DCT scaling, OpenJPEG resolution levels).
+
+    Returns None whenever anything is unusual, so the full-size path decides."""
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    levels = math.floor(math.log2(min(rows, cols) / target_size)) if min(rows, cols) > target_size else 0
+    if levels <= 0:
+        return None
+    try:
+        frame = pydicom.encaps.get_frame(ds.PixelData, 0, number_of_frames=_frames(ds))
+        img = Image.open(io.BytesIO(frame))
+        if ts == JPEGBaseline8Bit:
+            img.draft("L", (cols >> levels, rows >> levels))
+        else:
+            img.reduce = min(levels, 5)  # type: ignore[assignment,method-assign]
+        img.load()
+        if img.mode not in ("L", "I;16", "I"):
+            return None
+        arr = np.asarray(img)
+    except Exception:
+        return None
+    if arr.ndim != 2 or arr.shape[1] == 0:
+        return None
+    if arr.dtype == np.int32:
+        arr = arr.astype(np.uint16)
+    return arr, cols / arr.shape[1]
+
+
+def _to_unit(raw: np.ndarray, ds: Dataset, name: str) -> np.ndarray:
+    """Stored values -> float32 [0, 1], 0 black. In-place float32 maths: no float64 full-size copies."""
+    if raw.ndim != 2:
+        raise InputRejected(reasons.UNSUPPORTED_PIXEL_FORMAT, f"{name}: decoded shape {raw.shape}")
+    arr: np.ndarray = raw
+    rescaled = False
+    if "ModalityLUTSequence" in ds:
+        arr = apply_modality_lut(arr, ds)  # a lookup table: integer output
+    else:
+        slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
+        if (slope, intercept) != (1.0, 0.0):
+            arr = arr.astype(np.float32)
+            arr *= np.float32(slope)
+            arr += np.float32(intercept)
+            rescaled = True
+    out = _voi(arr, ds, rescaled)
+    if ds.get("PhotometricInterpretation") == "MONOCHROME1":
+        np.subtract(np.float32(1), out, out=out)
+    return out
+
+
+def _voi(arr: np.ndarray, ds: Dataset, rescaled: bool) -> np.ndarray:
+    if "VOILUTSequence" in ds and np.issubdtype(arr.dtype, np.integer):
+        lut_bits = int(ds.VOILUTSequence[0].LUTDescriptor[2]) or 16
+        out = apply_voi_lut(arr, ds, index=0, prefer_lut=True).astype(np.float32)
+        out *= np.float32(1 / ((1 << lut_bits) - 1))
+        return np.clip(out, 0, 1, out=out)
+    center, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
+    # The decoded frame is ours alone, so float32 maths may work in place on it.
+    out = arr if arr.dtype == np.float32 else arr.astype(np.float32)
+    if center is not None and width is not None and width > 0:
+        function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
+        if function == "SIGMOID":
+            out -= np.float32(center)
+            out *= np.float32(-4 / width)
+            np.exp(out, out=out)
+            out += np.float32(1)
+            np.reciprocal(out, out=out)
+            return out
+        if function == "LINEAR_EXACT":
+            out -= np.float32(center - width / 2)
+            out *= np.float32(1 / width)
+        else:  # LINEAR, PS3.3 C.11.2.1.2.1
+            span = max(width - 1, 1e-6)
+            out -= np.float32(center - 0.5)
+            out *= np.float32(1 / span)
+            out += np.float32(0.5)
+        return np.clip(out, 0, 1, out=out)
+    bits = int(ds.get("BitsStored") or 8)
+    if (
+        not rescaled
+        and bits <= 8
+        and np.issubdtype(arr.dtype, np.integer)
+        and ds.get("PixelRepresentation", 0) == 0
+    ):
+        # 8-bit with no window: the full range is the display range, as for an 8-bit PNG.
+        out *= np.float32(1 / ((1 << bits) - 1))
+        return np.clip(out, 0, 1, out=out)
+    # No window given: stretch the values present (what viewers do for "auto window").
+    low, high = float(out.min()), float(out.max())
+    out -= np.float32(low)
+    out *= np.float32(1 / max(high - low, 1e-6))
+    return out
+
+
+def _first(value: Any) -> float | None:
+    if value is None or value == "":
+        return None
+    try:
+        if isinstance(value, pydicom.multival.MultiValue | list | tuple):
+            value = value[0]
+        return float(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def _meta(ds: Dataset) -> ImageMeta:
+    def text(key: str) -> str | None:
+        value = ds.get(key)
+        if value is None or value == "":
+            return None
+        return str(value).strip() or None
+
+    spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
+    pixel_spacing: tuple[float, float] | None = None
+    if spacing is not None and len(spacing) == 2:
+        try:
+            pixel_spacing = (float(spacing[0]), float(spacing[1]))
+        except (TypeError, ValueError):
+            pixel_spacing = None
+    ts = str(ds.file_meta.get("TransferSyntaxUID", "")) or None
+    extra: dict[str, str] = {}
+    for key, label in (
+        ("NumberOfFrames", "frames"),
+        ("SOPClassUID", "sop_class_uid"),
+        ("Manufacturer", "manufacturer"),
+    ):
+        value = text(key)
+        if value:
+            extra[label] = value
+    bits = ds.get("BitsStored")
+    return ImageMeta(
+        format="dicom",
+        sop_instance_uid=text("SOPInstanceUID"),
+        study_instance_uid=text("StudyInstanceUID"),
+        series_instance_uid=text("SeriesInstanceUID"),
+        modality=text("Modality"),
+        view_position=text("ViewPosition"),
+        body_part=text("BodyPartExamined"),
+        acquired_at=acquisition_time(ds),
+        patient_id=text("PatientID"),
+        patient_name=text("PatientName"),
+        location=text("CurrentPatientLocation") or text("StationName"),
+        rows=int(ds.Rows) if "Rows" in ds else None,
+        columns=int(ds.Columns) if "Columns" in ds else None,
+        bits_stored=int(bits) if bits is not None else None,
+        photometric=text("PhotometricInterpretation"),
+        transfer_syntax=ts,
+        pixel_spacing_mm=pixel_spacing,
+        extra=extra,
+    )
+
+
+def acquisition_time(ds: Dataset) -> str | None:
+    """ISO 8601 from Acquisition, else Content, else Study date/time; with TimezoneOffsetFromUTC if any."""
+    offset = _tz(str(ds.get("TimezoneOffsetFromUTC", "") or ""))
+    dt_value = str(ds.get("AcquisitionDateTime", "") or "").strip()
+    if dt_value:
+        parsed = _parse_dt(dt_value[:8], dt_value[8:])
+        if parsed:
+            return parsed + (offset or "")
+    for date_key, time_key in (
+        ("AcquisitionDate", "AcquisitionTime"),
+        ("ContentDate", "ContentTime"),
+        ("StudyDate", "StudyTime"),
+    ):
+        parsed = _parse_dt(str(ds.get(date_key, "") or ""), str(ds.get(time_key, "") or ""))
+        if parsed:
+            return parsed + (offset or "")
+    return None
+
+
+def _parse_dt(date: str, time: str) -> str | None:
+    date = date.strip()
+    if len(date) != 8 or not date.isdigit():
+        return None
+    # A DT value may carry its own offset (e.g. 120000+0100): keep only the time part here.
+    time = time.strip().split("+")[0].split("-")[0]
+    whole, _, frac = time.partition(".")
+    whole = (whole + "000000")[:6] if whole.isdigit() else "000000"
+    try:
+        stamp = datetime.strptime(date + whole, "%Y%m%d%H%M%S")
+    except ValueError:
+        return None
+    iso = stamp.isoformat()
+    if frac.isdigit():
+        iso += "." + frac[:6]
+    return iso
+
+
+def _tz(value: str) -> str | None:
+    value = value.strip()
+    if len(value) == 5 and value[0] in "+-" and value[1:].isdigit():
+        return f"{value[:3]}:{value[3:]}"
+    return None

@@ -1,0 +1,100 @@
+"""PNG and JPEG files via Pillow: 8/16-bit grey, colour reduced to luma, bombs refused before decoding."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from appliance.errors import InputRejected
+from appliance.image import DecodedImage, ImageMeta
+from appliance.ingest import reasons
+
+_FORMATS = {"PNG": "png", "JPEG": "jpeg"}
+
+
+def read_raster(path: Path, *, max_pixels: int, target_size: int | None = None) -> DecodedImage:
+    name = path.name
+    try:
+        # Pillow's own bomb guard works on the same header numbers; ours runs first with our limit, and
+        # the warning/exception it raises for huge images is turned into a refusal too.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InputRejected(reasons.IMAGE_TOO_LARGE, f"{name}: {exc}") from exc
+    except UnidentifiedImageError as exc:
+        raise InputRejected(reasons.INVALID_IMAGE, f"{name}: Pillow cannot identify the image") from exc
+    except PermissionError as exc:
+        raise InputRejected(reasons.PERMISSION_DENIED, f"{name}: {exc.strerror}") from exc
+    except FileNotFoundError as exc:
+        raise InputRejected(reasons.VANISHED, f"{name}: disappeared while reading") from exc
+    with img:
+        fmt = _FORMATS.get(img.format or "")
+        if fmt is None:
+            raise InputRejected(reasons.UNKNOWN_FORMAT, f"{name}: {img.format} is neither PNG nor JPEG")
+        width, height = img.size
+        if width * height > max_pixels:
+            raise InputRejected(
+                reasons.IMAGE_TOO_LARGE,
+                f"{name}: {width} x {height} declared ({width * height:,} pixels > limit {max_pixels:,})",
+            )
+        mode = img.mode
+        scale = 1.0
+        if fmt == "jpeg" and target_size and mode in ("L", "RGB", "YCbCr"):
+            # libjpeg decodes straight at 1/2, 1/4 or 1/8 size: much less work when the model wants 256 px.
+            img.draft("L", (target_size, target_size))
+            scale = width / img.size[0]
+        try:
+            img.load()
+        except OSError as exc:
+            # Pillow says "image file is truncated" / "broken data stream" for a short file.
+            raise InputRejected(reasons.TRUNCATED_IMAGE, f"{name}: {exc}") from exc
+        except Exception as exc:
+            raise InputRejected(reasons.DECODE_FAILED, f"{name}: {type(exc).__name__}: {exc}") from exc
+        pixels, bits = _to_unit_grey(img)
+    meta = ImageMeta(
+        format=fmt,  # type: ignore[arg-type]
+        rows=height,
+        columns=width,
+        bits_stored=bits,
+        photometric="MONOCHROME2",
+        extra={"mode": mode},
+    )
+    return DecodedImage(pixels=pixels, meta=meta, scale=scale)
+
+
+def _to_unit_grey(img: Image.Image) -> tuple[np.ndarray, int]:
+    """Any Pillow mode -> float32 (H, W) in [0, 1] and the bit depth it came with."""
+    mode = img.mode
+    if mode.startswith("I;16"):
+        arr = np.asarray(img).astype(np.float32)
+        arr *= np.float32(1 / 65535)
+        return arr, 16
+    if mode == "I":
+        # 16-bit PNGs open as "I" in some Pillow versions: the values are still 0..65535.
+        arr = np.asarray(img).astype(np.float32)
+        top = float(arr.max()) if arr.size else 0.0
+        if top > 65535 or float(arr.min()) < 0:
+            low = float(arr.min())
+            arr -= np.float32(low)
+            arr *= np.float32(1 / max(top - low, 1.0))
+        else:
+            arr *= np.float32(1 / 65535)
+        return arr, 16
+    if mode == "F":
+        arr = np.asarray(img, dtype=np.float32).copy()
+        low, high = float(arr.min()), float(arr.max())
+        arr -= np.float32(low)
+        arr *= np.float32(1 / max(high - low, 1e-12))
+        return arr, 32
+    if mode in ("RGBA", "LA", "P", "PA"):
+        # Drop alpha (as the data set was made), palette through RGB, then ITU-R 601 luma like convert('L').
+        img = img.convert("RGBA" if mode in ("P", "PA") else mode).convert("RGB" if mode != "LA" else "L")
+    if img.mode != "L":
+        img = img.convert("L")
+    arr = np.asarray(img).astype(np.float32)
+    arr *= np.float32(1 / 255)
+    return arr, 8

@@ -1,0 +1,23 @@
+"""The short, stable reasons an input is refused (InputRejected.reason); quarantine files carry them.
+
+Kept in one place so the journal, the MQTT `refused` payloads and the tests all use the same words.
+"""
+
+from __future__ import annotations
+
+NOT_A_FILE = "not a file"
+EMPTY_FILE = "empty file"
+UNKNOWN_FORMAT = "not a DICOM or image"
+PERMISSION_DENIED = "permission denied"
+VANISHED = "file vanished"
+INVALID_DICOM = "invalid DICOM"
+TRUNCATED_DICOM = "truncated DICOM"
+NO_PIXEL_DATA = "no pixel data"
+UNSUPPORTED_TRANSFER_SYNTAX = "unsupported transfer syntax"
+UNSUPPORTED_PHOTOMETRIC = "unsupported photometric interpretation"
+UNSUPPORTED_PIXEL_FORMAT = "unsupported pixel format"
+IMAGE_TOO_LARGE = "image too large"
+TRUNCATED_IMAGE = "truncated image"
+INVALID_IMAGE = "invalid image"
+DECODE_FAILED = "decode failed"
+FILE_TOO_LARGE = "file too large"
