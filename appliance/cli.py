@@ -1,0 +1,193 @@
+"""`cxr-appliance`: run, process, validate-config, schema, doctor, history, display, usb-import.
+
+User errors (UserError) print one plain message and exit 2; anything else is a bug and keeps
+its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from appliance import NOT_FOR_DIAGNOSTIC_USE, __version__
+from appliance.config import AppConfig, config_json_schema, load_config
+from appliance.errors import UserError
+from appliance.logs import setup_logging
+
+log = logging.getLogger("appliance")
+
+DEFAULT_CONFIG = Path("/etc/cxr-appliance/config.yaml")
+
+
+def _config(args: argparse.Namespace) -> AppConfig:
+    path: Path | None = args.config
+    if path is None:
+        if DEFAULT_CONFIG.is_file():
+            path = DEFAULT_CONFIG
+        else:
+            return AppConfig()
+    return load_config(path)
+
+
+def cmd_validate_config(args: argparse.Namespace) -> int:
+    config = load_config(args.file)
+    print(
+        f"{args.file}: valid (site {config.device.site}, device {config.device.device_id}, model {config.inference.model})"
+    )
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from appliance.result import write_schemas
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    config_schema = args.out / "config.schema.json"
+    config_schema.write_text(
+        json.dumps(config_json_schema(), indent=2, sort_keys=True) + "\n", encoding="utf-8"
+    )
+    for path in [config_schema, *write_schemas(args.out)]:
+        print(path)
+    return 0
+
+
+def cmd_process(args: argparse.Namespace) -> int:
+    from appliance.runtime import build_analyzer, job_for_file
+
+    config = _config(args)
+    if args.model:
+        config = config.model_copy(
+            update={"inference": config.inference.model_copy(update={"model": args.model})}
+        )
+    analyzer = build_analyzer(config, salt_required=False)
+    failures = 0
+    batch = max(1, config.inference.max_batch)
+    paths: list[Path] = args.files
+    for start in range(0, len(paths), batch):
+        jobs = [job_for_file(path, source="cli") for path in paths[start : start + batch]]
+        for result in analyzer.analyze(jobs):
+            failures += result.status == "error"
+            if args.json:
+                print(result.to_json(), flush=True)
+            else:
+                print(
+                    f"{result.image.image_id[:12]} {result.status:8} {result.triage or '-':8} {result.text}"
+                )
+    return 1 if failures else 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from appliance.daemon import Daemon
+
+    config = _config(args)
+    return Daemon(config, config_path=args.config).run()
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from appliance.doctor import run_doctor
+
+    return run_doctor(args.config, _config)
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    from appliance.journal import Journal
+
+    config = _config(args)
+    if not config.journal.path.exists():
+        raise UserError(f"{config.journal.path}: no journal yet (the daemon has not processed an image)")
+    journal = Journal(config.journal.path)
+    rows = journal.history(limit=args.limit, patient_key=args.patient)
+    for row in rows:
+        if args.json:
+            print(json.dumps(row, default=str))
+        else:
+            print(
+                f"{row.get('created_at', '')}  {row.get('location', ''):12} {row.get('status', ''):8}"
+                f" {row.get('triage') or '-':8} {row.get('image_id', '')[:12]}  {row.get('text', '')}"
+            )
+    return 0
+
+
+def cmd_display(args: argparse.Namespace) -> int:
+    from appliance.display.server import serve
+
+    config = _config(args)
+    serve(
+        host=args.host or config.display.host,
+        port=args.port or config.display.port,
+        broker_ws_url=config.display.broker_ws_url,
+        topic_prefix=config.mqtt.topic_prefix,
+    )
+    return 0
+
+
+def cmd_usb_import(args: argparse.Namespace) -> int:
+    from appliance.usb_import import main as usb_main
+
+    return usb_main(args, _config(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cxr-appliance",
+        description=f"Bedside chest X-ray appliance {__version__}. {NOT_FOR_DIAGNOSTIC_USE}.",
+    )
+    parser.add_argument("--version", action="version", version=__version__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("-c", "--config", type=Path, help=f"YAML config (default {DEFAULT_CONFIG} if present)")
+        return p
+
+    p = with_config(sub.add_parser("run", help="the daemon: watch folders, analyse, publish"))
+    p.set_defaults(func=cmd_run)
+    p = with_config(sub.add_parser("process", help="analyse files now, one JSON result per line; no broker"))
+    p.add_argument("files", nargs="+", type=Path)
+    p.add_argument("--json", action="store_true", help="print full JSON results")
+    p.add_argument("--model", type=Path, help="manifest to use instead of the configured one")
+    p.set_defaults(func=cmd_process)
+    p = sub.add_parser("validate-config", help="check a config file and exit")
+    p.add_argument("file", type=Path)
+    p.set_defaults(func=cmd_validate_config)
+    p = sub.add_parser("schema", help="write the config and payload JSON Schemas")
+    p.add_argument("--out", type=Path, default=Path("schemas"))
+    p.set_defaults(func=cmd_schema)
+    p = with_config(
+        sub.add_parser("doctor", help="check config, model, decoders, folders, broker; say what is wrong")
+    )
+    p.set_defaults(func=cmd_doctor)
+    p = with_config(sub.add_parser("history", help="recent results from the journal"))
+    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--patient", help="pseudonymous patient key")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_history)
+    p = with_config(sub.add_parser("display", help="serve the ward display page"))
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.set_defaults(func=cmd_display)
+    p = with_config(sub.add_parser("usb-import", help="import every image on a mounted USB stick"))
+    p.add_argument("mount", type=Path)
+    p.set_defaults(func=cmd_usb_import)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        # validate-config and schema have no config to read logging settings from
+        level = "DEBUG" if args.verbose else None
+        setup_logging(level=level, fmt=None)
+        return int(args.func(args))
+    except UserError as exc:
+        print(f"cxr-appliance: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Build the long-lived pieces from a config: manifest, backend, Analyzer."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+from appliance.backends.select import create_backend
+from appliance.config import AppConfig
+from appliance.image import ImageMeta
+from appliance.manifest import load_manifest
+from appliance.pipeline import Analyzer, Job
+from appliance.pseudonym import PatientKeys
+
+log = logging.getLogger(__name__)
+
+
+def build_analyzer(config: AppConfig, *, salt_required: bool = True) -> Analyzer:
+    """Load the model and start a backend. `salt_required=False` (the `process` command) uses a
+    throw-away salt when the configured salt file cannot be created, so keys are not comparable."""
+    manifest = load_manifest(config.inference.model)
+    backend = create_backend(manifest, config.inference)
+    keys = PatientKeys.from_config(config.privacy, create=True, ephemeral_ok=not salt_required)
+
+    def patient_key(meta: ImageMeta) -> str | None:
+        if not config.privacy.publish_patient_key:
+            return None
+        return keys.key(meta.patient_id, issuer=meta.extra.get("IssuerOfPatientID"))
+
+    analyzer = Analyzer(config, manifest, backend, patient_key=patient_key)
+    warm_ms = analyzer.warm_up()
+    log.info(
+        "model %s %s loaded on %s/%s, warm-up %.0f ms",
+        manifest.name,
+        manifest.version,
+        backend.name,
+        backend.precision,
+        warm_ms,
+    )
+    return analyzer
+
+
+def job_for_file(path: Path, source: str) -> Job:
+    """A job for a file outside the spool (the `process` command): id from the content hash."""
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        pass  # read() will report the real reason for this file
+    return Job(path=path, image_id=digest.hexdigest()[:32], source=source)
