@@ -1,0 +1,63 @@
+"""Shared fixtures. The MQTT ones start a REAL Mosquitto (Debian's) on free loopback ports.
+
+    def test_x(broker):                 # a plain broker, anonymous, with persistence
+        with Subscriber(broker, "cxr/#") as sub: ...
+
+    def test_y(broker_factory):         # anything else: auth, ACL, WebSockets, TLS
+        b = broker_factory(users={"cart": "pw"}, acl="user cart\ntopic write cxr/#\n", websockets=True)
+
+Every broker made here is stopped (SIGTERM, then SIGKILL) at the end of its test.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.mosquitto import MOSQUITTO, Broker, Subscriber
+
+
+@pytest.fixture(scope="session")
+def mosquitto_bin() -> str:
+    if not os.access(MOSQUITTO, os.X_OK):
+        pytest.fail(f"{MOSQUITTO} not found: install Debian's mosquitto (apt-get install mosquitto)")
+    return MOSQUITTO
+
+
+@pytest.fixture
+def broker_factory(mosquitto_bin: str, tmp_path: Path) -> Iterator[Callable[..., Broker]]:
+    made: list[Broker] = []
+
+    def make(**options: Any) -> Broker:
+        b = Broker(tmp_path / f"broker{len(made)}", **options)
+        made.append(b)
+        return b.start()
+
+    yield make
+    for b in made:
+        b.stop()
+
+
+@pytest.fixture
+def broker(broker_factory: Callable[..., Broker]) -> Broker:
+    return broker_factory()
+
+
+@pytest.fixture
+def subscriber_factory(broker: Broker) -> Iterator[Callable[..., Subscriber]]:
+    """Subscribers on the default `broker`, closed at the end; pass broker=... for another one."""
+    made: list[Subscriber] = []
+
+    def make(topics: str | list[str], **options: Any) -> Subscriber:
+        target = options.pop("broker", broker)
+        s = Subscriber(target, topics, **options)
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        s.close()
