@@ -47,13 +47,13 @@ def findings_sentences(
     if zone_text and severity is not None:
         sentences.append(
             Sentence(
-                text=f"Opacities in the {zone_text}, extent {severity.extent:.0f}/{severity.extent_max:.0f},"
+                text=f"Opacities in {zone_text}, extent {severity.extent:.0f}/{severity.extent_max:.0f},"
                 f" opacity {severity.opacity:.0f}/{severity.opacity_max:.0f}.",
                 source="heatmap+lung_mask+severity",
             )
         )
     elif zone_text:
-        sentences.append(Sentence(text=f"Opacities in the {zone_text}.", source="heatmap+lung_mask"))
+        sentences.append(Sentence(text=f"Opacities in {zone_text}.", source="heatmap+lung_mask"))
     elif is_abnormal and severity is not None:
         sentences.append(
             Sentence(

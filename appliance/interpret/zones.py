@@ -57,17 +57,15 @@ def lung_zones(
 
 
 def describe_zones(zones: list[Zone]) -> str | None:
-    """'right lower and left middle zones', 'both lower zones' — None when no zone is positive."""
+    """'both lower zones and the right middle zone' — None when no zone is positive."""
     positive = [z for z in zones if z.positive]
     if not positive:
         return None
-    by_level = {level: {z.side for z in positive if z.level == level} for level in LEVELS}
     parts = []
     for level in reversed(LEVELS):  # lower zones first: where pneumonia usually starts
-        sides = by_level[level]
+        sides = {z.side for z in positive if z.level == level}
         if sides == {"right", "left"}:
-            parts.append(f"both {level}")
+            parts.append(f"both {level} zones")
         elif sides:
-            parts.append(f"{next(iter(sides))} {level}")
-    noun = "zone" if len(positive) == 1 else "zones"
-    return (", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0]) + f" {noun}"
+            parts.append(f"the {next(iter(sides))} {level} zone")
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]

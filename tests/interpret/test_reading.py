@@ -1,0 +1,165 @@
+"""Interpretation of raw outputs: refusal, triage, zones and text that traces to outputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from appliance.image import ImageMeta
+from appliance.interpret.gate import gate_on_tags
+from appliance.interpret.reading import read_outputs
+from appliance.manifest import Manifest
+from appliance.preprocess import Geometry
+
+SIZE = 64
+
+
+def manifest() -> Manifest:
+    return Manifest.model_validate(
+        {
+            "name": "full",
+            "version": "1",
+            "onnx": {"fp32": {"file": "m.onnx", "sha256": "0" * 64}},
+            "input": {"name": "image", "height": SIZE, "width": SIZE},
+            "outputs": [
+                {
+                    "name": "view",
+                    "role": "view",
+                    "activation": "softmax",
+                    "labels": ["frontal", "lateral", "not_cxr"],
+                    "refuse_labels": {"lateral": "lateral view", "not_cxr": "not a chest X-ray"},
+                },
+                {
+                    "name": "find",
+                    "role": "findings",
+                    "activation": "softmax",
+                    "labels": ["No Finding", "COVID-19", "Pneumonia"],
+                    "normal_label": "No Finding",
+                    "thresholds": {"COVID-19": 0.4, "Pneumonia": 0.4, "No Finding": 0.5},
+                },
+                {"name": "abn", "role": "abnormal", "activation": "sigmoid", "labels": ["abnormal"]},
+                {
+                    "name": "sev",
+                    "role": "severity",
+                    "labels": ["extent", "opacity"],
+                    "ranges": {"extent": [0, 8], "opacity": [0, 6]},
+                },
+                {
+                    "name": "risk",
+                    "role": "risk",
+                    "activation": "sigmoid",
+                    "labels": ["adverse_outcome"],
+                    "thresholds": {"adverse_outcome": 0.5},
+                },
+                {"name": "ood", "role": "ood", "labels": ["ood"], "thresholds": {"ood": 10.0}},
+                {"name": "heat", "role": "heatmap"},
+                {"name": "lungs", "role": "lung_mask", "activation": "sigmoid", "thresholds": {"lung": 0.5}},
+            ],
+            "triage": {"abnormal_threshold": 0.3, "urgent_threshold": 0.9, "urgent_extent": 6},
+            "heatmap_label": "abnormal",
+        }
+    )
+
+
+GEOMETRY = Geometry(SIZE, SIZE, 0, 0, SIZE, SIZE)
+
+
+def outputs(
+    view: list[float], abn_logit: float, extent: float = 5.0, ood: float = 2.0
+) -> dict[str, np.ndarray]:
+    lungs = np.full((16, 16), -9.0, np.float32)
+    lungs[2:14, 1:7] = 9.0  # patient's right lung (image left)
+    lungs[2:14, 9:15] = 9.0
+    heat = np.zeros((16, 16), np.float32)
+    heat[10:14, 1:7] = 1.0  # right lower zone hot
+    heat[10:14, 9:15] = 0.9  # left lower zone hot
+    return {
+        "view": np.array(view, np.float32),
+        "find": np.array([0.0, 2.0, 0.5], np.float32),
+        "abn": np.array([abn_logit], np.float32),
+        "sev": np.array([extent, 3.2], np.float32),
+        "risk": np.array([-1.0], np.float32),
+        "ood": np.array([ood], np.float32),
+        "heat": heat,
+        "lungs": lungs,
+    }
+
+
+META = ImageMeta(format="png")
+
+
+def test_abnormal_image_gets_zones_severity_finding_and_traceable_text() -> None:
+    reading = read_outputs(
+        manifest(),
+        outputs([5, 0, 0], abn_logit=1.0),
+        GEOMETRY,
+        ImageMeta(format="dicom", view_position="AP"),
+        with_heatmap=True,
+    )
+    assert reading.status == "ok" and reading.triage == "abnormal"
+    assert {(z.side, z.level) for z in reading.zones if z.positive} == {("right", "lower"), ("left", "lower")}
+    text = " ".join(s.text for s in reading.sentences)
+    assert text.startswith("Frontal AP view. Opacities in both lower zones, extent 5/8, opacity 3/6.")
+    assert "Most consistent with COVID-19" in text and text.endswith("Not for diagnostic use.")
+    sources = [s.source for s in reading.sentences]
+    assert sources == [
+        "dicom.ViewPosition",
+        "heatmap+lung_mask+severity",
+        "findings.COVID-19",
+        "risk",
+        "disclaimer",
+    ]
+    assert reading.heatmap is not None and reading.heatmap.width == 64
+
+
+def test_urgent_by_extent_and_by_score() -> None:
+    assert (
+        read_outputs(
+            manifest(), outputs([5, 0, 0], 1.0, extent=7.0), GEOMETRY, META, with_heatmap=False
+        ).triage
+        == "urgent"
+    )
+    assert (
+        read_outputs(manifest(), outputs([5, 0, 0], 4.0), GEOMETRY, META, with_heatmap=False).triage
+        == "urgent"
+    )
+
+
+def test_normal_image_says_so_and_names_no_zone() -> None:
+    reading = read_outputs(manifest(), outputs([5, 0, 0], abn_logit=-4.0), GEOMETRY, META, with_heatmap=False)
+    assert reading.triage == "normal"
+    assert "No abnormality above the operating point" in reading.sentences[1].text
+    assert not any("zone" in s.text for s in reading.sentences)
+
+
+@pytest.mark.parametrize(
+    ("view", "ood", "reason"),
+    [
+        ([0, 6, 0], 2.0, "lateral view"),
+        ([0, 0, 6], 2.0, "not a chest X-ray"),
+        ([6, 0, 0], 50.0, "not a chest X-ray"),
+    ],
+)
+def test_refusals_say_why(view: list[float], ood: float, reason: str) -> None:
+    reading = read_outputs(manifest(), outputs(view, 1.0, ood=ood), GEOMETRY, META, with_heatmap=True)
+    assert reading.status == "refused" and reading.reason == reason and reading.triage is None
+    assert reading.sentences[0].text.startswith(f"Not read: {reason}")
+
+
+@pytest.mark.parametrize(
+    ("meta", "reason"),
+    [
+        (ImageMeta(format="dicom", modality="CT"), "not a chest X-ray"),
+        (ImageMeta(format="dicom", modality="DX", view_position="LL"), "lateral view"),
+        (ImageMeta(format="dicom", modality="CR", body_part="HAND"), "not a chest X-ray"),
+    ],
+)
+def test_tag_gate(meta: ImageMeta, reason: str) -> None:
+    refusal = gate_on_tags(meta)
+    assert refusal is not None and refusal.reason == reason
+
+
+def test_tag_gate_passes_a_chest_pa() -> None:
+    assert (
+        gate_on_tags(ImageMeta(format="dicom", modality="CR", view_position="PA", body_part="CHEST")) is None
+    )
