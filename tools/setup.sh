@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Set up this checkout on a fresh Debian/Ubuntu machine: system packages, a venv with the appliance
+# (and, with --dev, every tool and test dependency), and the display's build-time npm packages.
+# Safe to run again: each step is skipped when already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DEV=0
+[[ "${1:-}" == "--dev" ]] && DEV=1
+
+need_apt=()
+command -v mosquitto >/dev/null || [[ -x /usr/sbin/mosquitto ]] || need_apt+=(mosquitto mosquitto-clients)
+command -v openssl >/dev/null || need_apt+=(openssl)
+if [[ $DEV == 1 ]]; then
+  command -v chromium >/dev/null || need_apt+=(chromium chromium-driver)
+  command -v systemd-analyze >/dev/null || need_apt+=(systemd)
+  command -v rsync >/dev/null || need_apt+=(rsync)
+  command -v npm >/dev/null || need_apt+=(nodejs npm)
+fi
+if ((${#need_apt[@]})); then
+  echo "==> installing Debian packages: ${need_apt[*]}"
+  SUDO=""; [[ $(id -u) == 0 ]] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+if [[ ! -x .venv/bin/python ]]; then
+  echo "==> creating .venv"
+  "$PY" -m venv .venv
+  .venv/bin/pip install -q --upgrade pip
+fi
+extras="."
+[[ $DEV == 1 ]] && extras=".[tools,test]"
+echo "==> installing the appliance ($extras) into .venv"
+# torch==2.13.0 is the CPU build on this machine's disk; a looser pin would pull a multi-GB CUDA build.
+.venv/bin/pip install -q -e "$extras"
+
+if [[ $DEV == 1 && -f web/package.json ]]; then
+  echo "==> npm packages for the display tests (build-time only)"
+  (cd web && { [[ -d node_modules/playwright-core ]] || npm ci --no-audit --no-fund --loglevel=error; })
+fi
+echo "==> setup done"
