@@ -8,6 +8,7 @@ only and map it to float32 [0, 1] with the Modality LUT, VOI LUT/window and MONO
 from __future__ import annotations
 
 import io
+import logging
 import math
 import os
 import warnings
@@ -62,6 +63,17 @@ _PREFERRED_PLUGIN: dict[str, str] = {
 }
 
 
+class _DropTruncationNoise(logging.Filter):
+    """pydicom logs *and* warns about a missing delimiter; we turn the warning into InputRejected, and
+    the watcher polls half-written files, so the log line would repeat every second."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "End of file reached" not in record.getMessage()
+
+
+logging.getLogger("pydicom").addFilter(_DropTruncationNoise())
+
+
 def looks_like_dicom(head: bytes) -> bool:
     """Part 10 file (preamble + DICM), or a bare dataset starting with a group 0002/0008 element."""
     if len(head) >= 132 and head[128:132] == b"DICM":
@@ -82,6 +94,28 @@ def read_dicom(path: Path, *, max_pixels: int, target_size: int | None = None) -
     raw, scale = _decode_first_frame(ds, name, meta.transfer_syntax or "", target_size)
     pixels = _to_unit(raw, ds, name)
     return DecodedImage(pixels=pixels, meta=meta, scale=scale)
+
+
+def incomplete_reason(path: Path) -> str | None:
+    """None when the DICOM parses to its end with all declared pixel bytes present, else why not.
+
+    Cheap (pixel data stays on disk): the watcher calls it on files that may still be being written."""
+    try:
+        ds = _parse(path)
+    except InputRejected as exc:
+        return None if exc.reason not in (reasons.TRUNCATED_DICOM, reasons.INVALID_DICOM) else exc.detail
+    if "PixelData" not in ds or UID(str(ds.file_meta.get("TransferSyntaxUID", ""))).is_encapsulated:
+        return None  # encapsulated data without its delimiter was already caught by _parse
+    try:
+        rows, cols, bits = int(ds.Rows), int(ds.Columns), int(ds.BitsAllocated)
+        samples = int(ds.get("SamplesPerPixel") or 1)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    expected = rows * cols * _frames(ds) * samples * bits // 8
+    have = _stored_length(ds.get_item("PixelData", keep_deferred=True), path)
+    return (
+        None if have >= expected else f"{path.name}: Pixel Data holds {have:,} bytes, {expected:,} declared"
+    )
 
 
 def _parse(path: Path) -> Dataset:

@@ -1,0 +1,473 @@
+"""A durable spool: incoming/ -> processing/ -> done/ | quarantine/, one stable image id per file.
+
+Every state change is one atomic rename inside the spool's filesystem; files from elsewhere are first
+copied to tmp/ and fsynced. The directory a file sits in is the truth about its state; a SQLite
+table (WAL) remembers every key ever accepted (SOPInstanceUID or content hash) for de-duplication
+and the order of arrival. `recover()` (call it at start) puts whatever a killed process left in
+processing/ back into incoming/ and re-registers files whose database row was never committed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sqlite3
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pydicom
+
+from appliance.errors import ApplianceError, InputRejected
+from appliance.ingest import reasons, sniff
+
+log = logging.getLogger(__name__)
+
+STATES = ("incoming", "processing", "done", "quarantine")
+_EXT = {"dicom": "dcm", "png": "png", "jpeg": "jpg"}
+_COPY_CHUNK = 1 << 20
+
+
+class SpoolFull(ApplianceError):
+    """The spool's disk is full (or below the configured reserve): stop accepting, keep the sources."""
+
+    errno = errno.ENOSPC
+
+
+@dataclass(frozen=True)
+class Accepted:
+    image_id: str
+    path: Path  # where the file now lies in incoming/
+    key: str
+
+
+@dataclass(frozen=True)
+class Duplicate:
+    image_id: str
+    key: str
+    first_source: str
+    source_removed: bool
+
+
+@dataclass(frozen=True)
+class Rejected:
+    reason: str
+    detail: str
+    quarantined: Path | None
+
+
+@dataclass(frozen=True)
+class SpoolItem:
+    image_id: str
+    path: Path  # in processing/
+    source: str
+    original: str
+    accepted_at: str
+    key: str
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _content_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(_COPY_CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def dedup_key(path: Path, kind: str) -> str:
+    """'sop:<SOPInstanceUID>' for a DICOM that names one, else 'sha256:<content hash>'."""
+    if kind == "dicom":
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True, specific_tags=["SOPInstanceUID"])
+            uid = str(ds.get("SOPInstanceUID", "") or "").strip()
+            if uid:
+                return f"sop:{uid}"
+        except Exception as exc:  # unreadable header: the reader will say why later; hash the bytes
+            log.debug("no SOPInstanceUID in %s: %s", path, exc)
+    return f"sha256:{_content_sha256(path)}"
+
+
+def image_id_for(key: str) -> str:
+    """The image id: sha256 of the de-duplication key, so the same image gets the same id anywhere."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class Spool:
+    def __init__(self, root: Path, *, min_free_mb: float = 0.0) -> None:
+        self.root = Path(root)
+        self.min_free_mb = min_free_mb
+        self._lock = threading.RLock()
+        for sub in (*STATES, "meta", "tmp"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.root / "spool.db", check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS items (seq INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT UNIQUE NOT NULL,"
+            " image_id TEXT UNIQUE NOT NULL, name TEXT NOT NULL, state TEXT NOT NULL, source TEXT,"
+            " original TEXT, accepted_at TEXT)"
+        )
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _dir(self, state: str) -> Path:
+        return self.root / state
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def free_mb(self) -> float:
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize / 1e6
+
+    def _check_space(self, needed_bytes: int) -> None:
+        free = self.free_mb()
+        if free - needed_bytes / 1e6 < self.min_free_mb:
+            raise SpoolFull(
+                f"spool {self.root}: {free:.0f} MB free, {needed_bytes / 1e6:.1f} MB needed, "
+                f"reserve {self.min_free_mb:.0f} MB; not accepting"
+            )
+
+    def _place(self, src: Path, dest: Path, *, move: bool) -> bool:
+        """Put src at dest atomically. Returns True when src is gone (it was renamed)."""
+        if move:
+            try:
+                os.rename(src, dest)
+                _fsync_dir(dest.parent)
+                return True
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+        tmp = self._dir("tmp") / f"{dest.name}.{os.getpid()}.{threading.get_ident()}.part"
+        try:
+            with open(src, "rb") as fin, open(tmp, "wb") as fout:
+                shutil.copyfileobj(fin, fout, _COPY_CHUNK)
+                fout.flush()
+                os.fsync(fout.fileno())
+            os.rename(tmp, dest)
+            _fsync_dir(dest.parent)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            if exc.errno == errno.ENOSPC:
+                raise SpoolFull(f"spool {self.root}: disk full while copying {src.name} (ENOSPC)") from exc
+            raise
+        return False
+
+    def _write_json(self, dest: Path, data: dict[str, str]) -> None:
+        tmp = self._dir("tmp") / f"{dest.name}.{threading.get_ident()}.part"
+        try:
+            with open(tmp, "w", encoding="utf-8") as fh:
+                json.dump(data, fh, indent=1)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.rename(tmp, dest)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            if exc.errno == errno.ENOSPC:
+                raise SpoolFull(f"spool {self.root}: disk full writing {dest.name} (ENOSPC)") from exc
+            raise
+
+    # -- accepting -----------------------------------------------------------------------------
+    def accept(self, path: Path, source: str, *, move: bool = True) -> Accepted | Duplicate | Rejected:
+        """Take one complete file from a watched folder. `move=False` copies (read-only media).
+
+        Files whose content is not an image at all are quarantined here (Rejected); the rest get an id."""
+        path = Path(path)
+        try:
+            kind = sniff(path)
+            size = path.stat().st_size
+        except InputRejected as exc:
+            where = self.quarantine_file(path, exc.reason, exc.detail, source, move=move)
+            return Rejected(exc.reason, exc.detail, where)
+        self._check_space(size)
+        try:
+            key = dedup_key(path, kind)
+        except PermissionError as exc:
+            detail = f"{path.name}: {exc.strerror}"
+            return Rejected(
+                reasons.PERMISSION_DENIED,
+                detail,
+                self.quarantine_file(path, reasons.PERMISSION_DENIED, detail, source, move=move),
+            )
+        image_id = image_id_for(key)
+        name = f"{image_id}.{_EXT[kind]}"
+        with self._lock:
+            row = self._db.execute("SELECT source FROM items WHERE key = ?", (key,)).fetchone()
+            if row is not None:
+                removed = False
+                if move:
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
+                        removed = True
+                log.info(
+                    "duplicate %s from %s (%s) first seen from %s; %s",
+                    path,
+                    source,
+                    key,
+                    row[0],
+                    "removed" if removed else "left in place",
+                )
+                return Duplicate(image_id, key, row[0], removed)
+            accepted_at = _now()
+            self._write_json(
+                self._dir("meta") / f"{image_id}.json",
+                {
+                    "image_id": image_id,
+                    "key": key,
+                    "name": name,
+                    "original": str(path),
+                    "source": source,
+                    "accepted_at": accepted_at,
+                },
+            )
+            dest = self._dir("incoming") / name
+            renamed = self._place(path, dest, move=move)
+            with self._tx() as db:
+                db.execute(
+                    "INSERT INTO items (key, image_id, name, state, source, original, accepted_at)"
+                    " VALUES (?, ?, ?, 'incoming', ?, ?, ?)",
+                    (key, image_id, name, source, str(path), accepted_at),
+                )
+            if move and not renamed:
+                # Copied from another filesystem: the spool copy is durable, now the original may go.
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+        log.info("accepted %s from %s as %s", path, source, image_id)
+        return Accepted(image_id, dest, key)
+
+    # -- the pipeline side ---------------------------------------------------------------------
+    def claim_next(self) -> SpoolItem | None:
+        """Oldest file in incoming/ -> processing/; None when nothing waits."""
+        with self._lock:
+            while True:
+                row = self._db.execute(
+                    "SELECT image_id, name, source, original, accepted_at, key FROM items"
+                    " WHERE state = 'incoming' ORDER BY seq LIMIT 1"
+                ).fetchone()
+                if row is None:
+                    return None
+                image_id, name = row[0], row[1]
+                dest = self._dir("processing") / name
+                try:
+                    os.rename(self._dir("incoming") / name, dest)
+                except FileNotFoundError:
+                    log.warning("spool: %s vanished from incoming/; forgetting it", name)
+                    self._set_state(image_id, "lost")
+                    continue
+                self._set_state(image_id, "processing")
+                return SpoolItem(image_id, dest, row[2] or "", row[3] or "", row[4] or "", row[5])
+
+    def _set_state(self, image_id: str, state: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE items SET state = ? WHERE image_id = ?", (state, image_id))
+
+    def _row(self, image_id: str) -> tuple[str, str, str, str] | None:
+        row = self._db.execute(
+            "SELECT name, state, source, original FROM items WHERE image_id = ?", (image_id,)
+        ).fetchone()
+        return None if row is None else (row[0], row[1], row[2] or "", row[3] or "")
+
+    def _move(self, name: str, to_state: str) -> bool:
+        """Move `name` from whichever live state holds it to `to_state`; False if it is not there."""
+        for state in ("processing", "incoming"):
+            src = self._dir(state) / name
+            try:
+                os.rename(src, self._dir(to_state) / name)
+                _fsync_dir(self._dir(to_state))
+                return True
+            except FileNotFoundError:
+                continue
+        return False
+
+    def mark_done(self, image_id: str) -> bool:
+        """processing/ -> done/. Idempotent: calling it again (e.g. after a crash) is harmless.
+
+        Returns False only when the spool has never seen this id."""
+        with self._lock:
+            row = self._row(image_id)
+            if row is None:
+                return False
+            name, state = row[0], row[1]
+            if state != "done":
+                if self._move(name, "done"):
+                    # rename keeps the source's mtime; purge_done counts from the end of processing
+                    with contextlib.suppress(OSError):
+                        os.utime(self._dir("done") / name)
+                self._set_state(image_id, "done")
+            return True
+
+    def release(self, image_id: str) -> None:
+        """processing/ -> incoming/ (e.g. the backend failed and the image should be tried again)."""
+        with self._lock:
+            row = self._row(image_id)
+            if row is not None and row[1] == "processing":
+                with contextlib.suppress(FileNotFoundError):
+                    os.rename(self._dir("processing") / row[0], self._dir("incoming") / row[0])
+                self._set_state(image_id, "incoming")
+
+    def quarantine(self, image_id: str, reason: str, detail: str = "") -> Path | None:
+        """A spooled image that cannot be processed: file + <name>.reason.txt into quarantine/."""
+        with self._lock:
+            row = self._row(image_id)
+            if row is None:
+                return None
+            name, state, source, original = row
+            dest = self._dir("quarantine") / name
+            if state != "quarantine":
+                self._move(name, "quarantine")
+                self._set_state(image_id, "quarantine")
+            self._write_reason(dest, reason, detail, original or name, source)
+            log.warning("quarantined %s (%s): %s %s", original or name, image_id, reason, detail)
+            return dest
+
+    def quarantine_file(
+        self, path: Path, reason: str, detail: str, source: str, *, move: bool = True
+    ) -> Path:
+        """A file refused before it got an id (empty, not an image, unreadable, symlink loop...).
+
+        It is moved (or copied, when `move` is False or it is on another filesystem) into quarantine/
+        under a time-stamped name; when it cannot be moved or read, only the reason file is written."""
+        path = Path(path)
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+        dest = self._dir("quarantine") / f"{stamp}-{path.name}"
+        with self._lock:
+            try:
+                if path.is_symlink() or not move:
+                    if move:
+                        os.rename(path, dest)  # the link itself, never its target
+                    elif path.is_file() and not path.is_symlink():
+                        self._place(path, dest, move=False)
+                else:
+                    self._place(path, dest, move=True)
+            except SpoolFull:
+                raise
+            except OSError as exc:
+                detail = f"{detail} (file left at source: {exc.strerror or exc})"
+            self._write_reason(dest, reason, detail, str(path), source)
+        log.warning("quarantined %s from %s: %s %s", path, source, reason, detail)
+        return dest
+
+    def _write_reason(self, dest: Path, reason: str, detail: str, original: str, source: str) -> None:
+        text = f"reason: {reason}\ndetail: {detail}\nsource: {source}\noriginal: {original}\ntime: {_now()}\n"
+        reason_path = dest.with_name(dest.name + ".reason.txt")
+        tmp = self._dir("tmp") / (reason_path.name + ".part")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.rename(tmp, reason_path)
+
+    # -- start-up and housekeeping -------------------------------------------------------------
+    def recover(self) -> list[str]:
+        """After a crash: processing/ -> incoming/, and register files whose row was never committed.
+
+        Returns the ids put back into incoming/."""
+        back: list[str] = []
+        with self._lock:
+            for leftover in self._dir("tmp").iterdir():
+                with contextlib.suppress(OSError):
+                    leftover.unlink()
+            for state in ("incoming", "processing", "done", "quarantine"):
+                for file in sorted(self._dir(state).iterdir()):
+                    image_id = file.name.split(".", 1)[0]
+                    row = self._row(image_id)
+                    if state == "quarantine" and (row is None or file.name.endswith(".reason.txt")):
+                        continue  # reason files and files refused before they had an id
+                    if row is None:
+                        self._register_orphan(file, image_id, state)
+                    if state == "processing":
+                        os.rename(file, self._dir("incoming") / file.name)
+                        self._set_state(image_id, "incoming")
+                        back.append(image_id)
+                    elif row is not None and row[1] != state:
+                        self._set_state(image_id, state)
+            if back:
+                _fsync_dir(self._dir("incoming"))
+        if back:
+            log.warning("spool recovery: %d image(s) back from processing/ to incoming/", len(back))
+        return back
+
+    def _register_orphan(self, file: Path, image_id: str, state: str) -> None:
+        """A file renamed into the spool just before a crash, before its row was written."""
+        meta_path = self._dir("meta") / f"{image_id}.json"
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            meta = {
+                "key": f"sha256:{_content_sha256(file)}",
+                "source": "",
+                "original": "",
+                "accepted_at": _now(),
+            }
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO items (key, image_id, name, state, source, original, accepted_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    meta["key"],
+                    image_id,
+                    file.name,
+                    state,
+                    meta.get("source"),
+                    meta.get("original"),
+                    meta.get("accepted_at"),
+                ),
+            )
+
+    def pending_count(self) -> int:
+        """Images accepted and not yet finished (incoming + processing)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT COUNT(*) FROM items WHERE state IN ('incoming', 'processing')"
+            ).fetchone()
+            return int(row[0])
+
+    def sidecar(self, image_id: str) -> dict[str, str] | None:
+        try:
+            data: dict[str, str] = json.loads((self._dir("meta") / f"{image_id}.json").read_text("utf-8"))
+            return data
+        except (OSError, ValueError):
+            return None
+
+    def purge_done(self, older_than_s: float) -> int:
+        """Delete processed files older than `older_than_s` (their key stays: a re-send is still a duplicate)."""
+        cutoff = datetime.now().timestamp() - older_than_s
+        removed = 0
+        with self._lock:
+            for file in self._dir("done").iterdir():
+                with contextlib.suppress(OSError):
+                    if file.stat().st_mtime < cutoff:
+                        file.unlink()
+                        removed += 1
+        return removed
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
