@@ -1,0 +1,278 @@
+"""The journal: every image accepted, its result and the acknowledgements from ward displays (SQLite, WAL).
+
+Crash recovery leans on it. The pipeline writes journal -> outbox -> spool.mark_done; after a crash
+anywhere in between, `result_for(image_id)` returns the stored result, so the image is not inferred
+again and re-putting it into the (idempotent) outbox sends nothing twice. `record_result` is
+idempotent per image_id: the first result stored for an image is the one that counts.
+
+It is also the patient history behind trends (`priors`) and `cxr-appliance history`. Patients are
+known only by their salted pseudonymous key; the journal holds no name or patient ID either.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from appliance.config import JournalConfig
+from appliance.result import Acknowledgement, Result
+from appliance.sqlitedb import Transaction, open_sqlite
+
+log = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS images (
+    image_id     TEXT PRIMARY KEY,
+    source       TEXT NOT NULL,
+    accepted_at  TEXT NOT NULL,
+    state        TEXT NOT NULL,
+    reason       TEXT,
+    updated_ts   REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS results (
+    message_id   TEXT PRIMARY KEY,
+    image_id     TEXT NOT NULL UNIQUE,
+    patient_key  TEXT,
+    location     TEXT NOT NULL,
+    acquired_at  TEXT,
+    acquired_ts  REAL NOT NULL,
+    triage       TEXT,
+    status       TEXT NOT NULL,
+    payload      TEXT NOT NULL,
+    created_at   TEXT NOT NULL,
+    created_ts   REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS results_patient ON results (patient_key, acquired_ts);
+CREATE INDEX IF NOT EXISTS results_created ON results (created_ts);
+CREATE TABLE IF NOT EXISTS acknowledgements (
+    message_id   TEXT NOT NULL,
+    by           TEXT NOT NULL,
+    at           TEXT NOT NULL,
+    display      TEXT,
+    received_at  TEXT NOT NULL,
+    UNIQUE (message_id, by, at)
+);
+CREATE INDEX IF NOT EXISTS acks_message ON acknowledgements (message_id);
+"""
+
+
+def to_timestamp(value: str | datetime | None) -> float | None:
+    """ISO 8601 (or datetime) to UTC epoch seconds; naive times are taken as UTC. None if unparsable."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    return value.timestamp()
+
+
+def _now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+class Journal:
+    """Thread-safe (one connection behind a lock): the pipeline writes results, MQTT writes acks."""
+
+    def __init__(self, path: Path, *, retention_days: float = 90, retention_count: int = 100_000) -> None:
+        self.path = Path(path)
+        self.retention_days = retention_days
+        self.retention_count = retention_count
+        self._lock = threading.RLock()
+        self._db = open_sqlite(self.path, "journal")
+        with self._lock:
+            self._db.executescript(_SCHEMA)
+
+    @classmethod
+    def from_config(cls, config: JournalConfig) -> Journal:
+        return cls(config.path, retention_days=config.retention_days, retention_count=config.retention_count)
+
+    # -- images --------------------------------------------------------------------------------
+    def record_image(
+        self, image_id: str, source: str, state: str = "accepted", reason: str | None = None
+    ) -> None:
+        """Insert the image or move it to a new state (accepted, processing, done, quarantined, ...)."""
+        with self._lock, Transaction(self._db):
+            self._db.execute(
+                "INSERT INTO images (image_id, source, accepted_at, state, reason, updated_ts)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(image_id) DO UPDATE SET"
+                " state = excluded.state, reason = excluded.reason, updated_ts = excluded.updated_ts",
+                (image_id, source, _now_iso(), state, reason, time.time()),
+            )
+
+    def image(self, image_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            cur = self._db.execute(
+                "SELECT image_id, source, accepted_at, state, reason FROM images WHERE image_id = ?",
+                (image_id,),
+            )
+            row = cur.fetchone()
+            return dict(zip([c[0] for c in cur.description], row, strict=True)) if row else None
+
+    # -- results -------------------------------------------------------------------------------
+    def record_result(self, result: Result) -> bool:
+        """Store the result (and mark its image done). False if this image already has a result."""
+        image_id = result.image.image_id
+        created_ts = to_timestamp(result.created_at) or time.time()
+        acquired_ts = to_timestamp(result.image.acquired_at) or created_ts
+        with self._lock, Transaction(self._db):
+            cur = self._db.execute(
+                "INSERT OR IGNORE INTO results (message_id, image_id, patient_key, location, acquired_at,"
+                " acquired_ts, triage, status, payload, created_at, created_ts)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    result.message_id,
+                    image_id,
+                    result.patient_key,
+                    result.location,
+                    result.image.acquired_at,
+                    acquired_ts,
+                    result.triage,
+                    result.status,
+                    result.to_json(),
+                    result.created_at,
+                    created_ts,
+                ),
+            )
+            added = cur.rowcount == 1
+            if added:
+                self._db.execute(
+                    "INSERT INTO images (image_id, source, accepted_at, state, reason, updated_ts)"
+                    " VALUES (?, ?, ?, 'done', ?, ?) ON CONFLICT(image_id) DO UPDATE SET"
+                    " state = 'done', reason = excluded.reason, updated_ts = excluded.updated_ts",
+                    (image_id, result.image.source, _now_iso(), result.reason, time.time()),
+                )
+        if not added:
+            log.debug("journal already holds a result for image %s", image_id)
+        return added
+
+    def result_for(self, image_id: str) -> Result | None:
+        """The stored result of this image (crash recovery: skip inference, re-put idempotently)."""
+        with self._lock:
+            row = self._db.execute("SELECT payload FROM results WHERE image_id = ?", (image_id,)).fetchone()
+        return Result.model_validate_json(row[0]) if row else None
+
+    def priors(
+        self,
+        patient_key: str,
+        before_time: str | datetime | None = None,
+        limit: int = 10,
+        *,
+        ok_only: bool = True,
+    ) -> list[Result]:
+        """Up to `limit` most recent earlier results of this patient, oldest first (for trends).
+
+        `before_time` (ISO 8601 or datetime) excludes the current image and anything after it."""
+        before = to_timestamp(before_time) if before_time is not None else float("inf")
+        if before is None:
+            raise ValueError(f"before_time {before_time!r} is not an ISO 8601 time")
+        query = "SELECT payload FROM results WHERE patient_key = ? AND acquired_ts < ?"
+        if ok_only:
+            query += " AND status = 'ok'"
+        query += " ORDER BY acquired_ts DESC, created_ts DESC LIMIT ?"
+        with self._lock:
+            rows = self._db.execute(query, (patient_key, before, limit)).fetchall()
+        return [Result.model_validate_json(r[0]) for r in reversed(rows)]
+
+    def history(
+        self, limit: int = 50, patient_key: str | None = None, since: str | datetime | None = None
+    ) -> list[dict[str, Any]]:
+        """Newest first: one flat row per result for `cxr-appliance history`."""
+        where: list[str] = []
+        params: list[object] = []
+        if patient_key is not None:
+            where.append("r.patient_key = ?")
+            params.append(patient_key)
+        if since is not None:
+            ts = to_timestamp(since)
+            if ts is None:
+                raise ValueError(f"since {since!r} is not an ISO 8601 time")
+            where.append("r.created_ts >= ?")
+            params.append(ts)
+        sql = (
+            "SELECT r.created_at, r.acquired_at, r.message_id, r.image_id, r.patient_key, r.location,"
+            " r.status, r.triage, json_extract(r.payload, '$.text') AS text,"
+            " json_extract(r.payload, '$.reason') AS reason,"
+            " EXISTS (SELECT 1 FROM acknowledgements a WHERE a.message_id = r.message_id) AS acknowledged"
+            " FROM results r"
+            + (" WHERE " + " AND ".join(where) if where else "")
+            + " ORDER BY r.created_ts DESC, r.rowid DESC LIMIT ?"
+        )
+        with self._lock:
+            cur = self._db.execute(sql, (*params, limit))
+            names = [c[0] for c in cur.description]
+            rows = [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+        for row in rows:
+            row["acknowledged"] = bool(row["acknowledged"])
+        return rows
+
+    # -- acknowledgements ----------------------------------------------------------------------
+    def record_ack(self, ack: Acknowledgement) -> bool:
+        """Store a display's acknowledgement; the same one delivered twice is stored once."""
+        with self._lock, Transaction(self._db):
+            cur = self._db.execute(
+                "INSERT OR IGNORE INTO acknowledgements (message_id, by, at, display, received_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (ack.message_id, ack.by, ack.at, ack.display, _now_iso()),
+            )
+        return cur.rowcount == 1
+
+    def acknowledgements(self, message_id: str) -> list[dict[str, Any]]:
+        with self._lock:
+            cur = self._db.execute(
+                "SELECT message_id, by, at, display, received_at FROM acknowledgements"
+                " WHERE message_id = ? ORDER BY at",
+                (message_id,),
+            )
+            names = [c[0] for c in cur.description]
+            return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+    # -- upkeep --------------------------------------------------------------------------------
+    def prune(self, now: float | None = None) -> int:
+        """Drop results older than retention_days and beyond the newest retention_count. Returns count."""
+        cutoff = (now if now is not None else time.time()) - self.retention_days * 86400
+        with self._lock, Transaction(self._db):
+            doomed = (
+                "SELECT message_id FROM results WHERE created_ts < ? UNION SELECT message_id FROM results"
+            )
+            doomed += " WHERE rowid NOT IN (SELECT rowid FROM results ORDER BY created_ts DESC LIMIT ?)"
+            params = (cutoff, self.retention_count)
+            self._db.execute(f"DELETE FROM acknowledgements WHERE message_id IN ({doomed})", params)
+            self._db.execute(
+                "DELETE FROM images WHERE image_id IN"
+                f" (SELECT image_id FROM results WHERE message_id IN ({doomed}))",
+                params,
+            )
+            removed = self._db.execute(f"DELETE FROM results WHERE message_id IN ({doomed})", params).rowcount
+            # Images that never produced a result (quarantined) age out by the same clock.
+            self._db.execute(
+                "DELETE FROM images WHERE updated_ts < ? AND image_id NOT IN (SELECT image_id FROM results)",
+                (cutoff,),
+            )
+        if removed:
+            log.info("journal: pruned %d result(s)", removed)
+        return removed
+
+    def integrity_check(self) -> list[str]:
+        """PRAGMA integrity_check: [] when the database is sound, else SQLite's complaints."""
+        with self._lock:
+            rows = [str(r[0]) for r in self._db.execute("PRAGMA integrity_check").fetchall()]
+        return [] if rows == ["ok"] else rows
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return {
+                table: int(self._db.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+                for table in ("images", "results", "acknowledgements")
+            }
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

@@ -1,0 +1,360 @@
+"""The MQTT publisher: outbox rows out to the broker in order, deleted only on the broker's PUBACK.
+
+Threads: paho's network loop (loop_start: connect, reconnect with exponential backoff capped at
+reconnect_max_seconds, callbacks) and one drain thread that owns every publish() call. Callbacks
+never touch the outbox: on_publish only queues the mid, because paho calls it while holding its
+own message lock, and the drain thread maps mids back to outbox rows.
+
+While disconnected nothing is dropped: rows stay in the outbox; rows already handed to paho are
+re-sent by paho on reconnect (QoS 1, DUP set). After a restart every pending row is sent again;
+subscribers de-duplicate on the payload's message_id.
+
+Topics (see topics.py): `status` retained, with a retained `offline` last will and `online`
+re-published on every connect; `result` QoS 1 not retained; `latest/<bed>` retained;
+`ack` subscribed: acknowledgements from displays, validated and handed to `on_ack`.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from pydantic import ValidationError
+
+from appliance import __version__
+from appliance.config import DeviceConfig, MqttConfig
+from appliance.errors import ConfigError
+from appliance.publish.outbox import Outbox
+from appliance.publish.topics import Topics
+from appliance.result import Acknowledgement, DeviceStatus, Result
+
+log = logging.getLogger(__name__)
+
+# Mosquitto's default receive maximum is 20; stay below it and leave room for status messages.
+DEFAULT_MAX_INFLIGHT = 16
+# The broker keeps our session (and the display acks sent to us) this long while we are away.
+SESSION_EXPIRY_SECONDS = 7 * 86400
+
+StatusState = Literal["online", "degraded"]
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def tls_context(config: MqttConfig) -> ssl.SSLContext | None:
+    tls = config.tls
+    if tls is None:
+        return None
+    try:
+        ctx = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"mqtt.tls.ca_file {tls.ca_file}: cannot load: {exc}") from exc
+    if tls.cert_file or tls.key_file:
+        if not tls.cert_file:
+            raise ConfigError("mqtt.tls.key_file needs mqtt.tls.cert_file")
+        try:
+            ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file) if tls.key_file else None)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"mqtt.tls.cert_file {tls.cert_file}: cannot load: {exc}") from exc
+    if tls.insecure_skip_verify:
+        log.warning("mqtt.tls.insecure_skip_verify is on: the broker's certificate is NOT checked")
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+class MqttPublisher:
+    """Publishes results through the durable outbox and keeps the retained status topic current.
+
+    Never blocks the caller on the network: publish_result() returns once the rows are on disk.
+    """
+
+    def __init__(
+        self,
+        config: MqttConfig,
+        device: DeviceConfig,
+        outbox: Outbox,
+        *,
+        on_ack: Callable[[Acknowledgement], None] | None = None,
+        identity: dict[str, str | None] | None = None,
+        max_inflight: int = DEFAULT_MAX_INFLIGHT,
+    ) -> None:
+        self.config = config
+        self.device = device
+        self.outbox = outbox
+        self.on_ack = on_ack
+        self.max_inflight = max_inflight
+        self.topics = Topics(config.topic_prefix, device.site, device.device_id)
+        self.client_id = config.client_id or f"cxr-{device.site}-{device.device_id}"
+
+        self._status = DeviceStatus(
+            state="online",
+            site=device.site,
+            device_id=device.device_id,
+            location=device.location,
+            since=now_iso(),
+            appliance_version=__version__,
+            **(identity or {}),
+        )
+        self._lock = threading.Lock()  # guards _status and _status_dirty
+        self._status_dirty = True
+        self._connected = threading.Event()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._acks: queue.SimpleQueue[tuple[int, mqtt.ReasonCode | None]] = queue.SimpleQueue()
+        self._inflight: dict[int, int] = {}  # paho mid -> outbox row id; drain thread only
+        self._last_handed = 0  # highest outbox row id handed to paho; drain thread only
+        self._last_problem: str | None = None
+        self.connects = 0
+        self.acks_received = 0
+        self._drain: threading.Thread | None = None
+        self.client = self._make_client()
+        outbox.add_listener(self._wake.set)
+
+    # -- set-up --------------------------------------------------------------------------------
+    def _make_client(self) -> mqtt.Client:
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5)
+        password = self.config.password()
+        if self.config.username:
+            client.username_pw_set(self.config.username, password.get_secret_value() if password else None)
+        ctx = tls_context(self.config)
+        if ctx is not None:
+            client.tls_set_context(ctx)
+        client.will_set(
+            self.topics.status, self._status_payload("offline", "connection lost"), qos=1, retain=True
+        )
+        # paho sleeps in floats; the int hints are narrower than the behaviour.
+        high = self.config.reconnect_max_seconds
+        client.reconnect_delay_set(min(0.5, high), high)  # type: ignore[arg-type]
+        client.max_inflight_messages_set(self.max_inflight + 4)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.on_message = self._on_message
+        return client
+
+    def start(self) -> MqttPublisher:
+        """Connect in the background (returns at once; a missing broker is retried with backoff)."""
+        if not self.config.enabled:
+            log.info("mqtt disabled: results stay in the journal only")
+            return self
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = SESSION_EXPIRY_SECONDS
+        self.client.connect_async(
+            self.config.host,
+            self.config.port,
+            keepalive=self.config.keepalive,
+            clean_start=False,
+            properties=props,
+        )
+        self.client.loop_start()
+        self._drain = threading.Thread(target=self._drain_loop, name="mqtt-drain", daemon=True)
+        self._drain.start()
+        log.info(
+            "mqtt publisher %s -> %s:%d (tls %s, user %s), outbox depth %d",
+            self.client_id,
+            self.config.host,
+            self.config.port,
+            "on" if self.config.tls else "off",
+            self.config.username or "-",
+            self.outbox.depth(),
+        )
+        return self
+
+    # -- public API ----------------------------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def publish_result(self, result: Result) -> bool:
+        """Put the result on `result` and `latest/<bed>` (one transaction). False if already queued/sent."""
+        if not self.config.enabled:
+            return False
+        if not self.config.publish_heatmap and result.heatmap is not None:
+            result = result.model_copy(update={"heatmap": None})
+        payload = result.to_json()
+        qos = self.config.qos
+        added = self.outbox.put_many(
+            [
+                (self.topics.result, payload, qos, False, result.message_id),
+                (self.topics.latest(result.location), payload, qos, True, result.message_id),
+            ]
+        )
+        return added > 0
+
+    def publish_status(
+        self,
+        state: StatusState = "online",
+        *,
+        reason: str | None = None,
+        accepting: bool = True,
+        queue_depth: int | None = None,
+        **fields: Any,
+    ) -> None:
+        """Change the retained status (e.g. degraded: disk full, not accepting). Sent now or on reconnect."""
+        with self._lock:
+            update: dict[str, Any] = {"state": state, "reason": reason, "accepting": accepting, **fields}
+            if queue_depth is not None:
+                update["queue_depth"] = queue_depth
+            changed = any(getattr(self._status, k) != v for k, v in update.items())
+            if (state, accepting) != (self._status.state, self._status.accepting):
+                update["since"] = now_iso()
+            self._status = DeviceStatus.model_validate({**self._status.model_dump(), **update})
+            self._status_dirty = self._status_dirty or changed
+        self._wake.set()
+
+    @property
+    def status(self) -> DeviceStatus:
+        with self._lock:
+            return self._status.model_copy(update={"outbox_depth": self.outbox.depth()})
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until the broker acknowledged everything in the outbox (for a clean shutdown)."""
+        return self.outbox.wait_empty(timeout)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Publish a retained `offline` (a clean disconnect sends no last will), then disconnect.
+
+        Rows not yet acknowledged stay in the outbox for the next start."""
+        self._stop.set()
+        self._wake.set()
+        if self._drain is not None:
+            self._drain.join(timeout)
+        if self.config.enabled and self.connected:
+            info = self.client.publish(
+                self.topics.status, self._status_payload("offline", "shutdown"), qos=1, retain=True
+            )
+            try:
+                info.wait_for_publish(timeout)
+            except (RuntimeError, ValueError):
+                log.warning("offline status not confirmed before shutdown")
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    # -- paho callbacks (network thread; must not block) ---------------------------------------
+    def _on_connect(
+        self, client: mqtt.Client, _u: Any, flags: Any, reason: mqtt.ReasonCode, _p: Properties | None
+    ) -> None:
+        if reason.is_failure:
+            self._problem(f"broker {self.config.host}:{self.config.port} refused the connection: {reason}")
+            return
+        self.connects += 1
+        self._last_problem = None
+        log.info("mqtt connected to %s:%d (session present: %s)", self.config.host, self.config.port,
+                 flags.session_present)  # fmt: skip
+        client.subscribe(self.topics.ack, qos=1)
+        with self._lock:
+            self._status_dirty = True  # `online` on EVERY (re)connect, replacing the last will
+        self._connected.set()
+        self._wake.set()
+
+    def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, reason: mqtt.ReasonCode, _p: Any) -> None:
+        self._connected.clear()
+        if not self._stop.is_set():
+            self._problem(
+                f"mqtt connection lost ({reason}); {self.outbox.depth()} message(s) wait in the outbox"
+            )
+
+    def _on_publish(self, _c: mqtt.Client, _u: Any, mid: int, reason: mqtt.ReasonCode, _p: Any) -> None:
+        self._acks.put((mid, reason))
+        self._wake.set()
+
+    def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        if msg.topic != self.topics.ack:
+            return
+        try:
+            ack = Acknowledgement.model_validate_json(msg.payload)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "payload"
+            log.warning("ignored an invalid acknowledgement on %s: %s: %s", msg.topic, where, first["msg"])
+            return
+        log.info("acknowledgement of %s by %s", ack.message_id, ack.by)
+        if self.on_ack is not None:
+            try:
+                self.on_ack(ack)
+            except Exception:
+                log.exception("storing acknowledgement %s failed", ack.message_id)
+
+    def _problem(self, text: str) -> None:
+        # One line per distinct problem, not one per reconnect attempt.
+        if text != self._last_problem:
+            log.warning("%s", text)
+            self._last_problem = text
+
+    # -- drain thread --------------------------------------------------------------------------
+    def _drain_loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(0.5)
+            self._wake.clear()
+            try:
+                self._handle_acks()
+                if self.connected:
+                    self._send_status_if_dirty()
+                    self._send_pending()
+            except Exception:
+                # A bug or a disk error must not kill the sender silently; retry after a pause.
+                log.exception("mqtt drain step failed; retrying")
+                time.sleep(1.0)
+        self._handle_acks()
+
+    def _handle_acks(self) -> None:
+        acked: list[int] = []
+        rejected: list[tuple[int, str]] = []
+        while True:
+            try:
+                mid, reason = self._acks.get_nowait()
+            except queue.Empty:
+                break
+            row_id = self._inflight.pop(mid, None)
+            if row_id is None:
+                continue  # a status message
+            self.acks_received += 1
+            if reason is not None and reason.is_failure:
+                rejected.append((row_id, str(reason)))
+            else:
+                acked.append(row_id)
+        self.outbox.mark_acked(acked)
+        for row_id, why in rejected:
+            self.outbox.mark_rejected([row_id], f"PUBACK {why} (check the broker's ACL for {self.client_id})")
+
+    def _send_status_if_dirty(self) -> None:
+        with self._lock:
+            if not self._status_dirty:
+                return
+            self._status_dirty = False
+        payload = self.status.model_dump_json(by_alias=True)
+        self.client.publish(self.topics.status, payload, qos=1, retain=True)
+
+    def _send_pending(self) -> None:
+        room = self.max_inflight - len(self._inflight)
+        if room <= 0:
+            return
+        for row in self.outbox.pending(after_id=self._last_handed, limit=room):
+            info = self.client.publish(row.topic, row.payload, qos=row.qos, retain=row.retain)
+            if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+                # Not queued by paho (e.g. queue full): try again from this row next time.
+                log.warning("mqtt publish of %s deferred: %s", row.message_id, mqtt.error_string(info.rc))
+                return
+            # NO_CONN: paho keeps the message and sends it after reconnecting, like any in-flight one.
+            if row.qos == 0:
+                self.outbox.mark_acked([row.id])
+            else:
+                self._inflight[info.mid] = row.id
+            self._last_handed = row.id
+
+    def _status_payload(self, state: Literal["online", "offline", "degraded"], reason: str | None) -> str:
+        with self._lock:
+            status = self._status.model_copy(update={"state": state, "reason": reason, "since": now_iso()})
+        return status.model_dump_json(by_alias=True)

@@ -1,0 +1,256 @@
+"""A durable on-disk outbox: every message is on disk before it is sent, and stays until the broker acked it.
+
+SQLite in WAL mode with synchronous=FULL, so a `put` that returned survives kill -9 and power loss.
+Rows are sent in id order (so per-topic order holds) and marked `acked` only when the broker's
+PUBACK arrived. On start every row still `pending` is sent again; subscribers de-duplicate on the
+message_id inside the payload.
+
+Acked rows keep a tombstone (topic, message_id, no payload) for `keep_sent_seconds`, which makes
+`put` idempotent: after a crash the pipeline may put the same result again and nothing goes out twice.
+
+The bound (`max_pending`, MqttConfig.outbox_max) is enforced at `put`. Policy, in this order:
+  1. retained rows superseded by a newer pending row on the same topic (e.g. an old `latest/<bed>`:
+     only the newest is worth sending for a retained topic), oldest first;
+  2. the oldest pending rows of any kind.
+Each drop is logged at ERROR with its topic and message_id and counted (persistently: `dropped`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from appliance.sqlitedb import Transaction, open_sqlite
+
+log = logging.getLogger(__name__)
+
+PENDING, ACKED, DROPPED, REJECTED = "pending", "acked", "dropped", "rejected"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    topic       TEXT    NOT NULL,
+    message_id  TEXT    NOT NULL,
+    payload     BLOB,
+    qos         INTEGER NOT NULL,
+    retain      INTEGER NOT NULL,
+    created_at  REAL    NOT NULL,
+    state       TEXT    NOT NULL DEFAULT 'pending',
+    done_at     REAL,
+    UNIQUE (topic, message_id)
+);
+CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (id) WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS outbox_done ON outbox (done_at) WHERE state != 'pending';
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    id: int
+    topic: str
+    message_id: str
+    payload: bytes
+    qos: int
+    retain: bool
+    created_at: float
+
+
+class Outbox:
+    """Thread-safe: the pipeline puts, the publisher's drain thread reads and acks."""
+
+    def __init__(self, path: Path, max_pending: int = 100_000, keep_sent_seconds: float = 7 * 86400) -> None:
+        if max_pending < 1:
+            raise ValueError("max_pending must be >= 1")
+        self.path = Path(path)
+        self.max_pending = max_pending
+        self.keep_sent_seconds = keep_sent_seconds
+        self._lock = threading.RLock()
+        self._db = open_sqlite(self.path, "outbox")
+        with self._lock:
+            self._db.executescript(_SCHEMA)
+        self._listeners: list[Callable[[], None]] = []
+        self._changed = threading.Condition()
+        self.prune_sent()
+
+    # -- writing -------------------------------------------------------------------------------
+    def put(
+        self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False, *, message_id: str
+    ) -> bool:
+        """Store a message for sending. False if (topic, message_id) was already stored (or sent)."""
+        data = payload.encode("utf-8") if isinstance(payload, str) else bytes(payload)
+        with self._lock, self._tx():
+            cur = self._db.execute(
+                "INSERT OR IGNORE INTO outbox (topic, message_id, payload, qos, retain, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (topic, message_id, data, int(qos), int(bool(retain)), time.time()),
+            )
+            added = cur.rowcount == 1
+            if added:
+                self._enforce_bound()
+        if added:
+            self._notify()
+        return added
+
+    def put_many(self, messages: Iterable[tuple[str, bytes | str, int, bool, str]]) -> int:
+        """Several (topic, payload, qos, retain, message_id) in one transaction: all or none on disk."""
+        now = time.time()
+        added = 0
+        with self._lock, self._tx():
+            for topic, payload, qos, retain, message_id in messages:
+                data = payload.encode("utf-8") if isinstance(payload, str) else bytes(payload)
+                cur = self._db.execute(
+                    "INSERT OR IGNORE INTO outbox (topic, message_id, payload, qos, retain, created_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (topic, message_id, data, int(qos), int(bool(retain)), now),
+                )
+                added += cur.rowcount
+            if added:
+                self._enforce_bound()
+        if added:
+            self._notify()
+        return added
+
+    def _enforce_bound(self) -> None:
+        excess = self._pending_count() - self.max_pending
+        if excess <= 0:
+            return
+        superseded = self._db.execute(
+            "SELECT o.id, o.topic, o.message_id FROM outbox o WHERE o.state = 'pending' AND o.retain = 1"
+            " AND EXISTS (SELECT 1 FROM outbox n WHERE n.topic = o.topic AND n.state = 'pending' AND n.id > o.id)"
+            " ORDER BY o.id LIMIT ?",
+            (excess,),
+        ).fetchall()
+        victims = [(*row, "superseded retained state") for row in superseded]
+        if len(victims) < excess:
+            chosen = {row[0] for row in victims}
+            oldest = self._db.execute(
+                "SELECT id, topic, message_id FROM outbox WHERE state = 'pending' ORDER BY id LIMIT ?",
+                (excess + len(chosen),),
+            ).fetchall()
+            victims += [(*row, "oldest unsent") for row in oldest if row[0] not in chosen][
+                : excess - len(victims)
+            ]
+        now = time.time()
+        for row_id, topic, message_id, why in victims:
+            self._db.execute(
+                "UPDATE outbox SET state = ?, payload = NULL, done_at = ? WHERE id = ?",
+                (DROPPED, now, row_id),
+            )
+            log.error(
+                "OUTBOX FULL (%d pending, bound %d): dropped %s message %s on %s",
+                self.max_pending + excess,
+                self.max_pending,
+                why,
+                message_id,
+                topic,
+            )
+        self._bump("dropped", len(victims))
+
+    # -- sending -------------------------------------------------------------------------------
+    def pending(self, after_id: int = 0, limit: int = 100) -> list[OutboxRow]:
+        """Rows still to be acknowledged, in id (= sending) order, with id > after_id."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, topic, message_id, payload, qos, retain, created_at FROM outbox"
+                " WHERE state = 'pending' AND id > ? ORDER BY id LIMIT ?",
+                (after_id, limit),
+            ).fetchall()
+        return [OutboxRow(r[0], r[1], r[2], bytes(r[3]), r[4], bool(r[5]), r[6]) for r in rows]
+
+    def mark_acked(self, row_ids: Iterable[int]) -> None:
+        self._finish(row_ids, ACKED)
+
+    def mark_rejected(self, row_ids: Iterable[int], reason: str) -> None:
+        """The broker answered with a failure code (e.g. not authorised): retrying cannot help."""
+        ids = list(row_ids)
+        self._finish(ids, REJECTED, counter="rejected")
+        log.error("broker refused %d outbox message(s): %s", len(ids), reason)
+
+    def _finish(self, row_ids: Iterable[int], state: str, counter: str | None = None) -> None:
+        ids = [(state, time.time(), i) for i in row_ids]
+        if not ids:
+            return
+        with self._lock, self._tx():
+            self._db.executemany(
+                "UPDATE outbox SET state = ?, payload = NULL, done_at = ? WHERE id = ? AND state = 'pending'",
+                ids,
+            )
+            if counter:
+                self._bump(counter, len(ids))
+        self._notify()
+
+    # -- state ---------------------------------------------------------------------------------
+    def depth(self) -> int:
+        """Messages waiting for the broker's acknowledgement."""
+        with self._lock:
+            return self._pending_count()
+
+    def _pending_count(self) -> int:
+        return int(self._db.execute("SELECT count(*) FROM outbox WHERE state = 'pending'").fetchone()[0])
+
+    def counter(self, name: str) -> int:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
+        return int(row[0]) if row else 0
+
+    @property
+    def dropped(self) -> int:
+        """Messages dropped because the bound was reached, since the outbox was created."""
+        return self.counter("dropped")
+
+    def state_of(self, topic: str, message_id: str) -> str | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT state FROM outbox WHERE topic = ? AND message_id = ?", (topic, message_id)
+            ).fetchone()
+        return str(row[0]) if row else None
+
+    def wait_empty(self, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._changed:
+            while self.depth() > 0:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._changed.wait(0.5 if left is None else min(left, 0.5))
+        return True
+
+    def prune_sent(self) -> int:
+        """Forget tombstones of sent/dropped rows older than keep_sent_seconds."""
+        with self._lock, self._tx():
+            cur = self._db.execute(
+                "DELETE FROM outbox WHERE state != 'pending' AND done_at < ?",
+                (time.time() - self.keep_sent_seconds,),
+            )
+        return cur.rowcount
+
+    def add_listener(self, callback: Callable[[], None]) -> None:
+        """Called (without locks held) after rows were added or finished: wakes the sender."""
+        self._listeners.append(callback)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _tx(self) -> Transaction:
+        return Transaction(self._db)
+
+    def _bump(self, name: str, by: int) -> None:
+        if by:
+            self._db.execute(
+                "INSERT INTO counters (name, value) VALUES (?, ?)"
+                " ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
+                (name, by),
+            )
+
+    def _notify(self) -> None:
+        with self._changed:
+            self._changed.notify_all()
+        for callback in self._listeners:
+            callback()
