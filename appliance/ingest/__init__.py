@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
@@ -38,6 +39,8 @@ def sniff(path: Path) -> str:
     except FileNotFoundError as exc:
         raise InputRejected(reasons.VANISHED, f"{name}: no longer there") from exc
     except OSError as exc:  # ELOOP from a symlink loop, EIO from a pulled USB stick, ...
+        if exc.errno == errno.ELOOP:
+            raise InputRejected(reasons.SYMLINK_LOOP, f"{name}: {exc.strerror}") from exc
         raise InputRejected(reasons.NOT_A_FILE, f"{name}: {exc.strerror or exc}") from exc
     if head.startswith(_PNG_MAGIC):
         return "png"
@@ -58,4 +61,4 @@ def read_image(path: Path, *, max_pixels: int = 60_000_000, target_size: int | N
     kind = sniff(path)
     if kind == "dicom":
         return read_dicom(path, max_pixels=max_pixels, target_size=target_size)
-    return read_raster(path, max_pixels=max_pixels, target_size=target_size)
+    return read_raster(path, kind, max_pixels=max_pixels, target_size=target_size)

@@ -263,6 +263,17 @@ class Spool:
         return Accepted(image_id, dest, key)
 
     # -- the pipeline side ---------------------------------------------------------------------
+    def claim(self, n: int = 1) -> list[SpoolItem]:
+        """Up to `n` of the oldest waiting files (a batch for the backend), each moved to processing/."""
+        items: list[SpoolItem] = []
+        with self._lock:
+            while len(items) < n:
+                item = self.claim_next()
+                if item is None:
+                    break
+                items.append(item)
+        return items
+
     def claim_next(self) -> SpoolItem | None:
         """Oldest file in incoming/ -> processing/; None when nothing waits."""
         with self._lock:
@@ -385,10 +396,10 @@ class Spool:
         os.rename(tmp, reason_path)
 
     # -- start-up and housekeeping -------------------------------------------------------------
-    def recover(self) -> list[str]:
+    def recover(self) -> int:
         """After a crash: processing/ -> incoming/, and register files whose row was never committed.
 
-        Returns the ids put back into incoming/."""
+        Returns how many images were put back into incoming/."""
         back: list[str] = []
         with self._lock:
             for leftover in self._dir("tmp").iterdir():
@@ -412,7 +423,7 @@ class Spool:
                 _fsync_dir(self._dir("incoming"))
         if back:
             log.warning("spool recovery: %d image(s) back from processing/ to incoming/", len(back))
-        return back
+        return len(back)
 
     def _register_orphan(self, file: Path, image_id: str, state: str) -> None:
         """A file renamed into the spool just before a crash, before its row was written."""

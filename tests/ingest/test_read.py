@@ -1,0 +1,365 @@
+"""read_image on the real DICOMs/PNGs/JPEGs, on re-encoded copies of them, and on every bad input."""
+
+from __future__ import annotations
+
+import errno
+import multiprocessing
+import os
+import struct
+import tempfile
+import tracemalloc
+import zlib
+from pathlib import Path
+
+import gdcm
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import JPEG2000, UID, JPEG2000Lossless, JPEGLSLossless, RLELossless
+
+from appliance.errors import InputRejected
+from appliance.ingest import read_image, reasons
+from tests.ingest.conftest import JPEG_BASELINE, MONOCHROME1, NATIVE_DX, grey, real
+
+
+def rejected(path: Path, **kwargs: int) -> InputRejected:
+    with pytest.raises(InputRejected) as caught:
+        read_image(path, **kwargs)
+    assert path.name in caught.value.detail  # every refusal names the file
+    return caught.value
+
+
+# -- the real files ---------------------------------------------------------------------------------
+
+
+def test_real_dicoms_decode_to_unit_float(dicoms: list[Path]) -> None:
+    for path in dicoms:
+        img = read_image(path)
+        assert img.pixels.dtype == np.float32 and img.pixels.shape == (1024, 1024)
+        assert float(img.pixels.min()) >= 0.0 and float(img.pixels.max()) <= 1.0
+        assert float(img.pixels.std()) > 0.1, "a chest X-ray has contrast"
+        assert img.meta.format == "dicom" and img.meta.sop_instance_uid
+        assert img.scale == 1.0
+
+
+def test_jpeg_baseline_dicom_metadata_and_pixels() -> None:
+    path = real(JPEG_BASELINE)
+    img = read_image(path)
+    m = img.meta
+    assert (m.modality, m.view_position, m.body_part) == ("CR", "PA", "CHEST")
+    assert m.sop_instance_uid == "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819"
+    assert m.study_instance_uid and m.series_instance_uid and m.patient_id
+    assert m.transfer_syntax == "1.2.840.10008.1.2.4.50"
+    assert m.pixel_spacing_mm == (0.168, 0.168)
+    assert (m.rows, m.columns, m.bits_stored, m.photometric) == (1024, 1024, 8, "MONOCHROME2")
+    assert m.acquired_at == "1901-01-01T00:00:00.00"  # StudyDate/Time: no acquisition or content time
+    # 8 bit, no window: the stored values / 255, as pydicom itself decodes them.
+    reference = pydicom.dcmread(path).pixel_array.astype(np.float32) / 255
+    np.testing.assert_allclose(img.pixels, reference, atol=1e-6)
+
+
+def test_monochrome1_is_inverted() -> None:
+    mono2 = read_image(real(JPEG_BASELINE)).pixels
+    mono1 = read_image(real(MONOCHROME1)).pixels
+    np.testing.assert_allclose(mono1, 1.0 - mono2, atol=1e-6)
+
+
+def test_png_and_jpeg(real_png: Path, real_jpeg: Path) -> None:
+    for path, fmt in ((real_png, "png"), (real_jpeg, "jpeg")):
+        img = read_image(path)
+        assert img.meta.format == fmt and img.meta.acquired_at is None and img.meta.sop_instance_uid is None
+        np.testing.assert_allclose(img.pixels, grey(path) / 255.0, atol=1e-6)
+        assert (img.meta.rows, img.meta.columns) == img.pixels.shape
+
+
+# -- other transfer syntaxes, re-encoded from the real uncompressed DICOM ----------------------------
+
+
+def _recompress(tmp_path: Path, uid: str, plugin: str) -> Path:
+    ds = pydicom.dcmread(real(NATIVE_DX))
+    ds.compress(uid, encoding_plugin=plugin)
+    out = tmp_path / f"{uid}.dcm"
+    ds.save_as(out, enforce_file_format=True)
+    return out
+
+
+def _gdcm_jpeg_lossless(tmp_path: Path) -> Path:
+    reader = gdcm.ImageReader()
+    reader.SetFileName(str(real(NATIVE_DX)))
+    assert reader.Read()
+    change = gdcm.ImageChangeTransferSyntax()
+    change.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.JPEGLosslessProcess14_1))
+    change.SetInput(reader.GetImage())
+    assert change.Change()
+    writer = gdcm.ImageWriter()
+    writer.SetFile(reader.GetFile())
+    writer.SetImage(change.GetOutput())
+    out = tmp_path / "jpeg-lossless.dcm"
+    writer.SetFileName(str(out))
+    assert writer.Write()
+    return out
+
+
+@pytest.mark.parametrize(
+    ("uid", "plugin"),
+    [(JPEG2000Lossless, "pylibjpeg"), (JPEGLSLossless, "pyjpegls"), (RLELossless, "pydicom"), ("gdcm", "")],
+)
+def test_lossless_syntaxes_match_the_original(
+    tmp_path: Path, native_pixels: np.ndarray, uid: str, plugin: str
+) -> None:
+    path = _gdcm_jpeg_lossless(tmp_path) if uid == "gdcm" else _recompress(tmp_path, uid, plugin)
+    img = read_image(path)
+    assert img.meta.transfer_syntax != "1.2.840.10008.1.2"
+    np.testing.assert_allclose(img.pixels, native_pixels.astype(np.float32) / 255, atol=1e-6)
+
+
+def test_lossy_jpeg2000_and_reduced_resolution(tmp_path: Path, native_pixels: np.ndarray) -> None:
+    ds = pydicom.dcmread(real(NATIVE_DX))
+    ds.compress(JPEG2000, encoding_plugin="pylibjpeg", j2k_cr=[10])
+    path = tmp_path / "j2k.dcm"
+    ds.save_as(path)
+    full = read_image(path)
+    assert np.abs(full.pixels - native_pixels / 255).mean() < 0.01
+    small = read_image(path, target_size=256)
+    assert small.scale == 4.0 and small.pixels.shape == (256, 256)
+    # A reduced decode is the same picture: compare with the full image averaged over 4x4 blocks.
+    pooled = full.pixels.reshape(256, 4, 256, 4).mean(axis=(1, 3))
+    assert np.abs(small.pixels - pooled).mean() < 0.02
+
+
+def test_jpeg_baseline_reduced_resolution(real_jpeg: Path) -> None:
+    for path in (real(JPEG_BASELINE), real_jpeg):
+        full = read_image(path).pixels
+        small = read_image(path, target_size=256)
+        assert small.scale == 4.0 and small.pixels.shape == (256, 256)
+        assert np.abs(small.pixels - full.reshape(256, 4, 256, 4).mean(axis=(1, 3))).mean() < 0.02
+
+
+def _sixteen_bit(
+    tmp_path: Path, *, photometric: str = "MONOCHROME2", window: bool = True
+) -> tuple[Path, np.ndarray]:
+    """A 12-bit-in-16 DICOM with Rescale Slope/Intercept (and a window) built from the real 8-bit DX."""
+    ds = pydicom.dcmread(real(NATIVE_DX))
+    px = ds.pixel_array.astype(np.int64)
+    stored = (px * 15 + 100).astype(np.uint16)  # < 4096: fits 12 bits
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+    ds.PhotometricInterpretation = photometric
+    ds.RescaleSlope, ds.RescaleIntercept = "0.5", "-1024"
+    ds.PixelSpacing = None
+    del ds.PixelSpacing
+    ds.ImagerPixelSpacing = [0.139, 0.139]
+    ds.AcquisitionDate, ds.AcquisitionTime, ds.TimezoneOffsetFromUTC = "20240301", "134501.25", "+0100"
+    ds.StationName, ds.CurrentPatientLocation = "MOBILE-DR-2", "WARD 7 BED 12"
+    modality = stored.astype(np.float64) * 0.5 - 1024
+    if window:
+        ds.WindowCenter, ds.WindowWidth = "-18", "1914"
+        expected = np.clip((modality - (-18 - 0.5)) / (1914 - 1) + 0.5, 0, 1)
+    else:
+        expected = (modality - modality.min()) / (modality.max() - modality.min())
+    ds.PixelData = stored.tobytes()
+    path = tmp_path / f"sixteen-{photometric}-{window}.dcm"
+    ds.save_as(path)
+    if photometric == "MONOCHROME1":
+        expected = 1 - expected
+    return path, expected
+
+
+@pytest.mark.parametrize(
+    ("photometric", "window"), [("MONOCHROME2", True), ("MONOCHROME1", True), ("MONOCHROME2", False)]
+)
+def test_sixteen_bit_rescale_window(tmp_path: Path, photometric: str, window: bool) -> None:
+    path, expected = _sixteen_bit(tmp_path, photometric=photometric, window=window)
+    img = read_image(path)
+    np.testing.assert_allclose(img.pixels, expected, atol=1e-4)
+    m = img.meta
+    assert m.bits_stored == 12 and m.pixel_spacing_mm == (0.139, 0.139)
+    assert m.acquired_at == "2024-03-01T13:45:01.25+01:00"
+    assert m.location == "WARD 7 BED 12"
+
+
+def test_multiframe_takes_the_first_frame(tmp_path: Path, native_pixels: np.ndarray) -> None:
+    ds = pydicom.dcmread(real(NATIVE_DX))
+    ds.NumberOfFrames = 2
+    ds.PixelData = native_pixels.tobytes() + (255 - native_pixels).tobytes()
+    path = tmp_path / "two-frames.dcm"
+    ds.save_as(path)
+    np.testing.assert_allclose(read_image(path).pixels, native_pixels / np.float32(255), atol=1e-6)
+
+
+def test_dicom_without_preamble(tmp_path: Path, native_pixels: np.ndarray) -> None:
+    ds = pydicom.dcmread(real(NATIVE_DX))
+    ds.preamble = None
+    ds.file_meta = FileMetaDataset()
+    path = tmp_path / "bare"
+    pydicom.dcmwrite(path, ds, implicit_vr=True, little_endian=True, enforce_file_format=False)
+    assert path.read_bytes()[128:132] != b"DICM"
+    img = read_image(path)
+    np.testing.assert_allclose(img.pixels, native_pixels / np.float32(255), atol=1e-6)
+    assert img.meta.sop_instance_uid == ds.SOPInstanceUID
+
+
+def test_sixteen_bit_and_colour_png(tmp_path: Path, real_png: Path) -> None:
+    base = grey(real_png)
+    path16 = tmp_path / "sixteen.png"
+    Image.fromarray(base.astype(np.uint16) * 257).save(path16)
+    img = read_image(path16)
+    assert img.meta.bits_stored == 16
+    np.testing.assert_allclose(img.pixels, base / 255.0, atol=1e-6)
+    for mode in ("RGB", "RGBA", "LA"):
+        path = tmp_path / f"{mode}.png"
+        Image.fromarray(base).convert(mode).save(path)
+        np.testing.assert_allclose(read_image(path).pixels, base / 255.0, atol=1e-6, err_msg=mode)
+    palette = tmp_path / "p.png"
+    Image.fromarray(base).convert("P").save(palette)
+    np.testing.assert_allclose(read_image(palette).pixels, grey(palette) / 255.0, atol=1e-6)
+
+
+# -- bad input -----------------------------------------------------------------------------------
+
+
+def test_not_a_dicom(tmp_path: Path) -> None:
+    path = tmp_path / "report.dcm"
+    path.write_text("Patient report: not an image\n" * 20)
+    assert rejected(path).reason == reasons.UNKNOWN_FORMAT
+    garbage = tmp_path / "garbage.dcm"
+    garbage.write_bytes(b"\0" * 128 + b"DICM" + os.urandom(4000))
+    assert rejected(garbage).reason in (reasons.INVALID_DICOM, reasons.TRUNCATED_DICOM, reasons.NO_PIXEL_DATA)
+
+
+@pytest.mark.parametrize("name", [NATIVE_DX, JPEG_BASELINE])
+def test_truncated_dicom(tmp_path: Path, name: str) -> None:
+    data = real(name).read_bytes()
+    path = tmp_path / "cut.dcm"
+    path.write_bytes(data[: len(data) // 2])
+    exc = rejected(path)
+    assert exc.reason == reasons.TRUNCATED_DICOM, exc
+
+
+def test_dicom_without_pixel_data(tmp_path: Path) -> None:
+    ds = pydicom.dcmread(real(NATIVE_DX))
+    del ds.PixelData
+    path = tmp_path / "nopixels.dcm"
+    ds.save_as(path)
+    assert rejected(path).reason == reasons.NO_PIXEL_DATA
+
+
+def test_unsupported_transfer_syntax(tmp_path: Path) -> None:
+    ds = pydicom.dcmread(real(JPEG_BASELINE))
+    ds.file_meta.TransferSyntaxUID = UID("1.2.840.10008.1.2.4.100")  # MPEG2: a video syntax, no decoder
+    path = tmp_path / "mpeg2.dcm"
+    ds.save_as(path)
+    exc = rejected(path)
+    assert exc.reason == reasons.UNSUPPORTED_TRANSFER_SYNTAX and "MPEG2" in exc.detail
+
+
+def test_colour_dicom_refused(tmp_path: Path) -> None:
+    ds = pydicom.dcmread(real(NATIVE_DX))
+    px = ds.pixel_array
+    ds.PixelData = np.stack([px, px, px], axis=-1).tobytes()
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+    path = tmp_path / "rgb.dcm"
+    ds.save_as(path)
+    assert rejected(path).reason == reasons.UNSUPPORTED_PHOTOMETRIC
+
+
+def test_empty_directory_and_symlink_loop(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.dcm"
+    empty.touch()
+    assert rejected(empty).reason == reasons.EMPTY_FILE
+    folder = tmp_path / "folder.dcm"
+    folder.mkdir()
+    assert rejected(folder).reason == reasons.NOT_A_FILE
+    loop = tmp_path / "loop.dcm"
+    loop.symlink_to(loop)
+    assert rejected(loop).reason == reasons.SYMLINK_LOOP
+
+
+def test_truncated_png_and_jpeg(tmp_path: Path, real_png: Path, real_jpeg: Path) -> None:
+    for src in (real_png, real_jpeg):
+        data = src.read_bytes()
+        path = tmp_path / src.name
+        path.write_bytes(data[: len(data) // 2])
+        assert rejected(path).reason == reasons.TRUNCATED_IMAGE
+
+
+def _declared_huge_dicom(path: Path) -> None:
+    """A complete, sparse 30000 x 30000 uncompressed DICOM (900 MB declared, almost no disk used)."""
+    ds = pydicom.dcmread(real(NATIVE_DX))
+    ds.Rows = ds.Columns = 30000
+    ds.PixelData = b""
+    ds.save_as(path)
+    data = bytearray(path.read_bytes())
+    # The empty Pixel Data element is last: patch its 4-byte length (implicit VR) to 900,000,000.
+    assert data[-8:-4] == b"\xe0\x7f\x10\x00" and data[-4:] == b"\0\0\0\0"
+    data[-4:] = struct.pack("<I", 30000 * 30000)
+    path.write_bytes(bytes(data))
+    os.truncate(path, len(data) + 30000 * 30000)
+
+
+def _declared_huge_png(path: Path) -> None:
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0)
+    idat = zlib.compress(b"\0" * 30001 * 8)  # a few rows; the decoder would never get that far
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    )
+
+
+def test_huge_images_refused_before_decoding(tmp_path: Path) -> None:
+    dcm, png = tmp_path / "huge.dcm", tmp_path / "huge.png"
+    _declared_huge_dicom(dcm)
+    _declared_huge_png(png)
+    assert dcm.stat().st_size > 900_000_000
+    tracemalloc.start()
+    try:
+        for path in (dcm, png):
+            exc = rejected(path)
+            assert exc.reason == reasons.IMAGE_TOO_LARGE
+            assert str(exc).startswith("image too large") and "30000 x 30000 declared" in str(exc)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 20_000_000, f"peak {peak / 1e6:.1f} MB while refusing"
+
+
+def _read_as_nobody(path: str, queue: multiprocessing.Queue) -> None:
+    try:
+        os.setgid(65534)
+        os.setuid(65534)
+        read_image(Path(path))
+        queue.put(("read", ""))
+    except InputRejected as exc:
+        queue.put((exc.reason, exc.detail))
+    except Exception as exc:
+        queue.put(("error", repr(exc)))
+
+
+def test_unreadable_file(real_png: Path) -> None:
+    folder = Path(tempfile.mkdtemp(prefix="cxr-perm-"))
+    try:
+        folder.chmod(0o755)
+        path = folder / "secret.png"
+        path.write_bytes(real_png.read_bytes())
+        path.chmod(0o000)
+        if os.geteuid() != 0:
+            exc = rejected(path)
+            assert exc.reason == reasons.PERMISSION_DENIED
+            return
+        # root reads anything: drop to 'nobody' in a forked child (no exec needed) to test for real.
+        ctx = multiprocessing.get_context("fork")
+        queue = ctx.Queue()
+        child = ctx.Process(target=_read_as_nobody, args=(str(path), queue))
+        child.start()
+        child.join(60)
+        reason, detail = queue.get(timeout=5)
+        if reason == "error" and str(errno.EPERM) in detail:
+            pytest.skip("running as root and cannot drop privileges here: chmod 000 is not enforced")
+        assert reason == reasons.PERMISSION_DENIED and "secret.png" in detail, (reason, detail)
+    finally:
+        for child_path in folder.iterdir():
+            child_path.unlink()
+        folder.rmdir()
