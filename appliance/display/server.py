@@ -22,12 +22,15 @@ from appliance.errors import UserError
 
 DISPLAY_DIR = Path(__file__).resolve().parent
 CONFIG_PATH = "/config.json"
+ASSET_SUFFIXES = frozenset({".html", ".js", ".css", ".svg", ".png", ".ico", ".md", ".txt", ".map"})
 
 
 def _ws_origin(broker_ws_url: str) -> str:
     parts = urlsplit(broker_ws_url)
     if parts.scheme not in ("ws", "wss") or not parts.hostname:
-        raise UserError(f"display broker_ws_url {broker_ws_url!r}: must look like ws://host:9001 or wss://host/mqtt")
+        raise UserError(
+            f"display broker_ws_url {broker_ws_url!r}: must look like ws://host:9001 or wss://host/mqtt"
+        )
     return f"{parts.scheme}://{parts.netloc.rsplit('@', 1)[-1]}"
 
 
@@ -71,7 +74,8 @@ class DisplayHandler(SimpleHTTPRequestHandler):
         super().end_headers()
 
     def do_GET(self) -> None:
-        if urlsplit(self.path).path == CONFIG_PATH:
+        path = urlsplit(self.path).path
+        if path == CONFIG_PATH:
             self.send_response(HTTPStatus.OK)
             self.send_header("Content-Type", "application/json; charset=utf-8")
             self.send_header("Content-Length", str(len(self.config_bytes)))
@@ -80,12 +84,20 @@ class DisplayHandler(SimpleHTTPRequestHandler):
             return
         super().do_GET()
 
+    def send_head(self) -> Any:
+        # The package folder also holds this module: serve page assets only (GET and HEAD both come here).
+        path = urlsplit(self.path).path
+        if path != "/" and Path(path).suffix.lower() not in ASSET_SUFFIXES:
+            self.send_error(HTTPStatus.NOT_FOUND, "Not found")
+            return None
+        return super().send_head()
+
     def list_directory(self, path: Any) -> None:
         # A ward page has nothing to browse; folder listings would only leak the layout.
         self.send_error(HTTPStatus.NOT_FOUND, "Not found")
         return None
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib signature)
+    def log_message(self, format: str, *args: Any) -> None:
         pass  # one line per asset on every reload would drown the appliance log
 
 
@@ -103,7 +115,7 @@ def make_server(
         raise UserError(f"display directory {root}: no index.html there")
     settings = page_config(broker_ws_url, **config)
     csp = (
-        "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
+        "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; worker-src 'self' blob:; "
         f"connect-src 'self' {_ws_origin(broker_ws_url)}; frame-ancestors 'none'; base-uri 'none'"
     )
     handler = type(
@@ -127,8 +139,8 @@ def serve(
 ) -> None:
     """Serve until interrupted (Ctrl-C or SIGTERM via the caller)."""
     server = make_server(host, port, broker_ws_url, directory, **config)
-    bound_host, bound_port = server.server_address[:2]
-    print(f"Ward display on http://{bound_host}:{bound_port}/ (broker {broker_ws_url}). Not for diagnostic use.")
+    bound_port = server.server_address[1]
+    print(f"Ward display on http://{host}:{bound_port}/ (broker {broker_ws_url}). Not for diagnostic use.")
     try:
         server.serve_forever()
     except KeyboardInterrupt:

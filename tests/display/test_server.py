@@ -1,0 +1,113 @@
+"""appliance.display.server: static files, generated config.json, headers, clear errors."""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from email.message import Message
+from http.server import ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from appliance.display.server import DISPLAY_DIR, make_server
+from appliance.errors import UserError
+
+WS = "ws://127.0.0.1:9001"
+
+
+def get(server: ThreadingHTTPServer, path: str) -> tuple[int, Message, bytes]:
+    url = f"http://127.0.0.1:{server.server_address[1]}{path}"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status, resp.headers, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers, exc.read()
+
+
+@pytest.fixture
+def server() -> Iterator[ThreadingHTTPServer]:
+    srv = make_server(
+        "127.0.0.1", 0, WS, topic_prefix="hosp", site="ward7", username="display", password="pw"
+    )
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_serves_page_and_vendored_client(server: ThreadingHTTPServer) -> None:
+    status, headers, body = get(server, "/")
+    assert status == 200 and b"Not for diagnostic use" in body
+    assert headers["Content-Type"].startswith("text/html")
+    status, headers, body = get(server, "/vendor/mqtt.min.js")
+    assert status == 200 and "javascript" in headers["Content-Type"]
+    assert body == (DISPLAY_DIR / "vendor" / "mqtt.min.js").read_bytes()
+    assert (
+        (DISPLAY_DIR / "vendor" / "mqtt.LICENSE.md").read_text(encoding="utf-8").startswith("The MIT License")
+    )
+
+
+def test_page_refers_to_no_external_host() -> None:
+    for name in ("index.html", "app.js", "style.css"):
+        text = (DISPLAY_DIR / name).read_text(encoding="utf-8")
+        assert "http://" not in text.replace("http://www.w3.org/2000/svg", "") and "https://" not in text, (
+            name
+        )
+
+
+def test_config_json_carries_broker_topics_and_credentials(server: ThreadingHTTPServer) -> None:
+    status, headers, body = get(server, "/config.json?x=1")
+    assert status == 200 and headers["Content-Type"].startswith("application/json")
+    cfg = json.loads(body)
+    assert cfg["broker_ws_url"] == WS
+    assert (cfg["topic_prefix"], cfg["site"], cfg["username"], cfg["password"]) == (
+        "hosp",
+        "ward7",
+        "display",
+        "pw",
+    )
+    assert cfg["display_name"]
+
+
+def test_headers_forbid_caching_and_foreign_connections(server: ThreadingHTTPServer) -> None:
+    _, headers, _ = get(server, "/app.js")
+    assert headers["Cache-Control"] == "no-store"
+    csp = headers["Content-Security-Policy"]
+    assert "default-src 'self'" in csp and f"connect-src 'self' {WS};" in csp
+
+
+def test_no_listing_and_no_escape_from_the_folder(server: ThreadingHTTPServer) -> None:
+    assert get(server, "/vendor/")[0] == 404
+    assert get(server, "/../../pyproject.toml")[0] == 404
+    assert get(server, "/%2e%2e/server.py")[0] == 404
+    # Only page assets are served, not the Python beside them.
+    assert get(server, "/server.py")[0] == 404
+    assert get(server, "/__init__.py")[0] == 404
+    assert get(server, "/nope.js")[0] == 404
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"broker_ws_url": "http://host:9001"}, "must look like ws://"),
+        ({"broker_ws_url": WS, "topic_prefix": "a/b"}, "topic_prefix"),
+        ({"broker_ws_url": WS, "site": "#"}, "site"),
+    ],
+)
+def test_bad_settings_are_user_errors(kwargs: dict[str, str], message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        make_server("127.0.0.1", 0, **kwargs)
+
+
+def test_missing_page_folder_and_busy_port_are_user_errors(
+    tmp_path: Path, server: ThreadingHTTPServer
+) -> None:
+    with pytest.raises(UserError, match=r"no index\.html"):
+        make_server("127.0.0.1", 0, WS, tmp_path)
+    with pytest.raises(UserError, match="already in use"):
+        make_server("127.0.0.1", server.server_address[1], WS)
