@@ -136,10 +136,13 @@ class Spool:
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
+            self._db.execute("COMMIT")
+        except BaseException as exc:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc):
+                raise SpoolFull(f"spool {self.root}: disk full writing the database (ENOSPC: {exc})") from exc
             raise
-        self._db.execute("COMMIT")
 
     def free_mb(self) -> float:
         st = os.statvfs(self.root)
@@ -248,13 +251,26 @@ class Spool:
                 },
             )
             dest = self._dir("incoming") / name
-            renamed = self._place(path, dest, move=move)
-            with self._tx() as db:
-                db.execute(
-                    "INSERT INTO items (key, image_id, name, state, source, original, accepted_at)"
-                    " VALUES (?, ?, ?, 'incoming', ?, ?, ?)",
-                    (key, image_id, name, source, str(path), accepted_at),
-                )
+            try:
+                renamed = self._place(path, dest, move=move)
+                try:
+                    with self._tx() as db:
+                        db.execute(
+                            "INSERT INTO items (key, image_id, name, state, source, original, accepted_at)"
+                            " VALUES (?, ?, ?, 'incoming', ?, ?, ?)",
+                            (key, image_id, name, source, str(path), accepted_at),
+                        )
+                except SpoolFull:
+                    # Undo, so the source is offered again once there is room (nothing half-accepted).
+                    if renamed:
+                        os.rename(dest, path)
+                    else:
+                        dest.unlink()
+                    raise
+            except SpoolFull:
+                with contextlib.suppress(OSError):
+                    (self._dir("meta") / f"{image_id}.json").unlink()
+                raise
             if move and not renamed:
                 # Copied from another filesystem: the spool copy is durable, now the original may go.
                 with contextlib.suppress(FileNotFoundError):

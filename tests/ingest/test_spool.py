@@ -1,0 +1,237 @@
+"""The spool with real files: states, de-duplication, quarantine, full disk, and recovery after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from appliance.ingest import reasons
+from appliance.ingest.spool import Accepted, Duplicate, Rejected, Spool, SpoolFull
+from tests.ingest.conftest import JPEG_BASELINE, MONOCHROME1, copy_to, real
+from tests.support.data import REPO, cxr_data
+
+
+def real_images(n: int) -> list[Path]:
+    return sorted((cxr_data() / "images" / "cohen").glob("*.jpg"))[:n]
+
+
+def test_accept_claim_done(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    watch = tmp_path / "watch"
+    watch.mkdir()
+    src = copy_to(real(JPEG_BASELINE), watch, "scan.dcm")
+    got = spool.accept(src, "watch")
+    assert isinstance(got, Accepted) and not src.exists()
+    assert got.path == spool.root / "incoming" / f"{got.image_id}.dcm" and got.path.is_file()
+    assert got.key == "sop:1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819"
+    side = spool.sidecar(got.image_id)
+    assert side is not None and side["original"] == str(src) and side["source"] == "watch"
+    assert spool.pending_count() == 1
+    item = spool.claim_next()
+    assert item is not None and item.image_id == got.image_id and item.path.parent.name == "processing"
+    assert spool.claim_next() is None
+    assert spool.mark_done(item.image_id) and spool.mark_done(item.image_id)  # idempotent
+    assert (spool.root / "done" / item.path.name).is_file() and spool.pending_count() == 0
+    assert not spool.mark_done("0" * 64)
+
+
+def test_duplicates_from_two_folders(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    a, b, usb = tmp_path / "a", tmp_path / "b", tmp_path / "usb"
+    for d in (a, b, usb):
+        d.mkdir()
+    # Same SOPInstanceUID (the MONOCHROME1 copy is a relabelled file with the same UID) and same PNG bytes.
+    first = spool.accept(copy_to(real(JPEG_BASELINE), a), "a")
+    again = spool.accept(copy_to(real(MONOCHROME1), b), "b")
+    assert isinstance(first, Accepted) and isinstance(again, Duplicate)
+    assert again.image_id == first.image_id and again.first_source == "a" and again.source_removed
+    assert not list(b.iterdir())
+    jpg = real_images(1)[0]
+    one = spool.accept(copy_to(jpg, a), "a")
+    left = copy_to(jpg, usb, "other-name.jpg")
+    two = spool.accept(left, "usb", move=False)  # read-only media: left alone
+    assert (
+        isinstance(one, Accepted) and isinstance(two, Duplicate) and not two.source_removed and left.exists()
+    )
+    assert one.key.startswith("sha256:")
+    # Still a duplicate after a restart and after the first copy was processed.
+    spool.close()
+    spool = Spool(tmp_path / "spool")
+    spool.recover()
+    while (item := spool.claim_next()) is not None:
+        spool.mark_done(item.image_id)
+    assert isinstance(spool.accept(copy_to(jpg, b), "b"), Duplicate)
+    assert len(list((spool.root / "done").iterdir())) == 2
+
+
+def test_copy_from_read_only_source(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    usb = tmp_path / "usb"
+    usb.mkdir()
+    src = copy_to(real_images(1)[0], usb)
+    got = spool.accept(src, "usb", move=False)
+    assert isinstance(got, Accepted) and src.exists()
+    assert got.path.read_bytes() == src.read_bytes()
+    assert not list((spool.root / "tmp").iterdir())
+
+
+def test_quarantine_with_reason_file(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    watch = tmp_path / "watch"
+    watch.mkdir()
+    text = watch / "notes.dcm"
+    text.write_text("not an image")
+    bad = spool.accept(text, "watch")
+    assert isinstance(bad, Rejected) and bad.reason == reasons.UNKNOWN_FORMAT and bad.quarantined is not None
+    assert bad.quarantined.read_text() == "not an image" and not text.exists()
+    why = Path(str(bad.quarantined) + ".reason.txt").read_text()
+    assert f"reason: {reasons.UNKNOWN_FORMAT}" in why and str(text) in why and "source: watch" in why
+    # An accepted image that later fails to decode: quarantined by id, out of the pending count.
+    got = spool.accept(copy_to(real(JPEG_BASELINE), watch), "watch")
+    assert isinstance(got, Accepted)
+    item = spool.claim_next()
+    assert item is not None
+    where = spool.quarantine(item.image_id, reasons.DECODE_FAILED, "test")
+    assert where is not None and where.is_file() and where.parent.name == "quarantine"
+    assert "reason: decode failed" in Path(str(where) + ".reason.txt").read_text()
+    assert spool.pending_count() == 0
+
+
+def test_reserve_and_full_disk(tmp_path: Path) -> None:
+    watch = tmp_path / "watch"
+    watch.mkdir()
+    src = copy_to(real(JPEG_BASELINE), watch)
+    greedy = Spool(tmp_path / "spool", min_free_mb=10**12)
+    with pytest.raises(SpoolFull, match="not accepting"):
+        greedy.accept(src, "watch")
+    assert src.exists() and greedy.free_mb() > 0 and greedy.pending_count() == 0
+
+
+def test_enospc_on_a_tiny_filesystem(tmp_path: Path) -> None:
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mnt)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(
+            f"cannot mount a small tmpfs here to fill a disk for real: {done.stderr.decode().strip()}"
+        )
+    spool = None
+    try:
+        spool = Spool(mnt / "spool")
+        usb = tmp_path / "usb"
+        usb.mkdir()
+        outcomes: list[str] = []
+        for i, src in enumerate(real_images(12)):
+            staged = copy_to(src, usb, f"{i}.jpg")
+            try:
+                spool.accept(staged, "usb", move=False)  # another filesystem: copy + fsync + rename
+                outcomes.append("ok")
+            except SpoolFull as exc:
+                assert "ENOSPC" in str(exc) or "not accepting" in str(exc)
+                outcomes.append("full")
+        assert "ok" in outcomes and outcomes[-1] == "full"
+        assert not list((spool.root / "tmp").iterdir()), "no half-written copies left behind"
+        assert spool.pending_count() == outcomes.count("ok")
+        assert all((usb / f"{i}.jpg").exists() for i in range(len(outcomes))), "sources kept"
+    finally:
+        if spool is not None:
+            spool.close()
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+CHILD = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from appliance.ingest.spool import Spool
+    spool = Spool(Path(sys.argv[1]))
+    spool.recover()
+    for src in sorted(Path(sys.argv[2]).iterdir()):
+        spool.accept(src, "watch")
+        if spool.claim_next() is not None:
+            print("claimed", flush=True)  # the parent kills us while the image is in processing/
+        time.sleep(0.05)
+    time.sleep(60)
+    """
+)
+
+
+def test_recovery_after_sigkill(tmp_path: Path) -> None:
+    watch = tmp_path / "watch"
+    watch.mkdir()
+    images = real_images(20)
+    for i, src in enumerate(images):
+        copy_to(src, watch, f"{i:02d}.jpg")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(tmp_path / "spool"), str(watch)],
+        stdout=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
+    assert child.stdout is not None
+    claims = 0
+    for _ in child.stdout:
+        claims += 1
+        if claims == 5:
+            child.send_signal(signal.SIGKILL)  # kill -9 mid-run
+            break
+    child.wait(30)
+    assert child.returncode == -signal.SIGKILL
+    spool = Spool(tmp_path / "spool")
+    assert len(list((spool.root / "processing").iterdir())) >= 1
+    assert spool.recover() >= 1
+    # A restarted watcher offers the files still in the watch folder again; all are accepted exactly once.
+    for src in sorted(watch.iterdir()):
+        assert isinstance(spool.accept(src, "watch"), Accepted | Duplicate)
+    seen: list[str] = []
+    while (item := spool.claim_next()) is not None:
+        seen.append(item.image_id)
+        spool.mark_done(item.image_id)
+    done = {p.name.split(".")[0] for p in (spool.root / "done").iterdir()}
+    assert len(seen) == len(set(seen)) and done == set(seen) and len(done) == len(images)
+    assert spool.recover() == 0 and spool.pending_count() == 0
+
+
+def test_concurrent_accept_and_claim(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    watch = tmp_path / "watch"
+    watch.mkdir()
+    srcs = [copy_to(p, watch) for p in real_images(30)]
+    claimed: list[str] = []
+    finished = threading.Event()
+
+    def consume() -> None:
+        while not (finished.is_set() and spool.pending_count() == 0):
+            item = spool.claim_next()
+            if item is None:
+                time.sleep(0.005)
+                continue
+            claimed.append(item.image_id)
+            spool.mark_done(item.image_id)
+
+    worker = threading.Thread(target=consume)
+    worker.start()
+    accepted = [spool.accept(s, "watch") for s in srcs]
+    finished.set()
+    worker.join(30)
+    ids = {a.image_id for a in accepted if isinstance(a, Accepted)}
+    assert sorted(claimed) == sorted(ids) and len(ids) == len(set(p.read_bytes() for p in real_images(30)))
+
+
+def test_sidecar_is_json(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    (tmp_path / "w").mkdir()
+    got = spool.accept(copy_to(real_images(1)[0], tmp_path / "w"), "w")
+    assert isinstance(got, Accepted)
+    data = json.loads((spool.root / "meta" / f"{got.image_id}.json").read_text())
+    assert data["image_id"] == got.image_id and data["accepted_at"].endswith("+00:00")
