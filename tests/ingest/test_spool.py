@@ -179,9 +179,7 @@ def test_recovery_after_sigkill(tmp_path: Path) -> None:
         text=True,
     )
     assert child.stdout is not None
-    claims = 0
-    for _ in child.stdout:
-        claims += 1
+    for claims, _ in enumerate(child.stdout, start=1):
         if claims == 5:
             child.send_signal(signal.SIGKILL)  # kill -9 mid-run
             break
