@@ -1,0 +1,291 @@
+"""A REAL Mosquitto running the shipped configuration (systemd/mosquitto/cxr.conf) as install.sh sets it up.
+
+Only the listener ports and file paths are rewritten (to free loopback ports and a temporary root);
+the main file mirrors Debian's /etc/mosquitto/mosquitto.conf, which includes conf.d.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import re
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from tests.support.mosquitto import MOSQUITTO, Subscriber, free_port
+
+REPO = Path(__file__).resolve().parents[2]
+SITE, DEVICE = "ward7", "cart-3"
+LOOPBACK = "127.0.0.1"
+SHIPPED_PORTS = {"8883": "tls_port", "9001": "ws_port", "9443": "wss_port"}
+
+
+@dataclass
+class ShippedBroker:
+    """The installed tree plus one mosquitto process; quacks like tests.support.mosquitto.Broker."""
+
+    root: Path
+    host: str = LOOPBACK
+    tls_port: int = field(default_factory=free_port)
+    ws_port: int = field(default_factory=free_port)
+    wss_port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    def __post_init__(self) -> None:
+        subprocess.run(
+            ["bash", str(REPO / "tools/install.sh"), "--root", str(self.root), "--no-systemctl", "--skip-venv",
+             "--skip-doctor", "--python", sys.executable, "--site", SITE, "--device-id", DEVICE],
+            check=True, capture_output=True, timeout=300,
+        )  # fmt: skip
+        dropin = self.root / "etc/mosquitto/conf.d/cxr.conf"
+        text = dropin.read_text()
+        for shipped, attr in SHIPPED_PORTS.items():
+            text, n = re.subn(rf"^listener {shipped}\b", f"listener {getattr(self, attr)}", text, flags=re.M)
+            assert n == 1, f"shipped config has no 'listener {shipped}'"
+        dropin.write_text(text)
+        self.main_conf = self.root / "etc/mosquitto/mosquitto.conf"
+        self.main_conf.write_text(
+            # Debian's main file, with our folders; as root mosquitto would switch to user "mosquitto".
+            f"user {pwd.getpwuid(os.geteuid()).pw_name}\n"
+            f"persistence true\npersistence_location {self.root}/var/lib/mosquitto/\n"
+            f"log_dest file {self.root}/mosquitto.log\nlog_type all\n"
+            f"include_dir {self.root}/etc/mosquitto/conf.d\n"
+        )
+        (self.root / "var/lib/mosquitto").mkdir(parents=True, exist_ok=True)
+
+    @property
+    def port(self) -> int:  # what Subscriber uses without TLS: the TLS port, so plain text must fail
+        return self.tls_port
+
+    def secret(self, account: str) -> str:
+        name = "cart" if account == DEVICE else account
+        return (self.root / f"etc/cxr-appliance/secrets/mqtt-{name}.password").read_text().strip()
+
+    def ssl_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.root / "etc/cxr-appliance/ca.crt"))
+
+    def start(self) -> ShippedBroker:
+        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.main_conf)], stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 15
+        for port in (self.tls_port, self.ws_port, self.wss_port):
+            while True:
+                assert self.proc.poll() is None, (
+                    f"mosquitto exited: {self.proc.stderr and self.proc.stderr.read()!r}"
+                )
+                try:
+                    socket.create_connection((LOOPBACK, port), timeout=0.2).close()
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline, f"mosquitto not listening on {port}"
+                    time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)  # graceful: the persistence file is written
+            self.proc.wait(15)
+        if self.proc and self.proc.stderr:
+            self.proc.stderr.close()
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ShippedBroker]:
+    b = ShippedBroker(tmp_path_factory.mktemp("shipped")).start()
+    yield b
+    b.stop()
+
+
+class Client:
+    """A paho client that records its CONNACK; `publish` waits for the broker's PUBACK."""
+
+    def __init__(
+        self,
+        broker: ShippedBroker,
+        user: str | None,
+        password: str | None = None,
+        *,
+        tls: bool = True,
+        transport: Literal["tcp", "websockets"] = "tcp",
+        port: int | None = None,
+    ) -> None:
+        self.done = threading.Event()
+        self.reason: Any = None
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=f"t-{user}-{time.monotonic_ns()}", transport=transport
+        )
+        if user is not None:
+            self.client.username_pw_set(user, password)
+        if tls:
+            self.client.tls_set_context(broker.ssl_context())
+        self.client.on_connect = self._on_connect
+        self.client.reconnect_delay_set(5, 5)
+        self.client.connect_async(broker.host, port or broker.tls_port, keepalive=10)
+        self.client.loop_start()
+
+    def _on_connect(self, _c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        self.reason = reason
+        self.done.set()
+
+    def accepted(self, timeout: float = 5.0) -> bool:
+        return self.done.wait(timeout) and not self.reason.is_failure
+
+    def publish(self, topic: str, payload: str, retain: bool = False) -> None:
+        info = self.client.publish(topic, payload, qos=1, retain=retain)
+        info.wait_for_publish(timeout=10)
+        assert info.is_published()
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def subscriber(broker: ShippedBroker, account: str, topic: str) -> Subscriber:
+    return Subscriber(
+        broker,  # type: ignore[arg-type]
+        topic,
+        username=account,
+        password=broker.secret(account),
+        use_tls=True,
+        clean_session=True,
+    )
+
+
+def test_tls_client_with_the_right_password_connects(broker: ShippedBroker) -> None:
+    c = Client(broker, DEVICE, broker.secret(DEVICE))
+    try:
+        assert c.accepted(), c.reason
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize(
+    ("user", "password"),
+    [(None, None), (DEVICE, "wrong-password"), ("display", "wrong-password"), ("nobody", "x")],
+)
+def test_anonymous_and_wrong_passwords_are_refused(
+    broker: ShippedBroker, user: str | None, password: str
+) -> None:
+    c = Client(broker, user, password)
+    try:
+        assert c.done.wait(5), "no CONNACK"
+        assert c.reason.is_failure
+        assert "authori" in str(c.reason).lower()
+    finally:
+        c.close()
+
+
+def test_plain_text_mqtt_gets_no_session(broker: ShippedBroker) -> None:
+    c = Client(broker, DEVICE, broker.secret(DEVICE), tls=False)
+    try:
+        assert not c.accepted(timeout=3)
+    finally:
+        c.close()
+
+
+def test_display_reads_results_but_cannot_publish_one(broker: ShippedBroker) -> None:
+    base = f"cxr/{SITE}/{DEVICE}"
+    with (
+        subscriber(broker, "display", "cxr/#") as display_view,
+        subscriber(broker, DEVICE, f"{base}/#") as cart_view,
+    ):
+        cart = Client(broker, DEVICE, broker.secret(DEVICE))
+        display = Client(broker, "display", broker.secret("display"))
+        try:
+            assert cart.accepted() and display.accepted()
+            cart.publish(f"{base}/result", '{"from": "cart"}')
+            assert display_view.wait_count(f"{base}/result", 1)
+            # A forged result, then an acknowledgement: the ack arriving proves the result was dropped.
+            display.publish(f"{base}/result", '{"from": "display"}')
+            display.publish(f"{base}/ack", '{"message_id": "m1"}')
+            assert cart_view.wait_count(f"{base}/ack", 1)
+            results = [m.payload for m in cart_view.on_topic(f"{base}/result")]
+            assert results == [b'{"from": "cart"}']
+        finally:
+            cart.close()
+            display.close()
+
+
+def test_cart_publishes_only_under_its_own_prefix(broker: ShippedBroker) -> None:
+    with subscriber(broker, "display", "cxr/#") as view:
+        cart = Client(broker, DEVICE, broker.secret(DEVICE))
+        try:
+            assert cart.accepted()
+            cart.publish(f"cxr/{SITE}/cart-9/result", "forged")
+            cart.publish(f"cxr/other-site/{DEVICE}/result", "forged")
+            cart.publish("elsewhere/x", "forged")
+            cart.publish(f"cxr/{SITE}/{DEVICE}/status", "mine")
+            assert view.wait_count(f"cxr/{SITE}/{DEVICE}/status", 1)
+            assert [m.payload for m in view.messages] == [b"mine"]
+        finally:
+            cart.close()
+
+
+def check_websockets(broker: ShippedBroker, port: int, tls: bool) -> None:
+    anonymous = Client(broker, None, tls=tls, transport="websockets", port=port)
+    ws = Client(broker, "display", broker.secret("display"), tls=tls, transport="websockets", port=port)
+    got, subscribed = threading.Event(), threading.Event()
+    ws.client.on_message = lambda _c, _u, msg: got.set()
+    ws.client.on_subscribe = lambda *_a: subscribed.set()
+    try:
+        assert anonymous.done.wait(5) and anonymous.reason.is_failure
+        assert ws.accepted(), ws.reason
+        ws.client.subscribe(f"cxr/{SITE}/+/result", qos=1)
+        assert subscribed.wait(5)
+        cart = Client(broker, DEVICE, broker.secret(DEVICE))
+        assert cart.accepted()
+        cart.publish(f"cxr/{SITE}/{DEVICE}/result", "r")
+        cart.close()
+        assert got.wait(5), f"no result over {'wss' if tls else 'ws'}"
+    finally:
+        anonymous.close()
+        ws.close()
+
+
+def test_display_over_plain_websockets_on_loopback(broker: ShippedBroker) -> None:
+    """The cart's own screen: ws://127.0.0.1:9001, display account only."""
+    check_websockets(broker, broker.ws_port, tls=False)
+
+
+def test_display_over_websockets_with_tls(broker: ShippedBroker) -> None:
+    """Ward monitors elsewhere: wss:// verified with the generated CA."""
+    check_websockets(broker, broker.wss_port, tls=True)
+
+
+def test_plain_websockets_listen_on_loopback_only() -> None:
+    text = (REPO / "systemd/mosquitto/cxr.conf").read_text()
+    blocks = re.split(r"^(?=listener )", text, flags=re.M)
+    plain_ws = [b for b in blocks if "protocol websockets" in b and "certfile" not in b]
+    assert plain_ws and all(b.startswith("listener 9001 127.0.0.1\n") for b in plain_ws)
+    plain_mqtt = [
+        b for b in blocks if b.startswith("listener") and "websockets" not in b and "certfile" not in b
+    ]
+    assert plain_mqtt == []
+
+
+def test_retained_status_survives_a_broker_restart(tmp_path: Path) -> None:
+    b = ShippedBroker(tmp_path).start()
+    try:
+        cart = Client(b, DEVICE, b.secret(DEVICE))
+        assert cart.accepted()
+        cart.publish(f"cxr/{SITE}/{DEVICE}/status", "online", retain=True)
+        cart.close()
+        b.stop()
+        b.start()
+        with subscriber(b, "display", f"cxr/{SITE}/+/status") as view:
+            assert view.wait_count(f"cxr/{SITE}/{DEVICE}/status", 1)
+            assert view.messages[0].retain and view.messages[0].payload == b"online"
+    finally:
+        b.stop()
