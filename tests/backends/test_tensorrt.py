@@ -29,6 +29,7 @@ from appliance.errors import BackendUnavailable, ManifestError, UserError
 from appliance.manifest import Precision, load_manifest
 from tests.backends import tiny_conv
 from tests.backends.conftest import tensorrt_missing
+from tools import cxrdata
 from tools.check_parity import compare_backends, load_inputs
 from tools.cxrdata import data_dir
 
@@ -130,7 +131,7 @@ def test_trtexec_command_text(tiny_model: Path, tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- real TensorRT only
 
 
-def _parity_inputs(manifest_path: Path) -> tuple[np.ndarray, list]:  # type: ignore[type-arg]
+def _parity_inputs(manifest_path: Path) -> tuple[np.ndarray, list[cxrdata.Record]]:
     return load_inputs(load_manifest(manifest_path), data_dir(None), 64)
 
 
