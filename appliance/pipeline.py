@@ -172,7 +172,7 @@ class Analyzer:
             image=ImageInfo(
                 image_id=job.image_id,
                 source=job.source,
-                format=image_format(job.path, meta),  # type: ignore[arg-type]
+                format=image_format(job.path, meta),
                 modality=meta.modality if meta else None,
                 view_position=meta.view_position if meta else None,
                 body_part=meta.body_part if meta else None,
@@ -184,7 +184,7 @@ class Analyzer:
             text=join(job.reading.sentences),
             provenance=self.provenance,
             timings_ms=job.timer.rounded(),
-            **job.reading.payload_fields(),  # type: ignore[arg-type]
+            **job.reading.payload_fields(),
         )
 
     def analyze(self, jobs: Sequence[Job]) -> list[Result]:

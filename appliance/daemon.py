@@ -1,0 +1,260 @@
+"""The daemon: watcher -> spool -> Analyzer -> journal -> outbox/MQTT -> spool done.
+
+Order matters for "nothing lost, nothing twice": a result is written to the journal first, then to
+the durable outbox, and only then is the file moved to done/. After a kill -9 at any point the spool
+hands the image back, the journal recognises it, and the same message id is enqueued again (the
+outbox ignores an id it already holds or sent).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+
+from appliance import sdnotify
+from appliance.config import AppConfig, load_config
+from appliance.errors import InputRejected, UserError
+from appliance.ingest.spool import Rejected, Spool, SpoolFull
+from appliance.ingest.watcher import FolderWatcher
+from appliance.journal import Journal
+from appliance.logs import setup_logging
+from appliance.pipeline import Analyzer, Job
+from appliance.publish.mqtt import MqttPublisher
+from appliance.publish.outbox import Outbox
+from appliance.result import Acknowledgement, Result
+from appliance.runtime import build_analyzer
+
+log = logging.getLogger("appliance.daemon")
+
+
+class Daemon:
+    def __init__(self, config: AppConfig, config_path: Path | None = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.stop_event = threading.Event()
+        self.wake = threading.Event()
+        self.reload_requested = False
+        self.accepting = True
+        self.accept_reason: str | None = None
+        self.processed = 0
+
+    # --- signals -----------------------------------------------------------------------------------
+
+    def _on_stop(self, signum: int, frame: FrameType | None) -> None:
+        log.info("signal %s: finishing the image in progress, then stopping", signal.Signals(signum).name)
+        self.stop_event.set()
+        self.wake.set()
+
+    def _on_hup(self, signum: int, frame: FrameType | None) -> None:
+        self.reload_requested = True
+        self.wake.set()
+
+    # --- lifecycle ---------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        setup_logging(self.config.logging.level, self.config.logging.format)
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_hup)
+        sdnotify.status("loading model")
+        self._start()
+        sdnotify.ready()
+        sdnotify.status("watching")
+        log.info("ready: watching %s", ", ".join(str(p) for p in self.watched()))
+        try:
+            self._loop()
+        finally:
+            self._shutdown()
+        return 0
+
+    def watched(self) -> list[Path]:
+        return [self.config.ingest.watch, *self.config.ingest.extra_watch]
+
+    def _start(self) -> None:
+        ingest = self.config.ingest
+        for folder in (ingest.watch, ingest.spool, self.config.journal.path.parent):
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise UserError(f"{folder}: cannot create: {exc.strerror}") from exc
+        self.spool = Spool(ingest.spool)
+        recovered = self.spool.recover()
+        if recovered:
+            log.warning("recovered %d image(s) left in processing after an unclean stop", recovered)
+        self.journal = Journal.from_config(self.config.journal)
+        self.journal.prune()
+        # Load the model before connecting, so `online` is only ever said by a cart that can read.
+        self.analyzer: Analyzer = build_analyzer(self.config)
+        self.publisher: MqttPublisher | None = None
+        if self.config.mqtt.enabled:
+            self.outbox = Outbox(ingest.spool / "outbox.sqlite3", max_pending=self.config.mqtt.outbox_max)
+            backend = self.analyzer.backend
+            self.publisher = MqttPublisher(
+                self.config.mqtt,
+                self.config.device,
+                self.outbox,
+                on_ack=self._on_ack,
+                identity={
+                    "model": self.analyzer.manifest.name,
+                    "backend": backend.name,
+                    "precision": backend.precision,
+                },
+            )
+            self._publish_status()
+            self.publisher.start()
+        self.watcher = FolderWatcher(
+            [
+                (self.config.ingest.watch, "inbox"),
+                *((p, f"extra:{p.name}") for p in self.config.ingest.extra_watch),
+            ],
+            on_ready=self._accept,
+            on_rejected=self._rejected,
+            stable_seconds=ingest.stable_seconds,
+            poll_seconds=ingest.poll_seconds,
+            extensions=ingest.extensions,
+        )
+        self.watcher.start()
+
+    def _shutdown(self) -> None:
+        sdnotify.stopping()
+        self.watcher.stop()
+        if self.publisher is not None:
+            if not self.publisher.flush(timeout=10.0):
+                log.warning("outbox not empty at shutdown (%d left); sent at next start", self.outbox.depth())
+            self.publisher.close()  # publishes the retained `offline` itself
+            self.outbox.close()
+        self.analyzer.backend.close()
+        self.journal.close()
+        self.spool.close()
+        log.info("stopped after %d image(s)", self.processed)
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the config. Queued work stays in the spool; the model reloads if it changed."""
+        self.reload_requested = False
+        if self.config_path is None:
+            log.info("SIGHUP: no config file to reload")
+            return
+        try:
+            new = load_config(self.config_path)
+        except UserError as exc:
+            log.error("SIGHUP: keeping the running configuration: %s", exc)
+            return
+        model_changed = new.inference != self.config.inference
+        self.config = new
+        setup_logging(new.logging.level, new.logging.format)
+        if model_changed:
+            self.analyzer.backend.close()
+            self.analyzer = build_analyzer(new)
+        self.analyzer.config = new
+        log.info("SIGHUP: configuration reloaded%s", " (model reloaded)" if model_changed else "")
+        self._publish_status()
+
+    # --- status ------------------------------------------------------------------------------------
+
+    def _publish_status(self) -> None:
+        if self.publisher is None:
+            return
+        if not self.accepting:
+            state, reason = "degraded", self.accept_reason
+        else:
+            state, reason = "online", self.analyzer.backend.fallback_reason
+        self.publisher.publish_status(
+            state,  # type: ignore[arg-type]
+            reason=reason,
+            accepting=self.accepting,
+            queue_depth=self.spool.pending_count(),
+        )
+
+    # --- ingest side (watcher thread) ----------------------------------------------------------------
+
+    def _accept(self, path: Path, source: str) -> None:
+        if not self.accepting:
+            return  # the file stays where it is and is picked up again when space returns
+        try:
+            outcome = self.spool.accept(path, source, move=self.config.ingest.delete_from_watch)
+        except SpoolFull as exc:
+            log.error("%s: not accepted: %s", path, exc)
+            self.wake.set()  # the loop re-checks the disk and says so on the status topic
+            return
+        except OSError as exc:
+            log.error("%s: not accepted: %s", path, exc.strerror or exc)
+            return
+        if isinstance(outcome, Rejected):
+            log.warning("%s: quarantined: %s (%s)", path, outcome.reason, outcome.detail)
+        self.wake.set()
+
+    def _rejected(self, path: Path, source: str, exc: InputRejected) -> None:
+        """The watcher gave up on a file (never completed, unreadable): quarantine it with the reason."""
+        self.spool.quarantine_file(
+            path, exc.reason, exc.detail, source, move=self.config.ingest.delete_from_watch
+        )
+
+    def _on_ack(self, ack: Acknowledgement) -> None:
+        if self.journal.record_ack(ack):
+            log.info("acknowledged by %s: %s", ack.by, ack.message_id)
+
+    def _check_disk(self) -> None:
+        free = self.spool.free_mb()
+        accepting = free >= self.config.ingest.min_free_mb
+        if accepting != self.accepting:
+            self.accepting = accepting
+            self.accept_reason = None if accepting else f"spool disk nearly full ({free:.0f} MB free)"
+            (log.info if accepting else log.error)(
+                "accepting images again" if accepting else f"not accepting images: {self.accept_reason}"
+            )
+            self._publish_status()
+
+    # --- processing loop (main thread) ---------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self.stop_event.is_set():
+            sdnotify.watchdog()  # from the loop itself: a hung pipeline stops the pings
+            if self.reload_requested:
+                self.reload()
+            self._check_disk()
+            items = self.spool.claim(self.config.inference.max_batch)
+            if not items:
+                self.wake.wait(timeout=self.config.ingest.poll_seconds)
+                self.wake.clear()
+                continue
+            self.process([Job(path=i.path, image_id=i.image_id, source=i.source) for i in items])
+
+    def process(self, jobs: list[Job]) -> None:
+        fresh = []
+        for job in jobs:
+            earlier = self.journal.result_for(job.image_id)
+            if earlier is not None:  # crashed after the journal write: finish the hand-off only
+                self._hand_off(job, earlier)
+            else:
+                fresh.append(job)
+        for job, result in zip(fresh, self.analyzer.analyze(fresh), strict=True):
+            started = time.perf_counter()
+            self.journal.record_result(result)
+            result.timings_ms["journal"] = round((time.perf_counter() - started) * 1000.0, 2)
+            self._hand_off(job, result)
+            self.processed += 1
+            log.info(
+                "%s %s %s",
+                job.path.name,
+                result.status,
+                result.triage or result.reason or "",
+                extra={
+                    "fields": {
+                        "image_id": job.image_id[:12],
+                        "location": result.location,
+                        **result.timings_ms,
+                    }
+                },
+            )
+
+    def _hand_off(self, job: Job, result: Result) -> None:
+        if self.publisher is not None:
+            self.publisher.publish_result(result)
+        if result.status == "error":
+            self.spool.quarantine(job.image_id, result.reason or "error", result.text)
+        else:
+            self.spool.mark_done(job.image_id)
