@@ -48,7 +48,7 @@ def create_backend(manifest: Manifest, inference: InferenceConfig) -> Backend:
         reason = f"TensorRT not used: {exc}"
     backend = _onnxruntime(manifest, inference)
     backend.fallback_reason = reason
-    log.warning("*** FALLBACK to ONNX Runtime (%s, %s): %s ***", backend.precision, "CPU", reason)
+    log.warning("*** FALLBACK to ONNX Runtime (%s): %s ***", backend.precision, reason)
     return backend
 
 
