@@ -103,8 +103,11 @@ def test_cp_rsync_and_slow_writer(rig: Rig, tmp_path: Path) -> None:
             with open(target, "ab") as fh:
                 fh.write(data[i : i + step])
             time.sleep(0.9)
-        expected = data
-        wait_for(lambda: any(a.path.exists() and a.path.read_bytes() == expected for a in rig.accepted()))
+
+        def arrived(want: bytes = data) -> bool:
+            return any(a.path.exists() and a.path.read_bytes() == want for a in rig.accepted())
+
+        wait_for(arrived)
     wait_for(lambda: len(rig.accepted()) == 4)
     time.sleep(1.0)
     assert len(rig.results) == 4 and not rig.quarantined(), (rig.results, rig.quarantined())
