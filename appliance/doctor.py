@@ -1,0 +1,228 @@
+"""`cxr-appliance doctor`: check everything the cart needs and say plainly what is wrong.
+
+Each check prints one verdict line (OK / WARN / FAIL) with the reason and, where it helps, what to
+do. Exit status 1 when any check fails, so install scripts and engineers can rely on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import ssl
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from appliance.config import AppConfig
+from appliance.errors import ApplianceError, UserError
+
+Verdict = Literal["OK", "WARN", "FAIL"]
+
+
+@dataclass
+class Check:
+    verdict: Verdict
+    topic: str
+    message: str
+
+
+def _config_check(
+    args: argparse.Namespace, load: Callable[[argparse.Namespace], AppConfig]
+) -> tuple[Check, AppConfig | None]:
+    try:
+        config = load(args)
+    except UserError as exc:
+        return Check("FAIL", "config", str(exc)), None
+    where = args.config or "built-in defaults (no --config, no /etc/cxr-appliance/config.yaml)"
+    return Check("OK", "config", f"{where} is valid"), config
+
+
+def check_model(config: AppConfig) -> Iterator[Check]:
+    from appliance.backends.select import create_backend
+    from appliance.manifest import load_manifest
+    from appliance.pipeline import Analyzer
+
+    try:
+        manifest = load_manifest(config.inference.model)
+    except UserError as exc:
+        yield Check("FAIL", "model", str(exc))
+        return
+    for precision in manifest.onnx:
+        try:
+            digest = manifest.verify_file(precision)
+            yield Check(
+                "OK",
+                "model",
+                f"{manifest.name} {manifest.version} {precision.value}: sha256 {digest[:12]}… matches",
+            )
+        except UserError as exc:
+            yield Check("FAIL", "model", str(exc))
+    try:
+        backend = create_backend(manifest, config.inference)
+        warm_ms = Analyzer(config, manifest, backend).warm_up()
+    except (ApplianceError, OSError) as exc:
+        yield Check("FAIL", "backend", f"cannot run the model: {exc}")
+        return
+    label = f"{backend.name}/{backend.precision}, first inference {warm_ms:.0f} ms"
+    if backend.fallback_reason:
+        yield Check("WARN", "backend", f"FALLBACK {label}: {backend.fallback_reason}")
+    else:
+        yield Check("OK", "backend", label)
+    backend.close()
+
+
+def check_decoders() -> Iterator[Check]:
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import JPEG2000, JPEGBaseline8Bit, JPEGLosslessSV1, JPEGLSLossless, RLELossless
+
+    for uid in (JPEGBaseline8Bit, JPEGLosslessSV1, JPEGLSLossless, JPEG2000, RLELossless):
+        decoder = get_decoder(uid)
+        if decoder.is_available:
+            yield Check("OK", "decoder", f"{uid.name}: {', '.join(decoder.available_plugins)}")
+        else:
+            yield Check(
+                "FAIL",
+                "decoder",
+                f"{uid.name}: no decoder installed (pip install python-gdcm pylibjpeg-openjpeg)",
+            )
+
+
+def _writable(folder: Path) -> str | None:
+    if not folder.exists():
+        return "does not exist"
+    if not folder.is_dir():
+        return "is not a folder"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return "is not writable by this user"
+    return None
+
+
+def check_folders(config: AppConfig) -> Iterator[Check]:
+    ingest = config.ingest
+    for name, folder in (
+        ("watch", ingest.watch),
+        ("spool", ingest.spool),
+        ("journal", config.journal.path.parent),
+    ):
+        problem = _writable(folder)
+        if problem is None:
+            yield Check("OK", "folders", f"{name} {folder} is writable")
+        elif problem == "does not exist" and _writable(folder.parent) is None:
+            yield Check("WARN", "folders", f"{name} {folder} does not exist yet (created at start)")
+        else:
+            yield Check("FAIL", "folders", f"{name} {folder} {problem}")
+    for folder in ingest.extra_watch:
+        if folder.is_dir():
+            yield Check("OK", "folders", f"extra watch {folder} present")
+        else:
+            yield Check("WARN", "folders", f"extra watch {folder} not present (USB stick not mounted?)")
+    probe = ingest.spool if ingest.spool.exists() else ingest.spool.parent
+    if probe.exists():
+        free_mb = shutil.disk_usage(probe).free / 2**20
+        verdict: Verdict = "OK" if free_mb >= ingest.min_free_mb else "FAIL"
+        yield Check(
+            verdict,
+            "disk",
+            f"{free_mb:.0f} MB free for the spool (stops accepting below {ingest.min_free_mb:.0f} MB)",
+        )
+
+
+def check_journal(config: AppConfig) -> Iterator[Check]:
+    if not config.journal.path.exists():
+        yield Check("OK", "journal", f"{config.journal.path} not created yet")
+        return
+    from appliance.journal import Journal
+
+    journal = Journal.from_config(config.journal)
+    problems = journal.integrity_check()
+    counts = journal.counts()
+    journal.close()
+    if problems and problems != ["ok"]:
+        yield Check("FAIL", "journal", f"integrity check: {'; '.join(problems)}")
+    else:
+        yield Check("OK", "journal", f"integrity ok, {counts}")
+
+
+def check_privacy(config: AppConfig) -> Iterator[Check]:
+    salt = config.privacy.salt_file
+    if not salt.exists():
+        yield Check(
+            "WARN", "privacy", f"salt {salt} missing (created at start; patient keys change if it is lost)"
+        )
+    elif salt.stat().st_mode & 0o077:
+        yield Check("FAIL", "privacy", f"salt {salt} is readable by others: chmod 600 {salt}")
+    else:
+        yield Check("OK", "privacy", f"salt {salt} present, mode 0600")
+
+
+def check_broker(config: AppConfig) -> Iterator[Check]:
+    mqtt_config = config.mqtt
+    if not mqtt_config.enabled:
+        yield Check("WARN", "broker", "mqtt.enabled is false: results stay in the journal")
+        return
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from appliance.publish.mqtt import tls_context
+
+    target = f"{mqtt_config.host}:{mqtt_config.port}"
+    try:
+        socket.create_connection((mqtt_config.host, mqtt_config.port), timeout=3).close()
+    except OSError as exc:
+        yield Check("FAIL", "broker", f"{target} unreachable: {exc.strerror or exc} (is mosquitto running?)")
+        return
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"cxr-doctor-{os.getpid()}")
+    try:
+        password = mqtt_config.password()
+        if mqtt_config.username:
+            client.username_pw_set(mqtt_config.username, password.get_secret_value() if password else None)
+        context = tls_context(mqtt_config)
+        if context is not None:
+            client.tls_set_context(context)
+        outcome: list[str] = []
+        client.on_connect = lambda c, u, f, reason, p: outcome.append(str(reason))
+        client.connect(mqtt_config.host, mqtt_config.port, keepalive=10)
+        deadline = time.monotonic() + 5
+        while not outcome and time.monotonic() < deadline:
+            client.loop(timeout=0.2)
+        client.disconnect()
+    except (OSError, ssl.SSLError, UserError) as exc:
+        yield Check("FAIL", "broker", f"{target}: {exc}")
+        return
+    if outcome == ["Success"]:
+        tls = "TLS" if mqtt_config.tls else "no TLS"
+        yield Check("OK", "broker", f"{target} accepted {mqtt_config.username or 'anonymous'} ({tls})")
+    else:
+        yield Check(
+            "FAIL",
+            "broker",
+            f"{target} refused the connection: {outcome[0] if outcome else 'no answer in 5 s'}",
+        )
+
+
+def run_doctor(config_path: Path | None, load: Callable[[argparse.Namespace], AppConfig]) -> int:
+    args = argparse.Namespace(config=config_path)
+    first, config = _config_check(args, load)
+    checks = [first]
+    print(f"{first.verdict:4}  {first.topic:8} {first.message}", flush=True)
+    if config is not None:
+        groups: list[Iterator[Check]] = [
+            check_model(config),
+            check_decoders(),
+            check_folders(config),
+            check_journal(config),
+            check_privacy(config),
+            check_broker(config),
+        ]
+        for group in groups:
+            for check in group:  # generators: each line prints as soon as its check is done
+                checks.append(check)
+                print(f"{check.verdict:4}  {check.topic:8} {check.message}", flush=True)
+    failed = sum(c.verdict == "FAIL" for c in checks)
+    warned = sum(c.verdict == "WARN" for c in checks)
+    print(f"\n{'NOT READY' if failed else 'READY'}: {failed} failed, {warned} warning(s)")
+    return 1 if failed else 0
