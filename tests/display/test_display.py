@@ -174,7 +174,6 @@ def test_acknowledge_publishes_and_every_display_shows_it(browser: Browser, ward
         got = acks.wait_count("cxr/ward7/cart-1/ack/+", 1)
         assert len(got) == 1
         assert got[0].topic == f"cxr/ward7/cart-1/ack/{result.message_id}"
-        assert got[0].retain is False or got[0].retain is True  # live delivery; retention checked below
         payload = assert_valid(got[0].payload, "ack.v1.json")
         ack = Acknowledgement.model_validate(payload)
         assert (ack.message_id, ack.image_id, ack.by) == (
