@@ -1,0 +1,227 @@
+"""Checkpoint -> one ONNX graph (opset 17, dynamic batch) + manifest.yaml, checked against torch.
+
+    .venv/bin/python tools/export_onnx.py --out engines/cxr-lite0 [--checkpoint PATH]
+
+Runs onnx.checker, compares every output of ONNX Runtime with torch on real validation images and
+random inputs (max abs diff per output, written to export_report.json), and writes the fp32 sha256
+into the manifest. Quantised entries are dropped: they must be re-gated by tools/quantize.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import onnx
+import onnxruntime as ort
+import torch
+import yaml
+
+from appliance.errors import UserError
+from appliance.manifest import load_manifest, sha256_file
+from tools import cxrdata as data
+from tools.cxrmodel import (
+    FINDING_LABELS,
+    OUTPUT_NAMES,
+    SEVERITY_LABELS,
+    SEVERITY_MAX,
+    CxrLite0,
+    ExportWrapper,
+)
+
+OPSET = 17
+NAME = "cxr-lite0"
+# Tolerance for fp32 ONNX vs torch (same arithmetic, different kernels).
+EXPORT_TOLERANCE = 1e-3
+
+
+def load_checkpoint(path: Path) -> tuple[CxrLite0, dict[str, Any]]:
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found (run tools/train.py first)")
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=False)
+        model = CxrLite0()
+        model.load_state_dict(content["state_dict"])
+    except (OSError, KeyError, RuntimeError) as exc:
+        raise UserError(f"{path}: not a cxr-lite0 checkpoint: {exc}") from exc
+    model.eval()
+    return model, content
+
+
+def export(model: CxrLite0, path: Path) -> None:
+    dummy = torch.zeros(2, data.INPUT_SPEC.channels, data.INPUT_SPEC.height, data.INPUT_SPEC.width)
+    torch.onnx.export(
+        ExportWrapper(model).eval(),  # export restores the wrapper's mode onto the model afterwards
+        (dummy,),
+        str(path),
+        dynamo=False,  # the TorchScript exporter needs no onnxscript and gives plain, TensorRT-friendly ops
+        input_names=[data.INPUT_SPEC.name],
+        output_names=OUTPUT_NAMES,
+        dynamic_axes={name: {0: "batch"} for name in [data.INPUT_SPEC.name, *OUTPUT_NAMES]},
+        opset_version=OPSET,
+        do_constant_folding=True,
+    )
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+
+
+def sample_inputs(folder: Path | None, count: int, seed: int) -> np.ndarray:
+    """Real validation images through the appliance preprocessing, else seeded random tensors."""
+    tensors: list[np.ndarray] = []
+    if folder is not None:
+        records = [r for r in data.load_records(folder) if not r.is_dicom]
+        tensors = [
+            data.tensor(data.read_pixels(folder / r.file)) for r in records[:: max(1, len(records) // count)]
+        ]
+    rng = np.random.default_rng(seed)
+    spec = data.INPUT_SPEC
+    tensors += [
+        rng.uniform(-1, 1, (spec.channels, spec.height, spec.width)).astype(np.float32) for _ in range(2)
+    ]
+    return np.stack(tensors[: count + 2])
+
+
+def compare(model: CxrLite0, onnx_path: Path, inputs: np.ndarray) -> dict[str, float]:
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got = session.run(OUTPUT_NAMES, {data.INPUT_SPEC.name: inputs})
+    with torch.no_grad():
+        want = ExportWrapper(model).eval()(torch.from_numpy(inputs))
+    return {
+        name: float(np.abs(g - w.numpy()).max()) for name, g, w in zip(OUTPUT_NAMES, got, want, strict=True)
+    }
+
+
+def manifest_dict(
+    points: dict[str, float], training: dict[str, Any], onnx_entries: dict[str, Any]
+) -> dict[str, Any]:
+    spec = data.INPUT_SPEC
+    return {
+        "schema_version": 1,
+        "name": NAME,
+        "version": "1.0.0",
+        "description": (
+            "EfficientNet-Lite0 (ImageNet init) fine-tuned on ~500 public COVID-19/pneumonia chest X-rays: "
+            "view gate, not-a-CXR refusal, findings, abnormal triage, severity, risk, heatmap, lung mask."
+        ),
+        "intended_use": "Research demonstration. Not for diagnostic use. Weights derive from CC BY-NC-SA data.",
+        "onnx": onnx_entries,
+        "input": spec.model_dump(mode="json"),
+        "outputs": [
+            {
+                "name": "view_logits",
+                "role": "view",
+                "activation": "softmax",
+                "labels": ["frontal", "lateral", "not_cxr"],
+                "refuse_labels": {"lateral": "lateral view", "not_cxr": "not a chest X-ray"},
+            },
+            {
+                "name": "finding_logits",
+                "role": "findings",
+                "activation": "softmax",
+                "labels": FINDING_LABELS,
+                "normal_label": "No Finding",
+                "thresholds": {label: round(points[f"finding.{label}"], 4) for label in FINDING_LABELS},
+            },
+            {
+                "name": "abnormal_logit",
+                "role": "abnormal",
+                "activation": "sigmoid",
+                "labels": ["abnormal"],
+                "thresholds": {
+                    "abnormal": round(points["abnormal"], 4),
+                    "urgent": round(points["urgent"], 4),
+                },
+            },
+            {
+                "name": "severity",
+                "role": "severity",
+                "activation": "none",
+                "labels": SEVERITY_LABELS,
+                "ranges": {
+                    label: [0.0, top] for label, top in zip(SEVERITY_LABELS, SEVERITY_MAX, strict=True)
+                },
+                "units": {"extent": "of 8", "opacity": "of 6"},
+            },
+            {
+                "name": "risk_logit",
+                "role": "risk",
+                "activation": "sigmoid",
+                "labels": ["adverse_outcome"],
+                "thresholds": {"adverse_outcome": round(points["risk"], 4)},
+            },
+            {
+                "name": "ood_score",
+                "role": "ood",
+                "activation": "none",
+                "labels": ["ood"],
+                "thresholds": {"ood": round(points["ood"], 4)},
+            },
+            {"name": "heatmap", "role": "heatmap", "activation": "none"},
+            {"name": "lung_mask", "role": "lung_mask", "activation": "sigmoid", "thresholds": {"lung": 0.5}},
+            {"name": "embedding", "role": "embedding", "activation": "none"},
+        ],
+        "triage": {
+            "abnormal_threshold": round(points["abnormal"], 4),
+            "urgent_threshold": round(points["urgent"], 4),
+            "urgent_extent": round(points["urgent_extent"], 3),
+            "urgent_risk": round(points["urgent_risk"], 4),
+        },
+        "heatmap_label": "abnormal",
+        "training": {k: v for k, v in training.items() if isinstance(v, (str, int, float))},
+    }
+
+
+def write_manifest(out: Path, content: dict[str, Any]) -> None:
+    path = out / "manifest.yaml"
+    header = (
+        "# Written by tools/export_onnx.py and tools/quantize.py; operating points chosen on validation.\n"
+    )
+    path.write_text(header + yaml.safe_dump(content, sort_keys=False, allow_unicode=True))
+    load_manifest(path)  # refuse to leave an invalid manifest behind
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, default=data.REPO / "engines" / NAME)
+    parser.add_argument("--checkpoint", type=Path, help="default <out>/checkpoints/model.pt")
+    parser.add_argument("--data", help="images for the torch comparison (default $CXR_DATA)")
+    parser.add_argument("--compare-images", type=int, default=8)
+    args = parser.parse_args(argv)
+    try:
+        model, content = load_checkpoint(args.checkpoint or args.out / "checkpoints" / "model.pt")
+        onnx_path = args.out / "model.onnx"
+        export(model, onnx_path)
+        folder = data.data_dir(args.data)
+        diffs = compare(model, onnx_path, sample_inputs(folder, args.compare_images, seed=0))
+        report = {"opset": OPSET, "max_abs_diff": diffs, "tolerance": EXPORT_TOLERANCE}
+        (args.out / "export_report.json").write_text(json.dumps(report, indent=1) + "\n")
+        for name, diff in diffs.items():
+            print(f"{name:16s} max |onnx - torch| = {diff:.2e}")
+        entries = {"fp32": {"file": onnx_path.name, "sha256": sha256_file(onnx_path)}}
+        write_manifest(args.out, manifest_dict(content["points"], content["training"], entries))
+        bad = {name: diff for name, diff in diffs.items() if diff > EXPORT_TOLERANCE * max(1.0, _scale(name))}
+        if bad:
+            print(f"error: ONNX differs from torch beyond tolerance: {bad}", file=sys.stderr)
+            return 1
+        print(f"wrote {onnx_path} ({onnx_path.stat().st_size / 1e6:.1f} MB) and {args.out / 'manifest.yaml'}")
+        return 0
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _scale(name: str) -> float:
+    # The embedding and OOD distance are unbounded sums over 1280 features: compare relative to size.
+    return 10.0 if name in ("embedding", "ood_score") else 1.0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
