@@ -79,7 +79,7 @@ def test_broker_password_file_acl_and_dropin(root: Path) -> None:
     assert (mosq / "cxr.passwd").stat().st_mode & 0o077 == 0o040
     acl = (mosq / "cxr.acl").read_text()
     assert f"user {DEVICE}\ntopic readwrite cxr/{SITE}/{DEVICE}/#" in acl
-    assert "user display\ntopic read cxr/#\ntopic write cxr/+/+/ack" in acl
+    assert "user display\ntopic read cxr/#\ntopic write cxr/+/+/ack/+\n" in acl
     dropin = (mosq / "conf.d/cxr.conf").read_text()
     assert f"password_file {mosq}/cxr.passwd" in dropin
     settings = [line for line in dropin.replace(str(mosq), "ROOT").splitlines() if not line.startswith("#")]
