@@ -44,6 +44,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     UNIQUE (topic, message_id)
 );
 CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (id) WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS outbox_topic ON outbox (topic, id) WHERE state = 'pending';
 CREATE INDEX IF NOT EXISTS outbox_done ON outbox (done_at) WHERE state != 'pending';
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """

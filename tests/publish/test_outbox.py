@@ -72,6 +72,7 @@ def test_a_returned_put_survives_kill_9(tmp_path: Path) -> None:
             break
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    proc.stdout.close()
     box = Outbox(path)
     ids = [int(r.message_id) for r in box.pending(limit=10**6)]
     assert ids[: last + 1] == list(range(last + 1))  # every acknowledged put is there, in order
