@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from appliance.config import MqttConfig
 from appliance.sqlitedb import Transaction, open_sqlite
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,11 @@ class Outbox:
         self._listeners: list[Callable[[], None]] = []
         self._changed = threading.Condition()
         self.prune_sent()
+
+    @classmethod
+    def from_config(cls, path: Path, config: MqttConfig) -> Outbox:
+        """The daemon's outbox: bounded by mqtt.outbox_max."""
+        return cls(path, max_pending=config.outbox_max)
 
     # -- writing -------------------------------------------------------------------------------
     def put(
