@@ -8,6 +8,7 @@ outbox ignores an id it already holds or sent).
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import signal
 import threading
@@ -60,6 +61,8 @@ class Daemon:
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_hup)
+        # `kill -USR1 <pid>` writes every thread's stack to the journal: for a cart that seems hung.
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
         sdnotify.status("loading model")
         self._start()
         sdnotify.ready()
@@ -211,8 +214,12 @@ class Daemon:
     # --- processing loop (main thread) ---------------------------------------------------------------
 
     def _loop(self) -> None:
+        ping_every = sdnotify.watchdog_interval()
+        last_ping = 0.0
         while not self.stop_event.is_set():
-            sdnotify.watchdog()  # from the loop itself: a hung pipeline stops the pings
+            if ping_every is not None and time.monotonic() - last_ping >= ping_every / 2:
+                sdnotify.watchdog()  # from the loop itself: a hung pipeline stops the pings
+                last_ping = time.monotonic()
             if self.reload_requested:
                 self.reload()
             self._check_disk()

@@ -39,6 +39,8 @@ def notify(*lines: str) -> bool:
     payload = "\n".join(lines).encode()
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            # Never block the processing loop on a notify socket nobody drains (its queue holds ~10 datagrams).
+            sock.setblocking(False)
             sock.connect(_address(raw))
             sock.sendall(payload)
     except OSError:

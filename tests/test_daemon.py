@@ -1,0 +1,218 @@
+"""The daemon end to end: real Mosquitto, real files, real ONNX Runtime, kill -9 and broker outages.
+
+Files arrive the three ways they do on a cart (cp, rsync's temp-then-rename, a slow writer); every
+image yields exactly one result (after de-duplication by message id), schema-valid, none lost.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import data, tiny_models
+from tests.support.daemon import DaemonProcess
+from tests.support.mosquitto import Broker, Received, Subscriber, unique_by_message_id
+from tests.support.schemas import assert_valid
+
+RESULT_TOPIC = "cxr/ward-7/cart-1/result"
+
+
+@pytest.fixture
+def model(tmp_path: Path) -> Path:
+    return tiny_models.xrv_like(tmp_path / "model")
+
+
+@pytest.fixture
+def daemons(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
+    made: list[DaemonProcess] = []
+
+    def make(broker: Broker | None, model: Path, **overrides: object) -> DaemonProcess:
+        daemon = DaemonProcess(tmp_path / "appliance", broker, model, **overrides)
+        made.append(daemon)
+        return daemon
+
+    yield make
+    for daemon in made:
+        daemon.stop()
+
+
+def real_images(count: int) -> list[Path]:
+    """Distinct real frontal X-rays (JPEG/PNG) plus the real DICOMs, from ../shared/data/cxr."""
+    rows = [
+        r
+        for r in data.rows(modality="X-ray")
+        if r["file"].startswith("images/") and r["view"] in {"PA", "AP"}
+    ]
+    pngs = [data.cxr_data() / r["file"] for r in rows[: max(0, count - 2)]]
+    return [*data.real_dicoms()[:2], *pngs][:count]
+
+
+def frontal_with_suffix(suffix: str) -> Path:
+    rows = [r for r in data.rows(modality="X-ray", view="PA") if r["file"].endswith(suffix)]
+    return data.cxr_data() / rows[0]["file"]
+
+
+def results(sub: Subscriber) -> list[Received]:
+    return sub.on_topic(RESULT_TOPIC)
+
+
+def wait_results(sub: Subscriber, count: int, timeout: float) -> list[dict[str, object]]:
+    sub.wait_for(
+        lambda msgs: len(unique_by_message_id(m for m in msgs if m.topic == RESULT_TOPIC)) >= count, timeout
+    )
+    return unique_by_message_id(results(sub))
+
+
+def slow_copy(source: Path, target: Path, chunks: int = 5, pause: float = 0.4) -> None:
+    payload = source.read_bytes()
+    step = len(payload) // chunks + 1
+    with target.open("wb") as handle:
+        for start in range(0, len(payload), step):
+            handle.write(payload[start : start + step])
+            handle.flush()
+            time.sleep(pause)
+
+
+def rsync_copy(source: Path, target: Path) -> None:
+    if shutil.which("rsync"):
+        subprocess.run(["rsync", "-q", str(source), str(target)], check=True)
+    else:  # what rsync does: write a hidden temp name, then rename into place
+        temp = target.with_name(f".{target.name}.Xa9Q2")
+        shutil.copyfile(source, temp)
+        temp.rename(target)
+
+
+def test_three_copy_styles_and_a_duplicate_give_one_result_each(
+    broker: Broker, model: Path, daemons: Callable[..., DaemonProcess], tmp_path: Path
+) -> None:
+    usb = tmp_path / "usb"
+    usb.mkdir()
+    daemon = daemons(broker, model, ingest={"extra_watch": [str(usb)]})
+    with Subscriber(broker, "cxr/#") as sub:
+        daemon.start()
+        dicom, png, jpg = data.real_dicoms()[0], frontal_with_suffix(".png"), frontal_with_suffix(".jpg")
+        shutil.copy(dicom, daemon.inbox / "cp.dcm")  # cp: close-write
+        rsync_copy(png, daemon.inbox / "rsync.png")
+        writer = threading.Thread(target=slow_copy, args=(jpg, daemon.inbox / "slow.jpg"))
+        writer.start()
+        shutil.copy(dicom, usb / "again-from-usb.dcm")  # the same SOPInstanceUID from a second folder
+        writer.join()
+        got = wait_results(sub, 3, timeout=30)
+        time.sleep(2.0)  # a duplicate would have arrived by now
+        got = unique_by_message_id(results(sub))
+    assert len(got) == 3, daemon.log()
+    assert len(results(sub)) == 3, "a result was published twice"
+    for payload in got:
+        assert_valid(payload, "result.v1.json")
+        assert payload["status"] == "ok", payload
+        assert payload["disclaimer"] == "Not for diagnostic use"
+    assert sorted(str(p["image"]["format"]) for p in got) == ["dicom", "jpeg", "png"]  # type: ignore[index]
+    assert len(daemon.spool_files("done")) == 3
+    status = [m.json() for m in sub.on_topic("cxr/ward-7/cart-1/status")]
+    assert status and status[-1]["state"] == "online"
+    assert "WATCHDOG=1" in daemon.notifications  # pinged from the processing loop
+    assert daemon.stop() == 0
+    assert "STOPPING=1" in daemon.notifications
+
+
+def test_no_patient_name_or_id_in_any_payload(
+    broker: Broker, model: Path, daemons: Callable[..., DaemonProcess]
+) -> None:
+    import pydicom
+
+    dicom = data.real_dicoms()[1]
+    ds = pydicom.dcmread(dicom, stop_before_pixels=True)
+    secrets = [str(ds.PatientID), str(ds.PatientName)]
+    daemon = daemons(broker, model)
+    with Subscriber(broker, "cxr/#") as sub:
+        daemon.start()
+        shutil.copy(dicom, daemon.inbox / "p.dcm")
+        got = wait_results(sub, 1, timeout=20)
+        everything = b"\n".join(m.payload for m in sub.messages)
+    assert got and got[0]["patient_key"], "a pseudonymous key is expected for a DICOM with a patient ID"
+    for secret in secrets:
+        assert secret and secret.encode() not in everything, f"{secret!r} leaked into an MQTT payload"
+
+
+def test_bad_files_are_quarantined_with_a_reason_and_the_rest_still_run(
+    broker: Broker, model: Path, daemons: Callable[..., DaemonProcess]
+) -> None:
+    daemon = daemons(broker, model)
+    with Subscriber(broker, "cxr/#") as sub:
+        daemon.start()
+        (daemon.inbox / "empty.dcm").write_bytes(b"")
+        (daemon.inbox / "notes.dcm").write_text("not an image\n" * 20)
+        truncated = data.real_dicoms()[1].read_bytes()
+        (daemon.inbox / "truncated.dcm").write_bytes(truncated[: len(truncated) // 2])
+        (daemon.inbox / "a-folder.dcm").mkdir()
+        (daemon.inbox / "loop.dcm").symlink_to(daemon.inbox / "loop.dcm")
+        shutil.copy(data.real_dicoms()[0], daemon.inbox / "good.dcm")
+        got = wait_results(sub, 1, timeout=20)
+        deadline = time.monotonic() + 90  # the truncated one waits for completion, then times out
+        while (
+            time.monotonic() < deadline and len(list((daemon.spool / "quarantine").glob("*.reason.txt"))) < 3
+        ):
+            time.sleep(0.5)
+    assert any(p["status"] == "ok" for p in got)
+    reasons = [p.read_text() for p in (daemon.spool / "quarantine").glob("*.reason.txt")]
+    assert len(reasons) >= 3, daemon.log()
+    joined = "\n".join(reasons)
+    for expected in ("empty", "notes.dcm"):
+        assert expected in joined, joined
+    assert daemon.proc is not None and daemon.proc.poll() is None, "the daemon died on bad input"
+
+
+def test_broker_outage_loses_nothing(
+    broker: Broker, model: Path, daemons: Callable[..., DaemonProcess]
+) -> None:
+    images = real_images(10)
+    daemon = daemons(broker, model)
+    with Subscriber(broker, "cxr/+/+/result", client_id="ward-display-test") as sub:
+        daemon.start()
+        for index, image in enumerate(images[:5]):
+            shutil.copy(image, daemon.inbox / f"a{index}{image.suffix}")
+        wait_results(sub, 5, timeout=30)
+        broker.kill()  # SIGKILL: the broker vanishes without a goodbye
+        for index, image in enumerate(images[5:]):
+            shutil.copy(image, daemon.inbox / f"b{index}{image.suffix}")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and len(daemon.spool_files("done")) < 10:
+            time.sleep(0.3)
+        assert len(daemon.spool_files("done")) == 10, "images must be processed while the broker is down"
+        broker.start()
+        got = wait_results(sub, 10, timeout=60)
+    assert len(got) == 10, f"{len(got)} of 10 results arrived\n{daemon.log()}"
+    assert len({p["image"]["image_id"] for p in got}) == 10  # type: ignore[index]
+    assert all(p["status"] == "ok" for p in got)
+
+
+def test_kill_9_mid_run_loses_nothing_and_publishes_each_image_once(
+    broker: Broker, model: Path, daemons: Callable[..., DaemonProcess]
+) -> None:
+    images = real_images(12)
+    daemon = daemons(broker, model)
+    with Subscriber(broker, "cxr/+/+/result", client_id="ward-display-kill") as sub:
+        daemon.start()
+        for index, image in enumerate(images):
+            shutil.copy(image, daemon.inbox / f"k{index}{image.suffix}")
+        sub.wait_for(lambda msgs: len(msgs) >= 3, timeout=30)
+        daemon.kill()
+        daemon.start()
+        got = wait_results(sub, 12, timeout=60)
+        time.sleep(1.5)
+        raw = [m.json()["message_id"] for m in results(sub)]
+    assert len(got) == 12, f"{len(got)} of 12 results after kill -9\n{daemon.log()}"
+    per_image: dict[str, set[str]] = {}
+    for payload in got:
+        per_image.setdefault(str(payload["image"]["image_id"]), set()).add(str(payload["message_id"]))  # type: ignore[index]
+    assert len(per_image) == 12 and all(len(ids) == 1 for ids in per_image.values())
+    # At-least-once delivery may repeat a message whose PUBACK was lost in the kill; the id makes it harmless.
+    assert len(raw) - len(set(raw)) <= 4
+    assert len(daemon.spool_files("done")) == 12
+    assert not daemon.spool_files("processing")
