@@ -115,11 +115,19 @@ def cmd_display(args: argparse.Namespace) -> int:
     from appliance.display.server import serve
 
     config = _config(args)
+    display = config.display
+    password = display.password()
     serve(
-        host=args.host or config.display.host,
-        port=args.port or config.display.port,
-        broker_ws_url=config.display.broker_ws_url,
+        host=args.host or display.host,
+        port=args.port or display.port,
+        broker_ws_url=display.broker_ws_url,
         topic_prefix=config.mqtt.topic_prefix,
+        site=display.site,
+        username=display.username,
+        # The page needs this password to connect, so anyone who can load the page can read it:
+        # it must be the display account (read results, write acks only), never the cart's.
+        password=password.get_secret_value() if password else None,
+        display_name=display.name,
     )
     return 0
 
@@ -171,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_display)
     p = with_config(sub.add_parser("usb-import", help="import every image on a mounted USB stick"))
     p.add_argument("mount", type=Path)
+    from appliance.usb_import import add_arguments
+
+    add_arguments(p)
     p.set_defaults(func=cmd_usb_import)
     return parser
 

@@ -21,6 +21,13 @@ from appliance.yamlsource import validate_yaml
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "engines" / "cxr-lite0" / "manifest.yaml"
 
 
+def read_secret(path: Path, key: str) -> SecretStr:
+    try:
+        return SecretStr(path.read_text(encoding="utf-8").strip())
+    except OSError as exc:
+        raise ConfigError(f"{key} {path}: cannot read: {exc.strerror}") from exc
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -151,6 +158,17 @@ class DisplayConfig(Section):
     broker_ws_url: str = Field(
         "ws://127.0.0.1:9001", description="Mosquitto WebSockets URL the page connects to."
     )
+    site: str = Field("+", description="Which site's carts to show ('+' = every site on the broker).")
+    name: str | None = Field(None, description="This display's name, sent with acknowledgements.")
+    username: str | None = Field(
+        None, description="The broker's display account (reads results, writes acks)."
+    )
+    password_file: Path | None = Field(
+        None, description="Password of the display account (served to the page)."
+    )
+
+    def password(self) -> SecretStr | None:
+        return read_secret(self.password_file, "display.password_file") if self.password_file else None
 
 
 class DicomNetConfig(Section):
