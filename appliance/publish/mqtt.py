@@ -11,7 +11,7 @@ subscribers de-duplicate on the payload's message_id.
 
 Topics (see topics.py): `status` retained, with a retained `offline` last will and `online`
 re-published on every connect; `result` QoS 1 not retained; `latest/<bed>` retained;
-`ack` subscribed: acknowledgements from displays, validated and handed to `on_ack`.
+`ack` and `ack/<message_id>` subscribed: acknowledgements from displays, validated and handed to `on_ack`.
 """
 
 from __future__ import annotations
@@ -253,7 +253,7 @@ class MqttPublisher:
         self._last_problem = None
         log.info("mqtt connected to %s:%d (session present: %s)", self.config.host, self.config.port,
                  flags.session_present)  # fmt: skip
-        client.subscribe(self.topics.ack, qos=1)
+        client.subscribe(self.topics.ack_filter, qos=1)
         with self._lock:
             self._status_dirty = True  # `online` on EVERY (re)connect, replacing the last will
         self._connected.set()
@@ -271,14 +271,18 @@ class MqttPublisher:
         self._wake.set()
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        if msg.topic != self.topics.ack:
-            return
+        if not mqtt.topic_matches_sub(self.topics.ack_filter, msg.topic) or not msg.payload:
+            return  # an empty payload clears a retained ack: nothing to store
         try:
             ack = Acknowledgement.model_validate_json(msg.payload)
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "payload"
             log.warning("ignored an invalid acknowledgement on %s: %s: %s", msg.topic, where, first["msg"])
+            return
+        suffix = msg.topic[len(self.topics.ack) + 1 :]
+        if suffix and suffix != ack.message_id:
+            log.warning("ignored an acknowledgement on %s: it names message %s", msg.topic, ack.message_id)
             return
         log.info("acknowledgement of %s by %s", ack.message_id, ack.by)
         if self.on_ack is not None:

@@ -1,4 +1,4 @@
-"""The topic tree: <prefix>/<site>/<device_id>/{status, result, latest/<bed>, ack}.
+"""The topic tree: <prefix>/<site>/<device_id>/{status, result, latest/<bed>, ack[/<message_id>]}.
 
 A bed name comes from config or DICOM tags, so it is sanitised before it becomes a topic level:
 MQTT wildcards (+ #), the level separator (/), control characters and anything unusual become
@@ -41,6 +41,11 @@ class Topics:
     @property
     def ack(self) -> str:
         return f"{self.base}/ack"
+
+    @property
+    def ack_filter(self) -> str:
+        """Displays publish to ack/<message_id> (retained) or plain ack; '#' matches both."""
+        return f"{self.base}/ack/#"
 
     def latest(self, location: str) -> str:
         return f"{self.base}/latest/{topic_level(location)}"

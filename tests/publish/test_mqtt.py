@@ -338,23 +338,38 @@ def test_acknowledgements_from_a_display_land_in_the_journal(
     display = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="display-a", protocol=mqtt.MQTTv311)
     display.connect(broker.host, broker.port)
     display.loop_start()
-    try:
-        ack = Acknowledgement(
-            message_id=result.message_id, by="RN Smith", at="2024-03-01T08:10:00Z", display="icu-1"
-        )
-        for payload in (
-            b"{not json",
-            json.dumps({"message_id": "x"}).encode(),
+    ack = Acknowledgement(
+        message_id=result.message_id, by="RN Smith", at="2024-03-01T08:10:00Z", display="icu-1"
+    )
+    other = Acknowledgement(message_id=result.message_id, by="Dr Jones", at="2024-03-01T08:11:00Z")
+    sends: list[tuple[str, str | bytes, bool]] = [
+        (f"{BASE}/ack", b"{not json", False),
+        (f"{BASE}/ack", json.dumps({"message_id": "x"}).encode(), False),  # misses by/at
+        (f"{BASE}/ack/someone-else", ack.model_dump_json(by_alias=True), False),  # topic and payload disagree
+        (
+            f"{BASE}/ack/{result.message_id}",
             ack.model_dump_json(by_alias=True),
-        ):
-            display.publish(f"{BASE}/ack", payload, qos=1).wait_for_publish(5)
+            True,
+        ),  # what the display does
+        (f"{BASE}/ack", other.model_dump_json(by_alias=True), False),
+    ]
+    try:
+        for topic, payload, retain in sends:
+            display.publish(topic, payload, qos=1, retain=retain).wait_for_publish(5)
     finally:
         display.disconnect()
         display.loop_stop()
-    assert wait_until(lambda: bool(journal.acknowledgements(result.message_id)))
-    [stored] = journal.acknowledgements(result.message_id)
-    assert (stored["by"], stored["display"]) == ("RN Smith", "icu-1")
+    assert wait_until(lambda: len(journal.acknowledgements(result.message_id)) == 2)
+    stored = journal.acknowledgements(result.message_id)
+    assert [(a["by"], a["display"]) for a in stored] == [("RN Smith", "icu-1"), ("Dr Jones", None)]
     assert journal.history(limit=1)[0]["acknowledged"] is True
+
+    # After a restart the retained ack is delivered again: stored once.
+    pub.close(timeout=1)
+    again = publisher_factory(broker, outbox=pub.outbox, on_ack=journal.record_ack)
+    assert wait_until(lambda: again.connected)
+    time.sleep(0.5)
+    assert len(journal.acknowledgements(result.message_id)) == 2
 
 
 def test_publish_latency_to_puback(broker: Broker, publisher_factory: Factory) -> None:
