@@ -31,6 +31,8 @@ from appliance.runtime import build_analyzer
 
 log = logging.getLogger("appliance.daemon")
 
+HOUSEKEEPING_SECONDS = 600.0
+
 
 class Daemon:
     def __init__(self, config: AppConfig, config_path: Path | None = None) -> None:
@@ -84,12 +86,11 @@ class Daemon:
                 folder.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise UserError(f"{folder}: cannot create: {exc.strerror}") from exc
-        self.spool = Spool(ingest.spool)
+        self.spool = Spool(ingest.spool, min_free_mb=ingest.min_free_mb)
         recovered = self.spool.recover()
         if recovered:
             log.warning("recovered %d image(s) left in processing after an unclean stop", recovered)
         self.journal = Journal.from_config(self.config.journal)
-        self.journal.prune()
         # Load the model before connecting, so `online` is only ever said by a cart that can read.
         self.analyzer: Analyzer = build_analyzer(self.config)
         self.publisher: MqttPublisher | None = None
@@ -215,8 +216,11 @@ class Daemon:
 
     def _loop(self) -> None:
         ping_every = sdnotify.watchdog_interval()
-        last_ping = 0.0
+        last_ping = last_housekeeping = 0.0
         while not self.stop_event.is_set():
+            if time.monotonic() - last_housekeeping >= HOUSEKEEPING_SECONDS:
+                self.housekeeping()
+                last_housekeeping = time.monotonic()
             if ping_every is not None and time.monotonic() - last_ping >= ping_every / 2:
                 sdnotify.watchdog()  # from the loop itself: a hung pipeline stops the pings
                 last_ping = time.monotonic()
@@ -229,6 +233,13 @@ class Daemon:
                 self.wake.clear()
                 continue
             self.process([Job(path=i.path, image_id=i.image_id, source=i.source) for i in items])
+
+    def housekeeping(self) -> None:
+        """Retention: the journal and the done/ folder never fill the disk."""
+        pruned = self.journal.prune()
+        purged = self.spool.purge_done(self.config.ingest.keep_done_days * 86400)
+        if pruned or purged:
+            log.info("housekeeping: %d old result(s) pruned, %d processed file(s) deleted", pruned, purged)
 
     def process(self, jobs: list[Job]) -> None:
         fresh = []
