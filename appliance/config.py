@@ -171,12 +171,51 @@ class DisplayConfig(Section):
         return read_secret(self.password_file, "display.password_file") if self.password_file else None
 
 
+class DicomTlsConfig(Section):
+    cert_file: Path = Field(description="PEM certificate this end presents.")
+    key_file: Path = Field(description="PEM private key of cert_file.")
+    ca_file: Path | None = Field(
+        None,
+        description="CA that signed the peer's certificate; given: the peer must present one (mutual TLS).",
+    )
+
+
 class DicomNetConfig(Section):
     enabled: bool = False
     ae_title: str = Field("CXR_APPLIANCE", max_length=16)
     port: int = Field(11112, ge=1, le=65535)
     bind: str = "0.0.0.0"
     allowed_calling_ae: list[str] = Field(default_factory=list, description="Empty: accept any calling AE.")
+    receive_dir: Path | None = Field(
+        None,
+        description="Where received instances are written before the spool takes them "
+        "(default: <ingest.spool>/dicom-in; keep it on the spool's filesystem).",
+    )
+    tls: DicomTlsConfig | None = Field(None, description="Accept DICOM over TLS only (server certificate).")
+
+
+class PacsConfig(Section):
+    ae_title: str = Field(max_length=16, description="The PACS's AE title (called AE).")
+    host: str = Field(description="PACS host name or address.")
+    port: int = Field(104, ge=1, le=65535)
+    calling_ae_title: str | None = Field(None, max_length=16, description="Default: dicom_net.ae_title.")
+    timeout_seconds: float = Field(30.0, gt=0, description="Connection and response timeout.")
+    retry_min_seconds: float = Field(5.0, gt=0, description="First wait after the PACS could not be reached.")
+    retry_max_seconds: float = Field(
+        300.0, gt=0, description="Longest wait between retries (backoff doubles)."
+    )
+    ca_file: Path | None = Field(None, description="Given: connect over TLS, trusting this CA.")
+
+
+class DicomOutConfig(Section):
+    enabled: bool = Field(False, description="Write a DICOM SR and Secondary Capture for each DICOM input.")
+    outbox: Path = Field(
+        Path("/var/lib/cxr-appliance/dicom-out"),
+        description="Folder for the SR/SC files; queue/ inside holds those not yet accepted by the PACS.",
+    )
+    secondary_capture: bool = Field(True, description="Also write the image with the heatmap overlay.")
+    manufacturer: str = Field("CXR appliance", description="Manufacturer written into the objects.")
+    pacs: PacsConfig | None = Field(None, description="Send the objects by C-STORE here (None: folder only).")
 
 
 class AppConfig(Section):
@@ -189,6 +228,7 @@ class AppConfig(Section):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     display: DisplayConfig = Field(default_factory=DisplayConfig)
     dicom_net: DicomNetConfig = Field(default_factory=DicomNetConfig)
+    dicom_out: DicomOutConfig = Field(default_factory=DicomOutConfig)
 
     def resolve_paths(self, base: Path) -> AppConfig:
         """Relative paths in the YAML are relative to the YAML file's folder."""
