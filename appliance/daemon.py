@@ -21,6 +21,7 @@ from appliance.config import AppConfig, load_config
 from appliance.errors import InputRejected, UserError
 from appliance.ingest.spool import Rejected, Spool, SpoolFull
 from appliance.ingest.watcher import FolderWatcher
+from appliance.interpret.trend import with_trend
 from appliance.journal import Journal
 from appliance.logs import setup_logging
 from appliance.pipeline import Analyzer, Job
@@ -251,6 +252,7 @@ class Daemon:
                 fresh.append(job)
         for job, result in zip(fresh, self.analyzer.analyze(fresh), strict=True):
             started = time.perf_counter()
+            result = self._add_trend(result)
             self.journal.record_result(result)
             result.timings_ms["journal"] = round((time.perf_counter() - started) * 1000.0, 2)
             self._hand_off(job, result)
@@ -268,6 +270,14 @@ class Daemon:
                     }
                 },
             )
+
+    def _add_trend(self, result: Result) -> Result:
+        if result.status != "ok" or not result.patient_key:
+            return result
+        priors = self.journal.priors(
+            result.patient_key, result.image.acquired_at or result.created_at, limit=1
+        )
+        return with_trend(result, priors[-1]) if priors else result
 
     def _hand_off(self, job: Job, result: Result) -> None:
         if self.publisher is not None:

@@ -216,3 +216,32 @@ def test_kill_9_mid_run_loses_nothing_and_publishes_each_image_once(
     assert len(raw) - len(set(raw)) <= 4
     assert len(daemon.spool_files("done")) == 12
     assert not daemon.spool_files("processing")
+
+
+def test_a_second_image_of_the_same_patient_links_to_the_prior(
+    broker: Broker, model: Path, daemons: Callable[..., DaemonProcess], tmp_path: Path
+) -> None:
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    first = data.real_dicoms()[1]
+    later = pydicom.dcmread(first)
+    later.SOPInstanceUID = generate_uid()
+    later.file_meta.MediaStorageSOPInstanceUID = later.SOPInstanceUID
+    later.AcquisitionDate, later.AcquisitionTime = "20260302", "083000"
+    earlier = pydicom.dcmread(first)
+    earlier.AcquisitionDate, earlier.AcquisitionTime = "20260301", "083000"
+    earlier.save_as(tmp_path / "day1.dcm")
+    later.save_as(tmp_path / "day2.dcm")
+    daemon = daemons(broker, model)
+    with Subscriber(broker, "cxr/#") as sub:
+        daemon.start()
+        shutil.copy(tmp_path / "day1.dcm", daemon.inbox / "day1.dcm")
+        wait_results(sub, 1, timeout=20)
+        shutil.copy(tmp_path / "day2.dcm", daemon.inbox / "day2.dcm")
+        got = wait_results(sub, 2, timeout=20)
+    assert len(got) == 2
+    day1, day2 = got
+    assert day1["trend"] is None and day1["patient_key"] == day2["patient_key"]
+    assert day2["trend"]["prior_image_id"] == day1["image"]["image_id"]  # type: ignore[index]
+    assert day2["trend"]["interval_hours"] == 24.0  # type: ignore[index]

@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from appliance.interpret.trend import compare, with_trend
+from appliance.journal import Journal
+from appliance.result import Result, Sentence, Severity
+from tests.support.results import make_result
+
+T0 = datetime(2026, 3, 1, 8, 0, tzinfo=timezone.utc)
+
+
+def with_extent(n: int, extent: float, when: datetime) -> Result:
+    result = make_result(n, acquired_at=when)
+    sentences = [
+        Sentence(text="Frontal view.", source="view.frontal"),
+        Sentence(text="Not for diagnostic use.", source="disclaimer"),
+    ]
+    return result.model_copy(
+        update={"severity": Severity(extent=extent, opacity=2.0), "sentences": sentences, "text": "x"}
+    )
+
+
+def test_worse_two_days_later_gets_a_sentence_before_the_disclaimer() -> None:
+    prior = with_extent(1, 3.0, T0)
+    current = with_extent(2, 5.0, T0 + timedelta(days=2))
+    result = with_trend(current, prior)
+    assert result.trend is not None and result.trend.direction == "worse"
+    assert result.trend.interval_hours == 48.0
+    assert [s.source for s in result.sentences] == ["view.frontal", "trend", "disclaimer"]
+    assert result.sentences[1].text == "Worse than 2 days ago: extent 3 → 5 of 8."
+    assert result.text.endswith("Worse than 2 days ago: extent 3 → 5 of 8. Not for diagnostic use.")
+
+
+def test_small_changes_are_unchanged_and_improvement_is_better() -> None:
+    assert (
+        compare(with_extent(2, 3.4, T0 + timedelta(hours=6)), with_extent(1, 3.0, T0)).direction
+        == "unchanged"
+    )
+    trend = compare(with_extent(2, 1.0, T0 + timedelta(hours=12)), with_extent(1, 4.0, T0))
+    assert trend.direction == "better" and trend.interval_hours == 12.0
+
+
+def test_the_journal_finds_the_prior_across_time_zones(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "j.sqlite3")
+    # 09:00+01:00 is 08:00 UTC: earlier than 08:30 UTC although its wall-clock reads later.
+    earlier = make_result(1, acquired_at=datetime(2026, 3, 1, 9, 0, tzinfo=timezone(timedelta(hours=1))))
+    later = make_result(2, acquired_at=datetime(2026, 3, 1, 8, 30, tzinfo=timezone.utc))
+    journal.record_result(earlier)
+    journal.record_result(later)
+    priors = journal.priors(str(later.patient_key), later.image.acquired_at, limit=1)
+    assert [p.image.image_id for p in priors] == [earlier.image.image_id]
+    assert journal.priors(str(earlier.patient_key), earlier.image.acquired_at, limit=1) == []
+    journal.close()
