@@ -1,0 +1,91 @@
+"""The commands as an engineer types them (in-process, real files, real broker)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from appliance.cli import main
+from appliance.journal import Journal
+from tests.support import data, tiny_models
+from tests.support.mosquitto import Broker
+from tests.support.results import make_result
+from tests.support.schemas import assert_valid
+
+
+def config_file(tmp_path: Path, broker: Broker | None = None) -> Path:
+    model = tiny_models.xrv_like(tmp_path / "model")
+    config = {
+        "ingest": {"watch": str(tmp_path / "inbox"), "spool": str(tmp_path / "spool")},
+        "inference": {"model": str(model), "backend": "auto"},
+        "mqtt": {"host": "127.0.0.1", "port": broker.port if broker else 1} if broker else {"port": 1},
+        "privacy": {"salt_file": str(tmp_path / "salt")},
+        "journal": {"path": str(tmp_path / "journal.sqlite3")},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+def test_process_prints_one_schema_valid_json_per_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    files = [*data.real_dicoms()[:2], data.first(source="txv", view="PA", modality="X-ray")]
+    assert main(["process", "--config", str(config_file(tmp_path)), "--json", *map(str, files)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3
+    for line in lines:
+        payload = assert_valid(line, "result.v1.json")
+        assert payload["status"] == "ok" and payload["provenance"]["backend"] == "onnxruntime"
+        # auto without TensorRT falls back, and says so in the provenance
+        assert "TensorRT" in (payload["provenance"]["fallback_reason"] or "")
+
+
+def test_process_exits_1_when_a_file_cannot_be_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.dcm"
+    bad.write_text("nope")
+    assert main(["process", "--config", str(config_file(tmp_path)), str(bad)]) == 1
+    out = capsys.readouterr().out
+    assert "error" in out and "Not read:" in out
+
+
+def test_history_lists_the_journal(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = config_file(tmp_path)
+    journal = Journal(tmp_path / "journal.sqlite3")
+    for n in range(3):
+        journal.record_result(make_result(n, location=f"bed-{n}"))
+    journal.close()
+    assert main(["history", "--config", str(config), "--json", "--limit", "2"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(rows) == 2
+
+
+def test_history_without_a_journal_is_a_plain_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["history", "--config", str(config_file(tmp_path))]) == 2
+    assert "no journal yet" in capsys.readouterr().err
+
+
+def test_doctor_ready_with_a_broker_and_not_ready_without(
+    tmp_path: Path, broker: Broker, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "inbox").mkdir()
+    assert main(["doctor", "--config", str(config_file(tmp_path, broker))]) == 0
+    out = capsys.readouterr().out
+    assert "READY: 0 failed" in out and "WARN  backend  FALLBACK onnxruntime/fp32" in out
+    broker.stop()
+    assert main(["doctor", "--config", str(config_file(tmp_path, broker))]) == 1
+    assert "FAIL  broker" in capsys.readouterr().out
+
+
+def test_doctor_names_a_bad_model_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = config_file(tmp_path)
+    (tmp_path / "model" / "model.onnx").write_bytes(b"tampered")
+    assert main(["doctor", "--config", str(config)]) == 1
+    assert "does not match the manifest" in capsys.readouterr().out
