@@ -1,0 +1,68 @@
+"""DICOM networking: a C-STORE/C-ECHO receiver in front of the spool, a C-STORE sender to a PACS.
+
+Both sides only ever expose complete files: a file is written under a temporary name, fsynced,
+renamed, and its folder fsynced, so a crash leaves either nothing or the whole instance.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import ssl
+from pathlib import Path
+
+from appliance.errors import ConfigError
+
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomically(dest: Path, data: bytes) -> Path:
+    """dest appears whole or not at all, and survives a power cut once this returns."""
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.rename(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    fsync_dir(dest.parent)
+    return dest
+
+
+def safe_uid_name(uid: str, suffix: str = ".dcm") -> str | None:
+    """A file name from a UID, or None when the peer sent something that is not a UID."""
+    uid = uid.strip()
+    return f"{uid}{suffix}" if uid and len(uid) <= 64 and _UID.match(uid) else None
+
+
+def server_tls_context(cert_file: Path, key_file: Path, ca_file: Path | None) -> ssl.SSLContext:
+    """TLS for the receiver; with ca_file the sending unit must show a certificate signed by it."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert_file, key_file)
+        if ca_file is not None:
+            context.load_verify_locations(cafile=ca_file)
+            context.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"dicom_net.tls: cannot load {cert_file} / {key_file} / {ca_file}: {exc}") from exc
+    return context
+
+
+def client_tls_context(ca_file: Path) -> ssl.SSLContext:
+    try:
+        return ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca_file))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"dicom_out.pacs.ca_file {ca_file}: cannot load: {exc}") from exc

@@ -1,0 +1,150 @@
+"""The C-STORE receiver over real pynetdicom associations on loopback, into a real Spool."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from appliance.config import DicomNetConfig, DicomTlsConfig
+from appliance.dicomnet.receiver import OUT_OF_RESOURCES, SUCCESS, DicomReceiver
+from appliance.ingest.spool import Spool
+from tests.dicomnet import scu
+from tests.support.data import cxr_data
+from tests.support.mosquitto import free_port, make_certificates
+
+JPEG_CR = "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
+MONOCHROME1 = "Fake_MONOHR1.dcm"
+NATIVE_DX = "1.3.6.1.4.1.11129.5.5.110503645592756492463169821050252582267888.dcm"
+
+
+def real(name: str) -> Path:
+    return cxr_data() / "dicom" / name
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Iterator[Spool]:
+    s = Spool(tmp_path / "spool")
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def receivers(spool: Spool, tmp_path: Path) -> Iterator[Callable[..., DicomReceiver]]:
+    made: list[DicomReceiver] = []
+
+    def make(**options: object) -> DicomReceiver:
+        hooks = {k: options.pop(k) for k in ("on_accepted", "accepting") if k in options}
+        config = DicomNetConfig.model_validate({"bind": "127.0.0.1", "port": free_port(), **options})
+        r = DicomReceiver(config, spool, tmp_path / "spool" / "dicom-in", **hooks)  # type: ignore[arg-type]
+        made.append(r.start())
+        return r
+
+    yield make
+    for r in made:
+        r.stop()
+
+
+def spooled(spool: Spool) -> list[Path]:
+    return sorted((spool.root / "incoming").iterdir())
+
+
+def test_c_echo_answers_success(receivers: Callable[..., DicomReceiver]) -> None:
+    receiver = receivers()
+    assert scu.echo(receiver.address[1]) == SUCCESS
+
+
+def test_a_real_cr_lands_in_the_spool_unchanged_and_a_resend_is_a_duplicate(
+    receivers: Callable[..., DicomReceiver], spool: Spool
+) -> None:
+    woken: list[int] = []
+    receiver = receivers(on_accepted=lambda: woken.append(1))
+    port = receiver.address[1]
+    started = time.perf_counter()
+    assert scu.store(port, [real(JPEG_CR)]) == [SUCCESS]
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    # The response comes after the spool holds the file: no waiting needed here.
+    files = spooled(spool)
+    assert len(files) == 1 and woken == [1]
+    sent, got = pydicom.dcmread(real(JPEG_CR)), pydicom.dcmread(files[0])
+    assert got.SOPInstanceUID == sent.SOPInstanceUID
+    assert got.file_meta.TransferSyntaxUID == sent.file_meta.TransferSyntaxUID  # not re-encoded
+    assert got.PixelData == sent.PixelData
+    item = spool.claim_next()
+    assert item is not None and item.source == "dicom-net"
+    print(f"C-STORE association + store -> spool incoming/: {elapsed_ms:.1f} ms")
+
+    # The same instance again (a unit retrying) is acknowledged and not spooled twice.
+    assert scu.store(port, [real(JPEG_CR)]) == [SUCCESS]
+    assert spool.pending_count() == 1
+    assert list(receiver.receive_dir.iterdir()) == []
+
+
+def test_several_instances_in_one_association(receivers: Callable[..., DicomReceiver], spool: Spool) -> None:
+    receiver = receivers()
+    # Fake_MONOHR1 carries the same SOPInstanceUID as the CR: de-duplicated like any other input.
+    statuses = scu.store(receiver.address[1], [real(NATIVE_DX), real(JPEG_CR), real(MONOCHROME1)])
+    assert statuses == [SUCCESS, SUCCESS, SUCCESS]
+    uids = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in spooled(spool)}
+    assert uids == {
+        pydicom.dcmread(real(n), stop_before_pixels=True).SOPInstanceUID for n in (NATIVE_DX, JPEG_CR)
+    }
+
+
+def test_a_calling_ae_title_not_allowed_is_refused_at_association(
+    receivers: Callable[..., DicomReceiver], spool: Spool, caplog: pytest.LogCaptureFixture
+) -> None:
+    receiver = receivers(allowed_calling_ae=["XRAY_UNIT", "XRAY_2"])
+    port = receiver.address[1]
+    with caplog.at_level(logging.WARNING, logger="appliance.dicomnet.receiver"):
+        assert scu.store(port, [real(NATIVE_DX)], calling="INTRUDER") == []
+        deadline = time.monotonic() + 5
+        while "INTRUDER" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert "'INTRUDER' is not in dicom_net.allowed_calling_ae (XRAY_UNIT, XRAY_2)" in caplog.text
+    assert spooled(spool) == []
+    assert scu.echo(port, calling="INTRUDER") is None
+    assert scu.store(port, [real(NATIVE_DX)], calling="XRAY_2") == [SUCCESS]
+    assert len(spooled(spool)) == 1
+
+
+def test_not_accepting_answers_out_of_resources_and_keeps_nothing(
+    receivers: Callable[..., DicomReceiver], spool: Spool
+) -> None:
+    receiver = receivers(accepting=lambda: False)
+    assert scu.store(receiver.address[1], [real(NATIVE_DX)]) == [OUT_OF_RESOURCES]
+    assert spooled(spool) == [] and list(receiver.receive_dir.iterdir()) == []
+
+
+def test_a_file_left_by_a_crash_is_spooled_at_start(spool: Spool, tmp_path: Path) -> None:
+    receive_dir = tmp_path / "spool" / "dicom-in"
+    receive_dir.mkdir(parents=True)
+    (receive_dir / "x.dcm").write_bytes(real(NATIVE_DX).read_bytes())
+    (receive_dir / ".half.dcm.123.part").write_bytes(b"DICM half written")
+    config = DicomNetConfig.model_validate({"bind": "127.0.0.1", "port": free_port()})
+    with DicomReceiver(config, spool, receive_dir):
+        assert len(spooled(spool)) == 1
+        assert list(receive_dir.iterdir()) == []
+
+
+def test_tls_only_a_client_with_a_trusted_certificate_may_send(
+    receivers: Callable[..., DicomReceiver], spool: Spool, tmp_path: Path
+) -> None:
+    import ssl
+
+    certs = make_certificates(tmp_path / "certs")
+    receiver = receivers(
+        tls=DicomTlsConfig(cert_file=certs.server_cert, key_file=certs.server_key, ca_file=certs.ca)
+    )
+    port = receiver.address[1]
+    client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(certs.ca))
+    client.load_cert_chain(certs.client_cert, certs.client_key)
+    assert scu.store(port, [real(NATIVE_DX)], tls=client) == [SUCCESS]
+    anonymous = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(certs.ca))
+    assert scu.store(port, [real(JPEG_CR)], tls=anonymous) == []  # no client certificate
+    assert scu.store(port, [real(JPEG_CR)]) == []  # plain DICOM on the TLS port
+    assert len(spooled(spool)) == 1
