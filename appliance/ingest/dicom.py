@@ -92,6 +92,12 @@ def read_dicom(path: Path, *, max_pixels: int, target_size: int | None = None) -
     meta = _meta(ds)
     _refuse_before_decoding(ds, path, meta, max_pixels)
     raw, scale = _decode_first_frame(ds, name, meta.transfer_syntax or "", target_size)
+    if target_size and scale == 1.0:
+        reduced = _block_mean(raw, ds, target_size)
+        if reduced is not None:
+            pooled, extremes, factor = reduced
+            pixels = _to_unit(pooled, ds, name, extremes=extremes)
+            return DecodedImage(pixels=pixels, meta=meta, scale=float(factor))
     pixels = _to_unit(raw, ds, name)
     return DecodedImage(pixels=pixels, meta=meta, scale=scale)
 
@@ -263,11 +269,69 @@ def _decode_reduced(ds: Dataset, ts: str, target_size: int) -> tuple[np.ndarray,
         return None
     if arr.dtype == np.int32:
         arr = arr.astype(np.uint16)
+    if ts in _J2K and arr.dtype == np.uint16:
+        # Pillow scales 9-15 bit JPEG 2000 samples up to the full 16 bits; the windows and LUTs
+        # expect the stored values, so shift back by what the codestream declares.
+        precision = _j2k_precision(frame)
+        if precision is None:
+            return None
+        arr = arr >> np.uint16(16 - precision) if precision < 16 else arr
     return arr, cols / arr.shape[1]
 
 
-def _to_unit(raw: np.ndarray, ds: Dataset, name: str) -> np.ndarray:
-    """Stored values -> float32 [0, 1], 0 black. In-place float32 maths: no float64 full-size copies."""
+def _j2k_precision(frame: bytes) -> int | None:
+    """Bits of the first component from the codestream's SIZ marker; None if absent or signed."""
+    at = frame.find(b"\xff\x51", 0, 4096)  # SIZ follows SOC (J2K) or sits early in the jp2c box (JP2)
+    if at < 0 or len(frame) <= at + 40:
+        return None
+    ssiz = frame[at + 40]  # FF51 Lsiz Rsiz Xsiz Ysiz XOsiz YOsiz XTsiz YTsiz XTOsiz YTOsiz Csiz, then Ssiz
+    return None if ssiz & 0x80 else (ssiz & 0x7F) + 1
+
+
+def _block_mean(
+    raw: np.ndarray, ds: Dataset, target_size: int
+) -> tuple[np.ndarray, tuple[float, float], int] | None:
+    """Average k x k blocks of stored values in integer arithmetic (k = the largest factor that keeps
+    both sides >= target_size), before any float conversion: the later float work then touches k^2
+    times fewer pixels. Returns (float32 block means, (min, max) of the full-size stored values, k),
+    or None where it would not match the full-size path: a Modality or VOI LUT or a sigmoid VOI (not
+    linear, so averaging first would change the values), a non-integer or odd-shaped array.
+
+    Linear windows commute with averaging except in blocks that straddle a clipping bound (a tiny,
+    smoothing-sized difference, the same kind the reduced JPEG 2000 / JPEG decodes make). The
+    auto-window needs the extremes of the full image, not of the means, so they are returned too.
+    A remainder of fewer than k rows/columns at the bottom/right edge is left out."""
+    if raw.ndim != 2 or not np.issubdtype(raw.dtype, np.integer) or raw.dtype.itemsize > 2:
+        return None
+    if "ModalityLUTSequence" in ds or "VOILUTSequence" in ds:
+        return None
+    if str(ds.get("VOILUTFunction", "") or "").upper() == "SIGMOID":
+        return None
+    rows, cols = raw.shape
+    factor = min(min(rows, cols) // target_size, 64)
+    if factor < 2:
+        return None
+    out_h, out_w = rows // factor, cols // factor
+    # Rows first, in the accumulator type (uint32 cannot overflow: 64 x 65535 < 2^32), as k whole-row
+    # adds over contiguous memory, which numpy vectorises well; then the columns of the k-times smaller
+    # result. int64 for signed data.
+    acc_type = np.int64 if np.issubdtype(raw.dtype, np.signedinteger) else np.uint32
+    blocks = raw[: out_h * factor, : out_w * factor].reshape(out_h, factor, out_w * factor)
+    acc = blocks[:, 0, :].astype(acc_type)
+    for i in range(1, factor):
+        np.add(acc, blocks[:, i, :], out=acc)
+    sums = acc.reshape(out_h, out_w, factor).sum(axis=2, dtype=acc_type)
+    pooled = sums.astype(np.float32)
+    pooled *= np.float32(1 / (factor * factor))
+    return pooled, (float(raw.min()), float(raw.max())), factor
+
+
+def _to_unit(
+    raw: np.ndarray, ds: Dataset, name: str, *, extremes: tuple[float, float] | None = None
+) -> np.ndarray:
+    """Stored values -> float32 [0, 1], 0 black. In-place float32 maths: no float64 full-size copies.
+
+    `extremes`: (min, max) stored values when `raw` holds block means (_block_mean) of an integer image."""
     if raw.ndim != 2:
         raise InputRejected(reasons.UNSUPPORTED_PIXEL_FORMAT, f"{name}: decoded shape {raw.shape}")
     arr: np.ndarray = raw
@@ -281,13 +345,18 @@ def _to_unit(raw: np.ndarray, ds: Dataset, name: str) -> np.ndarray:
             arr *= np.float32(slope)
             arr += np.float32(intercept)
             rescaled = True
-    out = _voi(arr, ds, rescaled)
+            if extremes is not None:
+                ends = sorted(v * slope + intercept for v in extremes)
+                extremes = (ends[0], ends[1])
+    out = _voi(arr, ds, rescaled, extremes)
     if ds.get("PhotometricInterpretation") == "MONOCHROME1":
         np.subtract(np.float32(1), out, out=out)
     return out
 
 
-def _voi(arr: np.ndarray, ds: Dataset, rescaled: bool) -> np.ndarray:
+def _voi(
+    arr: np.ndarray, ds: Dataset, rescaled: bool, extremes: tuple[float, float] | None = None
+) -> np.ndarray:
     if "VOILUTSequence" in ds and np.issubdtype(arr.dtype, np.integer):
         lut_bits = int(ds.VOILUTSequence[0].LUTDescriptor[2]) or 16
         out = apply_voi_lut(arr, ds, index=0, prefer_lut=True).astype(np.float32)
@@ -315,17 +384,13 @@ def _voi(arr: np.ndarray, ds: Dataset, rescaled: bool) -> np.ndarray:
             out += np.float32(0.5)
         return np.clip(out, 0, 1, out=out)
     bits = int(ds.get("BitsStored") or 8)
-    if (
-        not rescaled
-        and bits <= 8
-        and np.issubdtype(arr.dtype, np.integer)
-        and ds.get("PixelRepresentation", 0) == 0
-    ):
+    integer = np.issubdtype(arr.dtype, np.integer) or extremes is not None  # block means of integers
+    if not rescaled and bits <= 8 and integer and ds.get("PixelRepresentation", 0) == 0:
         # 8-bit with no window: the full range is the display range, as for an 8-bit PNG.
         out *= np.float32(1 / ((1 << bits) - 1))
         return np.clip(out, 0, 1, out=out)
     # No window given: stretch the values present (what viewers do for "auto window").
-    low, high = float(out.min()), float(out.max())
+    low, high = extremes if extremes is not None else (float(out.min()), float(out.max()))
     out -= np.float32(low)
     out *= np.float32(1 / max(high - low, 1e-6))
     return out
