@@ -1,0 +1,71 @@
+"""DICOM results for DICOM inputs: a Comprehensive SR (TID 1500) and a Secondary Capture with the heatmap.
+
+Both are built with highdicom, which checks the objects as it builds them: an object it refuses is
+never written. Both name the algorithm (model name, version, and Result.provenance.device_uid as
+Device UID, which changes whenever the model file does) and say "Not for diagnostic use" in their
+series description. Instance UIDs derive from the result's message id, so writing the same result
+again (after a crash) gives the same objects, which a PACS treats as one.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, Final
+
+import highdicom as hd
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+from appliance import NOT_FOR_DIAGNOSTIC_USE, __version__
+from appliance.errors import ApplianceError
+from appliance.result import Result
+
+UID_NAMESPACE: Final = uuid.UUID("6f4b7c1e-3c55-4d0e-9a0b-2f6d3f6f0c21")
+SR_SERIES_NUMBER: Final = 9901
+SC_SERIES_NUMBER: Final = 9902
+
+
+class DicomOutError(ApplianceError):
+    """A DICOM result object could not be built (highdicom refused it) or written."""
+
+
+def derived_uid(result: Result, kind: str) -> str:
+    """A UID (2.25 = UUID form) fixed by the result and the object kind ('sr', 'sr-series', ...)."""
+    return "2.25." + str(uuid.uuid5(UID_NAMESPACE, f"{result.message_id}/{kind}").int)
+
+
+def series_description(kind: str) -> str:
+    return f"CXR AI {kind} - {NOT_FOR_DIAGNOSTIC_USE}"
+
+
+def software_versions(result: Result) -> list[str]:
+    return [result.provenance.model_version, f"cxr-appliance {__version__}"]
+
+
+def common_kwargs(result: Result, kind: str, manufacturer: str) -> dict[str, Any]:
+    """Series and General Equipment attributes shared by the SR and the SC (highdicom keywords)."""
+    return {
+        "series_instance_uid": derived_uid(result, f"{kind}-series"),
+        "sop_instance_uid": derived_uid(result, kind),
+        "instance_number": 1,
+        "manufacturer": manufacturer,
+        "manufacturer_model_name": result.provenance.model,
+        "software_versions": software_versions(result),
+        "contributing_equipment": [
+            hd.ContributingEquipment(
+                manufacturer=manufacturer,
+                purpose_of_reference=codes.DCM.ProcessingEquipment,
+                manufacturer_model_name=result.provenance.model,
+                software_versions=software_versions(result),
+                contribution_description=(
+                    f"AI analysis ({result.provenance.backend}, {result.provenance.precision})"
+                ),
+            )
+        ],
+    }
+
+
+def add_device_uid(ds: Dataset, result: Result) -> None:
+    """Device UID (General Equipment): the algorithm's identity, which changes with the model file."""
+    if result.provenance.device_uid:
+        ds.DeviceUID = result.provenance.device_uid

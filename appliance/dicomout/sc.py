@@ -1,0 +1,120 @@
+"""A Secondary Capture of the image with the heatmap drawn over it (DERIVED\\SECONDARY).
+
+The picture is the same grey image the model saw (VOI/window and MONOCHROME1 already applied by the
+reader), with the heatmap in warm colours where it is high, and "NOT FOR DIAGNOSTIC USE" burned in.
+It carries no pixel spacing on purpose: nobody should measure on it. It joins the source's study,
+references the source image and names the algorithm like the SR does.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+from typing import Final
+
+import numpy as np
+from highdicom.sc import SCImage
+from PIL import Image, ImageDraw, ImageFont
+from pydicom.dataset import Dataset
+from pydicom.uid import JPEGBaseline8Bit
+
+from appliance import NOT_FOR_DIAGNOSTIC_USE
+from appliance.dicomout import (
+    SC_SERIES_NUMBER,
+    DicomOutError,
+    add_device_uid,
+    common_kwargs,
+    series_description,
+)
+from appliance.errors import InputRejected
+from appliance.ingest import read_image
+from appliance.result import Heatmap, Result
+
+MAX_SIDE: Final = 2048  # a review picture; larger images are scaled down
+HOT_FROM: Final = 0.35  # heatmap values below this stay grey (it is normalised to [0, 1] per image)
+MAX_ALPHA: Final = 0.55
+# Radiographic display convention, the one the zones use too (image left = patient right).
+DEFAULT_ORIENTATION: Final = ("L", "F")
+
+
+def heatmap_array(heatmap: Heatmap, size: tuple[int, int]) -> np.ndarray:
+    """The heatmap PNG as float [0, 1], resized to (width, height)."""
+    grey = Image.open(io.BytesIO(base64.b64decode(heatmap.png_base64))).convert("L")
+    return np.asarray(grey.resize(size, Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
+
+
+def overlay(grey: np.ndarray, heat: np.ndarray | None) -> np.ndarray:
+    """RGB uint8: grey image, blended towards red-yellow where the heatmap is high."""
+    rgb = np.repeat(grey[..., None], 3, axis=2).astype(np.float32)
+    if heat is not None:
+        strength = np.clip((heat - HOT_FROM) / (1.0 - HOT_FROM), 0.0, 1.0)
+        colour = np.stack([np.ones_like(heat), strength, np.zeros_like(heat)], axis=2)  # red -> yellow
+        alpha = (MAX_ALPHA * strength)[..., None]
+        rgb = (rgb * (1.0 - alpha) + colour * alpha).astype(np.float32)
+    return np.asarray(np.clip(rgb * 255.0 + 0.5, 0, 255), dtype=np.uint8)
+
+
+def burn_in(rgb: np.ndarray, text: str) -> np.ndarray:
+    image = Image.fromarray(rgb, mode="RGB")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=max(12, image.height // 40))
+    box = draw.textbbox((0, 0), text, font=font)
+    margin = max(4, image.height // 100)
+    draw.rectangle((0, 0, box[2] + 2 * margin, box[3] + 2 * margin), fill=(0, 0, 0))
+    draw.text((margin, margin), text, fill=(255, 255, 0), font=font)
+    return np.asarray(image)
+
+
+def picture(result: Result, source_path: Path) -> np.ndarray:
+    try:
+        decoded = read_image(source_path, target_size=MAX_SIDE)
+    except InputRejected as exc:
+        raise DicomOutError(f"{source_path.name}: cannot read the source image again: {exc}") from exc
+    pixels = decoded.pixels
+    if max(pixels.shape) > MAX_SIDE:
+        scale = MAX_SIDE / max(pixels.shape)
+        size = (max(1, round(pixels.shape[1] * scale)), max(1, round(pixels.shape[0] * scale)))
+        pixels = np.asarray(Image.fromarray(pixels, mode="F").resize(size, Image.Resampling.BILINEAR))
+    height, width = pixels.shape
+    heat = heatmap_array(result.heatmap, (width, height)) if result.heatmap is not None else None
+    label = f"{NOT_FOR_DIAGNOSTIC_USE.upper()} - {result.provenance.model} {result.provenance.model_version}"
+    if result.heatmap is not None:
+        label += f" - heatmap: {result.heatmap.label}"
+    return burn_in(overlay(np.clip(pixels, 0.0, 1.0), heat), label)
+
+
+def build_sc(result: Result, source: Dataset, source_path: Path, *, manufacturer: str) -> SCImage:
+    """The heatmap Secondary Capture; `source` is the header of the image at `source_path`."""
+    rgb = picture(result, source_path)
+    orientation = tuple(str(v) for v in source.get("PatientOrientation", []) or ()) or DEFAULT_ORIENTATION
+    try:
+        sc = SCImage.from_ref_dataset(
+            ref_dataset=source,
+            pixel_array=rgb,
+            photometric_interpretation="YBR_FULL_422",
+            bits_allocated=8,
+            coordinate_system="PATIENT",
+            patient_orientation=orientation if len(orientation) == 2 else DEFAULT_ORIENTATION,
+            series_number=SC_SERIES_NUMBER,
+            series_description=series_description("heatmap"),
+            transfer_syntax_uid=JPEGBaseline8Bit,
+            **common_kwargs(result, "sc", manufacturer),
+        )
+    except (ValueError, TypeError) as exc:
+        raise DicomOutError(
+            f"Secondary Capture for image {result.image.image_id[:12]} refused: {exc}"
+        ) from exc
+    reference = Dataset()
+    reference.ReferencedSOPClassUID = source.SOPClassUID
+    reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    sc.SourceImageSequence = [reference]
+    sc.DerivationDescription = (
+        f"Heatmap of '{result.heatmap.label}' by {result.provenance.model} {result.provenance.model_version}"
+        if result.heatmap is not None
+        else f"No heatmap from {result.provenance.model} {result.provenance.model_version}"
+    )[:1024]
+    sc.BurnedInAnnotation = "YES"
+    sc.LossyImageCompression = "01"
+    add_device_uid(sc, result)
+    return sc

@@ -1,0 +1,117 @@
+"""For each result of a DICOM input: build the SR and the SC, write them to the outbox, queue them.
+
+Files are written atomically as <outbox>/<image_id>.sr.dcm and <image_id>.sc.dcm; with a PACS
+configured they are also hard-linked into <outbox>/queue/ for the sender. Writing the same result
+again (the daemon re-hands a result after a crash) rewrites the same names with the same UIDs.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from appliance.config import AppConfig, DicomOutConfig
+from appliance.dicomnet import write_atomically
+from appliance.dicomnet.sender import DicomSender
+from appliance.dicomout import DicomOutError
+from appliance.dicomout.sc import build_sc
+from appliance.dicomout.sr import build_sr
+from appliance.errors import UserError
+from appliance.result import Result
+
+log = logging.getLogger(__name__)
+
+# What the SR/SC copy or reference from the source; highdicom needs them present.
+REQUIRED = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+# Type 2 patient/study attributes (present, may be empty) that highdicom copies; some exports omit them.
+TYPE2 = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+)
+
+
+class DicomOutWriter:
+    def __init__(self, config: DicomOutConfig, sender: DicomSender | None = None) -> None:
+        self.config = config
+        self.sender = sender
+        try:
+            config.outbox.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"dicom_out.outbox {config.outbox}: cannot create: {exc.strerror}") from exc
+
+    @classmethod
+    def from_config(cls, config: AppConfig) -> DicomOutWriter:
+        return cls(config.dicom_out, DicomSender.from_config(config))
+
+    def start(self) -> DicomOutWriter:
+        if self.sender is not None:
+            self.sender.start()
+        return self
+
+    def close(self) -> None:
+        if self.sender is not None:
+            self.sender.stop()
+
+    def write(self, result: Result, source_path: Path) -> list[Path]:
+        """SR (+ SC) for a finished DICOM result; [] for other inputs and for refused/errored images.
+
+        Raises DicomOutError when the source cannot be read or highdicom refuses an object."""
+        if result.image.format != "dicom" or result.status != "ok":
+            return []
+        started = time.perf_counter()
+        try:
+            source = pydicom.dcmread(source_path, stop_before_pixels=True)
+        except (OSError, InvalidDicomError) as exc:
+            raise DicomOutError(f"{source_path}: cannot read the source DICOM: {exc}") from exc
+        missing = [key for key in REQUIRED if not str(source.get(key, "") or "").strip()]
+        if missing:
+            raise DicomOutError(f"{source_path}: the source DICOM lacks {', '.join(missing)}")
+        for key in TYPE2:
+            if key not in source:
+                setattr(source, key, "")
+        manufacturer = self.config.manufacturer
+        objects: list[tuple[str, Dataset]] = [("sr", build_sr(result, source, manufacturer=manufacturer))]
+        if self.config.secondary_capture:
+            objects.append(("sc", build_sc(result, source, source_path, manufacturer=manufacturer)))
+        written = [self._save(ds, f"{result.image.image_id}.{kind}.dcm") for kind, ds in objects]
+        if self.sender is not None:
+            for path in written:
+                self.sender.enqueue(path)
+        log.info(
+            "DICOM results for %s: %s (%.0f ms)%s",
+            result.image.image_id[:12],
+            ", ".join(p.name for p in written),
+            (time.perf_counter() - started) * 1000,
+            "; queued for the PACS" if self.sender is not None else "",
+        )
+        return written
+
+    def write_safely(self, result: Result, source_path: Path) -> list[Path]:
+        """write(), but a failure is logged and never stops the pipeline (the MQTT result is sent)."""
+        try:
+            return self.write(result, source_path)
+        except DicomOutError as exc:
+            log.error("no DICOM results for %s: %s", result.image.image_id[:12], exc)
+        except OSError as exc:
+            log.error(
+                "no DICOM results for %s: %s: %s", result.image.image_id[:12], exc.filename, exc.strerror
+            )
+        return []
+
+    def _save(self, ds: Dataset, name: str) -> Path:
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        return write_atomically(self.config.outbox / name, buffer.getvalue())
