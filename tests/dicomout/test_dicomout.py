@@ -9,6 +9,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from pydicom.sr.codedict import codes
 from pydicom.uid import ComprehensiveSRStorage, SecondaryCaptureImageStorage
 
 from appliance.config import DicomOutConfig
@@ -23,6 +24,11 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # the test DICOM
 @pytest.fixture
 def writer(tmp_path: Path) -> DicomOutWriter:
     return DicomOutWriter(DicomOutConfig(enabled=True, outbox=tmp_path / "dicom-out"))
+
+
+def _presence_code(positive: bool) -> hd.sr.CodedConcept:
+    code = codes.SCT.Present if positive else codes.SCT.Absent
+    return hd.sr.CodedConcept(code.value, code.scheme_designator, code.meaning)
 
 
 def by_kind(paths: list[Path]) -> dict[str, pydicom.Dataset]:
@@ -51,6 +57,7 @@ def test_sr_is_a_tid1500_report_of_the_result(
         assert (ds.CompletionFlag, ds.VerificationFlag) == ("COMPLETE", "UNVERIFIED")
 
         report = hd.sr.ComprehensiveSR.from_dataset(ds).content
+        assert isinstance(report, hd.sr.MeasurementReport)
         observer = report.get_observer_contexts()[0]
         assert observer.observer_identifying_attributes[0].value == result.provenance.device_uid
         groups = report.get_image_measurement_groups(referenced_sop_instance_uid=source.SOPInstanceUID)
@@ -60,13 +67,14 @@ def test_sr_is_a_tid1500_report_of_the_result(
             (probability,) = group.get_measurements()
             assert probability.value == pytest.approx(finding.score)
             (presence,) = group.get_qualitative_evaluations()
-            assert presence.value.meaning == ("Present" if finding.positive else "Absent")
+            assert presence.value == _presence_code(finding.positive)
             assert group.source_images[0].referenced_sop_instance_uid == source.SOPInstanceUID
-        severity = [g for g in groups if g.finding_type.meaning == "Opacity"][0]
+        kinds = {g.finding_type.value if g.finding_type else None: g for g in groups}
+        severity = kinds[codes.DCM.Opacity.value]
         assert result.severity is not None and result.risk is not None
         values = {m.name.value: m.value for m in severity.get_measurements()}
         assert values == {"EXTENT": pytest.approx(result.severity.extent), "OPACITY": pytest.approx(2.0)}
-        risk = [g for g in groups if g.finding_type.value == "DETERIORATION"][0]
+        risk = kinds["DETERIORATION"]
         assert risk.get_measurements()[0].value == pytest.approx(result.risk.score)
         texts = [element.value for element in ds.iterall() if element.keyword == "TextValue"]
         assert result.text in texts and result.text.endswith("Not for diagnostic use.")
