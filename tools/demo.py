@@ -92,6 +92,14 @@ def main() -> int:
     )
     parser.add_argument("--once", action="store_true", help="stop after the demo image's result")
     args = parser.parse_args()
+    # A fresh demo state each run: the spool remembers every image it has seen (de-duplication), so
+    # the same demo image would otherwise be recognised as a repeat and not be read again.
+    for stale in ("spool", "inbox", "journal.sqlite3", "journal.sqlite3-wal", "journal.sqlite3-shm"):
+        path = VAR / stale
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
     VAR.mkdir(parents=True, exist_ok=True)
     broker = start_broker()
     config = write_config()
