@@ -1,0 +1,3 @@
+"""The sender tests send the SR/SC of real pipeline results: the same fixture as tests/dicomout."""
+
+from tests.dicomout.conftest import analyzed  # noqa: F401
