@@ -7,6 +7,7 @@ pixels where the heatmap is high.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
@@ -57,15 +58,20 @@ def lung_zones(
 
 
 def describe_zones(zones: list[Zone]) -> str | None:
-    """'both lower zones and the right middle zone' — None when no zone is positive."""
+    """'both lower zones and the left middle zone' — None when no zone is positive."""
     positive = [z for z in zones if z.positive]
     if not positive:
         return None
-    parts = []
-    for level in reversed(LEVELS):  # lower zones first: where pneumonia usually starts
-        sides = {z.side for z in positive if z.level == level}
-        if sides == {"right", "left"}:
-            parts.append(f"both {level} zones")
-        elif sides:
-            parts.append(f"the {next(iter(sides))} {level} zone")
-    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    order = list(reversed(LEVELS))  # lower zones first: where pneumonia usually starts
+    sides_at = {level: {z.side for z in positive if z.level == level} for level in order}
+    both = [level for level in order if sides_at[level] == {"right", "left"}]
+    parts = [f"both {_and(both)} zones"] if both else []
+    for side in ("right", "left"):
+        levels = [level for level in order if sides_at[level] == {side}]
+        if levels:
+            parts.append(f"the {side} {_and(levels)} zone{'s' if len(levels) > 1 else ''}")
+    return _and(parts)
+
+
+def _and(words: Sequence[str]) -> str:
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]

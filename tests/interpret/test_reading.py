@@ -8,8 +8,10 @@ import pytest
 from appliance.image import ImageMeta
 from appliance.interpret.gate import gate_on_tags
 from appliance.interpret.reading import read_outputs
+from appliance.interpret.zones import describe_zones
 from appliance.manifest import Manifest
 from appliance.preprocess import Geometry
+from appliance.result import Zone
 
 SIZE = 64
 
@@ -163,3 +165,29 @@ def test_tag_gate_passes_a_chest_pa() -> None:
     assert (
         gate_on_tags(ImageMeta(format="dicom", modality="CR", view_position="PA", body_part="CHEST")) is None
     )
+
+
+@pytest.mark.parametrize(
+    ("positive", "expected"),
+    [
+        ({("left", "middle"), ("left", "upper")}, "the left middle and upper zones"),
+        (
+            {("right", "lower"), ("left", "lower"), ("left", "middle")},
+            "both lower zones and the left middle zone",
+        ),
+        ({("right", "upper")}, "the right upper zone"),
+        (set(), None),
+    ],
+)
+def test_zone_phrases(positive: set[tuple[str, str]], expected: str | None) -> None:
+    zones = [
+        Zone(
+            side=side,
+            level=level,
+            involvement=0.5 if (side, level) in positive else 0.0,
+            positive=(side, level) in positive,
+        )  # type: ignore[arg-type]
+        for side in ("right", "left")
+        for level in ("upper", "middle", "lower")
+    ]
+    assert describe_zones(zones) == expected
