@@ -256,4 +256,7 @@ def config_json_schema() -> dict[str, object]:
     schema = AppConfig.model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "cxr-appliance configuration"
+    # The bundled model's default path depends on where the appliance is installed; say so, not one path.
+    inference = schema["$defs"]["InferenceConfig"]["properties"]  # type: ignore[index]
+    inference["model"]["default"] = "<install dir>/engines/cxr-lite0/manifest.yaml"
     return schema
