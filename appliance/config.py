@@ -257,6 +257,6 @@ def config_json_schema() -> dict[str, object]:
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "cxr-appliance configuration"
     # The bundled model's default path depends on where the appliance is installed; say so, not one path.
-    inference = schema["$defs"]["InferenceConfig"]["properties"]  # type: ignore[index]
+    inference = schema["$defs"]["InferenceConfig"]["properties"]
     inference["model"]["default"] = "<install dir>/engines/cxr-lite0/manifest.yaml"
     return schema
