@@ -254,16 +254,25 @@ def _decode_reduced(ds: Dataset, ts: str, target_size: int) -> tuple[np.ndarray,
         return None
     try:
         frame = pydicom.encaps.get_frame(ds.PixelData, 0, number_of_frames=_frames(ds))
-        img = Image.open(io.BytesIO(frame))
-        if ts == JPEGBaseline8Bit:
-            img.draft("L", (cols >> levels, rows >> levels))
-        else:
-            img.reduce = min(levels, 5)  # type: ignore[assignment,method-assign]
-        img.load()
-        if img.mode not in ("L", "I;16", "I"):
-            return None
-        arr = np.asarray(img)
     except Exception:
+        return None
+    # OpenJPEG (through Pillow) refuses some reductions of some codestreams ("broken data stream", e.g.
+    # 4 or 5 levels of a 2500 x 3000 image with 5 decompositions): fall back one level at a time.
+    for level in range(min(levels, 5), 0, -1) if ts in _J2K else (levels,):
+        try:
+            img = Image.open(io.BytesIO(frame))
+            if ts == JPEGBaseline8Bit:
+                img.draft("L", (cols >> level, rows >> level))
+            else:
+                img.reduce = level  # type: ignore[assignment,method-assign]
+            img.load()
+            if img.mode not in ("L", "I;16", "I"):
+                return None
+            arr = np.asarray(img)
+            break
+        except Exception:
+            continue
+    else:
         return None
     if arr.ndim != 2 or arr.shape[1] == 0:
         return None
