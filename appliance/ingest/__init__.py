@@ -10,6 +10,8 @@ import os
 import stat
 from pathlib import Path
 
+import numpy as np
+
 from appliance.errors import InputRejected
 from appliance.image import DecodedImage
 from appliance.ingest import reasons
@@ -60,5 +62,13 @@ def read_image(path: Path, *, max_pixels: int = 60_000_000, target_size: int | N
     path = Path(path)
     kind = sniff(path)
     if kind == "dicom":
-        return read_dicom(path, max_pixels=max_pixels, target_size=target_size)
-    return read_raster(path, kind, max_pixels=max_pixels, target_size=target_size)
+        image = read_dicom(path, max_pixels=max_pixels, target_size=target_size)
+    else:
+        image = read_raster(path, kind, max_pixels=max_pixels, target_size=target_size)
+    # A NaN/inf slope, window or float pixel would reach the model and every later stage unnoticed.
+    if not np.isfinite(image.pixels).all():
+        raise InputRejected(
+            reasons.INVALID_IMAGE if kind != "dicom" else reasons.INVALID_DICOM,
+            f"{path.name}: non-finite pixel values after rescale/window (NaN or infinity in the tags or data)",
+        )
+    return image

@@ -11,7 +11,9 @@ import io
 import logging
 import math
 import os
+import struct
 import warnings
+import zlib
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -20,12 +22,14 @@ import numpy as np
 import pydicom
 from PIL import Image
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
+from pydicom.filereader import read_file_meta_info
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
 from pydicom.uid import (
     HTJ2K,
     JPEG2000,
     UID,
+    DeflatedExplicitVRLittleEndian,
     HTJ2KLossless,
     HTJ2KLosslessRPCL,
     JPEG2000Lossless,
@@ -40,10 +44,14 @@ from pydicom.uid import (
 from appliance.errors import InputRejected
 from appliance.image import DecodedImage, ImageMeta
 from appliance.ingest import reasons
+from appliance.ingest.bounded import BoundedFile
 
 # Values above this many bytes stay on disk while the header is parsed, so a huge native image is
 # refused without ever being read into memory.
 _DEFER_BYTES = 64 * 1024
+# A deflated dataset is inflated whole by pydicom; past this many bytes it is refused first (the watcher's
+# completeness check and the spool's de-duplication read headers with no pixel limit at hand).
+MAX_INFLATED_BYTES = 256 << 20
 _GREY = ("MONOCHROME1", "MONOCHROME2")
 _J2K = (JPEG2000, JPEG2000Lossless)
 # Which installed plugin decodes which syntax first (all permissively licensed); pydicom's automatic
@@ -88,7 +96,7 @@ def looks_like_dicom(head: bytes) -> bool:
 
 def read_dicom(path: Path, *, max_pixels: int, target_size: int | None = None) -> DecodedImage:
     name = path.name
-    ds = _parse(path)
+    ds = _parse(path, max_inflated=min(MAX_INFLATED_BYTES, max_pixels * 2 + (16 << 20)))
     meta = _meta(ds)
     _refuse_before_decoding(ds, path, meta, max_pixels)
     raw, scale = _decode_first_frame(ds, name, meta.transfer_syntax or "", target_size)
@@ -110,7 +118,7 @@ def incomplete_reason(path: Path) -> str | None:
         ds = _parse(path)
     except InputRejected as exc:
         return None if exc.reason not in (reasons.TRUNCATED_DICOM, reasons.INVALID_DICOM) else exc.detail
-    if "PixelData" not in ds or UID(str(ds.file_meta.get("TransferSyntaxUID", ""))).is_encapsulated:
+    if "PixelData" not in ds or not _size_checkable(UID(str(ds.file_meta.get("TransferSyntaxUID", "")))):
         return None  # encapsulated data without its delimiter was already caught by _parse
     try:
         rows, cols, bits = int(ds.Rows), int(ds.Columns), int(ds.BitsAllocated)
@@ -124,20 +132,41 @@ def incomplete_reason(path: Path) -> str | None:
     )
 
 
-def _parse(path: Path) -> Dataset:
+def _parse(path: Path, max_inflated: int = MAX_INFLATED_BYTES) -> Dataset:
+    """The dataset with large values deferred; a deflated dataset inflating beyond `max_inflated` bytes
+    is refused before pydicom inflates it whole."""
     name = path.name
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
+            refuse_deflate_bomb(path, max_inflated)
             # force=True only matters for bare datasets without preamble (looks_like_dicom checked them).
-            ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES, force=True)
+            with BoundedFile(path) as fh:
+                ds = pydicom.dcmread(fh, defer_size=_DEFER_BYTES, force=True)
+            ds.fileobj_type = BoundedFile  # pydicom would re-open deferred values with plain open()
+            for tag in list(ds.keys()):
+                # Convert every top-level value now, so a bad VR or value fails here and is named;
+                # deferred values (value None) stay on disk.
+                if ds.get_item(tag, keep_deferred=True).value is not None:
+                    ds[tag]
     except PermissionError as exc:
         raise InputRejected(reasons.PERMISSION_DENIED, f"{name}: {exc.strerror}") from exc
     except FileNotFoundError as exc:
         raise InputRejected(reasons.VANISHED, f"{name}: disappeared while reading") from exc
     except EOFError as exc:
         raise InputRejected(reasons.TRUNCATED_DICOM, f"{name}: file ends inside the header ({exc})") from exc
-    except (InvalidDicomError, ValueError, KeyError, TypeError, OverflowError, NotImplementedError) as exc:
+    except (
+        InvalidDicomError,
+        BytesLengthException,
+        ValueError,
+        KeyError,
+        TypeError,
+        OverflowError,
+        NotImplementedError,
+        struct.error,
+        zlib.error,
+        OSError,  # pydicom: "No tag to read at file position ..." for a sequence item cut short
+    ) as exc:
         raise InputRejected(reasons.INVALID_DICOM, f"{name}: {type(exc).__name__}: {exc}") from exc
     for w in caught:
         text = str(w.message)
@@ -156,13 +185,53 @@ def _parse(path: Path) -> Dataset:
     return ds
 
 
+def refuse_deflate_bomb(path: Path, limit: int = MAX_INFLATED_BYTES) -> None:
+    """Inflate a Deflated Explicit VR dataset in bounded steps, counting bytes, before pydicom inflates it."""
+    try:
+        syntax = str(read_file_meta_info(path).get("TransferSyntaxUID", ""))
+    except Exception:  # no or broken File Meta: not deflated as far as anyone can tell; dcmread decides
+        return
+    if syntax != DeflatedExplicitVRLittleEndian:
+        return
+    with open(path, "rb") as fh:
+        fh.seek(128 + 4)
+        start = 132 + 12 + struct.unpack("<I", fh.read(12)[8:12])[0]  # (0002,0000) gives the meta length
+        fh.seek(start)
+        inflater, total, pending = zlib.decompressobj(-zlib.MAX_WBITS), 0, b""
+        while not inflater.eof:
+            pending = pending or fh.read(1 << 16)
+            if not pending:
+                return
+            try:  # 4 MB of output at a time, counted and dropped: the check itself stays small
+                total += len(inflater.decompress(pending, 1 << 22))
+            except zlib.error:
+                return  # not a valid deflate stream: dcmread says so
+            pending = inflater.unconsumed_tail
+            if total > limit:
+                raise InputRejected(
+                    reasons.IMAGE_TOO_LARGE,
+                    f"{path.name}: deflated dataset inflates beyond {limit:,} bytes (a decompression bomb?)",
+                )
+
+
+def _int(ds: Dataset, key: str, default: int = 0) -> int:
+    """An integer tag as written, or `default` when it is missing, empty, multi-valued or not a number."""
+    value = ds.get(key)
+    if isinstance(value, pydicom.multival.MultiValue | list | tuple):
+        value = value[0] if len(value) == 1 else None
+    try:
+        return int(value) if value not in (None, "") else default
+    except (TypeError, ValueError, OverflowError):
+        return default
+
+
 def _refuse_before_decoding(ds: Dataset, path: Path, meta: ImageMeta, max_pixels: int) -> None:
     name = path.name
     if "PixelData" not in ds:
         others = [k for k in ("FloatPixelData", "DoubleFloatPixelData") if k in ds]
         what = f" (only {others[0]}, not supported)" if others else ""
         raise InputRejected(reasons.NO_PIXEL_DATA, f"{name}: the DICOM holds no Pixel Data{what}")
-    rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+    rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
     frames = _frames(ds)
     if rows <= 0 or cols <= 0:
         raise InputRejected(reasons.INVALID_DICOM, f"{name}: Rows/Columns missing or zero ({rows} x {cols})")
@@ -183,19 +252,19 @@ def _refuse_before_decoding(ds: Dataset, path: Path, meta: ImageMeta, max_pixels
             reasons.UNSUPPORTED_TRANSFER_SYNTAX, f"{name}: {ts.name} ({ts}): no decoder installed ({missing})"
         )
     photometric = meta.photometric or ""
-    samples = int(ds.get("SamplesPerPixel") or 1)
+    samples = _int(ds, "SamplesPerPixel", 1)
     if photometric not in _GREY or samples != 1:
         raise InputRejected(
             reasons.UNSUPPORTED_PHOTOMETRIC,
             f"{name}: {photometric or 'missing'} with {samples} sample(s) per pixel; a grey radiograph is needed",
         )
-    bits_alloc, bits_stored = int(ds.get("BitsAllocated") or 0), int(ds.get("BitsStored") or 0)
+    bits_alloc, bits_stored = _int(ds, "BitsAllocated"), _int(ds, "BitsStored")
     if bits_alloc not in (8, 16) or not 1 <= bits_stored <= bits_alloc:
         raise InputRejected(
             reasons.UNSUPPORTED_PIXEL_FORMAT,
             f"{name}: Bits Allocated {bits_alloc}, Bits Stored {bits_stored}",
         )
-    if not ts.is_encapsulated:
+    if _size_checkable(ts):
         # Native data: the declared size must be in the file; a short value means the copy is incomplete.
         elem: Any = ds.get_item("PixelData", keep_deferred=True)
         expected = rows * cols * frames * bits_alloc // 8
@@ -204,6 +273,12 @@ def _refuse_before_decoding(ds: Dataset, path: Path, meta: ImageMeta, max_pixels
             raise InputRejected(
                 reasons.TRUNCATED_DICOM, f"{name}: Pixel Data holds {have:,} bytes, {expected:,} declared"
             )
+
+
+def _size_checkable(ts: UID) -> bool:
+    """Native data in the file as is: its declared size can be compared with the file's. Not so for
+    encapsulated fragments, nor for a deflated dataset (offsets point into the inflated copy)."""
+    return not ts.is_encapsulated and ts != DeflatedExplicitVRLittleEndian
 
 
 def _stored_length(elem: Any, path: Path) -> int:
@@ -216,10 +291,7 @@ def _stored_length(elem: Any, path: Path) -> int:
 
 
 def _frames(ds: Dataset) -> int:
-    try:
-        return max(1, int(ds.get("NumberOfFrames") or 1))
-    except (TypeError, ValueError):
-        return 1
+    return max(1, _int(ds, "NumberOfFrames", 1))
 
 
 def _decode_first_frame(ds: Dataset, name: str, ts: str, target_size: int | None) -> tuple[np.ndarray, float]:
@@ -254,25 +326,16 @@ def _decode_reduced(ds: Dataset, ts: str, target_size: int) -> tuple[np.ndarray,
         return None
     try:
         frame = pydicom.encaps.get_frame(ds.PixelData, 0, number_of_frames=_frames(ds))
+        img = Image.open(io.BytesIO(frame))
+        if ts == JPEGBaseline8Bit:
+            img.draft("L", (cols >> levels, rows >> levels))
+        else:
+            img.reduce = min(levels, 5)  # type: ignore[assignment,method-assign]
+        img.load()
+        if img.mode not in ("L", "I;16", "I"):
+            return None
+        arr = np.asarray(img)
     except Exception:
-        return None
-    # OpenJPEG (through Pillow) refuses some reductions of some codestreams ("broken data stream", e.g.
-    # 4 or 5 levels of a 2500 x 3000 image with 5 decompositions): fall back one level at a time.
-    for level in range(min(levels, 5), 0, -1) if ts in _J2K else (levels,):
-        try:
-            img = Image.open(io.BytesIO(frame))
-            if ts == JPEGBaseline8Bit:
-                img.draft("L", (cols >> level, rows >> level))
-            else:
-                img.reduce = level  # type: ignore[assignment,method-assign]
-            img.load()
-            if img.mode not in ("L", "I;16", "I"):
-                return None
-            arr = np.asarray(img)
-            break
-        except Exception:
-            continue
-    else:
         return None
     if arr.ndim != 2 or arr.shape[1] == 0:
         return None
@@ -440,7 +503,6 @@ def _meta(ds: Dataset) -> ImageMeta:
         value = text(key)
         if value:
             extra[label] = value
-    bits = ds.get("BitsStored")
     return ImageMeta(
         format="dicom",
         sop_instance_uid=text("SOPInstanceUID"),
@@ -453,9 +515,9 @@ def _meta(ds: Dataset) -> ImageMeta:
         patient_id=text("PatientID"),
         patient_name=text("PatientName"),
         location=text("CurrentPatientLocation") or text("StationName"),
-        rows=int(ds.Rows) if "Rows" in ds else None,
-        columns=int(ds.Columns) if "Columns" in ds else None,
-        bits_stored=int(bits) if bits is not None else None,
+        rows=_int(ds, "Rows") or None,
+        columns=_int(ds, "Columns") or None,
+        bits_stored=_int(ds, "BitsStored") or None,
         photometric=text("PhotometricInterpretation"),
         transfer_syntax=ts,
         pixel_spacing_mm=pixel_spacing,

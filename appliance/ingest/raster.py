@@ -11,6 +11,7 @@ from PIL import Image, ImageFile, JpegImagePlugin, PngImagePlugin
 from appliance.errors import InputRejected
 from appliance.image import DecodedImage, ImageMeta
 from appliance.ingest import reasons
+from appliance.ingest.bounded import BoundedFile
 
 _PLUGINS: dict[str, type[ImageFile.ImageFile]] = {
     "png": PngImagePlugin.PngImageFile,
@@ -24,7 +25,14 @@ def read_raster(path: Path, kind: str, *, max_pixels: int, target_size: int | No
     try:
         # The plugin classes read only the header. Image.open would also run Pillow's global bomb check
         # (Image.MAX_IMAGE_PIXELS); ours below applies the configured limit with a clearer message.
-        img: ImageFile.ImageFile = _PLUGINS[kind](str(path))
+        # BoundedFile: a chunk claiming 2 GB must not make Pillow allocate 2 GB; Pillow closes the
+        # file it was given a name for, not one handed over, hence the `with img, fh` below.
+        fh = BoundedFile(path)
+        try:
+            img: ImageFile.ImageFile = _PLUGINS[kind](fh, str(path))
+        except BaseException:
+            fh.close()
+            raise
     except PermissionError as exc:
         raise InputRejected(reasons.PERMISSION_DENIED, f"{name}: {exc.strerror}") from exc
     except FileNotFoundError as exc:
@@ -33,7 +41,7 @@ def read_raster(path: Path, kind: str, *, max_pixels: int, target_size: int | No
         raise InputRejected(
             reasons.INVALID_IMAGE, f"{name}: unreadable {kind.upper()} header ({exc})"
         ) from exc
-    with img:
+    with img, fh:
         fmt = kind
         width, height = img.size
         if width * height > max_pixels:
