@@ -124,6 +124,38 @@ class TriagePolicy(Strict):
     urgent_risk: float | None = Field(None, description="deterioration risk >= this: 'urgent'.")
 
 
+SequenceFeature = Literal["risk_logit", "risk_logit_change", "extent", "extent_change", "log_days"]
+
+
+class SequenceRisk(Strict):
+    """A small logistic model on one patient's current and prior results (tools/train_sequence_risk.py).
+
+    Probability = sigmoid(intercept + sum(coefficients * (features - mean) / scale)); each feature is
+    computed from the two Results by appliance/interpret/sequence_risk.py, so no extra model file."""
+
+    enabled: bool = Field(
+        False,
+        description="Replace the single-image risk when a prior exists; true only if it was at least"
+        " as good as the single-image risk on validation (see report).",
+    )
+    features: list[SequenceFeature] = Field(min_length=1)
+    mean: list[float] = Field(description="Per-feature standardisation, from the training patients.")
+    scale: list[float]
+    coefficients: list[float]
+    intercept: float
+    threshold: float = Field(ge=0, le=1, description="Operating point: sequence risk >= this is 'high'.")
+    report: str | None = Field(None, description="Validation report (relative path).")
+
+    @model_validator(mode="after")
+    def _lengths(self) -> SequenceRisk:
+        n = len(self.features)
+        if not len(self.mean) == len(self.scale) == len(self.coefficients) == n:
+            raise ValueError(f"mean, scale and coefficients need one value per feature ({n})")
+        if any(s <= 0 for s in self.scale):
+            raise ValueError("scale values must be > 0")
+        return self
+
+
 class Manifest(Strict):
     schema_version: Literal[1] = 1
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
@@ -136,6 +168,9 @@ class Manifest(Strict):
     triage: TriagePolicy = Field(default_factory=TriagePolicy)
     heatmap_label: str | None = Field(None, description="Which finding/abnormal score the heatmap explains.")
     training: dict[str, str | int | float] = Field(default_factory=dict, description="Provenance, free form.")
+    sequence_risk: SequenceRisk | None = Field(
+        None, description="Deterioration risk from the current and prior image of a patient (optional)."
+    )
 
     # Filled in by load_manifest: the folder holding manifest.yaml.
     folder: Path = Field(Path("."), exclude=True)

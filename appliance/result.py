@@ -52,6 +52,9 @@ class Risk(Payload):
     threshold: float | None = None
     positive: bool | None = None
     method: Literal["single-image", "sequence"] = "single-image"
+    single_image_score: float | None = Field(
+        None, ge=0, le=1, description="With method 'sequence': this image's own risk, kept for later images."
+    )
 
 
 class Zone(Payload):
