@@ -254,6 +254,7 @@ def test_display_shows_what_the_real_appliance_publishes(
     banner = f'.banner[data-kind=offline][data-cart="{CART_KEY}"]'
     page.wait(banner, timeout=20)
     assert f"{DEVICE} OFFLINE" in page.text(banner)
+    assert "connection lost" in page.text(banner)  # the will's reason, not a clean shutdown's
     assert page.attr(tile("Bay 1 Bed 1"), "data-stale") == "true"
     live.move_cart("Bay 3 Bed 1")
     live.daemon.start()
@@ -270,8 +271,18 @@ def test_display_shows_what_the_real_appliance_publishes(
     assert lateral["reason"] in page.text(f"{tile('Bay 3 Bed 1')} .reason")
     assert page.count(f"{tile('Bay 3 Bed 1')} button.ack-button") == 0
 
-    # 6. The populated ward as a 1080p wall monitor shows it.
+    # 6. A reload rebuilds all of it from the daemon's retained topics (latest/<bed>, status, ack/<id>).
+    page.reload()
+    page.wait("#conn[data-state=online]")
     page.wait_true("document.querySelectorAll('.tile').length === 4")
+    for result in (day2, other, jpeg, lateral):
+        assert_tile_shows(page, result)
+    page.wait(f"{tile('Bay 1 Bed 1')}[data-acked=true]")
+    assert chart_points(page, "Bay 1 Bed 1") == "2"  # the prior comes back from day2's trend block
+
+    # 7. The populated ward as a 1080p wall monitor shows it, every published heatmap coloured in.
+    heatmaps = sum(1 for r in (day2, other, jpeg) if r.get("heatmap"))
+    page.wait_true(f"document.querySelectorAll('.heatmap img').length === {heatmaps}")
     out = page.screenshot(ARTIFACTS / "display-live.png")
     assert out.stat().st_size > 20_000
     assert page.eval("[window.innerWidth, window.innerHeight]") == [1920, 1080]
