@@ -7,6 +7,7 @@ renamed, and its folder fsynced, so a crash leaves either nothing or the whole i
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import ssl
@@ -15,6 +16,11 @@ from pathlib import Path
 from appliance.errors import ConfigError
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+def quiet_pynetdicom() -> None:
+    """pynetdicom logs every association at INFO; our own lines say what matters on a cart."""
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 
 def fsync_dir(path: Path) -> None:

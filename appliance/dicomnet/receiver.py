@@ -27,7 +27,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from appliance.config import AppConfig, DicomNetConfig
-from appliance.dicomnet import safe_uid_name, server_tls_context, write_atomically
+from appliance.dicomnet import quiet_pynetdicom, safe_uid_name, server_tls_context, write_atomically
 from appliance.errors import UserError
 from appliance.ingest.spool import Accepted, Duplicate, Rejected, Spool, SpoolFull
 
@@ -76,6 +76,7 @@ class DicomReceiver:
                 f"dicom_net receive folder {self.receive_dir}: cannot create: {exc.strerror}"
             ) from exc
         self._recover()
+        quiet_pynetdicom()
         ae = AE(ae_title=self.config.ae_title)
         for context in AllStoragePresentationContexts:
             # Keep whatever compression the unit uses: the decoders read it, nothing is re-encoded.

@@ -23,7 +23,7 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 
 from appliance.config import AppConfig, PacsConfig
-from appliance.dicomnet import client_tls_context, fsync_dir, write_atomically
+from appliance.dicomnet import client_tls_context, fsync_dir, quiet_pynetdicom, write_atomically
 from appliance.errors import ApplianceError
 
 log = logging.getLogger(__name__)
@@ -180,6 +180,7 @@ class DicomSender:
     # --- the background thread ---------------------------------------------------------------------
 
     def start(self) -> DicomSender:
+        quiet_pynetdicom()
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="dicom-sender", daemon=True)
         self._thread.start()

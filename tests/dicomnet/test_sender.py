@@ -97,8 +97,9 @@ def test_pacs_down_then_up_loses_nothing(
     assert writer.sender.depth() == 6 and pacs.received() == []
 
     pacs.start()  # back on the same port
-    assert wait_for(lambda: len(pacs.received()) == 6), writer.sender.depth()
-    assert writer.sender.depth() == 0
+    sender = writer.sender
+    # The PACS stores before it answers; the sender unlinks after the answer: wait for both.
+    assert wait_for(lambda: len(pacs.received()) == 6 and sender.depth() == 0), sender.depth()
     sent = {pydicom.dcmread(p).SOPInstanceUID for p in writer.config.outbox.glob("*.dcm")}
     assert {pydicom.dcmread(p).SOPInstanceUID for p in pacs.received()} == sent
 
