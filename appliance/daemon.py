@@ -21,6 +21,7 @@ from appliance.config import AppConfig, load_config
 from appliance.errors import InputRejected, UserError
 from appliance.ingest.spool import Rejected, Spool, SpoolFull
 from appliance.ingest.watcher import FolderWatcher
+from appliance.interpret.sequence_risk import with_sequence_risk
 from appliance.interpret.trend import with_trend
 from appliance.journal import Journal
 from appliance.logs import setup_logging
@@ -277,7 +278,12 @@ class Daemon:
         priors = self.journal.priors(
             result.patient_key, result.image.acquired_at or result.created_at, limit=1
         )
-        return with_trend(result, priors[-1]) if priors else result
+        if not priors:
+            return result
+        # The manifest's sequence model (when enabled) replaces the single-image risk; the trend then
+        # reports the risk the ward sees.
+        result = with_sequence_risk(result, priors[-1], self.analyzer.manifest.sequence_risk)
+        return with_trend(result, priors[-1])
 
     def _hand_off(self, job: Job, result: Result) -> None:
         if self.publisher is not None:
