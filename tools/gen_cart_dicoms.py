@@ -44,7 +44,7 @@ SYNTAXES: dict[str, str] = {
     "j2k_lossy": JPEG2000,
     "jpeg_baseline": JPEGBaseline8Bit,
 }
-CART_SIZE = (3000, 2500)  # rows, cols: a 35 x 43 cm detector at ~140 um
+CART_SIZE = (3000, 2500)  # rows, cols: a 35 x 43 cm detector at ~140 um (the longer side is kept)
 
 
 def _gdcm_available() -> bool:
@@ -107,7 +107,8 @@ def _dataset(pixels: np.ndarray, bits: int, syntax: str, seed: int) -> FileDatas
     ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits - 1, 0
     ds.ImagerPixelSpacing = [0.14, 0.14]
     top = (1 << bits) - 1
-    ds.WindowCenter, ds.WindowWidth = round(0.5 * top), round(0.9 * top)
+    # The window spans exactly the signal range set in detector_image: the model sees the source contrast.
+    ds.WindowCenter, ds.WindowWidth = round(0.5 * top), round(0.8 * top)
     ds.PixelData = pixels.tobytes()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     return ds
@@ -133,13 +134,21 @@ def _gdcm_jpeg_lossless(uncompressed: Path, out: Path) -> None:
         raise RuntimeError(f"gdcm cannot write {out}")
 
 
+def fitted_size(shape: tuple[int, ...], size: tuple[int, int]) -> tuple[int, int]:
+    """The source's aspect ratio with its longer side at the longer side of `size` (never stretched)."""
+    longest = max(size)
+    scale = longest / max(shape[0], shape[1])
+    return max(1, round(shape[0] * scale)), max(1, round(shape[1] * scale))
+
+
 def write_cart_dicom(
     source: np.ndarray, out: Path, syntax: str, *, seed: int, size: tuple[int, int] = CART_SIZE
 ) -> Path:
     """One file in `syntax` (a key of SYNTAXES) made from an 8-bit image."""
     rng = np.random.default_rng(seed)
     bits = (12, 14, 16)[seed % 3] if syntax != "jpeg_baseline" else 8
-    pixels = detector_image(source, size[0], size[1], bits if bits > 8 else 12, rng)
+    rows, cols = fitted_size(source.shape, size)
+    pixels = detector_image(source, rows, cols, bits if bits > 8 else 12, rng)
     if syntax == "jpeg_baseline":
         pixels8 = (pixels >> 4).astype(np.uint8)  # from the 12-bit image: what a cart's 8-bit export is
         ds = _dataset(pixels8, 8, syntax, seed)
