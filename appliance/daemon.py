@@ -18,6 +18,8 @@ from types import FrameType
 
 from appliance import sdnotify
 from appliance.config import AppConfig, load_config
+from appliance.dicomnet.receiver import DicomReceiver
+from appliance.dicomout.writer import DicomOutWriter
 from appliance.errors import InputRejected, UserError
 from appliance.ingest.spool import Rejected, Spool, SpoolFull
 from appliance.ingest.watcher import FolderWatcher
@@ -124,10 +126,22 @@ class Daemon:
             extensions=ingest.extensions,
         )
         self.watcher.start()
+        self.dicom_out: DicomOutWriter | None = None
+        if self.config.dicom_out.enabled:
+            self.dicom_out = DicomOutWriter.from_config(self.config).start()
+        self.receiver: DicomReceiver | None = None
+        if self.config.dicom_net.enabled:
+            self.receiver = DicomReceiver.from_config(
+                self.config, self.spool, on_accepted=self.wake.set, accepting=lambda: self.accepting
+            ).start()
 
     def _shutdown(self) -> None:
         sdnotify.stopping()
+        if self.receiver is not None:
+            self.receiver.stop()
         self.watcher.stop()
+        if self.dicom_out is not None:
+            self.dicom_out.close()
         if self.publisher is not None:
             if not self.publisher.flush(timeout=10.0):
                 log.warning("outbox not empty at shutdown (%d left); sent at next start", self.outbox.depth())
@@ -288,6 +302,8 @@ class Daemon:
     def _hand_off(self, job: Job, result: Result) -> None:
         if self.publisher is not None:
             self.publisher.publish_result(result)
+        if self.dicom_out is not None:  # after publishing: the ward hears first, the PACS second
+            self.dicom_out.write_safely(result, job.path)
         if result.status == "error":
             self.spool.quarantine(job.image_id, result.reason or "error", result.text)
         else:
