@@ -44,24 +44,19 @@ def findings_sentences(
             )
         )
     zone_text = describe_zones(zones) if is_abnormal else None
-    if zone_text and severity is not None:
+    measures = (
+        f"extent {severity.extent:.0f}/{severity.extent_max:.0f}, opacity {severity.opacity:.0f}/{severity.opacity_max:.0f}"
+        if severity is not None
+        else None
+    )
+    if zone_text and measures:
         sentences.append(
-            Sentence(
-                text=f"Opacities in {zone_text}, extent {severity.extent:.0f}/{severity.extent_max:.0f},"
-                f" opacity {severity.opacity:.0f}/{severity.opacity_max:.0f}.",
-                source="heatmap+lung_mask+severity",
-            )
+            Sentence(text=f"Opacities in {zone_text}, {measures}.", source="heatmap+lung_mask+severity")
         )
     elif zone_text:
         sentences.append(Sentence(text=f"Opacities in {zone_text}.", source="heatmap+lung_mask"))
-    elif is_abnormal and severity is not None:
-        sentences.append(
-            Sentence(
-                text=f"Lung involvement extent {severity.extent:.0f}/{severity.extent_max:.0f},"
-                f" opacity {severity.opacity:.0f}/{severity.opacity_max:.0f}.",
-                source="severity",
-            )
-        )
+    elif is_abnormal and measures:
+        sentences.append(Sentence(text=f"Lung involvement {measures}.", source="severity"))
     positive = sorted((f for f in findings if f.positive and f.label != normal_label), key=lambda f: -f.score)
     if positive and (is_abnormal or abnormal is None):
         top = positive[0]
