@@ -42,6 +42,11 @@ from pydicom.uid import (
 )
 
 from appliance.errors import InputRejected
+
+try:  # optional: the JPEG lossless fast path (the pydicom plugins remain the fallback)
+    import gdcm
+except ImportError:  # pragma: no cover - python-gdcm is a dependency, but a missing one is survivable
+    gdcm = None
 from appliance.image import DecodedImage, ImageMeta
 from appliance.ingest import reasons
 from appliance.ingest.bounded import BoundedFile
@@ -54,6 +59,7 @@ _DEFER_BYTES = 64 * 1024
 MAX_INFLATED_BYTES = 256 << 20
 _GREY = ("MONOCHROME1", "MONOCHROME2")
 _J2K = (JPEG2000, JPEG2000Lossless)
+_GDCM_DIRECT = (JPEGLossless, JPEGLosslessSV1)
 # Which installed plugin decodes which syntax first (all permissively licensed); pydicom's automatic
 # choice is the fallback. pylibjpeg's JPEG plugin needs the GPL libjpeg and is never named here.
 _PREFERRED_PLUGIN: dict[str, str] = {
@@ -99,7 +105,9 @@ def read_dicom(path: Path, *, max_pixels: int, target_size: int | None = None) -
     ds = _parse(path, max_inflated=min(MAX_INFLATED_BYTES, max_pixels * 2 + (16 << 20)))
     meta = _meta(ds)
     _refuse_before_decoding(ds, path, meta, max_pixels)
-    raw, scale = _decode_first_frame(ds, name, meta.transfer_syntax or "", target_size)
+    ts = meta.transfer_syntax or ""
+    direct = _decode_jpeg_lossless(path, ds) if ts in _GDCM_DIRECT else None
+    raw, scale = (direct, 1.0) if direct is not None else _decode_first_frame(ds, name, ts, target_size)
     if target_size and scale == 1.0:
         reduced = _block_mean(raw, ds, target_size)
         if reduced is not None:
@@ -314,6 +322,32 @@ def _decode_first_frame(ds: Dataset, name: str, ts: str, target_size: int | None
     except Exception as exc:
         raise InputRejected(reasons.DECODE_FAILED, f"{name}: {type(exc).__name__}: {exc}") from exc
     return arr, 1.0
+
+
+def _decode_jpeg_lossless(path: Path, ds: Dataset) -> np.ndarray | None:
+    """First frame straight into a numpy array with GDCM's region reader (about 3x faster than the
+    pydicom plugin, which takes the pixels through a Python str and back); None -> the usual path."""
+    if gdcm is None or ds.get("PixelRepresentation", 0) != 0 or ds.get("BitsAllocated") not in (8, 16):
+        return None
+    try:
+        reader = gdcm.ImageRegionReader()
+        reader.SetFileName(os.fspath(path))
+        if not reader.ReadInformation():
+            return None
+        image = reader.GetImage()
+        cols, rows = image.GetDimension(0), image.GetDimension(1)
+        samples = image.GetPixelFormat().GetSamplesPerPixel()
+        if (rows, cols) != (int(ds.Rows), int(ds.Columns)) or samples != 1:
+            return None
+        box = gdcm.BoxRegion()
+        box.SetDomain(0, cols - 1, 0, rows - 1, 0, 0)  # the first frame
+        reader.SetRegion(box)
+        out = np.empty((rows, cols), dtype=np.uint16 if ds.BitsAllocated == 16 else np.uint8)
+        if reader.ComputeBufferLength() != out.nbytes or not reader.ReadIntoBuffer(out):
+            return None
+    except Exception:
+        return None
+    return out
 
 
 def _decode_reduced(ds: Dataset, ts: str, target_size: int) -> tuple[np.ndarray, float] | None:

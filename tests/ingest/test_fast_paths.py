@@ -65,3 +65,14 @@ def test_auto_window_uses_the_extremes_of_the_full_image(tmp_path: Path, source:
     # Stretching block means by their own (noise-free) extremes would brighten the whole image.
     assert abs(float(small.mean()) - float(full.mean())) < 0.005
     assert np.abs(small - full).mean() < 0.02
+
+
+def test_jpeg_lossless_direct_decode_is_exact(tmp_path: Path, source: np.ndarray) -> None:
+    """GDCM's region reader (the fast path) gives exactly the stored values of the uncompressed twin."""
+    plain = write_cart_dicom(source, tmp_path / "plain.dcm", "uncompressed", seed=1, size=(1500, 1250))
+    packed = write_cart_dicom(source, tmp_path / "packed.dcm", "jpeg_lossless", seed=1, size=(1500, 1250))
+    assert read_image(packed).meta.transfer_syntax == "1.2.840.10008.1.2.4.70"
+    np.testing.assert_array_equal(read_image(packed).pixels, read_image(plain).pixels)
+    np.testing.assert_array_equal(
+        read_image(packed, target_size=256).pixels, read_image(plain, target_size=256).pixels
+    )
