@@ -8,9 +8,11 @@ journal and MQTT around it. The pipeline imports the stages; no stage imports th
 from __future__ import annotations
 
 import logging
+import os
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -36,6 +38,10 @@ log = logging.getLogger(__name__)
 # Message ids are derived, not random: re-processing an image after a crash yields the same id,
 # so the outbox and every subscriber recognise the repeat.
 MESSAGE_NAMESPACE = uuid.UUID("5b0c7f0e-3c1a-4b7e-9d51-2f4c8a6e1d90")
+# Files decoded at once when a batch is read: one per core (a cart has 2-4); more only add memory.
+# Shared by every Analyzer of the process (a SIGHUP reload makes a new one); threads start on first use.
+_READERS = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="read")
+_PREFETCH = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
 
 
 def now_iso() -> str:
@@ -187,10 +193,30 @@ class Analyzer:
             **job.reading.payload_fields(),
         )
 
+    def read_all(self, jobs: Sequence[Job]) -> None:
+        """Read several jobs at once: the decoders (Pillow/OpenJPEG, numpy) release the GIL, so two
+        files decode on two cores while the model is idle anyway."""
+        if len(jobs) < 2:
+            for job in jobs:
+                self.read(job)
+            return
+        list(_READERS.map(self.read, jobs))
+
     def analyze(self, jobs: Sequence[Job]) -> list[Result]:
-        for job in jobs:
-            self.read(job)
-        self.infer(jobs)
+        """Reads, infers and interprets; with more jobs than one batch, the next batch is read while
+        the current one is inferred (a backlog keeps both cores busy: decode is single-threaded)."""
+        limit = max(1, self.backend.max_batch)
+        chunks = [jobs[start : start + limit] for start in range(0, len(jobs), limit)]
+        if len(chunks) <= 1:
+            self.read_all(jobs)
+            self.infer(jobs)
+        else:
+            ahead = _PREFETCH.submit(self.read_all, chunks[0])
+            for index, chunk in enumerate(chunks):
+                ahead.result()
+                if index + 1 < len(chunks):
+                    ahead = _PREFETCH.submit(self.read_all, chunks[index + 1])
+                self.infer(chunk)
         return [self.result(job) for job in jobs]
 
 
