@@ -42,13 +42,23 @@ def mae(truth: np.ndarray, pred: np.ndarray) -> float | None:
     return float(np.abs(truth - pred).mean()) if len(truth) else None
 
 
+def _between(scores: np.ndarray, value: float, above: bool) -> float:
+    """Midpoint between `value` and the nearest other score below it (or above it), so that no
+    validation image sits exactly on the operating point and rounding noise cannot flip it."""
+    others = scores[scores > value] if above else scores[scores < value]
+    if len(others) == 0:
+        return float(value)
+    neighbour = others.min() if above else others.max()
+    return float((value + neighbour) / 2)
+
+
 def threshold_at_sensitivity(labels: np.ndarray, scores: np.ndarray, target: float) -> float:
     """Highest threshold whose sensitivity (score >= t) is at least `target`."""
     positives = np.sort(scores[labels.astype(bool)])[::-1]
     if len(positives) == 0:
         return 0.5
     needed = int(np.ceil(target * len(positives)))
-    return float(positives[max(needed, 1) - 1])
+    return _between(scores, float(positives[max(needed, 1) - 1]), above=False)
 
 
 def threshold_at_specificity(labels: np.ndarray, scores: np.ndarray, target: float) -> float:
@@ -57,7 +67,7 @@ def threshold_at_specificity(labels: np.ndarray, scores: np.ndarray, target: flo
     if len(negatives) == 0:
         return 0.5
     allowed = int(np.floor((1 - target) * len(negatives)))  # negatives that may score >= t
-    return float(np.nextafter(negatives[len(negatives) - 1 - allowed], np.inf))
+    return _between(scores, float(negatives[len(negatives) - 1 - allowed]), above=True)
 
 
 def youden_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -69,7 +79,7 @@ def youden_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
         j = float((scores[labels] >= t).mean() + (scores[~labels] < t).mean() - 1)
         if j > best:
             best, best_t = j, float(t)
-    return best_t
+    return _between(scores, best_t, above=False)
 
 
 def bootstrap_ci(

@@ -79,7 +79,7 @@ class OodHead(nn.Module):
     unit_basis: torch.Tensor
     residual_var: torch.Tensor
 
-    def __init__(self, dim: int = EMBED_DIM, k: int = 64) -> None:
+    def __init__(self, dim: int = EMBED_DIM, k: int = 16) -> None:
         super().__init__()
         self.register_buffer("mean", torch.zeros(dim))
         self.register_buffer("basis", torch.zeros(dim, k))  # columns: principal directions / sqrt(eigval)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import sys
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ from tools.cxrmodel import (
 
 OPSET = 17
 NAME = "cxr-lite0"
-# Tolerance for fp32 ONNX vs torch (same arithmetic, different kernels).
+# Tolerance for fp32 ONNX vs torch (same arithmetic, different kernels), relative to values above 1.
 EXPORT_TOLERANCE = 1e-3
 
 
@@ -49,7 +50,7 @@ def load_checkpoint(path: Path) -> tuple[CxrLite0, dict[str, Any]]:
         content = torch.load(path, map_location="cpu", weights_only=False)
         model = CxrLite0()
         model.load_state_dict(content["state_dict"])
-    except (OSError, KeyError, RuntimeError) as exc:
+    except (OSError, KeyError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
         raise UserError(f"{path}: not a cxr-lite0 checkpoint: {exc}") from exc
     model.eval()
     return model, content
@@ -87,14 +88,17 @@ def sample_inputs(folder: Path | None, count: int, seed: int) -> np.ndarray:
     return np.stack(tensors[: count + 2])
 
 
-def compare(model: CxrLite0, onnx_path: Path, inputs: np.ndarray) -> dict[str, float]:
+def compare(
+    model: CxrLite0, onnx_path: Path, inputs: np.ndarray
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Max |onnx - torch| per output, and the largest |torch| value of that output (for a relative check:
+    the OOD distance of an under-fitted smoke model can be in the thousands)."""
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     got = session.run(OUTPUT_NAMES, {data.INPUT_SPEC.name: inputs})
     with torch.no_grad():
-        want = ExportWrapper(model).eval()(torch.from_numpy(inputs))
-    return {
-        name: float(np.abs(g - w.numpy()).max()) for name, g, w in zip(OUTPUT_NAMES, got, want, strict=True)
-    }
+        want = [w.numpy() for w in ExportWrapper(model).eval()(torch.from_numpy(inputs))]
+    diffs = {name: float(np.abs(g - w).max()) for name, g, w in zip(OUTPUT_NAMES, got, want, strict=True)}
+    return diffs, {name: float(np.abs(w).max()) for name, w in zip(OUTPUT_NAMES, want, strict=True)}
 
 
 def manifest_dict(
@@ -200,14 +204,14 @@ def main(argv: list[str] | None = None) -> int:
         onnx_path = args.out / "model.onnx"
         export(model, onnx_path)
         folder = data.data_dir(args.data)
-        diffs = compare(model, onnx_path, sample_inputs(folder, args.compare_images, seed=0))
+        diffs, sizes = compare(model, onnx_path, sample_inputs(folder, args.compare_images, seed=0))
         report = {"opset": OPSET, "max_abs_diff": diffs, "tolerance": EXPORT_TOLERANCE}
         (args.out / "export_report.json").write_text(json.dumps(report, indent=1) + "\n")
         for name, diff in diffs.items():
             print(f"{name:16s} max |onnx - torch| = {diff:.2e}")
         entries = {"fp32": {"file": onnx_path.name, "sha256": sha256_file(onnx_path)}}
         write_manifest(args.out, manifest_dict(content["points"], content["training"], entries))
-        bad = {name: diff for name, diff in diffs.items() if diff > EXPORT_TOLERANCE * max(1.0, _scale(name))}
+        bad = {name: diff for name, diff in diffs.items() if diff > EXPORT_TOLERANCE * max(1.0, sizes[name])}
         if bad:
             print(f"error: ONNX differs from torch beyond tolerance: {bad}", file=sys.stderr)
             return 1
@@ -216,11 +220,6 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-
-
-def _scale(name: str) -> float:
-    # The embedding and OOD distance are unbounded sums over 1280 features: compare relative to size.
-    return 10.0 if name in ("embedding", "ood_score") else 1.0
 
 
 if __name__ == "__main__":
