@@ -11,7 +11,8 @@ daemon links them through the journal. Features come from appliance/interpret/se
 The model is fitted on the TRAIN patients of the model's split.json (L2 strength and operating point
 from patient-grouped cross-validation on train only), then compared with the single-image risk on the
 VALIDATION pairs (AUC, 95 % patient-level bootstrap). It is written as coefficients into the manifest
-(`sequence_risk`) with `enabled: true` only if its validation AUC is at least the single-image AUC.
+(`sequence_risk`) with `enabled: true` only if its validation AUC is at least the single-image AUC
+on at least MIN_VALIDATION_PATIENTS validation patients.
 Reports: <model>/sequence_risk_report.json and .md. --smoke N uses N patients per split and never
 enables the model.
 
@@ -298,12 +299,24 @@ def compare(y: np.ndarray, single: np.ndarray, sequence: np.ndarray, groups: np.
     }
 
 
+MIN_VALIDATION_PATIENTS = 20
+
+
 def decide(validation: dict[str, Any], smoke: bool) -> tuple[bool, str]:
     seq, single = validation["sequence"]["auc"], validation["single_image"]["auc"]
     if smoke:
         return False, "smoke run: too few patients for any decision"
     if seq is None or single is None:
         return False, "validation pairs lack one outcome class, so no AUC can be compared"
+    patients = validation["patients"]
+    if patients < MIN_VALIDATION_PATIENTS:
+        # A tie on a handful of patients says nothing; the text would claim "using earlier images" for
+        # a model that has not shown it adds anything.
+        return False, (
+            f"only {patients} validation patients have an image with a prior (need {MIN_VALIDATION_PATIENTS}):"
+            f" sequence AUC {seq:.3f} vs single-image {single:.3f}, difference interval"
+            f" {_ci(validation['difference']['ci95'])} — too little evidence; the single-image risk stays"
+        )
     if seq >= single:
         return True, (
             f"validation AUC {seq:.3f} >= single-image {single:.3f}; the difference's interval "
