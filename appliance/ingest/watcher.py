@@ -6,6 +6,8 @@ it looks whole for its format (a DICOM parses to its end with all pixel bytes, a
 JPEG its EOI). A file that stays incomplete without changing for `incomplete_timeout` seconds is
 rejected as truncated. Dot-files and temp names (rsync's `.name.XXXXXX`, `*.part`, `*.tmp`) are
 ignored until renamed. Symlinks are never followed; directories are walked (USB sticks have folders).
+An `on_ready` that raises SpoolFull has the file offered again `retry_seconds` later (the daemon does
+so while its spool disk is full, so files dropped meanwhile are taken once space returns).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 from appliance.errors import InputRejected
 from appliance.ingest import reasons
 from appliance.ingest.complete import incomplete_reason
+from appliance.ingest.spool import SpoolFull
 
 log = logging.getLogger(__name__)
 
@@ -321,6 +324,12 @@ class FolderWatcher:
                 continue
             try:
                 self._on_ready(path, cand.source)
+            except SpoolFull as exc:
+                # Not now (the spool's disk is full): the file stays and is offered again, quietly; the
+                # daemon says "not accepting" once, on its status topic and in the log.
+                log.debug("not handed over %s: %s; again in %.0f s", path, exc, self.retry_seconds)
+                cand.retry_at = now + self.retry_seconds
+                continue
             except Exception:
                 log.exception("handing over %s failed; retrying in %.0f s", path, self.retry_seconds)
                 cand.retry_at = now + self.retry_seconds
