@@ -837,7 +837,7 @@ def _yes(value: bool | None) -> str:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     plan = Plan.make(args.quick, args.backlog)
     data = cxrdata.data_dir(args.data)
-    manifest_path = Path(args.model)
+    manifest_path = Path(args.model).resolve()  # the daemon resolves relative paths against its config
     manifest = load_manifest(manifest_path)
     ort_config = OnnxRuntimeConfig()
     work = Path(tempfile.mkdtemp(prefix="cxr-bench-", dir=args.workdir))
