@@ -14,6 +14,7 @@ import os
 import struct
 import warnings
 import zlib
+from collections.abc import Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -30,8 +31,10 @@ from pydicom.uid import (
     JPEG2000,
     UID,
     DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
     HTJ2KLossless,
     HTJ2KLosslessRPCL,
+    ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
@@ -60,6 +63,8 @@ MAX_INFLATED_BYTES = 256 << 20
 _GREY = ("MONOCHROME1", "MONOCHROME2")
 _J2K = (JPEG2000, JPEG2000Lossless)
 _GDCM_DIRECT = (JPEGLossless, JPEGLosslessSV1)
+_NATIVE = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+_STREAM_BLOCK_ROWS = 16  # block rows per read: ~0.7 MB of a 2.5k-wide 16-bit image
 # Which installed plugin decodes which syntax first (all permissively licensed); pydicom's automatic
 # choice is the fallback. pylibjpeg's JPEG plugin needs the GPL libjpeg and is never named here.
 _PREFERRED_PLUGIN: dict[str, str] = {
@@ -106,16 +111,18 @@ def read_dicom(path: Path, *, max_pixels: int, target_size: int | None = None) -
     meta = _meta(ds)
     _refuse_before_decoding(ds, path, meta, max_pixels)
     ts = meta.transfer_syntax or ""
-    direct = _decode_jpeg_lossless(path, ds) if ts in _GDCM_DIRECT else None
-    raw, scale = (direct, 1.0) if direct is not None else _decode_first_frame(ds, name, ts, target_size)
-    if target_size and scale == 1.0:
-        reduced = _block_mean(raw, ds, target_size)
-        if reduced is not None:
-            pooled, extremes, factor = reduced
-            pixels = _to_unit(pooled, ds, name, extremes=extremes)
-            return DecodedImage(pixels=pixels, meta=meta, scale=float(factor))
-    pixels = _to_unit(raw, ds, name)
-    return DecodedImage(pixels=pixels, meta=meta, scale=scale)
+    factor = _pool_factor(ds, target_size)
+    # Uncompressed: block means straight from the file, a few rows at a time (no full-size copy).
+    pooled = _stream_block_mean(path, ds, factor) if factor and ts in _NATIVE else None
+    if pooled is None:
+        direct = _decode_jpeg_lossless(path, ds) if ts in _GDCM_DIRECT else None
+        raw, scale = (direct, 1.0) if direct is not None else _decode_first_frame(ds, name, ts, target_size)
+        if not (factor and scale == 1.0 and _poolable(raw)):
+            return DecodedImage(pixels=_to_unit(raw, ds, name), meta=meta, scale=scale)
+        pooled = _pool_rows([raw], factor, raw.shape[1] // factor, _acc_type(raw.dtype))
+    means, extremes = pooled
+    pixels = _to_unit(means, ds, name, extremes=extremes)
+    return DecodedImage(pixels=pixels, meta=meta, scale=float(factor))
 
 
 def incomplete_reason(path: Path) -> str | None:
@@ -360,16 +367,31 @@ def _decode_reduced(ds: Dataset, ts: str, target_size: int) -> tuple[np.ndarray,
         return None
     try:
         frame = pydicom.encaps.get_frame(ds.PixelData, 0, number_of_frames=_frames(ds))
-        img = Image.open(io.BytesIO(frame))
-        if ts == JPEGBaseline8Bit:
-            img.draft("L", (cols >> levels, rows >> levels))
-        else:
-            img.reduce = min(levels, 5)  # type: ignore[assignment,method-assign]
-        img.load()
-        if img.mode not in ("L", "I;16", "I"):
-            return None
-        arr = np.asarray(img)
     except Exception:
+        return None
+    # Pillow rounds a reduced JPEG 2000 size to nearest, OpenJPEG up: where they differ (2467 px by 8:
+    # 308 vs 309) the decode fails ("broken data stream"). Take the deepest level where they agree,
+    # and still fall back one level at a time should OpenJPEG refuse for another reason.
+    wanted: tuple[int, ...] = (levels,)
+    if ts in _J2K:
+        wanted = tuple(
+            n for n in range(min(levels, 5), 0, -1) if _same_rounding(rows, n) and _same_rounding(cols, n)
+        )
+    for level in wanted:
+        try:
+            img = Image.open(io.BytesIO(frame))
+            if ts == JPEGBaseline8Bit:
+                img.draft("L", (cols >> level, rows >> level))
+            else:
+                img.reduce = level  # type: ignore[assignment,method-assign]
+            img.load()
+            if img.mode not in ("L", "I;16", "I"):
+                return None
+            arr = np.asarray(img)
+            break
+        except Exception:
+            continue
+    else:
         return None
     if arr.ndim != 2 or arr.shape[1] == 0:
         return None
@@ -385,6 +407,12 @@ def _decode_reduced(ds: Dataset, ts: str, target_size: int) -> tuple[np.ndarray,
     return arr, cols / arr.shape[1]
 
 
+def _same_rounding(size: int, level: int) -> bool:
+    """Pillow's reduced size ((size + 2^level / 2) // 2^level) equals OpenJPEG's (ceil(size / 2^level))."""
+    power = 1 << level
+    return (size + power // 2) // power == -(-size // power)
+
+
 def _j2k_precision(frame: bytes) -> int | None:
     """Bits of the first component from the codestream's SIZ marker; None if absent or signed."""
     at = frame.find(b"\xff\x51", 0, 4096)  # SIZ follows SOC (J2K) or sits early in the jp2c box (JP2)
@@ -394,42 +422,88 @@ def _j2k_precision(frame: bytes) -> int | None:
     return None if ssiz & 0x80 else (ssiz & 0x7F) + 1
 
 
-def _block_mean(
-    raw: np.ndarray, ds: Dataset, target_size: int
-) -> tuple[np.ndarray, tuple[float, float], int] | None:
-    """Average k x k blocks of stored values in integer arithmetic (k = the largest factor that keeps
-    both sides >= target_size), before any float conversion: the later float work then touches k^2
-    times fewer pixels. Returns (float32 block means, (min, max) of the full-size stored values, k),
-    or None where it would not match the full-size path: a Modality or VOI LUT or a sigmoid VOI (not
-    linear, so averaging first would change the values), a non-integer or odd-shaped array.
+def _pool_factor(ds: Dataset, target_size: int | None) -> int:
+    """k for averaging k x k blocks of stored values before any float maths (k = the largest factor
+    that keeps both sides >= target_size), or 0 where that would not match the full-size path: a
+    Modality or VOI LUT or a sigmoid VOI (not linear, so averaging first would change the values).
 
     Linear windows commute with averaging except in blocks that straddle a clipping bound (a tiny,
-    smoothing-sized difference, the same kind the reduced JPEG 2000 / JPEG decodes make). The
-    auto-window needs the extremes of the full image, not of the means, so they are returned too.
-    A remainder of fewer than k rows/columns at the bottom/right edge is left out."""
-    if raw.ndim != 2 or not np.issubdtype(raw.dtype, np.integer) or raw.dtype.itemsize > 2:
-        return None
-    if "ModalityLUTSequence" in ds or "VOILUTSequence" in ds:
-        return None
+    smoothing-sized difference, the same kind the reduced JPEG 2000 / JPEG decodes make). A remainder
+    of fewer than k rows/columns at the bottom/right edge is left out of the means."""
+    if not target_size or "ModalityLUTSequence" in ds or "VOILUTSequence" in ds:
+        return 0
     if str(ds.get("VOILUTFunction", "") or "").upper() == "SIGMOID":
+        return 0
+    factor = min(min(int(ds.Rows), int(ds.Columns)) // target_size, 64)
+    return factor if factor >= 2 else 0
+
+
+def _poolable(raw: np.ndarray) -> bool:
+    return raw.ndim == 2 and np.issubdtype(raw.dtype, np.integer) and raw.dtype.itemsize <= 2
+
+
+def _acc_type(dtype: np.dtype[Any]) -> type[np.integer[Any]]:
+    # uint32 cannot overflow: 64 x 64 x 65535 < 2^32; int64 for signed data.
+    return np.int64 if np.issubdtype(dtype, np.signedinteger) else np.uint32
+
+
+def _pool_rows(
+    chunks: Iterable[np.ndarray], factor: int, out_w: int, acc_type: type[np.integer[Any]]
+) -> tuple[np.ndarray, tuple[float, float]]:
+    """Block means of an image given as consecutive row chunks (each a multiple of `factor` rows, but
+    the last), and the (min, max) stored values of ALL its pixels: the auto-window needs the extremes
+    of the full image, not of the means. Integer sums, rows first as k whole-row adds over contiguous
+    memory (which numpy vectorises well), then the columns of the k-times smaller result."""
+    sums: list[np.ndarray] = []
+    low, high = math.inf, -math.inf
+    for chunk in chunks:
+        low, high = min(low, float(chunk.min())), max(high, float(chunk.max()))
+        n = chunk.shape[0] // factor
+        if n == 0:
+            continue
+        blocks = chunk[: n * factor, : out_w * factor].reshape(n, factor, out_w * factor)
+        acc = blocks[:, 0, :].astype(acc_type)
+        for i in range(1, factor):
+            np.add(acc, blocks[:, i, :], out=acc)
+        sums.append(acc.reshape(n, out_w, factor).sum(axis=2, dtype=acc_type))
+    means = np.concatenate(sums).astype(np.float32)
+    means *= np.float32(1 / (factor * factor))
+    return means, (low, high)
+
+
+def _stream_block_mean(path: Path, ds: Dataset, factor: int) -> tuple[np.ndarray, tuple[float, float]] | None:
+    """Native little-endian unsigned first frame, pooled while it is read: the full-size image is
+    never in memory (a 2.5k x 3k 16-bit frame is 15 MB; pydicom would hold it twice). None when the
+    layout is anything else, so pydicom decides."""
+    bits_alloc, bits_stored = int(ds.BitsAllocated), int(ds.BitsStored)
+    if ds.get("PixelRepresentation", 0) != 0 or bits_alloc not in (8, 16):
         return None
-    rows, cols = raw.shape
-    factor = min(min(rows, cols) // target_size, 64)
-    if factor < 2:
+    elem: Any = ds.get_item("PixelData", keep_deferred=True)
+    offset = getattr(elem, "value_tell", None)
+    if getattr(elem, "value", None) is not None or offset is None:
+        return None  # read into memory already (small), or not from this file
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    dtype = np.dtype("<u2") if bits_alloc == 16 else np.dtype(np.uint8)
+    # Bits above Bits Stored may hold overlays or garbage; pydicom masks them off, and so do we.
+    mask = (1 << bits_stored) - 1 if bits_stored < bits_alloc else None
+    step = factor * _STREAM_BLOCK_ROWS
+
+    def chunks(fh: Any) -> Iterator[np.ndarray]:
+        for start in range(0, rows, step):
+            count = min(step, rows - start) * cols
+            chunk = np.fromfile(fh, dtype=dtype, count=count)
+            if chunk.size != count:
+                raise EOFError("Pixel Data shorter than declared")
+            if mask is not None:
+                np.bitwise_and(chunk, dtype.type(mask), out=chunk)
+            yield chunk.reshape(-1, cols)
+
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(int(offset))
+            return _pool_rows(chunks(fh), factor, cols // factor, np.uint32)
+    except (OSError, EOFError, ValueError):
         return None
-    out_h, out_w = rows // factor, cols // factor
-    # Rows first, in the accumulator type (uint32 cannot overflow: 64 x 65535 < 2^32), as k whole-row
-    # adds over contiguous memory, which numpy vectorises well; then the columns of the k-times smaller
-    # result. int64 for signed data.
-    acc_type = np.int64 if np.issubdtype(raw.dtype, np.signedinteger) else np.uint32
-    blocks = raw[: out_h * factor, : out_w * factor].reshape(out_h, factor, out_w * factor)
-    acc = blocks[:, 0, :].astype(acc_type)
-    for i in range(1, factor):
-        np.add(acc, blocks[:, i, :], out=acc)
-    sums = acc.reshape(out_h, out_w, factor).sum(axis=2, dtype=acc_type)
-    pooled = sums.astype(np.float32)
-    pooled *= np.float32(1 / (factor * factor))
-    return pooled, (float(raw.min()), float(raw.max())), factor
 
 
 def _to_unit(

@@ -15,7 +15,7 @@ from appliance.ingest import read_image
 from appliance.manifest import InputSpec
 from appliance.preprocess import preprocess
 from tests.support import data
-from tools.gen_cart_dicoms import load_grey, write_cart_dicom
+from tools.gen_cart_dicoms import frontal_sources, load_grey, write_cart_dicom
 
 SPEC = InputSpec.model_validate(
     {
@@ -76,3 +76,17 @@ def test_jpeg_lossless_direct_decode_is_exact(tmp_path: Path, source: np.ndarray
     np.testing.assert_array_equal(
         read_image(packed, target_size=256).pixels, read_image(plain, target_size=256).pixels
     )
+
+
+def test_jpeg2000_reduction_where_pillow_and_openjpeg_round_alike(tmp_path: Path) -> None:
+    # 2467 x 3000: by 8 Pillow expects 308 columns, OpenJPEG makes 309 and the decode fails; by 4 both say
+    # 617. The reader must reduce by 4, neither fail over to the full-size decode nor try the bad level.
+    image = load_grey(frontal_sources(data.cxr_data(), 1)[0])
+    path = write_cart_dicom(image, tmp_path / "j2k.dcm", "j2k", seed=0)
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    assert (ds.Rows, ds.Columns) == (2467, 3000)
+    small = read_image(path, target_size=256)
+    assert small.scale == 4.0 and small.pixels.shape == (617, 750)
+    full = read_image(path)
+    pooled = full.pixels[:2464, :].reshape(616, 4, 750, 4).mean(axis=(1, 3))
+    assert np.abs(small.pixels[:616] - pooled).mean() < 0.02
