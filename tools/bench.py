@@ -574,10 +574,9 @@ def rss_peak_mb(pid: int) -> float | None:
 class DaemonRun:
     """The daemon, a broker, a subscriber on the result topic."""
 
-    def __init__(self, work: Path, broker: Broker, model: Path, precision: str) -> None:
-        self.daemon = DaemonProcess(
-            work, broker, model, inference={"precision": precision}, logging={"level": "WARNING"}
-        )
+    def __init__(self, work: Path, broker: Broker, model: Path, ort: OnnxRuntimeConfig) -> None:
+        inference = {"precision": "fp32", "onnxruntime": ort.model_dump()}
+        self.daemon = DaemonProcess(work, broker, model, inference=inference, logging={"level": "WARNING"})
         self.subscriber = Subscriber(broker, RESULT_TOPIC, clean_session=True)
         self.startup_ms = 0.0
 
@@ -839,7 +838,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     data = cxrdata.data_dir(args.data)
     manifest_path = Path(args.model).resolve()  # the daemon resolves relative paths against its config
     manifest = load_manifest(manifest_path)
-    ort_config = OnnxRuntimeConfig()
+    ort_config = OnnxRuntimeConfig(intra_op_threads=args.intra_op_threads)
     work = Path(tempfile.mkdtemp(prefix="cxr-bench-", dir=args.workdir))
     restamper = Restamper()
     raw: dict[str, Any] = {
@@ -883,12 +882,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             log("daemon start-up")
             startups = []
             for index in range(plan.startups):
-                probe = DaemonRun(work / f"startup{index}", broker, manifest_path, "fp32").start()
+                probe = DaemonRun(work / f"startup{index}", broker, manifest_path, ort_config).start()
                 startups.append(probe.startup_ms)
                 probe.stop()
             raw["startup_to_ready_ms"] = summary(startups)
             log("daemon end to end")
-            daemon = DaemonRun(work / "daemon", broker, manifest_path, "fp32").start()
+            daemon = DaemonRun(work / "daemon", broker, manifest_path, ort_config).start()
             try:
                 raw["e2e"] = measure_e2e(daemon, inputs, plan.e2e, restamper)
                 log(f"daemon backlog of {plan.backlog}")
@@ -931,6 +930,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data", help="CXR data folder (default: $CXR_DATA or ../shared/data/cxr)")
     parser.add_argument("--backlog", type=int, help="backlog size (default 500; quick 8)")
     parser.add_argument("--workdir", help="where the temporary files go (default: the system temp dir)")
+    parser.add_argument(
+        "--intra-op-threads",
+        type=int,
+        default=0,
+        help="ONNX Runtime threads (0 = the default config's choice)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the generated files and daemon logs")
     args = parser.parse_args(argv)
     if not Path(args.model).exists():
