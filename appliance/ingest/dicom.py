@@ -288,6 +288,27 @@ def _refuse_before_decoding(ds: Dataset, path: Path, meta: ImageMeta, max_pixels
             raise InputRejected(
                 reasons.TRUNCATED_DICOM, f"{name}: Pixel Data holds {have:,} bytes, {expected:,} declared"
             )
+    elif ts.is_encapsulated and not _encapsulated(ds.get_item("PixelData", keep_deferred=True), path):
+        # A native image relabelled as compressed: GDCM aborts the whole process (a C++ exception
+        # through SWIG) on such data, so it must never get that far.
+        raise InputRejected(
+            reasons.INVALID_DICOM, f"{name}: Pixel Data is not encapsulated, although {ts.name or ts} says so"
+        )
+
+
+def _encapsulated(elem: Any, path: Path) -> bool:
+    """Undefined length and a first item tag (FFFE,E000), read from the file if the value is deferred."""
+    undefined = (
+        elem.is_undefined_length if hasattr(elem, "is_undefined_length") else elem.length == 0xFFFFFFFF
+    )
+    if not undefined:
+        return False
+    value = getattr(elem, "value", None)
+    if value is None:
+        with open(path, "rb") as fh:
+            fh.seek(int(elem.value_tell))
+            value = fh.read(4)
+    return bytes(value[:4]) == b"\xfe\xff\x00\xe0"
 
 
 def _size_checkable(ts: UID) -> bool:

@@ -11,6 +11,8 @@ import io
 import random
 import resource
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -180,3 +182,25 @@ def test_png_bomb_refused_before_decoding(tmp_path: Path) -> None:
 def test_generic_mutations_change_the_bytes(mutation: str) -> None:
     data = bytes(range(256)) * 64
     assert GENERIC[mutation](random.Random(1), data) != data
+
+
+def test_native_pixels_labelled_jpeg_lossless_are_refused_before_gdcm(tmp_path: Path) -> None:
+    """GDCM aborted the whole process (C++ exception through SWIG, SIGABRT) on this; run in a child."""
+    data = native().read_bytes()
+    meta = pydicom.dcmread(native(), stop_before_pixels=True).file_meta
+    meta.TransferSyntaxUID = pydicom.uid.JPEGLosslessSV1
+    buffer = io.BytesIO()
+    buffer.write(bytes(128) + b"DICM")
+    pydicom.filewriter.write_file_meta_info(buffer, meta, enforce_standard=False)  # type: ignore[arg-type]
+    start = 132 + 12 + struct.unpack_from("<I", data, 140)[0]
+    path = tmp_path / "relabelled.dcm"
+    path.write_bytes(buffer.getvalue() + data[start:])
+    code = (
+        "import sys; from pathlib import Path; from appliance.errors import InputRejected\n"
+        "from appliance.ingest import read_image\n"
+        "try:\n    read_image(Path(sys.argv[1]), target_size=256)\n"
+        "except InputRejected as exc:\n    print('REJECTED', exc.reason)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, f"the reader process died ({proc.returncode}): {proc.stderr[-500:]}"
+    assert "REJECTED invalid DICOM" in proc.stdout, proc.stdout
