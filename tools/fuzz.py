@@ -5,7 +5,9 @@
 Every case must end in a decoded image (finite float32 pixels in [0, 1]) or InputRejected with a reason;
 anything else (another exception, a non-finite pixel, more memory than the pixel limit allows) is a
 crash, listed with its case name so `--only NAME` reproduces it. Exit status 1 when there is a crash.
-The seed corpus is the real DICOMs, PNGs and JPEGs, plus the native DX re-encoded (16-bit with a
+`--log FILE` appends one JSON line when a case starts and one with its outcome, so a case that kills
+the process (a decoder library aborting) is still named: tools/soak.py runs this in a child process and
+resumes after such a case with `--start`. The seed corpus is the real DICOMs, PNGs and JPEGs, plus the native DX re-encoded (16-bit with a
 window, RLE, JPEG 2000) so that every decoder the appliance ships is reached.
 """
 
@@ -208,20 +210,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=REPO / "artifacts" / "fuzz")
     parser.add_argument("--json", type=Path, help="write the report here")
     parser.add_argument("--only", help="run only the case with this name (reproduce a crash)")
+    parser.add_argument("--start", type=int, default=0, help="first case index (resume after a crash)")
+    parser.add_argument("--log", type=Path, help="append JSON lines: each case's start and outcome")
     parser.add_argument("--hang-seconds", type=float, default=120.0, help="dump stacks and exit past this")
     args = parser.parse_args(argv)
     corpus = seed_corpus(data_dir(), args.workdir / "corpus")
-    cases: Iterable[Case] = Mutator(args.seed).cases(corpus, args.cases)
+    cases: Iterable[Case] = Mutator(args.seed).cases(corpus, args.cases, start=args.start)
     if args.only:
         cases = [c for c in cases if c.name == args.only]
+    log = args.log.open("a", encoding="utf-8") if args.log else None
+
+    def logged(stream: Iterable[Case]) -> Iterable[Case]:
+        for case in stream:
+            if log is not None:
+                log.write(json.dumps({"start": case.name, "mutation": case.mutation}) + "\n")
+                log.flush()
+            yield case
 
     def progress(outcome: Outcome) -> None:
         faulthandler.dump_traceback_later(args.hang_seconds, exit=True)  # re-armed per case
+        if log is not None:
+            log.write(json.dumps(asdict(outcome)) + "\n")
+            log.flush()
         if outcome.status == "crash":
             print(f"CRASH {outcome.name}: {outcome.reason}: {outcome.detail}", file=sys.stderr)
 
     faulthandler.dump_traceback_later(args.hang_seconds, exit=True)
-    report = run_fuzz(cases, args.workdir, max_pixels=args.max_pixels, progress=progress)
+    report = run_fuzz(logged(cases), args.workdir, max_pixels=args.max_pixels, progress=progress)
     faulthandler.cancel_dump_traceback_later()
     text = json.dumps(report.to_dict(), indent=1)
     if args.json:

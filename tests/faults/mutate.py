@@ -446,10 +446,10 @@ class Mutator:
         except Exception as exc:  # the mutator could not parse its input (e.g. no Pixel Data): flip bits
             return f"{name}->bitflip({type(exc).__name__})", bit_flips(rng, data)
 
-    def cases(self, sources: Sequence[Path], count: int) -> Iterator[Case]:
-        """`count` cases round-robin over `sources` (read once each)."""
+    def cases(self, sources: Sequence[Path], count: int, start: int = 0) -> Iterator[Case]:
+        """Cases `start`..`count`-1, round-robin over `sources` (read once each)."""
         blobs = [(p, p.read_bytes()) for p in sources]
-        for index in range(count):
+        for index in range(start, count):
             path, data = blobs[index % len(blobs)]
             mutation, mutated = self.mutate(data, index)
             yield Case(f"{path.stem[:40]}:{mutation}#{index}", kind_of(data), mutation, mutated)
