@@ -47,6 +47,7 @@ class Daemon:
         self.reload_requested = False
         self.accepting = True
         self.accept_reason: str | None = None
+        self._state_lock = threading.Lock()  # accepting is set by the watcher and the loop
         self.processed = 0
 
     # --- signals -----------------------------------------------------------------------------------
@@ -192,14 +193,15 @@ class Daemon:
     # --- ingest side (watcher thread) ----------------------------------------------------------------
 
     def _accept(self, path: Path, source: str) -> None:
+        """Called by the watcher thread. Raising SpoolFull leaves the file where it is: the watcher
+        offers it again later, so nothing dropped while the disk is full is lost or quarantined."""
         if not self.accepting:
-            return  # the file stays where it is and is picked up again when space returns
+            raise SpoolFull(self.accept_reason or "not accepting images")
         try:
             outcome = self.spool.accept(path, source, move=self.config.ingest.delete_from_watch)
         except SpoolFull as exc:
-            log.error("%s: not accepted: %s", path, exc)
-            self.wake.set()  # the loop re-checks the disk and says so on the status topic
-            return
+            self._set_accepting(False, f"spool disk full: {exc}")
+            raise
         except OSError as exc:
             log.error("%s: not accepted: %s", path, exc.strerror or exc)
             return
@@ -217,16 +219,26 @@ class Daemon:
         if self.journal.record_ack(ack):
             log.info("acknowledged by %s: %s", ack.by, ack.message_id)
 
+    def _set_accepting(self, accepting: bool, reason: str | None) -> None:
+        with self._state_lock:
+            if accepting == self.accepting:
+                return
+            self.accepting, self.accept_reason = accepting, reason
+        if accepting:
+            log.info("accepting images again")
+        else:
+            log.error("not accepting images: %s", reason)
+        self._publish_status()
+
     def _check_disk(self) -> None:
+        """The spool's own rule (free space minus the reserve) decides; resuming needs some headroom
+        above the reserve so one more file does not flip the state straight back."""
         free = self.spool.free_mb()
-        accepting = free >= self.config.ingest.min_free_mb
-        if accepting != self.accepting:
-            self.accepting = accepting
-            self.accept_reason = None if accepting else f"spool disk nearly full ({free:.0f} MB free)"
-            (log.info if accepting else log.error)(
-                "accepting images again" if accepting else f"not accepting images: {self.accept_reason}"
-            )
-            self._publish_status()
+        reserve = self.config.ingest.min_free_mb
+        if self.accepting and free < reserve:
+            self._set_accepting(False, f"spool disk full: {free:.1f} MB free, reserve {reserve:.1f} MB")
+        elif not self.accepting and free >= reserve + max(1.0, 0.1 * reserve):
+            self._set_accepting(True, None)
 
     # --- processing loop (main thread) ---------------------------------------------------------------
 

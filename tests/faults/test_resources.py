@@ -39,12 +39,6 @@ def statuses(sub: Subscriber) -> list[dict[str, object]]:
     return [m.json() for m in sub.on_topic(STATUS_TOPIC)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="appliance/daemon.py _accept returns silently while full, so the watcher never offers those files "
-    "again, and its reserve check differs from the spool's (status says online while files are refused); "
-    "fix given in the fault-hardening report (issue 7). Remove this mark with that fix.",
-)
 def test_spool_disk_full_stops_accepting_says_so_and_resumes_losing_nothing(
     broker: Broker, model: Path, daemons: Callable[..., DaemonProcess], small_disk: Path
 ) -> None:
