@@ -193,11 +193,12 @@ def feed(run: Run, daemon: DaemonProcess, images: list[Path], fuzz_cases: list[t
     staging.mkdir(exist_ok=True)
     # Spread the drops over the time the kills take, so that kills land while images are in flight.
     kills = max(run.args.daemon_kills, run.args.broker_kills)
-    bursts = max(1, len(items) // 8)
+    bursts = max(1, len(items) // 4)  # 4.5 files a burst on average
     pause = max(run.args.feed_pause, kills * sum(run.args.kill_gap) / 2 / bursts * 2)
     position = 0
     while position < len(items):
-        for kind, item in items[position : position + rng.randint(1, 8)]:
+        burst = rng.randint(1, 8)
+        for kind, item in items[position : position + burst]:
             if kind == "image":
                 index, source = item
                 if index % 3 == 2:
@@ -214,7 +215,7 @@ def feed(run: Run, daemon: DaemonProcess, images: list[Path], fuzz_cases: list[t
                 name = f"fuzz{len(run.drops):05d}.dcm"
                 (daemon.inbox / name).write_bytes(data)
                 run.drops.append(Drop(name, "fuzz"))
-        position += 8
+        position += burst
         time.sleep(rng.uniform(0.0, pause))
     run.feeding_done.set()
 
@@ -451,7 +452,7 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
             daemon.kill()
         broker.stop()
     report: dict[str, Any] = {
-        "images": args.images,
+        "images": sum(d.kind == "image" for d in run.drops),
         "kills": run.daemon_kills,
         "broker_restarts": run.broker_kills,
         "lost": checks["lost"],
@@ -461,7 +462,7 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
         "fuzz_crashes": len(fuzz["crashes"]),
         "quarantined": checks["quarantined"],
         "peak_rss_mb": round(run.peak_rss_kb / 1024, 1),
-        "daemon_fuzz_files": len(daemon_fuzz),
+        "daemon_fuzz_files": sum(d.kind == "fuzz" for d in run.drops),
         **{k: v for k, v in checks.items() if k not in ("lost", "duplicates", "quarantined")},
         "fuzz": fuzz,
         "model": str(model),

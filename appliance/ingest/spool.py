@@ -27,6 +27,7 @@ import pydicom
 
 from appliance.errors import ApplianceError, InputRejected
 from appliance.ingest import reasons, sniff
+from appliance.ingest.bounded import BoundedFile
 from appliance.ingest.dicom import refuse_deflate_bomb
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,10 @@ def dedup_key(path: Path, kind: str) -> str:
     if kind == "dicom":
         try:
             refuse_deflate_bomb(path)  # pydicom would inflate a deflated dataset whole just to find the UID
-            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True, specific_tags=["SOPInstanceUID"])
+            with BoundedFile(path) as fh:  # a corrupt length must not become a 1 GB read
+                ds = pydicom.dcmread(
+                    fh, stop_before_pixels=True, force=True, specific_tags=["SOPInstanceUID"]
+                )
             uid = str(ds.get("SOPInstanceUID", "") or "").strip()
             if uid:
                 return f"sop:{uid}"

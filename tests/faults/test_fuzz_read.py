@@ -204,3 +204,22 @@ def test_native_pixels_labelled_jpeg_lossless_are_refused_before_gdcm(tmp_path: 
     proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, f"the reader process died ({proc.returncode}): {proc.stderr[-500:]}"
     assert "REJECTED invalid DICOM" in proc.stdout, proc.stdout
+
+
+def test_corrupt_file_meta_length_allocates_nothing_big(corpus: list[Path], tmp_path: Path) -> None:
+    """Fuzz case seed 7 #279 (a bit flip in the File Meta): pydicom's own File Meta reader asked for 1 GB."""
+    import tracemalloc
+
+    case = next(Mutator(7).cases(corpus, 280, start=279))
+    assert case.name == "derived-explicit16:bitflip#279"
+    path = tmp_path / "meta.dcm"
+    path.write_bytes(case.data)
+    tracemalloc.start()
+    try:
+        with pytest.raises(InputRejected):
+            read_image(path)
+        dedup_key(path, "dicom")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64e6, f"{peak / 1e6:.0f} MB allocated for a {len(case.data) / 1e3:.0f} kB file"
