@@ -413,20 +413,9 @@ def measure_precisions(
     reference: list[dict[str, float]] | None = None
     reference_triage: list[str | None] = []
     for precision in shipped:
+        timing = infer_timing_isolated(manifest_path, precision, ort_config, repeats)
         analyzer = make_analyzer(manifest_path, precision, ort_config, work)
-        spec = manifest.input
-        dtype = np.float16 if spec.dtype == "float16" else np.float32
-        shape = (
-            (spec.height, spec.width, spec.channels)
-            if spec.layout == "NHWC"
-            else (spec.channels, spec.height, spec.width)
-        )
-        entry: dict[str, Any] = {}
-        for batch in (1, 4):
-            tensor = np.zeros((batch, *shape), dtype=dtype)
-            analyzer.backend.run(tensor)
-            values = [timed(partial(analyzer.backend.run, tensor))[1] / batch for _ in range(repeats * 4)]
-            entry[f"infer_ms_per_image_batch{batch}"] = summary(values)
+        entry: dict[str, Any] = {f"infer_ms_per_image_{k}": v for k, v in timing.items()}
         results = analyzer.analyze(
             [Job(path=p, image_id=f"acc{i}", source="bench") for i, p in enumerate(images)]
         )
@@ -529,8 +518,10 @@ def measure_reading_parity(manifest_path: Path, work: Path, inputs: Inputs) -> d
     return out
 
 
-def measure_ort_sweep(manifest_path: Path, repeats: int) -> dict[str, Any]:
-    """Thread counts and graph optimisation levels, FP32, batch 1 and 4: the evidence for the defaults."""
+def infer_timing(
+    manifest_path: Path, precision: Precision, config: OnnxRuntimeConfig, repeats: int
+) -> dict[str, Any]:
+    """ms per image at batch 1 and 4 (zeros: the time does not depend on the pixels)."""
     manifest = load_manifest(manifest_path)
     spec = manifest.input
     shape = (
@@ -538,23 +529,50 @@ def measure_ort_sweep(manifest_path: Path, repeats: int) -> dict[str, Any]:
         if spec.layout == "NHWC"
         else (spec.channels, spec.height, spec.width)
     )
+    backend = OnnxRuntimeBackend(manifest, precision, config)
+    out: dict[str, Any] = {}
+    for batch in (1, 4):
+        tensor = np.zeros((batch, *shape), dtype=backend.input_dtype)
+        backend.run(tensor)
+        out[f"batch{batch}"] = summary(
+            [timed(partial(backend.run, tensor))[1] / batch for _ in range(repeats * 4)]
+        )
+    backend.close()
+    return out
+
+
+def infer_timing_isolated(
+    manifest_path: Path, precision: Precision, config: OnnxRuntimeConfig, repeats: int
+) -> dict[str, Any]:
+    """infer_timing in a fresh process: the spinning worker threads of other ONNX Runtime sessions in
+    this one would compete for the cores and make 2-thread figures look 4x worse than they are."""
+    probe = json.dumps(
+        {
+            "model": str(manifest_path),
+            "precision": precision.value,
+            "ort": config.model_dump(),
+            "repeats": repeats,
+        }
+    )
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--probe", probe],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO,
+    )
+    result: dict[str, Any] = json.loads(proc.stdout)
+    return result
+
+
+def measure_ort_sweep(manifest_path: Path, repeats: int) -> dict[str, Any]:
+    """Thread counts and graph optimisation levels, FP32: the evidence for the defaults."""
     out: dict[str, Any] = {}
     for threads in (1, 2):
-        for level in ("basic", "all"):
-            backend = OnnxRuntimeBackend(
-                manifest,
-                Precision.fp32,
-                OnnxRuntimeConfig(intra_op_threads=threads, graph_optimization=level),
-            )
-            entry = {}
-            for batch in (1, 4):
-                tensor = np.zeros((batch, *shape), dtype=np.float32)
-                backend.run(tensor)
-                entry[f"batch{batch}_ms_per_image"] = summary(
-                    [timed(partial(backend.run, tensor))[1] / batch for _ in range(repeats * 4)]
-                ).get("median")
-            backend.close()
-            out[f"intra{threads}_{level}"] = entry
+        for level in ("extended", "all"):
+            config = OnnxRuntimeConfig(intra_op_threads=threads, graph_optimization=level)
+            timing = infer_timing_isolated(manifest_path, Precision.fp32, config, repeats)
+            out[f"intra{threads}_{level}"] = {f"{k}_ms_per_image": v.get("median") for k, v in timing.items()}
     return out
 
 
@@ -923,7 +941,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--quick", action="store_true", help="a handful of files (CI smoke; no targets asserted)"
     )
-    parser.add_argument("--json", required=True, type=Path, help="output JSON (and OUT.md next to it)")
+    parser.add_argument("--json", type=Path, help="output JSON (and OUT.md next to it)")
+    parser.add_argument("--probe", help=argparse.SUPPRESS)  # internal: infer_timing_isolated's child
     parser.add_argument(
         "--model", default=str(DEFAULT_MODEL), help="model manifest (default: the bundled one)"
     )
@@ -938,6 +957,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--keep", action="store_true", help="keep the generated files and daemon logs")
     args = parser.parse_args(argv)
+    if args.probe:
+        probe = json.loads(args.probe)
+        config = OnnxRuntimeConfig.model_validate(probe["ort"])
+        print(
+            json.dumps(
+                infer_timing(Path(probe["model"]), Precision(probe["precision"]), config, probe["repeats"])
+            )
+        )
+        return 0
+    if args.json is None:
+        parser.error("--json OUT is required")
     if not Path(args.model).exists():
         print(
             f"bench: {args.model}: no such model manifest (train/export it, or pass --model)", file=sys.stderr
