@@ -255,7 +255,9 @@ class Daemon:
             if self.reload_requested:
                 self.reload()
             self._check_disk()
-            items = self.spool.claim(self.config.inference.max_batch)
+            batch = self.config.inference.max_batch
+            # With a backlog, claim two batches: the Analyzer reads the second while the first is inferred.
+            items = self.spool.claim(2 * batch if self.spool.pending_count() > batch else batch)
             if not items:
                 self.wake.wait(timeout=self.config.ingest.poll_seconds)
                 self.wake.clear()
