@@ -20,7 +20,7 @@ from appliance import sdnotify
 from appliance.config import AppConfig, load_config
 from appliance.dicomnet.receiver import DicomReceiver
 from appliance.dicomout.writer import DicomOutWriter
-from appliance.errors import InputRejected, UserError
+from appliance.errors import ApplianceError, InputRejected, UserError
 from appliance.ingest.spool import Rejected, Spool, SpoolFull
 from appliance.ingest.watcher import FolderWatcher
 from appliance.interpret.sequence_risk import with_sequence_risk
@@ -36,6 +36,8 @@ from appliance.runtime import build_analyzer
 log = logging.getLogger("appliance.daemon")
 
 HOUSEKEEPING_SECONDS = 600.0
+# Sections bound to open files, sockets or threads at start: a SIGHUP cannot swap them in place.
+RESTART_SECTIONS = ("ingest", "mqtt", "journal", "privacy", "dicom_net", "dicom_out")
 
 
 class Daemon:
@@ -154,24 +156,45 @@ class Daemon:
         log.info("stopped after %d image(s)", self.processed)
 
     def reload(self) -> None:
-        """SIGHUP: re-read the config. Queued work stays in the spool; the model reloads if it changed."""
+        """SIGHUP: re-read the config without dropping queued work (it stays in the spool).
+
+        Device, logging and inference (the model is reloaded if it changed) apply at once; sections
+        that own open files, sockets or threads (ingest, mqtt, journal, privacy, DICOM) need a restart."""
         self.reload_requested = False
         if self.config_path is None:
             log.info("SIGHUP: no config file to reload")
             return
+        sdnotify.reloading()
         try:
-            new = load_config(self.config_path)
+            self._reload(self.config_path)
+        finally:
+            sdnotify.ready()
+
+    def _reload(self, path: Path) -> None:
+        try:
+            new = load_config(path)
         except UserError as exc:
             log.error("SIGHUP: keeping the running configuration: %s", exc)
             return
-        model_changed = new.inference != self.config.inference
-        self.config = new
-        setup_logging(new.logging.level, new.logging.format)
-        if model_changed:
+        needs_restart = [
+            name for name in RESTART_SECTIONS if getattr(new, name) != getattr(self.config, name)
+        ]
+        if needs_restart:
+            log.warning("SIGHUP: %s changed; that takes effect at the next restart", ", ".join(needs_restart))
+            new = new.model_copy(update={name: getattr(self.config, name) for name in needs_restart})
+        if new.inference != self.config.inference:
+            try:
+                analyzer = build_analyzer(new)
+            except ApplianceError as exc:
+                log.error("SIGHUP: new model not loaded, keeping %s: %s", self.analyzer.manifest.name, exc)
+                return
             self.analyzer.backend.close()
-            self.analyzer = build_analyzer(new)
+            self.analyzer = analyzer
+            log.info("SIGHUP: model %s %s loaded", analyzer.manifest.name, analyzer.manifest.version)
+        self.config = new
         self.analyzer.config = new
-        log.info("SIGHUP: configuration reloaded%s", " (model reloaded)" if model_changed else "")
+        setup_logging(new.logging.level, new.logging.format)
+        log.info("SIGHUP: configuration reloaded")
         self._publish_status()
 
     # --- status ------------------------------------------------------------------------------------

@@ -14,8 +14,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-
 from tests.faults.conftest import image_ids, real_images, results, wait_results, wait_until
 from tests.support import data
 from tests.support.daemon import DaemonProcess
@@ -150,11 +148,6 @@ def test_hostile_names_and_symlinks_from_a_stick(
     assert os.listdir(nested) == [], "hostile-named files left behind"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="appliance/logs.py TextFormatter writes a file name's newline as is, so a name can forge a log "
-    "line (journald: a separate entry); fix given in the fault-hardening report (issue 7).",
-)
 def test_a_newline_in_a_file_name_cannot_forge_a_log_line(
     broker: Broker, model: Path, daemons: Callable[..., DaemonProcess]
 ) -> None:
