@@ -13,7 +13,9 @@ from appliance.result import SCHEMA_DIR, SCHEMAS, json_schema
 @pytest.mark.parametrize("name", sorted(SCHEMAS))
 def test_payload_schema_is_current(name: str) -> None:
     committed = json.loads((SCHEMA_DIR / name).read_text(encoding="utf-8"))
-    assert committed == json_schema(SCHEMAS[name]), f"run: cxr-appliance schema --out appliance/schemas ({name})"
+    assert committed == json_schema(SCHEMAS[name]), (
+        f"run: cxr-appliance schema --out appliance/schemas ({name})"
+    )
 
 
 def test_config_schema_is_current() -> None:

@@ -110,7 +110,7 @@ def main() -> int:
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"demo-viewer-{os.getpid()}")
 
     def on_message(c: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
-        received.append(message.payload)
+        received.append(bytes(message.payload))
         got.set()
 
     client.on_message = on_message

@@ -186,7 +186,7 @@ def test_zone_phrases(positive: set[tuple[str, str]], expected: str | None) -> N
             level=level,
             involvement=0.5 if (side, level) in positive else 0.0,
             positive=(side, level) in positive,
-        )  # type: ignore[arg-type]
+        )
         for side in ("right", "left")
         for level in ("upper", "middle", "lower")
     ]

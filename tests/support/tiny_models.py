@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -18,7 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 from appliance.manifest import sha256_file
 
 
-def _save(model: onnx.ModelProto, folder: Path, manifest: dict[str, object]) -> Path:
+def _save(model: onnx.ModelProto, folder: Path, manifest: dict[str, Any]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     onnx.checker.check_model(model)
     onnx.save(model, folder / "model.onnx")
