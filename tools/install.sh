@@ -242,6 +242,8 @@ put("mqtt.username", device)
 put("mqtt.password_file", f"{etc}/secrets/mqtt-cart.password")
 put("mqtt.tls", {"ca_file": f"{etc}/ca.crt"})
 put("display.broker_ws_url", "ws://127.0.0.1:9001")
+# Engines are built on the cart into its state folder: the install prefix is read-only to the services.
+put("inference.tensorrt.engine_cache", f"{state}/engines")
 model = Path(prefix) / "engines" / "cxr-lite0"
 if model.is_dir():
     put("inference.model", str(model))

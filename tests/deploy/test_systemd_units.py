@@ -130,6 +130,7 @@ def test_engine_build_is_a_oneshot_before_the_appliance() -> None:
     assert one(unit, "Service.ExecStart") == (
         "/opt/cxr-appliance/.venv/bin/python /opt/cxr-appliance/tools/build_engine.py"
         " --config /etc/cxr-appliance/config.yaml --if-needed"
+        " --check-parity --parity-data /var/lib/cxr-appliance/parity"
     )
     assert "Service.PrivateDevices" not in unit
 
