@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from appliance.backends.onnxruntime import OnnxRuntimeConfig
 from appliance.backends.tensorrt import TensorRTConfig
+from appliance.backends.triton import TritonConfig
 from appliance.errors import ConfigError
 from appliance.yamlsource import validate_yaml
 
@@ -70,8 +71,10 @@ class IngestConfig(Section):
 
 class InferenceConfig(Section):
     model: Path = Field(DEFAULT_MODEL, description="Model manifest (YAML) or its folder.")
-    backend: Literal["auto", "onnxruntime", "tensorrt"] = Field(
-        "auto", description="auto: TensorRT when an engine for this device exists, else ONNX Runtime."
+    backend: Literal["auto", "onnxruntime", "tensorrt", "triton"] = Field(
+        "auto",
+        description="auto: TensorRT when an engine for this device exists, else ONNX Runtime;"
+        " triton: a Triton Inference Server (inference.triton), never chosen by auto.",
     )
     precision: Literal["fp32", "fp16", "int8"] = Field(
         "fp32",
@@ -80,6 +83,7 @@ class InferenceConfig(Section):
     max_batch: int = Field(4, ge=1, le=64, description="Images batched together when a backlog waits.")
     onnxruntime: OnnxRuntimeConfig = Field(default_factory=OnnxRuntimeConfig)
     tensorrt: TensorRTConfig = Field(default_factory=TensorRTConfig)
+    triton: TritonConfig = Field(default_factory=TritonConfig)
 
 
 class TlsConfig(Section):

@@ -6,6 +6,9 @@ auto         TensorRT when an engine built for this device (and parity-checked, 
              and a WARNING in the log.
 tensorrt     the same, but failure to use TensorRT is an error that names the reason.
 onnxruntime  ONNX Runtime only.
+triton       a Triton Inference Server (inference.triton); only when named, never by auto, and
+             failure is an error naming the URL (a cart silently computing locally would hide an
+             outage of the site's server).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from appliance.backends.tensorrt import (
     current_device,
     plan_engine,
 )
+from appliance.backends.triton import TritonBackend
 from appliance.config import InferenceConfig
 from appliance.engine_cache import EngineMismatch, EngineRecord, find_engine
 from appliance.errors import BackendUnavailable, UserError
@@ -34,9 +38,15 @@ class TensorRTRequired(UserError, BackendUnavailable):
     """inference.backend is `tensorrt` and TensorRT cannot be used: shown plainly, no fallback."""
 
 
+class TritonUnavailable(UserError, BackendUnavailable):
+    """inference.backend is `triton` and the server or its model cannot be used: shown plainly."""
+
+
 def create_backend(manifest: Manifest, inference: InferenceConfig) -> Backend:
     if inference.backend == "onnxruntime":
         return _onnxruntime(manifest, inference)
+    if inference.backend == "triton":
+        return open_triton(manifest, inference)
     try:
         return open_tensorrt(manifest, inference.tensorrt)
     except (BackendUnavailable, UserError) as exc:
@@ -50,6 +60,17 @@ def create_backend(manifest: Manifest, inference: InferenceConfig) -> Backend:
     backend.fallback_reason = reason
     log.warning("*** FALLBACK to ONNX Runtime (%s): %s ***", backend.precision, reason)
     return backend
+
+
+def open_triton(manifest: Manifest, inference: InferenceConfig) -> TritonBackend:
+    config = inference.triton
+    try:
+        return TritonBackend(manifest, config, inference.max_batch)
+    except BackendUnavailable as exc:
+        raise TritonUnavailable(
+            f"inference.backend is 'triton' but the Triton server at {config.url} ({config.protocol})"
+            f" cannot be used: {exc}"
+        ) from exc
 
 
 def _onnxruntime(manifest: Manifest, inference: InferenceConfig) -> OnnxRuntimeBackend:
