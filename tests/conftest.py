@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 
+from tests.support import tiny_models
+from tests.support.daemon import DaemonProcess
 from tests.support.mosquitto import MOSQUITTO, Broker, Subscriber
 
 
@@ -61,3 +63,25 @@ def subscriber_factory(broker: Broker) -> Iterator[Callable[..., Subscriber]]:
     yield make
     for s in made:
         s.close()
+
+
+@pytest.fixture
+def model(tmp_path: Path) -> Path:
+    """A tiny real ONNX model (tests/support/tiny_models.py): fast, for daemon mechanics."""
+    return tiny_models.xrv_like(tmp_path / "model")
+
+
+@pytest.fixture
+def daemons(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
+    """Start the real daemon (`cxr-appliance run`) as systemd would; every one is stopped at the end."""
+    made: list[DaemonProcess] = []
+
+    def make(broker: Broker | None, model: Path, **overrides: object) -> DaemonProcess:
+        daemon = DaemonProcess(tmp_path / f"appliance{len(made)}", broker, model, **overrides)
+        made.append(daemon)
+        return daemon
+
+    yield make
+    for daemon in made:
+        if daemon.proc is not None and daemon.proc.poll() is None:
+            daemon.stop()

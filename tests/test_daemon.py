@@ -10,36 +10,13 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-
-from tests.support import data, tiny_models
-from tests.support.daemon import DaemonProcess
-from tests.support.mosquitto import Broker, Received, Subscriber, unique_by_message_id
+from tests.support import data
+from tests.support.daemon import RESULT_TOPIC, DaemonProcess, wait_results
+from tests.support.mosquitto import Broker, Subscriber, unique_by_message_id
 from tests.support.schemas import assert_valid
-
-RESULT_TOPIC = "cxr/ward-7/cart-1/result"
-
-
-@pytest.fixture
-def model(tmp_path: Path) -> Path:
-    return tiny_models.xrv_like(tmp_path / "model")
-
-
-@pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
-    made: list[DaemonProcess] = []
-
-    def make(broker: Broker | None, model: Path, **overrides: object) -> DaemonProcess:
-        daemon = DaemonProcess(tmp_path / "appliance", broker, model, **overrides)
-        made.append(daemon)
-        return daemon
-
-    yield make
-    for daemon in made:
-        daemon.stop()
 
 
 def real_images(count: int) -> list[Path]:
@@ -56,17 +33,6 @@ def real_images(count: int) -> list[Path]:
 def frontal_with_suffix(suffix: str) -> Path:
     rows = [r for r in data.rows(modality="X-ray", view="PA") if r["file"].endswith(suffix)]
     return data.cxr_data() / rows[0]["file"]
-
-
-def results(sub: Subscriber) -> list[Received]:
-    return sub.on_topic(RESULT_TOPIC)
-
-
-def wait_results(sub: Subscriber, count: int, timeout: float) -> list[dict[str, object]]:
-    sub.wait_for(
-        lambda msgs: len(unique_by_message_id(m for m in msgs if m.topic == RESULT_TOPIC)) >= count, timeout
-    )
-    return unique_by_message_id(results(sub))
 
 
 def slow_copy(source: Path, target: Path, chunks: int = 5, pause: float = 0.4) -> None:
@@ -105,14 +71,14 @@ def test_three_copy_styles_and_a_duplicate_give_one_result_each(
         writer.join()
         got = wait_results(sub, 3, timeout=30)
         time.sleep(2.0)  # a duplicate would have arrived by now
-        got = unique_by_message_id(results(sub))
+        got = unique_by_message_id(sub.on_topic(RESULT_TOPIC))
     assert len(got) == 3, daemon.log()
-    assert len(results(sub)) == 3, "a result was published twice"
+    assert len(sub.on_topic(RESULT_TOPIC)) == 3, "a result was published twice"
     for payload in got:
         assert_valid(payload, "result.v1.json")
         assert payload["status"] == "ok", payload
         assert payload["disclaimer"] == "Not for diagnostic use"
-    assert sorted(str(p["image"]["format"]) for p in got) == ["dicom", "jpeg", "png"]  # type: ignore[index]
+    assert sorted(str(p["image"]["format"]) for p in got) == ["dicom", "jpeg", "png"]
     assert len(daemon.spool_files("done")) == 3
     status = [m.json() for m in sub.on_topic("cxr/ward-7/cart-1/status")]
     assert status and status[-1]["state"] == "online"
@@ -188,7 +154,7 @@ def test_broker_outage_loses_nothing(
         broker.start()
         got = wait_results(sub, 10, timeout=60)
     assert len(got) == 10, f"{len(got)} of 10 results arrived\n{daemon.log()}"
-    assert len({p["image"]["image_id"] for p in got}) == 10  # type: ignore[index]
+    assert len({p["image"]["image_id"] for p in got}) == 10
     assert all(p["status"] == "ok" for p in got)
 
 
@@ -206,11 +172,11 @@ def test_kill_9_mid_run_loses_nothing_and_publishes_each_image_once(
         daemon.start()
         got = wait_results(sub, 12, timeout=60)
         time.sleep(1.5)
-        raw = [m.json()["message_id"] for m in results(sub)]
+        raw = [m.json()["message_id"] for m in sub.on_topic(RESULT_TOPIC)]
     assert len(got) == 12, f"{len(got)} of 12 results after kill -9\n{daemon.log()}"
     per_image: dict[str, set[str]] = {}
     for payload in got:
-        per_image.setdefault(str(payload["image"]["image_id"]), set()).add(str(payload["message_id"]))  # type: ignore[index]
+        per_image.setdefault(str(payload["image"]["image_id"]), set()).add(str(payload["message_id"]))
     assert len(per_image) == 12 and all(len(ids) == 1 for ids in per_image.values())
     # At-least-once delivery may repeat a message whose PUBACK was lost in the kill; the id makes it harmless.
     assert len(raw) - len(set(raw)) <= 4
@@ -243,5 +209,5 @@ def test_a_second_image_of_the_same_patient_links_to_the_prior(
     assert len(got) == 2
     day1, day2 = got
     assert day1["trend"] is None and day1["patient_key"] == day2["patient_key"]
-    assert day2["trend"]["prior_image_id"] == day1["image"]["image_id"]  # type: ignore[index]
-    assert day2["trend"]["interval_hours"] == 24.0  # type: ignore[index]
+    assert day2["trend"]["prior_image_id"] == day1["image"]["image_id"]
+    assert day2["trend"]["interval_hours"] == 24.0

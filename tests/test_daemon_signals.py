@@ -5,42 +5,21 @@ from __future__ import annotations
 import shutil
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 import yaml
 
-from tests.support import tiny_models
-from tests.support.daemon import DaemonProcess
+from tests.support.daemon import RESULT_TOPIC, DaemonProcess, wait_results
 from tests.support.mosquitto import Broker, Subscriber, unique_by_message_id
-from tests.test_daemon import RESULT_TOPIC, real_images, wait_results
-
-
-@pytest.fixture
-def model(tmp_path: Path) -> Path:
-    return tiny_models.xrv_like(tmp_path / "model")
-
-
-@pytest.fixture
-def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
-    made: list[DaemonProcess] = []
-
-    def make(broker: Broker, model: Path, **overrides: object) -> DaemonProcess:
-        daemon = DaemonProcess(tmp_path / "appliance", broker, model, **overrides)
-        made.append(daemon)
-        return daemon
-
-    yield make
-    for daemon in made:
-        daemon.stop()
+from tests.test_daemon import real_images
 
 
 def test_sigterm_with_a_backlog_exits_cleanly_and_the_rest_follows_after_restart(
-    broker: Broker, model: Path, daemon_factory: Callable[..., DaemonProcess]
+    broker: Broker, model: Path, daemons: Callable[..., DaemonProcess]
 ) -> None:
     images = real_images(40)
-    daemon = daemon_factory(broker, model, inference={"max_batch": 1})
+    daemon = daemons(broker, model, inference={"max_batch": 1})
     with Subscriber(broker, RESULT_TOPIC, client_id="ward-sigterm") as sub:
         daemon.start()
         for index, image in enumerate(images):
@@ -63,10 +42,10 @@ def test_sigterm_with_a_backlog_exits_cleanly_and_the_rest_follows_after_restart
 
 
 def test_sighup_applies_a_new_location_without_losing_queued_work(
-    broker: Broker, model: Path, daemon_factory: Callable[..., DaemonProcess]
+    broker: Broker, model: Path, daemons: Callable[..., DaemonProcess]
 ) -> None:
     images = real_images(10)
-    daemon = daemon_factory(broker, model, inference={"max_batch": 1})
+    daemon = daemons(broker, model, inference={"max_batch": 1})
     with Subscriber(broker, RESULT_TOPIC, client_id="ward-sighup") as sub:
         daemon.start()
         for index, image in enumerate(images[:5]):
@@ -95,9 +74,9 @@ def test_sighup_applies_a_new_location_without_losing_queued_work(
 
 
 def test_sighup_with_a_broken_config_keeps_running_on_the_old_one(
-    broker: Broker, model: Path, daemon_factory: Callable[..., DaemonProcess]
+    broker: Broker, model: Path, daemons: Callable[..., DaemonProcess]
 ) -> None:
-    daemon = daemon_factory(broker, model)
+    daemon = daemons(broker, model)
     with Subscriber(broker, RESULT_TOPIC, client_id="ward-badhup") as sub:
         daemon.start()
         daemon.config_path.write_text(daemon.config_path.read_text() + "\nmqtt:\n  prot: 1\n")

@@ -2,39 +2,20 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import pytest
+from tests.support import data
+from tests.support.daemon import RESULT_TOPIC, STATUS_TOPIC, results, wait_results, wait_until
 
-from tests.support import data, tiny_models
-from tests.support.daemon import DaemonProcess
-from tests.support.mosquitto import Broker, Subscriber, unique_by_message_id
-
-SITE, DEVICE = "ward-7", "cart-1"
-RESULT_TOPIC = f"cxr/{SITE}/{DEVICE}/result"
-STATUS_TOPIC = f"cxr/{SITE}/{DEVICE}/status"
-
-
-@pytest.fixture
-def model(tmp_path: Path) -> Path:
-    return tiny_models.xrv_like(tmp_path / "model")
-
-
-@pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
-    made: list[DaemonProcess] = []
-
-    def make(broker: Broker | None, model: Path, **overrides: object) -> DaemonProcess:
-        daemon = DaemonProcess(tmp_path / f"appliance{len(made)}", broker, model, **overrides)
-        made.append(daemon)
-        return daemon
-
-    yield make
-    for daemon in made:
-        if daemon.proc is not None and daemon.proc.poll() is None:
-            daemon.stop()
+__all__ = [
+    "RESULT_TOPIC",
+    "STATUS_TOPIC",
+    "image_ids",
+    "real_images",
+    "results",
+    "wait_results",
+    "wait_until",
+]
 
 
 def real_images(count: int, suffix: str | None = None) -> list[Path]:
@@ -46,24 +27,6 @@ def real_images(count: int, suffix: str | None = None) -> list[Path]:
     paths.sort(key=lambda p: (p.stat().st_size, p.name))
     assert len(paths) >= count
     return paths[:count]
-
-
-def results(sub: Subscriber) -> list[dict[str, object]]:
-    return unique_by_message_id(sub.on_topic(RESULT_TOPIC))
-
-
-def wait_results(sub: Subscriber, count: int, timeout: float) -> list[dict[str, object]]:
-    sub.wait_for(lambda _msgs: len(results(sub)) >= count, timeout)
-    return results(sub)
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, step: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return predicate()
 
 
 def image_ids(payloads: list[dict[str, object]]) -> list[str]:

@@ -8,14 +8,37 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from tests.support.mosquitto import Broker
+from tests.support.mosquitto import Broker, Subscriber, unique_by_message_id
 
 REPO = Path(__file__).resolve().parents[2]
+SITE, DEVICE = "ward-7", "cart-1"
+RESULT_TOPIC = f"cxr/{SITE}/{DEVICE}/result"
+STATUS_TOPIC = f"cxr/{SITE}/{DEVICE}/status"
+
+
+def results(sub: Subscriber) -> list[dict[str, Any]]:
+    """Results received so far, decoded, one per message id (at-least-once delivery may repeat one)."""
+    return unique_by_message_id(sub.on_topic(RESULT_TOPIC))
+
+
+def wait_results(sub: Subscriber, count: int, timeout: float) -> list[dict[str, Any]]:
+    sub.wait_for(lambda _msgs: len(results(sub)) >= count, timeout)
+    return results(sub)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, step: float = 0.2) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return predicate()
 
 
 class DaemonProcess:
@@ -27,7 +50,7 @@ class DaemonProcess:
         self.inbox = workdir / "inbox"
         self.spool = workdir / "spool"
         config: dict[str, Any] = {
-            "device": {"site": "ward-7", "device_id": "cart-1", "location": "bed-3"},
+            "device": {"site": SITE, "device_id": DEVICE, "location": "bed-3"},
             "ingest": {
                 "watch": str(self.inbox),
                 "spool": str(self.spool),

@@ -22,21 +22,11 @@ from appliance.interpret.activation import activate
 from appliance.manifest import Precision, Role, load_manifest
 from appliance.preprocess import preprocess
 from tests.support.data import cxr_data, rows
+from tools import evaluate
 
 REPO = Path(__file__).resolve().parents[2]
 COMMITTED = REPO / "engines" / "cxr-lite0"
-EVAL_KEYS = [
-    "n_images",
-    "view.accuracy",
-    "refusal.ct_refused_rate",
-    "refusal.cxr_false_refusal_rate",
-    "finding.macro_auc",
-    "abnormal.auc",
-    "severity.extent_r2",
-    "severity.extent_mae",
-    "severity.opacity_r2",
-    "outcome.auc",
-]
+EVAL_KEYS = evaluate.KEYS
 
 
 def tool(name: str, *args: str | Path, ok: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess[str]:
