@@ -6,9 +6,7 @@ renamed, and its folder fsynced, so a crash leaves either nothing or the whole i
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import re
 import ssl
 from pathlib import Path
@@ -21,31 +19,6 @@ _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 def quiet_pynetdicom() -> None:
     """pynetdicom logs every association at INFO; our own lines say what matters on a cart."""
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomically(dest: Path, data: bytes) -> Path:
-    """dest appears whole or not at all, and survives a power cut once this returns."""
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.rename(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    fsync_dir(dest.parent)
-    return dest
 
 
 def safe_uid_name(uid: str, suffix: str = ".dcm") -> str | None:

@@ -27,7 +27,8 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from appliance.config import AppConfig, DicomNetConfig
-from appliance.dicomnet import quiet_pynetdicom, safe_uid_name, server_tls_context, write_atomically
+from appliance.dicomnet import quiet_pynetdicom, safe_uid_name, server_tls_context
+from appliance.durable import write_atomically
 from appliance.errors import UserError
 from appliance.ingest.spool import Accepted, Duplicate, Rejected, Spool, SpoolFull
 

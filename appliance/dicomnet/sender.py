@@ -23,7 +23,8 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 
 from appliance.config import AppConfig, PacsConfig
-from appliance.dicomnet import client_tls_context, fsync_dir, quiet_pynetdicom, write_atomically
+from appliance.dicomnet import client_tls_context, quiet_pynetdicom
+from appliance.durable import fsync_dir, write_atomically
 from appliance.errors import ApplianceError
 
 log = logging.getLogger(__name__)

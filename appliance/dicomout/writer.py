@@ -17,11 +17,11 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from appliance.config import AppConfig, DicomOutConfig
-from appliance.dicomnet import write_atomically
 from appliance.dicomnet.sender import DicomSender
 from appliance.dicomout import DicomOutError
 from appliance.dicomout.sc import build_sc
 from appliance.dicomout.sr import build_sr
+from appliance.durable import write_atomically
 from appliance.errors import UserError
 from appliance.result import Result
 

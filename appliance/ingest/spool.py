@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pydicom
 
+from appliance.durable import fsync_dir
 from appliance.errors import ApplianceError, InputRejected
 from appliance.ingest import reasons, sniff
 from appliance.ingest.bounded import BoundedFile
@@ -77,14 +78,6 @@ class SpoolItem:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _content_sha256(path: Path) -> str:
@@ -167,7 +160,7 @@ class Spool:
         if move:
             try:
                 os.rename(src, dest)
-                _fsync_dir(dest.parent)
+                fsync_dir(dest.parent)
                 return True
             except OSError as exc:
                 if exc.errno != errno.EXDEV:
@@ -179,7 +172,7 @@ class Spool:
                 fout.flush()
                 os.fsync(fout.fileno())
             os.rename(tmp, dest)
-            _fsync_dir(dest.parent)
+            fsync_dir(dest.parent)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink()
@@ -333,7 +326,7 @@ class Spool:
             src = self._dir(state) / name
             try:
                 os.rename(src, self._dir(to_state) / name)
-                _fsync_dir(self._dir(to_state))
+                fsync_dir(self._dir(to_state))
                 return True
             except FileNotFoundError:
                 continue
@@ -442,7 +435,7 @@ class Spool:
                     elif row is not None and row[1] != state:
                         self._set_state(image_id, state)
             if back:
-                _fsync_dir(self._dir("incoming"))
+                fsync_dir(self._dir("incoming"))
         if back:
             log.warning("spool recovery: %d image(s) back from processing/ to incoming/", len(back))
         return len(back)
