@@ -34,6 +34,13 @@ extras="."
 echo "==> installing the appliance ($extras) into .venv"
 # torch==2.13.0 is the CPU build on this machine's disk; a looser pin would pull a multi-GB CUDA build.
 .venv/bin/pip install -q -e "$extras"
+if [[ $DEV == 1 ]]; then
+  # The Triton client and a CPU tritonserver (inside the nvidia-pytriton wheel) for the Triton tests.
+  # --no-deps: their pins (ml-dtypes<=0.5.4, numpy<2, protobuf<7) would downgrade what onnx/ORT use,
+  # and the parts we use work with the newer versions (tests/backends/test_triton.py proves it).
+  .venv/bin/pip install -q geventhttpclient grpcio python-rapidjson
+  .venv/bin/pip install -q --no-deps tritonclient==2.73.0 nvidia-pytriton==0.7.0
+fi
 
 if [[ $DEV == 1 && -f web/package.json ]]; then
   echo "==> npm packages for the display tests (build-time only)"
