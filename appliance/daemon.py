@@ -220,8 +220,18 @@ class Daemon:
         offers it again later, so nothing dropped while the disk is full is lost or quarantined."""
         if not self.accepting:
             raise SpoolFull(self.accept_reason or "not accepting images")
+        ingest = self.config.ingest
         try:
-            outcome = self.spool.accept(path, source, move=self.config.ingest.delete_from_watch)
+            size_mb = path.stat().st_size / 2**20
+        except OSError:
+            size_mb = 0.0  # gone or unreadable: the spool names the reason
+        if size_mb > ingest.max_file_mb:
+            detail = f"{path.name}: {size_mb:.0f} MB is over ingest.max_file_mb ({ingest.max_file_mb:g} MB)"
+            self.spool.quarantine_file(path, "file too large", detail, source, move=ingest.delete_from_watch)
+            log.warning("%s: quarantined unread: %s", path, detail)
+            return
+        try:
+            outcome = self.spool.accept(path, source, move=ingest.delete_from_watch)
         except SpoolFull as exc:
             self._set_accepting(False, f"spool disk full: {exc}")
             raise

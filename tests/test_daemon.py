@@ -19,6 +19,10 @@ from tests.support.mosquitto import Broker, Subscriber, unique_by_message_id
 from tests.support.schemas import assert_valid
 
 
+# Copies into the inbox use shutil.copyfile, not shutil.copy: copy() chmods the file after closing it,
+# and by then the daemon may already have moved it (a real race, not a daemon bug).
+
+
 def real_images(count: int) -> list[Path]:
     """Distinct real frontal X-rays (JPEG/PNG) plus the real DICOMs, from ../shared/data/cxr."""
     rows = [
@@ -63,11 +67,11 @@ def test_three_copy_styles_and_a_duplicate_give_one_result_each(
     with Subscriber(broker, "cxr/#") as sub:
         daemon.start()
         dicom, png, jpg = data.real_dicoms()[0], frontal_with_suffix(".png"), frontal_with_suffix(".jpg")
-        shutil.copy(dicom, daemon.inbox / "cp.dcm")  # cp: close-write
+        shutil.copyfile(dicom, daemon.inbox / "cp.dcm")  # cp: close-write
         rsync_copy(png, daemon.inbox / "rsync.png")
         writer = threading.Thread(target=slow_copy, args=(jpg, daemon.inbox / "slow.jpg"))
         writer.start()
-        shutil.copy(dicom, usb / "again-from-usb.dcm")  # the same SOPInstanceUID from a second folder
+        shutil.copyfile(dicom, usb / "again-from-usb.dcm")  # the same SOPInstanceUID from a second folder
         writer.join()
         got = wait_results(sub, 3, timeout=30)
         time.sleep(2.0)  # a duplicate would have arrived by now
@@ -98,7 +102,7 @@ def test_no_patient_name_or_id_in_any_payload(
     daemon = daemons(broker, model)
     with Subscriber(broker, "cxr/#") as sub:
         daemon.start()
-        shutil.copy(dicom, daemon.inbox / "p.dcm")
+        shutil.copyfile(dicom, daemon.inbox / "p.dcm")
         got = wait_results(sub, 1, timeout=20)
         everything = b"\n".join(m.payload for m in sub.messages)
     assert got and got[0]["patient_key"], "a pseudonymous key is expected for a DICOM with a patient ID"
@@ -118,7 +122,7 @@ def test_bad_files_are_quarantined_with_a_reason_and_the_rest_still_run(
         (daemon.inbox / "truncated.dcm").write_bytes(truncated[: len(truncated) // 2])
         (daemon.inbox / "a-folder.dcm").mkdir()
         (daemon.inbox / "loop.dcm").symlink_to(daemon.inbox / "loop.dcm")
-        shutil.copy(data.real_dicoms()[0], daemon.inbox / "good.dcm")
+        shutil.copyfile(data.real_dicoms()[0], daemon.inbox / "good.dcm")
         got = wait_results(sub, 1, timeout=20)
         deadline = time.monotonic() + 90  # the truncated one waits for completion, then times out
         while (
@@ -142,11 +146,11 @@ def test_broker_outage_loses_nothing(
     with Subscriber(broker, "cxr/+/+/result", client_id="ward-display-test") as sub:
         daemon.start()
         for index, image in enumerate(images[:5]):
-            shutil.copy(image, daemon.inbox / f"a{index}{image.suffix}")
+            shutil.copyfile(image, daemon.inbox / f"a{index}{image.suffix}")
         wait_results(sub, 5, timeout=30)
         broker.kill()  # SIGKILL: the broker vanishes without a goodbye
         for index, image in enumerate(images[5:]):
-            shutil.copy(image, daemon.inbox / f"b{index}{image.suffix}")
+            shutil.copyfile(image, daemon.inbox / f"b{index}{image.suffix}")
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and len(daemon.spool_files("done")) < 10:
             time.sleep(0.3)
@@ -166,7 +170,7 @@ def test_kill_9_mid_run_loses_nothing_and_publishes_each_image_once(
     with Subscriber(broker, "cxr/+/+/result", client_id="ward-display-kill") as sub:
         daemon.start()
         for index, image in enumerate(images):
-            shutil.copy(image, daemon.inbox / f"k{index}{image.suffix}")
+            shutil.copyfile(image, daemon.inbox / f"k{index}{image.suffix}")
         sub.wait_for(lambda msgs: len(msgs) >= 3, timeout=30)
         daemon.kill()
         daemon.start()
@@ -202,12 +206,31 @@ def test_a_second_image_of_the_same_patient_links_to_the_prior(
     daemon = daemons(broker, model)
     with Subscriber(broker, "cxr/#") as sub:
         daemon.start()
-        shutil.copy(tmp_path / "day1.dcm", daemon.inbox / "day1.dcm")
+        shutil.copyfile(tmp_path / "day1.dcm", daemon.inbox / "day1.dcm")
         wait_results(sub, 1, timeout=20)
-        shutil.copy(tmp_path / "day2.dcm", daemon.inbox / "day2.dcm")
+        shutil.copyfile(tmp_path / "day2.dcm", daemon.inbox / "day2.dcm")
         got = wait_results(sub, 2, timeout=20)
     assert len(got) == 2
     day1, day2 = got
     assert day1["trend"] is None and day1["patient_key"] == day2["patient_key"]
     assert day2["trend"]["prior_image_id"] == day1["image"]["image_id"]
     assert day2["trend"]["interval_hours"] == 24.0
+
+
+def test_a_file_over_max_file_mb_is_quarantined_unread(
+    broker: Broker, model: Path, daemons: Callable[..., DaemonProcess]
+) -> None:
+    big = data.real_dicoms()[1]  # 1 MB
+    daemon = daemons(broker, model, ingest={"max_file_mb": 0.5})
+    with Subscriber(broker, "cxr/#") as sub:
+        daemon.start()
+        shutil.copyfile(big, daemon.inbox / "big.dcm")
+        shutil.copyfile(data.real_dicoms()[0], daemon.inbox / "small.dcm")  # 0.13 MB: read as usual
+        got = wait_results(sub, 1, timeout=20)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not list((daemon.spool / "quarantine").glob("*.reason.txt")):
+            time.sleep(0.2)
+    reasons = [p.read_text() for p in (daemon.spool / "quarantine").glob("*.reason.txt")]
+    assert len(reasons) == 1 and "file too large" in reasons[0] and "big.dcm" in reasons[0], reasons
+    assert len(got) == 1 and got[0]["status"] == "ok"
+    assert not (daemon.inbox / "big.dcm").exists()

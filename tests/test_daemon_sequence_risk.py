@@ -71,7 +71,7 @@ def test_second_image_of_a_patient_gets_the_sequence_risk(
         daemon.start()
         got: list[dict[str, object]] = []
         for count, name in enumerate(("day1.dcm", "day2.dcm"), start=1):
-            shutil.copy(tmp_path / name, daemon.inbox / name)
+            shutil.copyfile(tmp_path / name, daemon.inbox / name)
             sub.wait_for(results_at_least(count), 60)
             got = unique_by_message_id(sub.on_topic(RESULT_TOPIC))
     day1, day2 = got

@@ -23,7 +23,7 @@ def test_sigterm_with_a_backlog_exits_cleanly_and_the_rest_follows_after_restart
     with Subscriber(broker, RESULT_TOPIC, client_id="ward-sigterm") as sub:
         daemon.start()
         for index, image in enumerate(images):
-            shutil.copy(image, daemon.inbox / f"t{index:02d}{image.suffix}")
+            shutil.copyfile(image, daemon.inbox / f"t{index:02d}{image.suffix}")
         sub.wait_for(lambda msgs: len(msgs) >= 2, timeout=30)
         started = time.monotonic()
         assert daemon.stop(timeout=30) == 0
@@ -49,7 +49,7 @@ def test_sighup_applies_a_new_location_without_losing_queued_work(
     with Subscriber(broker, RESULT_TOPIC, client_id="ward-sighup") as sub:
         daemon.start()
         for index, image in enumerate(images[:5]):
-            shutil.copy(image, daemon.inbox / f"h{index}{image.suffix}")
+            shutil.copyfile(image, daemon.inbox / f"h{index}{image.suffix}")
         wait_results(sub, 5, timeout=30)
         config = yaml.safe_load(daemon.config_path.read_text())
         config["device"]["location"] = "bed-9"
@@ -60,7 +60,7 @@ def test_sighup_applies_a_new_location_without_losing_queued_work(
         assert daemon.wait_notification("RELOADING=1", 10)
         time.sleep(1.0)
         for index, image in enumerate(images[5:]):
-            shutil.copy(image, daemon.inbox / f"h{index + 5}{image.suffix}")
+            shutil.copyfile(image, daemon.inbox / f"h{index + 5}{image.suffix}")
         got = wait_results(sub, 10, timeout=30)
     assert len(unique_by_message_id(sub.on_topic(RESULT_TOPIC))) == 10
     locations = [p["location"] for p in got]
@@ -84,7 +84,7 @@ def test_sighup_with_a_broken_config_keeps_running_on_the_old_one(
         daemon.proc.send_signal(signal.SIGHUP)
         assert daemon.wait_notification("RELOADING=1", 10)
         image = real_images(1)[0]
-        shutil.copy(image, daemon.inbox / f"after{image.suffix}")
+        shutil.copyfile(image, daemon.inbox / f"after{image.suffix}")
         got = wait_results(sub, 1, timeout=20)
     assert got and got[0]["location"] == "bed-3"
     assert "keeping the running configuration" in daemon.log()
