@@ -18,7 +18,6 @@ from tests.support.daemon import RESULT_TOPIC, DaemonProcess, wait_results
 from tests.support.mosquitto import Broker, Subscriber, unique_by_message_id
 from tests.support.schemas import assert_valid
 
-
 # Copies into the inbox use shutil.copyfile, not shutil.copy: copy() chmods the file after closing it,
 # and by then the daemon may already have moved it (a real race, not a daemon bug).
 
