@@ -12,12 +12,13 @@ from appliance.backends.onnxruntime import OnnxRuntimeBackend
 from appliance.backends.select import TensorRTRequired, create_backend, parity_refusal
 from appliance.backends.tensorrt import TensorRTConfig
 from appliance.config import InferenceConfig
-from appliance.engine_cache import BuildSpec, DeviceIdentity, EngineRecord, ParityRecord
+from appliance.engine_cache import EngineRecord, ParityRecord
 from appliance.errors import UserError
 from appliance.ingest import read_image
 from appliance.manifest import load_manifest
 from appliance.preprocess import preprocess
 from tests.backends.conftest import tensorrt_missing
+from tests.backends.engine_records import ORIN, SPEC
 from tests.support.data import first
 
 NO_TENSORRT = tensorrt_missing()
@@ -70,21 +71,10 @@ def test_onnxruntime_requested_has_no_fallback_reason(tiny_model: Path) -> None:
 
 
 def _record(parity: ParityRecord | None) -> EngineRecord:
-    spec = BuildSpec(
-        model="tiny",
-        onnx_sha256="a" * 64,
-        precision="fp16",
-        input_name="image",
-        input_shape=(1, 64, 64),
-        opt_batch=1,
-        max_batch=4,
-        workspace_mb=1024,
-    )
-    device = DeviceIdentity(gpu_name="Orin", compute_capability="8.7", tensorrt_version="10.3.0")
     return EngineRecord(
         key="k" * 64,
-        spec=spec,
-        device=device,
+        spec=SPEC,
+        device=ORIN,
         engine_file="x.engine",
         engine_sha256="e" * 64,
         built_at="2026-01-01T00:00:00+00:00",
