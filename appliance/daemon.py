@@ -37,6 +37,8 @@ log = logging.getLogger("appliance.daemon")
 
 HOUSEKEEPING_SECONDS = 600.0
 # Sections bound to open files, sockets or threads at start: a SIGHUP cannot swap them in place.
+# An image in processing/ at this many crashes is refused instead of retried (a decoder that segfaults).
+MAX_CRASHES = 3
 RESTART_SECTIONS = ("ingest", "mqtt", "journal", "privacy", "dicom_net", "dicom_out")
 
 
@@ -310,28 +312,51 @@ class Daemon:
             earlier = self.journal.result_for(job.image_id)
             if earlier is not None:  # crashed after the journal write: finish the hand-off only
                 self._hand_off(job, earlier)
+            elif self.spool.crashes(job.image_id) >= MAX_CRASHES:
+                detail = f"the appliance stopped {MAX_CRASHES} times while reading {job.path.name}"
+                self._finish(job, self.analyzer.failed(job, "crashed the reader", detail))
             else:
                 fresh.append(job)
-        for job, result in zip(fresh, self.analyzer.analyze(fresh), strict=True):
-            started = time.perf_counter()
-            result = self._add_trend(result)
-            self.journal.record_result(result)
-            result.timings_ms["journal"] = round((time.perf_counter() - started) * 1000.0, 2)
-            self._hand_off(job, result)
-            self.processed += 1
-            log.info(
-                "%s %s %s",
-                job.path.name,
-                result.status,
-                result.triage or result.reason or "",
-                extra={
-                    "fields": {
-                        "image_id": job.image_id[:12],
-                        "location": result.location,
-                        **result.timings_ms,
-                    }
-                },
-            )
+        for job, result in self._analyze(fresh):
+            self._finish(job, result)
+
+    def _analyze(self, jobs: list[Job]) -> list[tuple[Job, Result]]:
+        """A bug or an unexpected library error on one image must not stop the cart (and must not
+        become a restart loop): the batch is retried image by image and the failing one is refused."""
+        try:
+            return list(zip(jobs, self.analyzer.analyze(jobs), strict=True))
+        except Exception:
+            if len(jobs) == 1:
+                log.exception("%s: internal error while analysing", jobs[0].path.name)
+                job = jobs[0]
+                return [(job, self.analyzer.failed(job, "internal error", "see the appliance log"))]
+            log.exception("internal error in a batch of %d; analysing its images one by one", len(jobs))
+            pairs = []
+            for job in jobs:
+                pairs += self._analyze([Job(path=job.path, image_id=job.image_id, source=job.source)])
+            return pairs
+
+    def _finish(self, job: Job, result: Result) -> None:
+        """Journal first, then the outbox, then the spool: each step repeatable after a crash."""
+        started = time.perf_counter()
+        result = self._add_trend(result)
+        self.journal.record_result(result)
+        result.timings_ms["journal"] = round((time.perf_counter() - started) * 1000.0, 2)
+        self._hand_off(job, result)
+        self.processed += 1
+        log.info(
+            "%s %s %s",
+            job.path.name,
+            result.status,
+            result.triage or result.reason or "",
+            extra={
+                "fields": {
+                    "image_id": job.image_id[:12],
+                    "location": result.location,
+                    **result.timings_ms,
+                }
+            },
+        )
 
     def _add_trend(self, result: Result) -> Result:
         if result.status != "ok" or not result.patient_key:

@@ -161,6 +161,11 @@ class Analyzer:
                         with_heatmap=self.config.mqtt.publish_heatmap,
                     )
 
+    def failed(self, job: Job, reason: str, detail: str) -> Result:
+        """An `error` result for an image the stages could not finish (the file goes to quarantine)."""
+        job.reading = errored(reason, detail)
+        return self.result(job)
+
     def result(self, job: Job) -> Result:
         assert job.reading is not None
         meta = job.image.meta if job.image else None

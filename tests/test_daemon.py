@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.support import data
+from tests.support import data, tiny_models
 from tests.support.daemon import RESULT_TOPIC, DaemonProcess, wait_results
 from tests.support.mosquitto import Broker, Subscriber, unique_by_message_id
 from tests.support.schemas import assert_valid
@@ -233,3 +233,51 @@ def test_a_file_over_max_file_mb_is_quarantined_unread(
     assert len(reasons) == 1 and "file too large" in reasons[0] and "big.dcm" in reasons[0], reasons
     assert len(got) == 1 and got[0]["status"] == "ok"
     assert not (daemon.inbox / "big.dcm").exists()
+
+
+def test_an_image_that_keeps_killing_the_daemon_is_refused_not_retried_forever(
+    broker: Broker, model: Path, daemons: Callable[..., DaemonProcess]
+) -> None:
+    from appliance.ingest.spool import Accepted, Spool
+
+    daemon = daemons(broker, model)
+    daemon.inbox.mkdir(parents=True)
+    staged = daemon.workdir / "poison.dcm"
+    shutil.copyfile(data.real_dicoms()[0], staged)
+    spool = Spool(daemon.spool)
+    accepted = spool.accept(staged, "inbox")
+    assert isinstance(accepted, Accepted)
+    for _ in range(3):  # three times the process died while this image was in processing/
+        assert [i.image_id for i in spool.claim(1)] == [accepted.image_id]
+        spool.recover()
+    assert spool.crashes(accepted.image_id) == 3
+    spool.close()
+    with Subscriber(broker, "cxr/#") as sub:
+        daemon.start()
+        got = wait_results(sub, 1, timeout=20)
+    assert got[0]["status"] == "error" and got[0]["reason"] == "crashed the reader"
+    reasons = [p.read_text() for p in (daemon.spool / "quarantine").glob("*.reason.txt")]
+    assert len(reasons) == 1 and "crashed the reader" in reasons[0]
+
+
+def test_an_unexpected_error_in_the_stages_refuses_that_image_and_the_daemon_goes_on(
+    broker: Broker, daemons: Callable[..., DaemonProcess], tmp_path: Path
+) -> None:
+    import yaml
+
+    # A manifest that names two labels for a three-column output: interpretation fails on every image.
+    manifest_path = tiny_models.xrv_like(tmp_path / "broken")
+    manifest = yaml.safe_load(manifest_path.read_text())
+    manifest["outputs"][0]["labels"] = ["Atelectasis", "Effusion"]
+    manifest["outputs"][0]["thresholds"] = {"Atelectasis": 0.5}
+    manifest_path.write_text(yaml.safe_dump(manifest))
+    daemon = daemons(broker, manifest_path, inference={"max_batch": 2})
+    with Subscriber(broker, "cxr/#") as sub:
+        daemon.start()
+        for index, image in enumerate(real_images(3)):
+            shutil.copyfile(image, daemon.inbox / f"e{index}{image.suffix}")
+        got = wait_results(sub, 3, timeout=30)
+    assert [p["status"] for p in got] == ["error"] * 3 and {p["reason"] for p in got} == {"internal error"}
+    assert daemon.proc is not None and daemon.proc.poll() is None, "the daemon must keep running"
+    assert "internal error" in daemon.log() and "Traceback" in daemon.log()
+    assert len(list((daemon.spool / "quarantine").glob("*.reason.txt"))) == 3

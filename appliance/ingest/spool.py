@@ -125,6 +125,11 @@ class Spool:
             " image_id TEXT UNIQUE NOT NULL, name TEXT NOT NULL, state TEXT NOT NULL, source TEXT,"
             " original TEXT, accepted_at TEXT)"
         )
+        # How often an image was found in processing/ after a crash: one that keeps killing the
+        # process (a decoder segfault) must be quarantined, not retried forever in a restart loop.
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(items)")}
+        if "crashes" not in columns:
+            self._db.execute("ALTER TABLE items ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0")
 
     # -- helpers -------------------------------------------------------------------------------
     def _dir(self, state: str) -> Path:
@@ -314,6 +319,12 @@ class Spool:
         with self._tx() as db:
             db.execute("UPDATE items SET state = ? WHERE image_id = ?", (state, image_id))
 
+    def crashes(self, image_id: str) -> int:
+        """How many times the process died while this image was being processed."""
+        with self._lock:
+            row = self._db.execute("SELECT crashes FROM items WHERE image_id = ?", (image_id,)).fetchone()
+        return int(row[0]) if row else 0
+
     def _row(self, image_id: str) -> tuple[str, str, str, str] | None:
         row = self._db.execute(
             "SELECT name, state, source, original FROM items WHERE image_id = ?", (image_id,)
@@ -431,6 +442,10 @@ class Spool:
                     if state == "processing":
                         os.rename(file, self._dir("incoming") / file.name)
                         self._set_state(image_id, "incoming")
+                        with self._tx() as db:
+                            db.execute(
+                                "UPDATE items SET crashes = crashes + 1 WHERE image_id = ?", (image_id,)
+                            )
                         back.append(image_id)
                     elif row is not None and row[1] != state:
                         self._set_state(image_id, state)
