@@ -8,9 +8,11 @@ outbox ignores an id it already holds or sent).
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import logging
 import signal
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -39,6 +41,7 @@ HOUSEKEEPING_SECONDS = 600.0
 # Sections bound to open files, sockets or threads at start: a SIGHUP cannot swap them in place.
 # An image in processing/ at this many crashes is refused instead of retried (a decoder that segfaults).
 MAX_CRASHES = 3
+STORAGE_RETRY_SECONDS = 5.0
 RESTART_SECTIONS = ("ingest", "mqtt", "journal", "privacy", "dicom_net", "dicom_out")
 
 
@@ -297,7 +300,22 @@ class Daemon:
                 self.wake.wait(timeout=self.config.ingest.poll_seconds)
                 self.wake.clear()
                 continue
-            self.process([Job(path=i.path, image_id=i.image_id, source=i.source) for i in items])
+            try:
+                self.process([Job(path=i.path, image_id=i.image_id, source=i.source) for i in items])
+            except (OSError, sqlite3.Error) as exc:
+                # The journal, outbox or spool cannot be written (disk full, I/O error): keep the images
+                # for later instead of dying and retrying them in a restart loop.
+                log.error(
+                    "cannot record results (%s); %d image(s) wait, retrying in %.0f s",
+                    exc,
+                    len(items),
+                    STORAGE_RETRY_SECONDS,
+                )
+                for item in items:
+                    with contextlib.suppress(OSError, sqlite3.Error):
+                        self.spool.release(item.image_id)
+                self._set_accepting(False, f"cannot write results: {exc}")
+                self.stop_event.wait(STORAGE_RETRY_SECONDS)
 
     def housekeeping(self) -> None:
         """Retention: the journal and the done/ folder never fill the disk."""
