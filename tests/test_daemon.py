@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tests.support import data, tiny_models
-from tests.support.daemon import RESULT_TOPIC, DaemonProcess, wait_results
+from tests.support.daemon import RESULT_TOPIC, DaemonProcess, wait_results, wait_until
 from tests.support.mosquitto import Broker, Subscriber, unique_by_message_id
 from tests.support.schemas import assert_valid
 
@@ -256,6 +256,7 @@ def test_an_image_that_keeps_killing_the_daemon_is_refused_not_retried_forever(
         daemon.start()
         got = wait_results(sub, 1, timeout=20)
     assert got[0]["status"] == "error" and got[0]["reason"] == "crashed the reader"
+    assert wait_until(lambda: any((daemon.spool / "quarantine").glob("*.reason.txt")), 10)
     reasons = [p.read_text() for p in (daemon.spool / "quarantine").glob("*.reason.txt")]
     assert len(reasons) == 1 and "crashed the reader" in reasons[0]
 
@@ -280,4 +281,5 @@ def test_an_unexpected_error_in_the_stages_refuses_that_image_and_the_daemon_goe
     assert [p["status"] for p in got] == ["error"] * 3 and {p["reason"] for p in got} == {"internal error"}
     assert daemon.proc is not None and daemon.proc.poll() is None, "the daemon must keep running"
     assert "internal error" in daemon.log() and "Traceback" in daemon.log()
-    assert len(list((daemon.spool / "quarantine").glob("*.reason.txt"))) == 3
+    # the file moves to quarantine just after its result is handed to MQTT
+    assert wait_until(lambda: len(list((daemon.spool / "quarantine").glob("*.reason.txt"))) == 3, 10)
