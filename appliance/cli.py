@@ -23,14 +23,15 @@ log = logging.getLogger("appliance")
 DEFAULT_CONFIG = Path("/etc/cxr-appliance/config.yaml")
 
 
-def _config(args: argparse.Namespace) -> AppConfig:
+def _config_path(args: argparse.Namespace) -> Path | None:
+    """--config, else /etc/cxr-appliance/config.yaml when it exists, else None (built-in defaults)."""
     path: Path | None = args.config
-    if path is None:
-        if DEFAULT_CONFIG.is_file():
-            path = DEFAULT_CONFIG
-        else:
-            return AppConfig()
-    return load_config(path)
+    return path if path is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
+
+
+def _config(args: argparse.Namespace) -> AppConfig:
+    path = _config_path(args)
+    return load_config(path) if path is not None else AppConfig()
 
 
 def cmd_validate_config(args: argparse.Namespace) -> int:
@@ -83,7 +84,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from appliance.daemon import Daemon
 
     config = _config(args)
-    return Daemon(config, config_path=args.config).run()
+    return Daemon(config, config_path=_config_path(args)).run()
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:

@@ -22,7 +22,7 @@ from appliance import sdnotify
 from appliance.config import AppConfig, load_config
 from appliance.dicomnet.receiver import DicomReceiver
 from appliance.dicomout.writer import DicomOutWriter
-from appliance.errors import ApplianceError, InputRejected, UserError
+from appliance.errors import ApplianceError, BackendUnavailable, InputRejected, UserError
 from appliance.ingest.spool import Rejected, Spool, SpoolFull
 from appliance.ingest.watcher import FolderWatcher
 from appliance.interpret.sequence_risk import with_sequence_risk
@@ -41,7 +41,7 @@ HOUSEKEEPING_SECONDS = 600.0
 # Sections bound to open files, sockets or threads at start: a SIGHUP cannot swap them in place.
 # An image in processing/ at this many crashes is refused instead of retried (a decoder that segfaults).
 MAX_CRASHES = 3
-STORAGE_RETRY_SECONDS = 5.0
+RETRY_SECONDS = 5.0
 RESTART_SECTIONS = ("ingest", "mqtt", "journal", "privacy", "dicom_net", "dicom_out")
 
 
@@ -52,9 +52,10 @@ class Daemon:
         self.stop_event = threading.Event()
         self.wake = threading.Event()
         self.reload_requested = False
-        self.accepting = True
-        self.accept_reason: str | None = None
-        self._state_lock = threading.Lock()  # accepting is set by the watcher and the loop
+        # Why the cart is not accepting images, by cause ("disk", "storage", "backend"); empty = accepting.
+        # Each cause is set and cleared by its own check, so one cannot clear another's.
+        self._faults: dict[str, str] = {}
+        self._state_lock = threading.Lock()  # faults change from the watcher thread and the loop
         self.processed = 0
 
     # --- signals -----------------------------------------------------------------------------------
@@ -163,7 +164,8 @@ class Daemon:
     def reload(self) -> None:
         """SIGHUP: re-read the config without dropping queued work (it stays in the spool).
 
-        Device, logging and inference (the model is reloaded if it changed) apply at once; sections
+        The bed, logging and inference (the model is reloaded if it changed) apply at once; the site and
+        device id (they name the MQTT topics and the last will) and sections
         that own open files, sockets or threads (ingest, mqtt, journal, privacy, DICOM) need a restart."""
         self.reload_requested = False
         if self.config_path is None:
@@ -184,9 +186,14 @@ class Daemon:
         needs_restart = [
             name for name in RESTART_SECTIONS if getattr(new, name) != getattr(self.config, name)
         ]
+        identity = {"site": self.config.device.site, "device_id": self.config.device.device_id}
+        if {"site": new.device.site, "device_id": new.device.device_id} != identity:
+            needs_restart.append("device.site/device_id")
+            new = new.model_copy(update={"device": new.device.model_copy(update=identity)})
         if needs_restart:
             log.warning("SIGHUP: %s changed; that takes effect at the next restart", ", ".join(needs_restart))
-            new = new.model_copy(update={name: getattr(self.config, name) for name in needs_restart})
+            kept = {name: getattr(self.config, name) for name in needs_restart if name in RESTART_SECTIONS}
+            new = new.model_copy(update=kept)
         if new.inference != self.config.inference:
             try:
                 analyzer = build_analyzer(new)
@@ -204,27 +211,32 @@ class Daemon:
 
     # --- status ------------------------------------------------------------------------------------
 
+    @property
+    def accepting(self) -> bool:
+        return not self._faults
+
     def _publish_status(self) -> None:
         if self.publisher is None:
             return
-        if not self.accepting:
-            state, reason = "degraded", self.accept_reason
-        else:
-            state, reason = "online", self.analyzer.backend.fallback_reason
-        self.publisher.publish_status(
-            state,  # type: ignore[arg-type]
-            reason=reason,
-            accepting=self.accepting,
-            queue_depth=self.spool.pending_count(),
-        )
+        with self._state_lock:  # one consistent picture, even when two threads change faults at once
+            faults = "; ".join(self._faults.values())
+            self.publisher.publish_status(
+                "degraded" if faults else "online",
+                reason=faults or self.analyzer.backend.fallback_reason,
+                accepting=not faults,
+                queue_depth=self.spool.pending_count(),
+                model=self.analyzer.manifest.name,
+                backend=self.analyzer.backend.name,
+                precision=self.analyzer.backend.precision,
+            )
 
     # --- ingest side (watcher thread) ----------------------------------------------------------------
 
     def _accept(self, path: Path, source: str) -> None:
         """Called by the watcher thread. Raising SpoolFull leaves the file where it is: the watcher
         offers it again later, so nothing dropped while the disk is full is lost or quarantined."""
-        if not self.accepting:
-            raise SpoolFull(self.accept_reason or "not accepting images")
+        if self._faults:
+            raise SpoolFull("; ".join(self._faults.values()))
         ingest = self.config.ingest
         try:
             size_mb = path.stat().st_size / 2**20
@@ -238,11 +250,11 @@ class Daemon:
         try:
             outcome = self.spool.accept(path, source, move=ingest.delete_from_watch)
         except SpoolFull as exc:
-            self._set_accepting(False, f"spool disk full: {exc}")
+            self._set_fault("disk", f"spool disk full: {exc}")
             raise
         except OSError as exc:
-            log.error("%s: not accepted: %s", path, exc.strerror or exc)
-            return
+            log.error("%s: not accepted: %s; offered again shortly", path, exc.strerror or exc)
+            raise  # the watcher keeps the file and retries it
         if isinstance(outcome, Rejected):
             log.warning("%s: quarantined: %s (%s)", path, outcome.reason, outcome.detail)
         self.wake.set()
@@ -257,15 +269,20 @@ class Daemon:
         if self.journal.record_ack(ack):
             log.info("acknowledged by %s: %s", ack.by, ack.message_id)
 
-    def _set_accepting(self, accepting: bool, reason: str | None) -> None:
+    def _set_fault(self, kind: str, reason: str | None) -> None:
+        """Set (reason) or clear (None) one cause of not accepting; says so when accepting changes."""
         with self._state_lock:
-            if accepting == self.accepting:
+            had = kind in self._faults
+            if reason is None:
+                self._faults.pop(kind, None)
+            else:
+                self._faults[kind] = reason
+            if had == (reason is not None):
                 return
-            self.accepting, self.accept_reason = accepting, reason
-        if accepting:
-            log.info("accepting images again")
-        else:
+        if reason is not None:
             log.error("not accepting images: %s", reason)
+        else:
+            log.info("%s problem over%s", kind, "; accepting images again" if self.accepting else "")
         self._publish_status()
 
     def _check_disk(self) -> None:
@@ -273,10 +290,10 @@ class Daemon:
         above the reserve so one more file does not flip the state straight back."""
         free = self.spool.free_mb()
         reserve = self.config.ingest.min_free_mb
-        if self.accepting and free < reserve:
-            self._set_accepting(False, f"spool disk full: {free:.1f} MB free, reserve {reserve:.1f} MB")
-        elif not self.accepting and free >= reserve + max(1.0, 0.1 * reserve):
-            self._set_accepting(True, None)
+        if "disk" not in self._faults and free < reserve:
+            self._set_fault("disk", f"spool disk full: {free:.1f} MB free, reserve {reserve:.1f} MB")
+        elif "disk" in self._faults and free >= reserve + max(1.0, 0.1 * reserve):
+            self._set_fault("disk", None)
 
     # --- processing loop (main thread) ---------------------------------------------------------------
 
@@ -300,22 +317,34 @@ class Daemon:
                 self.wake.wait(timeout=self.config.ingest.poll_seconds)
                 self.wake.clear()
                 continue
+            if len(items) > 1 and any(self.spool.crashes(i.image_id) for i in items):
+                # An image that was in processing/ when the process died: read it alone, so the
+                # crash counter blames the culprit, not its batch-mates.
+                suspect = next(i for i in items if self.spool.crashes(i.image_id))
+                for item in items:
+                    if item is not suspect:
+                        self.spool.release(item.image_id)
+                items = [suspect]
             try:
                 self.process([Job(path=i.path, image_id=i.image_id, source=i.source) for i in items])
-            except (OSError, sqlite3.Error) as exc:
-                # The journal, outbox or spool cannot be written (disk full, I/O error): keep the images
-                # for later instead of dying and retrying them in a restart loop.
+            except (OSError, sqlite3.Error, SpoolFull, BackendUnavailable) as exc:
+                # Storage that cannot be written (disk full, I/O error) or a backend that is down (a
+                # restarting Triton, GPU out of memory): keep the images for later instead of refusing
+                # them or dying and retrying them in a restart loop.
+                kind = "backend" if isinstance(exc, BackendUnavailable) else "storage"
                 log.error(
-                    "cannot record results (%s); %d image(s) wait, retrying in %.0f s",
-                    exc,
-                    len(items),
-                    STORAGE_RETRY_SECONDS,
+                    "%s problem (%s); %d image(s) wait, retry in %.0f s", kind, exc, len(items), RETRY_SECONDS
                 )
                 for item in items:
-                    with contextlib.suppress(OSError, sqlite3.Error):
+                    with contextlib.suppress(OSError, sqlite3.Error, SpoolFull):
                         self.spool.release(item.image_id)
-                self._set_accepting(False, f"cannot write results: {exc}")
-                self.stop_event.wait(STORAGE_RETRY_SECONDS)
+                self._set_fault(
+                    kind, f"cannot {'run the model' if kind == 'backend' else 'write results'}: {exc}"
+                )
+                self.stop_event.wait(RETRY_SECONDS)
+            else:
+                self._set_fault("storage", None)
+                self._set_fault("backend", None)
 
     def housekeeping(self) -> None:
         """Retention: the journal and the done/ folder never fill the disk."""
@@ -327,7 +356,11 @@ class Daemon:
     def process(self, jobs: list[Job]) -> None:
         fresh = []
         for job in jobs:
-            earlier = self.journal.result_for(job.image_id)
+            try:
+                earlier = self.journal.result_for(job.image_id)
+            except ValueError:  # a row written by an older payload version: analyse the image again
+                log.exception("%s: stored result unreadable; analysing again", job.path.name)
+                earlier = None
             if earlier is not None:  # crashed after the journal write: finish the hand-off only
                 self._hand_off(job, earlier)
             elif self.spool.crashes(job.image_id) >= MAX_CRASHES:
@@ -343,6 +376,8 @@ class Daemon:
         become a restart loop): the batch is retried image by image and the failing one is refused."""
         try:
             return list(zip(jobs, self.analyzer.analyze(jobs), strict=True))
+        except BackendUnavailable:
+            raise  # not this image's fault: the loop keeps the batch and retries
         except Exception:
             if len(jobs) == 1:
                 log.exception("%s: internal error while analysing", jobs[0].path.name)
@@ -379,15 +414,19 @@ class Daemon:
     def _add_trend(self, result: Result) -> Result:
         if result.status != "ok" or not result.patient_key:
             return result
-        priors = self.journal.priors(
-            result.patient_key, result.image.acquired_at or result.created_at, limit=1
-        )
-        if not priors:
+        try:
+            priors = self.journal.priors(
+                result.patient_key, result.image.acquired_at or result.created_at, limit=1
+            )
+            if not priors:
+                return result
+            # The manifest's sequence model (when enabled) replaces the single-image risk; the trend
+            # then reports the risk the ward sees.
+            result = with_sequence_risk(result, priors[-1], self.analyzer.manifest.sequence_risk)
+            return with_trend(result, priors[-1])
+        except (sqlite3.Error, ValueError):  # e.g. a prior stored by an older payload version
+            log.exception("%s: trend skipped (the prior could not be read)", result.image.image_id[:12])
             return result
-        # The manifest's sequence model (when enabled) replaces the single-image risk; the trend then
-        # reports the risk the ward sees.
-        result = with_sequence_risk(result, priors[-1], self.analyzer.manifest.sequence_risk)
-        return with_trend(result, priors[-1])
 
     def _hand_off(self, job: Job, result: Result) -> None:
         if self.publisher is not None:
