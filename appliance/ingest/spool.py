@@ -38,6 +38,11 @@ _EXT = {"dicom": "dcm", "png": "png", "jpeg": "jpg"}
 _COPY_CHUNK = 1 << 20
 
 
+# A refused file on read-only media is copied into quarantine only up to this size (a 2 GB file
+# copied on every restart would fill the spool disk it is meant to protect).
+QUARANTINE_COPY_MAX_BYTES = 64 * 2**20
+
+
 class SpoolFull(ApplianceError):
     """The spool's disk is full (or below the configured reserve): stop accepting, keep the sources."""
 
@@ -399,8 +404,12 @@ class Spool:
                 if path.is_symlink() or not move:
                     if move:
                         os.rename(path, dest)  # the link itself, never its target
-                    elif path.is_file() and not path.is_symlink():
+                    elif path.is_file() and path.stat().st_size <= QUARANTINE_COPY_MAX_BYTES:
                         self._place(path, dest, move=False)
+                    elif path.is_file():  # a huge file on read-only media: its reason, not a copy
+                        detail = (
+                            f"{detail} (not copied: {path.stat().st_size / 2**20:.0f} MB; left at source)"
+                        )
                 else:
                     self._place(path, dest, move=True)
             except SpoolFull:
