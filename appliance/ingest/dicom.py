@@ -659,7 +659,9 @@ def acquisition_time(ds: Dataset) -> str | None:
     if dt_value:
         parsed = _parse_dt(dt_value[:8], dt_value[8:])
         if parsed:
-            return parsed + (offset or "")
+            # A DT's own offset (…120000+0100) is the most specific; TimezoneOffsetFromUTC otherwise.
+            own = _tz(dt_value[-5:]) if len(dt_value) > 13 else None
+            return parsed + (own or offset or "")
     for date_key, time_key in (
         ("AcquisitionDate", "AcquisitionTime"),
         ("ContentDate", "ContentTime"),

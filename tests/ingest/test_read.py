@@ -363,3 +363,26 @@ def test_unreadable_file(real_png: Path) -> None:
         for child_path in folder.iterdir():
             child_path.unlink()
         folder.rmdir()
+
+
+@pytest.mark.parametrize(
+    ("tags", "expected"),
+    [
+        ({"AcquisitionDateTime": "20240301120000+0100"}, "2024-03-01T12:00:00+01:00"),
+        (
+            {"AcquisitionDateTime": "20240301120000.123", "TimezoneOffsetFromUTC": "-0500"},
+            "2024-03-01T12:00:00.123-05:00",
+        ),
+        ({"AcquisitionDate": "20240301", "AcquisitionTime": "083000"}, "2024-03-01T08:30:00"),
+        ({"StudyDate": "20240301"}, "2024-03-01T00:00:00"),
+    ],
+)
+def test_acquisition_time_keeps_the_time_zone(tags: dict[str, str], expected: str) -> None:
+    from pydicom.dataset import Dataset
+
+    from appliance.ingest.dicom import acquisition_time
+
+    ds = Dataset()
+    for key, value in tags.items():
+        setattr(ds, key, value)
+    assert acquisition_time(ds) == expected
