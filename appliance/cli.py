@@ -63,7 +63,8 @@ def cmd_process(args: argparse.Namespace) -> int:
         config = config.model_copy(
             update={"inference": config.inference.model_copy(update={"model": args.model})}
         )
-    analyzer = build_analyzer(config, salt_required=False)
+    # Without a config file (built-in defaults) nothing is written under /var/lib: a throw-away salt.
+    analyzer = build_analyzer(config, salt_required=False, create_salt=_config_path(args) is not None)
     failures = 0
     batch = max(1, config.inference.max_batch)
     paths: list[Path] = args.files

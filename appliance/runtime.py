@@ -16,12 +16,13 @@ from appliance.pseudonym import PatientKeys
 log = logging.getLogger(__name__)
 
 
-def build_analyzer(config: AppConfig, *, salt_required: bool = True) -> Analyzer:
+def build_analyzer(config: AppConfig, *, salt_required: bool = True, create_salt: bool = True) -> Analyzer:
     """Load the model and start a backend. `salt_required=False` (the `process` command) uses a
-    throw-away salt when the configured salt file cannot be created, so keys are not comparable."""
+    throw-away salt when the configured salt file cannot be read or created, so keys are not
+    comparable; `create_salt=False` never writes one (a one-off run on built-in defaults)."""
     manifest = load_manifest(config.inference.model)
     backend = create_backend(manifest, config.inference)
-    keys = PatientKeys.from_config(config.privacy, create=True, ephemeral_ok=not salt_required)
+    keys = PatientKeys.from_config(config.privacy, create=create_salt, ephemeral_ok=not salt_required)
 
     def patient_key(meta: ImageMeta) -> str | None:
         if not config.privacy.publish_patient_key:
