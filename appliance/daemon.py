@@ -108,7 +108,7 @@ class Daemon:
         self.analyzer: Analyzer = build_analyzer(self.config)
         self.publisher: MqttPublisher | None = None
         if self.config.mqtt.enabled:
-            self.outbox = Outbox(ingest.spool / "outbox.sqlite3", max_pending=self.config.mqtt.outbox_max)
+            self.outbox = Outbox.from_config(ingest.spool / "outbox.sqlite3", self.config.mqtt)
             backend = self.analyzer.backend
             self.publisher = MqttPublisher(
                 self.config.mqtt,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,25 @@ user display
 topic read cxr/#
 topic write cxr/+/+/ack/+
 """
+
+
+@contextmanager
+def serve_display(broker: Broker, display_name: str, auth: tuple[str, str] = DISPLAY_AUTH) -> Iterator[str]:
+    """The ward page (appliance.display.server) in a thread, logged in as the display account; yields its URL."""
+    server = make_server(
+        "127.0.0.1",
+        0,
+        f"ws://127.0.0.1:{broker.ws_port}",
+        username=auth[0],
+        password=auth[1],
+        display_name=display_name,
+    )
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.fixture(scope="module")
@@ -58,19 +78,8 @@ class Ward:
 @pytest.fixture
 def ward(broker_factory: Callable[..., Broker]) -> Iterator[Ward]:
     broker = broker_factory(users=dict([CART_AUTH, DISPLAY_AUTH]), acl=ACL, websockets=True)
-    server = make_server(
-        "127.0.0.1",
-        0,
-        f"ws://127.0.0.1:{broker.ws_port}",
-        username=DISPLAY_AUTH[0],
-        password=DISPLAY_AUTH[1],
-        display_name="test-display",
-    )
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    w = Ward(broker, f"http://127.0.0.1:{server.server_address[1]}/")
-    yield w
-    for c in w.carts:
-        c.kill()
-    server.shutdown()
-    server.server_close()
+    with serve_display(broker, "test-display") as url:
+        w = Ward(broker, url)
+        yield w
+        for c in w.carts:
+            c.kill()

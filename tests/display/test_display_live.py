@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,10 +21,9 @@ import pytest
 import yaml
 from pydicom.uid import generate_uid
 
-from appliance.display.server import make_server
 from appliance.journal import Journal
 from tests.display.browser import Browser, Page
-from tests.display.conftest import ARTIFACTS
+from tests.display.conftest import ARTIFACTS, serve_display
 from tests.support import data
 from tests.support.daemon import DaemonProcess
 from tests.support.mosquitto import Broker, Subscriber, unique_by_message_id
@@ -103,27 +101,16 @@ def live(broker_factory: Callable[..., Broker], tmp_path: Path) -> Iterator[Live
         device={"site": SITE, "device_id": DEVICE, "location": "Bay 2 Bed 1"},
         mqtt={"username": CART_AUTH[0], "password_file": str(secret)},
     )
-    server = make_server(
-        "127.0.0.1",
-        0,
-        f"ws://127.0.0.1:{broker.ws_port}",
-        username=DISPLAY_AUTH[0],
-        password=DISPLAY_AUTH[1],
-        display_name="ward7-live",
-    )
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
     results = Subscriber(
         broker, RESULT_TOPIC, clean_session=True, username=DISPLAY_AUTH[0], password=DISPLAY_AUTH[1]
     )
     try:
-        daemon.start()
-        yield LiveWard(broker, daemon, f"http://127.0.0.1:{server.server_address[1]}/", results)
+        with serve_display(broker, "ward7-live", DISPLAY_AUTH) as url:
+            daemon.start()
+            yield LiveWard(broker, daemon, url, results)
     finally:
         results.close()
         daemon.stop()
-        server.shutdown()
-        server.server_close()
 
 
 def restamped(source: Path, target: Path, *, acquired: datetime, location: str, new_instance: bool) -> Path:
