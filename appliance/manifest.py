@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from enum import Enum
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -81,6 +81,7 @@ class Role(str, Enum):
     ood = "ood"  # out-of-distribution score: refuse above threshold
     heatmap = "heatmap"  # [N, h, w] localisation map in [0, 1]
     lung_mask = "lung_mask"  # [N, h, w] lung probability
+    heart_mask = "heart_mask"  # [N, h, w] heart probability: with the lung mask, the cardiothoracic ratio
     embedding = "embedding"  # features, e.g. for the sequence risk model
 
 
@@ -100,10 +101,22 @@ class OutputSpec(Strict):
     refuse_labels: dict[str, str] = Field(
         default_factory=dict, description="view: label -> refusal reason, e.g. {lateral: 'lateral view'}."
     )
+    published: list[str] | None = Field(
+        None,
+        description="The labels whose validation cleared the publication bar (model card); only these reach"
+        " the payload, the text, the display and DICOM. heart_mask: [cardiothoracic_ratio] when the ratio"
+        " is validated. Omitted: every label (a model brought in without a validation record).",
+    )
+
+    def is_published(self, label: str) -> bool:
+        return self.published is None or label in self.published
 
     @model_validator(mode="after")
     def _labels_known(self) -> OutputSpec:
         label_set = set(self.labels)
+        allowed = label_set | ({"cardiothoracic_ratio"} if self.role == Role.heart_mask else set())
+        if self.published is not None and set(self.published) - allowed:
+            raise ValueError(f"published names labels not in labels: {sorted(set(self.published) - allowed)}")
         for group in ("ranges", "units", "refuse_labels"):
             unknown = set(getattr(self, group)) - label_set
             if unknown:
@@ -122,6 +135,9 @@ class TriagePolicy(Strict):
     urgent_threshold: float | None = Field(None, description="abnormal score >= this: 'urgent'.")
     urgent_extent: float | None = Field(None, description="severity extent >= this: 'urgent'.")
     urgent_risk: float | None = Field(None, description="deterioration risk >= this: 'urgent'.")
+    cardiomegaly_ratio: float = Field(
+        0.5, description="Cardiothoracic ratio >= this is stated as an enlarged cardiac silhouette."
+    )
 
 
 SequenceFeature = Literal["risk_logit", "risk_logit_change", "extent", "extent_change", "log_days"]
@@ -170,6 +186,13 @@ class Manifest(Strict):
     training: dict[str, str | int | float] = Field(default_factory=dict, description="Provenance, free form.")
     sequence_risk: SequenceRisk | None = Field(
         None, description="Deterioration risk from the current and prior image of a patient (optional)."
+    )
+    not_assessed: list[str] = Field(
+        default_factory=list,
+        description="What the model never assesses, said in every reading (e.g. 'pneumothorax').",
+    )
+    validation: dict[str, Any] = Field(
+        default_factory=dict, description="Validation figures per output (model card), free form."
     )
 
     # Filled in by load_manifest: the folder holding manifest.yaml.

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from appliance import NOT_FOR_DIAGNOSTIC_USE
 
-RESULT_SCHEMA: Final = "cxr-appliance/result/v1"
+RESULT_SCHEMA: Final = "cxr-appliance/result/v2"
 STATUS_SCHEMA: Final = "cxr-appliance/status/v1"
 ACK_SCHEMA: Final = "cxr-appliance/ack/v1"
 
@@ -41,10 +41,21 @@ class Score(Payload):
 
 
 class Severity(Payload):
-    extent: float = Field(description="Geographic extent of lung involvement, 0-8.")
+    """Only the measures whose validation cleared the bar are filled; the others are null."""
+
+    extent: float | None = Field(None, description="Geographic extent of lung involvement, 0-8.")
     extent_max: float = 8.0
-    opacity: float = Field(description="Degree of opacity, 0-6.")
+    opacity: float | None = Field(None, description="Degree of opacity, 0-6.")
     opacity_max: float = 6.0
+
+
+class CardiacSize(Payload):
+    ratio: float = Field(ge=0, le=1.5, description="Cardiothoracic ratio from the heart and lung masks.")
+    threshold: float = Field(description="Ratio at or above which the silhouette is called enlarged.")
+    enlarged: bool
+    projection_caveat: bool = Field(
+        False, description="AP projection: the ratio overstates heart size and is worded with that caveat."
+    )
 
 
 class Risk(Payload):
@@ -114,7 +125,7 @@ class ImageInfo(Payload):
 
 
 class Result(Payload):
-    schema_: Literal["cxr-appliance/result/v1"] = Field(RESULT_SCHEMA, alias="schema")
+    schema_: Literal["cxr-appliance/result/v2"] = Field(RESULT_SCHEMA, alias="schema")
     message_id: str = Field(description="Unique per published result; subscribers de-duplicate on it.")
     created_at: str
     site: str
@@ -133,6 +144,10 @@ class Result(Payload):
     risk: Risk | None = None
     zones: list[Zone] = Field(default_factory=list)
     heatmap: Heatmap | None = None
+    cardiac: CardiacSize | None = None
+    not_assessed: list[str] = Field(
+        default_factory=list, description="What this reading does not assess (unvalidated or out of scope)."
+    )
     trend: Trend | None = None
     sentences: list[Sentence] = Field(default_factory=list)
     text: str
@@ -178,7 +193,7 @@ class Acknowledgement(Payload):
 
 
 SCHEMAS: dict[str, type[BaseModel]] = {
-    "result.v1.json": Result,
+    "result.v2.json": Result,
     "status.v1.json": DeviceStatus,
     "ack.v1.json": Acknowledgement,
 }

@@ -38,7 +38,7 @@ def test_process_prints_one_schema_valid_json_per_file(
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 3
     for line in lines:
-        payload = assert_valid(line, "result.v1.json")
+        payload = assert_valid(line, "result.v2.json")
         assert payload["status"] == "ok" and payload["provenance"]["backend"] == "onnxruntime"
         # auto without TensorRT falls back, and says so in the provenance
         assert "TensorRT" in (payload["provenance"]["fallback_reason"] or "")

@@ -78,7 +78,7 @@ def test_three_copy_styles_and_a_duplicate_give_one_result_each(
     assert len(got) == 3, daemon.log()
     assert len(sub.on_topic(RESULT_TOPIC)) == 3, "a result was published twice"
     for payload in got:
-        assert_valid(payload, "result.v1.json")
+        assert_valid(payload, "result.v2.json")
         assert payload["status"] == "ok", payload
         assert payload["disclaimer"] == "Not for diagnostic use"
     assert sorted(str(p["image"]["format"]) for p in got) == ["dicom", "jpeg", "png"]

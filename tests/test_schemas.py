@@ -24,6 +24,6 @@ def test_config_schema_is_current() -> None:
 
 
 def test_result_schema_requires_the_disclaimer_and_forbids_unknown_fields() -> None:
-    schema = json.loads((SCHEMA_DIR / "result.v1.json").read_text(encoding="utf-8"))
+    schema = json.loads((SCHEMA_DIR / "result.v2.json").read_text(encoding="utf-8"))
     assert "disclaimer" in schema["properties"] and schema["additionalProperties"] is False
     assert schema["properties"]["disclaimer"]["const"] == "Not for diagnostic use"

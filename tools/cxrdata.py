@@ -53,8 +53,22 @@ DUPLICATE_FILES = {
     "images/txv/covid-19-pneumonia-58-prior.jpg",
 }
 VIEW_FRONTAL, VIEW_LATERAL, VIEW_NOT_CXR, UNKNOWN = 0, 1, 2, -1
+# Independent (multi-label, sigmoid) findings: every label the data supports with enough examples.
+# "No finding" is not a head of its own: the reading says it only from triage (appliance.interpret.decisions).
+FINDING_LABELS = [
+    "COVID-19",
+    "Pneumonia",
+    "Nodule",
+    "Infiltration",
+    "Atelectasis",
+    "Effusion",
+    "Edema",
+    "Consolidation",
+]
 FINDING_INDEX = {"No Finding": 0, "COVID-19": 1, "Pneumonia": 2}
-ABNORMAL_FINDINGS = {"COVID-19", "Pneumonia", "Tuberculosis", "Cardiomegaly"}
+ABNORMAL_FINDINGS = {"COVID-19", "Pneumonia", "Nodule", "Tuberculosis", "Cardiomegaly"}
+# Findings whose presence or absence the NIH "Finding Labels" state for every NIH image (text-mined).
+NIH_SOURCES = {"nih"}
 
 
 def data_dir(cli_value: str | None = None) -> Path:
@@ -78,6 +92,9 @@ class Record:
     adverse: int  # 1/0 or UNKNOWN
     mask_file: str
     finding_name: str
+    source: str = ""
+    labels: tuple[int, ...] = ()  # one of 1 / 0 / UNKNOWN per cxrmodel.FINDING_LABELS
+    heart_mask_file: str = ""
 
     @property
     def is_cxr(self) -> bool:
@@ -114,6 +131,34 @@ def _view(row: dict[str, str]) -> int:
     return UNKNOWN
 
 
+def finding_targets(row: dict[str, str], labels: list[str]) -> tuple[int, ...]:
+    """Multi-label targets: what the source states is 1 or 0, everything else UNKNOWN (masked in the loss).
+
+    A "No Finding" image is negative for every label; COVID-19 and other pneumonia exclude each other
+    (the data's "Pneumonia" means every infection but COVID-19); NIH images carry all their co-labels.
+    """
+    finding = row["finding"]
+    target = dict.fromkeys(labels, UNKNOWN)
+    if row["modality"] != "X-ray" or finding in ("todo", "unknown", ""):
+        return tuple(target.values())
+    if finding == "No Finding":
+        target = dict.fromkeys(labels, 0)
+    elif finding == "COVID-19":
+        target.update({"COVID-19": 1, "Pneumonia": 0})
+    elif finding == "Pneumonia":
+        target.update({"COVID-19": 0, "Pneumonia": 1})
+    elif finding == "Nodule":
+        target.update({"COVID-19": 0, "Pneumonia": 0, "Nodule": 1})
+    else:  # Tuberculosis, Cardiomegaly: taken before COVID-19 existed or not an infection we name
+        target.update({"COVID-19": 0})
+    if row.get("source") in NIH_SOURCES:
+        stated = set(row.get("finding_raw", "").split("|"))
+        for label in labels:
+            if label != "COVID-19":
+                target[label] = int(label in stated)
+    return tuple(target[label] for label in labels)
+
+
 def load_records(data: Path, dedupe: bool = True) -> list[Record]:
     path = data / "metadata.csv"
     try:
@@ -144,6 +189,9 @@ def load_records(data: Path, dedupe: bool = True) -> list[Record]:
                 adverse=_adverse(row) if cxr else UNKNOWN,
                 mask_file=row.get("mask_file", "") or "",
                 finding_name=finding,
+                source=row.get("source", ""),
+                labels=finding_targets(row, FINDING_LABELS),
+                heart_mask_file=row.get("heart_mask_file", "") or "",
             )
         )
     return records

@@ -104,3 +104,19 @@ def bootstrap_ci(
     if len(values) < n_boot // 10:
         return None
     return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
+
+
+def within_source_auc(labels: np.ndarray, scores: np.ndarray, sources: np.ndarray) -> float | None:
+    """AUC over positive/negative pairs taken from the same source only: a model that merely tells the
+    sources apart scores 0.5 here, whatever the mix of sources in the pooled AUC."""
+    labels = np.asarray(labels).astype(bool)
+    sources = np.asarray(sources)
+    weighted, pairs = 0.0, 0
+    for source in np.unique(sources):
+        inside = sources == source
+        n_pos, n_neg = int(labels[inside].sum()), int((~labels[inside]).sum())
+        value = auc(labels[inside], scores[inside])
+        if value is not None:
+            weighted += value * n_pos * n_neg
+            pairs += n_pos * n_neg
+    return weighted / pairs if pairs else None

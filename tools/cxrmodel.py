@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tools.cxrdata import FINDING_LABELS
+
 VIEW_LABELS = ["frontal", "lateral", "not_cxr"]
-FINDING_LABELS = ["No Finding", "COVID-19", "Pneumonia"]
 SEVERITY_LABELS = ["extent", "opacity"]
 SEVERITY_MAX = (8.0, 6.0)
 OUTPUT_NAMES = [
@@ -26,6 +27,7 @@ OUTPUT_NAMES = [
     "ood_score",
     "heatmap",
     "lung_mask",
+    "heart_mask",
     "embedding",
 ]
 MAP_SIZE = 64  # heatmap and lung mask resolution (model-input coordinates)
@@ -44,6 +46,9 @@ _STAGES = [
 ]
 SKIP_32 = 4  # index of the last block at stride 8 (40 ch): lung-mask decoder input
 SKIP_16 = 10  # last block at stride 16 (112 ch)
+FROZEN_BLOCKS = 8  # stem + blocks 0-7 keep ImageNet weights; their output is cached once per augmented view
+FROZEN_CHANNELS, FROZEN_SIDE = 80, 16  # block 7 output at a 256 px input
+SKIP_32_CHANNELS, SKIP_32_SIDE = 40, 32
 
 
 class MBConv(nn.Module):
@@ -114,8 +119,6 @@ class OodHead(nn.Module):
 
 
 class CxrLite0(nn.Module):
-    severity_scale: torch.Tensor
-
     def __init__(self, in_channels: int = 1) -> None:
         super().__init__()
         self._conv_stem = nn.Conv2d(in_channels, 32, 3, 2, 1, bias=False)
@@ -131,17 +134,16 @@ class CxrLite0(nn.Module):
         self._bn1 = nn.BatchNorm2d(EMBED_DIM, eps=BN_EPS)
         self.dropout = nn.Dropout(0.3)
         self.view = nn.Linear(EMBED_DIM, 3)
-        self.finding = nn.Linear(EMBED_DIM, 3)
+        self.finding = nn.Linear(EMBED_DIM, len(FINDING_LABELS))
         self.abnormal = nn.Linear(EMBED_DIM, 1)
         self.severity = nn.Linear(EMBED_DIM, 2)
         self.risk = nn.Linear(EMBED_DIM, 1)
         self.ood = OodHead()
-        # Small lung-mask decoder on stride-16 and stride-8 features -> 64x64 logits.
+        # Small lung + heart mask decoder on stride-16 and stride-8 features -> 2 x 64x64 logits.
         self.mask_top = nn.Conv2d(112, 32, 1)
         self.mask_skip = nn.Conv2d(40, 32, 1)
         self.mask_mix = nn.Conv2d(32, 32, 3, padding=1)
-        self.mask_out = nn.Conv2d(32, 1, 1)
-        self.register_buffer("severity_scale", torch.tensor(SEVERITY_MAX))
+        self.mask_out = nn.Conv2d(32, 2, 1)
 
     def load_imagenet(self, path: Path) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -157,23 +159,32 @@ class CxrLite0(nn.Module):
         if backbone_missing:
             raise RuntimeError(f"ImageNet weights lack backbone tensors: {backbone_missing[:5]}")
 
-    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def frozen(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stem + the ImageNet-frozen blocks: (block 7 output, stride-8 skip for the mask decoder)."""
         x = F.relu6(self._bn0(self._conv_stem(x)))
-        skip32 = skip16 = x
-        for index, block in enumerate(self._blocks):
-            x = block(x)
+        skip32 = x
+        for index in range(FROZEN_BLOCKS):
+            x = self._blocks[index](x)
             if index == SKIP_32:
                 skip32 = x
-            elif index == SKIP_16:
-                skip16 = x
-        top = F.relu6(self._bn1(self._conv_head(x)))
-        return top, skip16, skip32
+        return x, skip32
 
-    def lung_logits(self, skip16: torch.Tensor, skip32: torch.Tensor) -> torch.Tensor:
+    def trainable(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fine-tuned blocks on top of `frozen`: (head features, stride-16 skip)."""
+        skip16 = x
+        for index in range(FROZEN_BLOCKS, len(self._blocks)):
+            x = self._blocks[index](x)
+            if index == SKIP_16:
+                skip16 = x
+        return F.relu6(self._bn1(self._conv_head(x))), skip16
+
+    def mask_logits(self, skip16: torch.Tensor, skip32: torch.Tensor) -> torch.Tensor:
+        """(N, 2, 64, 64): lung, heart."""
         y = F.interpolate(self.mask_top(skip16), scale_factor=2.0, mode="bilinear", align_corners=False)
         y = F.relu(self.mask_mix(F.relu(y + self.mask_skip(skip32))))
-        y = F.interpolate(self.mask_out(y), size=(MAP_SIZE, MAP_SIZE), mode="bilinear", align_corners=False)
-        return y[:, 0]
+        return F.interpolate(
+            self.mask_out(y), size=(MAP_SIZE, MAP_SIZE), mode="bilinear", align_corners=False
+        )
 
     def cam(self, top: torch.Tensor) -> torch.Tensor:
         """Class-activation map of the abnormal logit, ReLU, per-image max-normalised to [0, 1]."""
@@ -184,18 +195,26 @@ class CxrLite0(nn.Module):
         return cam / (peak + 1e-6)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        top, skip16, skip32 = self.features(x)
+        return self.forward_frozen(*self.frozen(x))
+
+    def forward_frozen(self, frozen: torch.Tensor, skip32: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every output from the frozen part's features (training reads those from its cache)."""
+        top, skip16 = self.trainable(frozen)
         emb = top.mean((2, 3))
         pooled = self.dropout(emb)
+        masks = self.mask_logits(skip16, skip32)
         return {
             "view_logits": self.view(pooled),
             "finding_logits": self.finding(pooled),
             "abnormal_logit": self.abnormal(pooled),
-            "severity": self.severity(pooled) * self.severity_scale,
-            "risk_logit": self.risk(pooled),
+            # Severity and risk are linear read-outs fitted after training (ridge / logistic regression
+            # on the embedding of the scored or outcome-labelled images), not trained through the net.
+            "severity": self.severity(emb),
+            "risk_logit": self.risk(emb),
             "ood_score": self.ood(emb),
             "heatmap": self.cam(top),
-            "lung_mask": self.lung_logits(skip16, skip32),
+            "lung_mask": masks[:, 0],
+            "heart_mask": masks[:, 1],
             "embedding": emb,
         }
 

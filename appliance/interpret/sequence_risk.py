@@ -13,7 +13,8 @@ from typing import get_args
 
 import numpy as np
 
-from appliance.interpret.text import join, risk_sentence
+from appliance.interpret.decisions import risk_sentence
+from appliance.interpret.text import join
 from appliance.journal import to_timestamp
 from appliance.manifest import SequenceFeature, SequenceRisk
 from appliance.result import Result, Risk, Sentence
@@ -113,7 +114,5 @@ def with_sequence_risk(current: Result, prior: Result, model: SequenceRisk | Non
     if risk is None:
         return current
     sentence = risk_sentence(risk)
-    sentences: list[Sentence] = [
-        sentence if s.source == "risk" and sentence is not None else s for s in current.sentences
-    ]
+    sentences: list[Sentence] = [sentence if s.source == "risk" else s for s in current.sentences]
     return current.model_copy(update={"risk": risk, "sentences": sentences, "text": join(sentences)})

@@ -25,6 +25,15 @@ def _resize_nearest(values: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return values[rows][:, cols]
 
 
+def _midline(lungs: np.ndarray) -> int:
+    """The column between the two lungs: the centre of the lung mask's horizontal extent, so an image
+    that is not centred (or is mirrored) still splits where the patient's midline is."""
+    columns = np.flatnonzero(lungs.any(axis=0))
+    if columns.size < 2:
+        return lungs.shape[1] // 2
+    return (int(columns[0]) + int(columns[-1]) + 1) // 2
+
+
 def lung_zones(
     heatmap: np.ndarray, lung_probability: np.ndarray | None, lung_threshold: float, min_involvement: float
 ) -> list[Zone]:
@@ -34,11 +43,11 @@ def lung_zones(
     else:
         lungs = _resize_nearest(lung_probability, heatmap.shape) >= lung_threshold
     hot = heatmap >= HOT
-    width = heatmap.shape[1]
+    midline = _midline(lungs)
     zones: list[Zone] = []
     side_columns: dict[Literal["right", "left"], slice] = {
-        "right": slice(0, width // 2),
-        "left": slice(width // 2, width),
+        "right": slice(0, midline),
+        "left": slice(midline, heatmap.shape[1]),
     }
     for side, cols in side_columns.items():
         side_lung = np.zeros_like(lungs)

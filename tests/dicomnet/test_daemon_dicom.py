@@ -68,7 +68,7 @@ def test_c_store_to_the_cart_gives_a_result_on_mqtt_and_sr_sc_on_the_pacs(
             print(f"2 C-STOREs -> 2 results on MQTT: {(time.perf_counter() - started) * 1000:.0f} ms")
             results = unique_by_message_id(sub.on_topic(RESULT_TOPIC))
             for payload in results:
-                assert_valid(payload, "result.v1.json")
+                assert_valid(payload, "result.v2.json")
                 assert payload["image"]["source"] == "dicom-net" and payload["status"] == "ok"
             deadline = time.monotonic() + 30
             while len(pacs.received()) < 4 and time.monotonic() < deadline:

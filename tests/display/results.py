@@ -89,7 +89,10 @@ def make_result(
             risk_before=prior.risk.score if prior.risk else None,
             risk_now=risk,
             direction="worse"
-            if extent is not None and prior.severity and extent > prior.severity.extent
+            if extent is not None
+            and prior.severity
+            and prior.severity.extent is not None
+            and extent > prior.severity.extent
             else "better",
         )
     fields: dict[str, Any] = {}

@@ -76,7 +76,7 @@ class LiveWard:
         assert arrived, f"no result for {name} within {RESULT_TIMEOUT} s; daemon log:\n{self.daemon.log()}"
         new = self.published()[before:]
         assert len(new) == 1, new
-        assert_valid(new[0], "result.v1.json")
+        assert_valid(new[0], "result.v2.json")
         return new[0]
 
     def move_cart(self, location: str) -> None:

@@ -67,7 +67,11 @@ GEOMETRY = Geometry(SIZE, SIZE, 0, 0, SIZE, SIZE)
 
 
 def outputs(
-    view: list[float], abn_logit: float, extent: float = 5.0, ood: float = 2.0
+    view: list[float],
+    abn_logit: float,
+    extent: float = 5.0,
+    ood: float = 2.0,
+    find: tuple[float, float, float] = (0.0, 2.0, 0.5),
 ) -> dict[str, np.ndarray]:
     lungs = np.full((16, 16), -9.0, np.float32)
     lungs[2:14, 1:7] = 9.0  # patient's right lung (image left)
@@ -77,7 +81,7 @@ def outputs(
     heat[10:14, 9:15] = 0.9  # left lower zone hot
     return {
         "view": np.array(view, np.float32),
-        "find": np.array([0.0, 2.0, 0.5], np.float32),
+        "find": np.array(find, np.float32),
         "abn": np.array([abn_logit], np.float32),
         "sev": np.array([extent, 3.2], np.float32),
         "risk": np.array([-1.0], np.float32),
@@ -101,17 +105,31 @@ def test_abnormal_image_gets_zones_severity_finding_and_traceable_text() -> None
     assert reading.status == "ok" and reading.triage == "abnormal"
     assert {(z.side, z.level) for z in reading.zones if z.positive} == {("right", "lower"), ("left", "lower")}
     text = " ".join(s.text for s in reading.sentences)
-    assert text.startswith("Frontal AP view. Opacities in both lower zones, extent 5/8, opacity 3/6.")
-    assert "Most consistent with COVID-19" in text and text.endswith("Not for diagnostic use.")
+    assert text.startswith(
+        "Frontal AP view. Possible COVID-19 (0.74). Model attention highest in both lower zones."
+        " Lung involvement: extent 5.0 of 8, opacity 3.2 of 6."
+    )
+    assert "Pneumonia" not in text and text.endswith("Not for diagnostic use.")
+    # No heart mask in this model: said once, not silently left out.
+    assert "Not assessed: heart size." in text
     sources = [s.source for s in reading.sentences]
     assert sources == [
         "dicom.ViewPosition",
-        "heatmap+lung_mask+severity",
         "findings.COVID-19",
+        "zones",
+        "severity",
         "risk",
+        "manifest.not_assessed",
         "disclaimer",
     ]
     assert reading.heatmap is not None and reading.heatmap.width == 64
+
+
+def test_a_positive_finding_makes_the_reading_abnormal_even_below_the_abnormal_point() -> None:
+    reading = read_outputs(manifest(), outputs([5, 0, 0], abn_logit=-4.0), GEOMETRY, META, with_heatmap=False)
+    assert reading.triage == "abnormal"
+    assert not any("No abnormality" in s.text for s in reading.sentences)
+    assert any(s.text.startswith("Possible COVID-19") for s in reading.sentences)
 
 
 def test_urgent_by_extent_and_by_score() -> None:
@@ -128,10 +146,13 @@ def test_urgent_by_extent_and_by_score() -> None:
 
 
 def test_normal_image_says_so_and_names_no_zone() -> None:
-    reading = read_outputs(manifest(), outputs([5, 0, 0], abn_logit=-4.0), GEOMETRY, META, with_heatmap=False)
+    quiet = outputs([5, 0, 0], abn_logit=-4.0, find=(3.0, 0.0, 0.0))
+    reading = read_outputs(manifest(), quiet, GEOMETRY, META, with_heatmap=False)
     assert reading.triage == "normal"
-    assert "No abnormality above the operating point" in reading.sentences[1].text
+    assert "No abnormality detected above the operating point" in reading.sentences[1].text
     assert not any("zone" in s.text for s in reading.sentences)
+    # Severity and zones describe an abnormal image: a normal reading publishes neither.
+    assert reading.severity is None and reading.zones == [] and reading.heatmap is None
 
 
 @pytest.mark.parametrize(

@@ -73,7 +73,7 @@ def test_results_are_schema_valid_and_latest_is_retained_per_bed(
         pub.publish_result(r)
     assert pub.flush(10)
     got = sub.wait_count(f"{BASE}/result", 6)
-    assert [assert_valid(m.payload, "result.v1.json")["message_id"] for m in got] == [
+    assert [assert_valid(m.payload, "result.v2.json")["message_id"] for m in got] == [
         r.message_id for r in results
     ]
     assert all(not m.retain and m.qos == 1 for m in got)
