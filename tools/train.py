@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=data.REPO / "engines" / "cxr-lite0")
     parser.add_argument("--cache", type=Path, help="feature cache folder (default <out>/cache)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--epochs", type=int, default=14)
+    parser.add_argument("--epochs", type=int, help="default 14 (1 with --smoke)")
     parser.add_argument("--views", type=int, default=4, help="cached augmented views per training image")
     parser.add_argument("--patience", type=int, default=4, help="early stopping on validation loss")
     parser.add_argument("--batch", type=int, default=32)
@@ -309,14 +309,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="a few steps on a few images (CI)")
     parser.add_argument("--fresh", action="store_true", help="ignore an earlier run's epoch checkpoint")
     parser.add_argument(
+        "--stop-after-epoch", type=int, help="stop once this epoch is checkpointed (a later run resumes)"
+    )
+    parser.add_argument(
         "--finalize", action="store_true", help="only re-fit the read-outs of <out>'s trained weights"
     )
     args = parser.parse_args(argv)
     try:
         return train(args)
+    except Stopped as stop:
+        print(f"stopping after epoch {stop.epoch}: run again to resume", flush=True)
+        return 0
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+class Stopped(Exception):
+    def __init__(self, epoch: int) -> None:
+        super().__init__(epoch)
+        self.epoch = epoch
 
 
 def seed_everything(seed: int, threads: int) -> None:
@@ -339,10 +351,10 @@ def train(args: argparse.Namespace) -> int:
     train_ids, val_ids = set(split["train"]), set(split["validation"])
     train_recs = [r for r in records if r.patient_id in train_ids]
     val_recs = [r for r in records if r.patient_id in val_ids]
-    negatives, views, epochs = NEGATIVES, args.views, args.epochs
+    negatives, views, epochs = NEGATIVES, args.views, args.epochs or 14
     if args.smoke:
         train_recs, val_recs = pick_smoke(train_recs, 14), pick_smoke(val_recs, 10)
-        negatives, views, epochs = 6, 2, 1
+        negatives, views, epochs = 6, 2, args.epochs or 1
     print(f"{len(train_recs)} train / {len(val_recs)} validation images", flush=True)
 
     cache = (args.cache or args.out / "cache") / cache_key(args, folder)
@@ -434,7 +446,7 @@ def fit(
     gen = torch.Generator().manual_seed(args.seed)
     per_epoch = len(epoch_order(train_t, args.c19r_per_epoch, torch.Generator().manual_seed(0)))
     steps_per_epoch = math.ceil(per_epoch / args.batch)
-    max_steps = 3 if args.smoke else steps_per_epoch * epochs
+    max_steps = (3 if args.smoke else steps_per_epoch) * epochs
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimiser, max_lr=args.lr, total_steps=max_steps, pct_start=0.1
     )
@@ -446,7 +458,7 @@ def fit(
     best_loss, best_state, best_epoch, stale, step = math.inf, None, 0, 0, 0
     history: list[dict[str, Any]] = []
     start_epoch = 0
-    if last.is_file() and not args.fresh and not args.smoke:
+    if last.is_file() and not args.fresh:
         state = torch.load(last, map_location="cpu", weights_only=False)
         model.load_state_dict(state["model"])
         optimiser.load_state_dict(state["optimiser"])
@@ -530,6 +542,8 @@ def fit(
             tmp,
         )
         tmp.replace(last)
+        if args.stop_after_epoch is not None and epoch + 1 >= args.stop_after_epoch:
+            raise Stopped(epoch + 1)
         if step >= max_steps:
             break
     if best_state is not None:

@@ -23,6 +23,7 @@ from appliance.manifest import Precision, Role, load_manifest
 from appliance.preprocess import preprocess
 from tests.support.data import cxr_data, rows
 from tools import evaluate
+from tools.cxrdata import FINDING_LABELS
 
 REPO = Path(__file__).resolve().parents[2]
 COMMITTED = REPO / "engines" / "cxr-lite0"
@@ -58,6 +59,29 @@ def test_smoke_training_writes_split_and_checkpoint(smoke_model: Path) -> None:
     assert split["train"] and split["validation"]
     assert not set(split["train"]) & set(split["validation"]), "a patient is on both sides of the split"
     assert (smoke_model / "checkpoints" / "model.pt").is_file()
+    assert (smoke_model / "checkpoints" / "last.pt").is_file(), "no epoch checkpoint to resume from"
+
+
+def test_manifest_publishes_only_what_validation_passed(smoke_model: Path) -> None:
+    manifest = load_manifest(smoke_model)
+    validation = json.loads((smoke_model / "checkpoints" / "validation.json").read_text())
+    findings = manifest.output(Role.findings)
+    assert findings is not None and findings.published is not None
+    for label in FINDING_LABELS:
+        assert (label in findings.published) == validation[f"findings.{label}"]["published"], label
+    heart = manifest.output(Role.heart_mask)
+    assert heart is not None
+    assert (heart.published == ["cardiothoracic_ratio"]) == validation["cardiothoracic_ratio"]["published"]
+
+
+def test_training_resumes_from_its_epoch_checkpoint(tmp_path: Path) -> None:
+    """Stopped after its first epoch, a second run picks up from there instead of starting again."""
+    args = ("--epochs", "2", "--out", tmp_path)
+    first = tool("train.py", "--smoke", *args, "--stop-after-epoch", "1")
+    assert "stopping after epoch 1" in first.stdout
+    second = tool("train.py", "--smoke", *args)
+    assert "resuming after epoch 1" in second.stdout
+    assert "epoch 2:" in second.stdout and "epoch 1:" not in second.stdout
 
 
 def test_export_gives_one_checked_graph_matching_torch(smoke_model: Path) -> None:
@@ -83,7 +107,7 @@ def test_output_shapes_on_a_batch_of_two(smoke_model: Path) -> None:
     out = backend.run(np.stack([tensor, tensor]))
     expected = {
         "view_logits": (2, 3),
-        "finding_logits": (2, 3),
+        "finding_logits": (2, len(FINDING_LABELS)),
         "abnormal_logit": (2, 1),
         "severity": (2, 2),
         "risk_logit": (2, 1),
@@ -95,6 +119,7 @@ def test_output_shapes_on_a_batch_of_two(smoke_model: Path) -> None:
     assert out["heatmap"].shape[0] == 2 and out["heatmap"].ndim == 3
     assert out["heatmap"].min() >= 0.0 and out["heatmap"].max() <= 1.0 + 1e-5
     assert out["lung_mask"].shape == out["heatmap"].shape
+    assert out["heart_mask"].shape == out["heatmap"].shape
 
 
 def test_quantize_gate_and_evaluate(smoke_model: Path, tmp_path: Path) -> None:
