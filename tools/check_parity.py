@@ -44,7 +44,7 @@ from appliance.preprocess import preprocess
 from tools import cxrdata, cxrmetrics
 
 CLASSIFICATION = {Role.findings, Role.abnormal, Role.view, Role.risk, Role.ood}
-MAPS = {Role.heatmap, Role.lung_mask}
+MAPS = {Role.heatmap, Role.lung_mask, Role.heart_mask}
 
 
 @dataclass(frozen=True)
@@ -112,6 +112,9 @@ def truth(spec: OutputSpec, label: str, record: cxrdata.Record) -> int | None:
             name, cxrdata.VIEW_NOT_CXR
         )
         return None if record.view == cxrdata.UNKNOWN else int(record.view == wanted)
+    if spec.role is Role.findings and label in cxrdata.FINDING_LABELS and record.labels:
+        value = record.labels[cxrdata.FINDING_LABELS.index(label)]
+        return None if value == cxrdata.UNKNOWN else value
     if spec.role is Role.findings:
         known = {f.lower() for f in (*cxrdata.FINDING_INDEX, *cxrdata.ABNORMAL_FINDINGS)}
         if name not in known or not record.is_cxr or record.finding_name.lower() not in known:

@@ -156,8 +156,8 @@ def decisions(manifest: Manifest, out: dict[str, np.ndarray]) -> dict[str, np.nd
         values = activate(spec, out[spec.name])
         if spec.role.value == "view":
             result["view"] = values.argmax(1)
-        elif spec.role.value in ("heatmap", "lung_mask"):
-            result[spec.role.value] = values >= spec.thresholds.get("lung", 0.5)
+        elif spec.role.value in ("heatmap", "lung_mask", "heart_mask"):
+            result[spec.role.value] = values >= spec.thresholds.get("lung", spec.thresholds.get("heart", 0.5))
         elif spec.thresholds:
             for k, label in enumerate(spec.labels):
                 for level, threshold in spec.thresholds.items():
@@ -175,21 +175,28 @@ def head_metrics(
         return np.array([getattr(r, attr) for r in records])
 
     probs = {spec.name: activate(spec, out[spec.name]) for spec in manifest.outputs}
-    view, finding, abnormal, adverse = (
-        labels("view"),
-        labels("finding"),
-        labels("abnormal"),
-        labels("adverse"),
-    )
+    view, abnormal, adverse = labels("view"), labels("abnormal"), labels("adverse")
     extent = labels("extent")
     known = ~np.isnan(extent)
     return {
         "view.auc": metrics.macro_auc(view[view >= 0], probs["view_logits"][view >= 0]),
-        "finding.macro_auc": metrics.macro_auc(finding[finding >= 0], probs["finding_logits"][finding >= 0]),
+        "finding.macro_auc": finding_macro_auc(records, probs["finding_logits"]),
         "abnormal.auc": metrics.auc(abnormal[abnormal >= 0], probs["abnormal_logit"][abnormal >= 0, 0]),
         "outcome.auc": metrics.auc(adverse[adverse >= 0], probs["risk_logit"][adverse >= 0, 0]),
         "severity.extent_mae": metrics.mae(extent[known], probs["severity"][known, 0]),
     }
+
+
+def finding_macro_auc(records: list[data.Record], probs: np.ndarray) -> float | None:
+    """Mean one-label AUC over the multi-label findings, each on the images whose label is known."""
+    targets = np.array([r.labels for r in records]).reshape(len(records), -1)
+    values = []
+    for k in range(min(targets.shape[1], probs.shape[1])):
+        known = targets[:, k] >= 0
+        value = metrics.auc(targets[known, k], probs[known, k])
+        if value is not None:
+            values.append(value)
+    return float(np.mean(values)) if values else None
 
 
 def gate(
