@@ -4,8 +4,19 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from datetime import datetime, timezone
+
+# C0 and C1 controls, DEL, the Unicode line/paragraph separators, and the lone surrogates that stand
+# for a file name's undecodable bytes.
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+
+def printable(text: str) -> str:
+    """`text` on one line: control characters as \\n, \\x1b, ... A file name from a USB stick may hold
+    a newline or a terminal escape: it must not forge a second line of a log or a reason file."""
+    return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
 
 
 class JsonFormatter(logging.Formatter):
@@ -29,15 +40,14 @@ class TextFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        # A file name from a USB stick may hold a newline: it must not forge a second log line.
-        record.message = record.message.replace("\r", "\\r").replace("\n", "\\n")
+        record.message = printable(record.message)  # (JSON lines are escaped by json.dumps)
         return super().formatMessage(record)
 
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
-            text += " " + " ".join(f"{k}={v}" for k, v in fields.items())
+            text += " " + " ".join(f"{k}={printable(str(v))}" for k, v in fields.items())
         return text
 
 

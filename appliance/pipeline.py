@@ -124,6 +124,8 @@ class Analyzer:
 
     def read(self, job: Job) -> None:
         """Decode and gate on tags; sets job.reading when the image stops here."""
+        if job.reading is not None:
+            return  # decided before reading (runtime.job_for_file: no such file)
         try:
             with job.timer.stage("read"):
                 job.image = read_image(

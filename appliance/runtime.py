@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from pathlib import Path
 
 from appliance.backends.select import create_backend
 from appliance.config import AppConfig
 from appliance.image import ImageMeta
+from appliance.ingest import reasons
+from appliance.interpret.reading import errored
 from appliance.manifest import load_manifest
 from appliance.pipeline import Analyzer, Job
 from appliance.pseudonym import PatientKeys
@@ -49,6 +52,12 @@ def job_for_file(path: Path, source: str) -> Job:
         with path.open("rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
+    except FileNotFoundError:
+        # A typo or a dangling link on the command line: not a file that "vanished" while being read,
+        # and not the hash of nothing (every missing file would share that id).
+        job = Job(path=path, image_id=hashlib.sha256(os.fsencode(path)).hexdigest()[:32], source=source)
+        job.reading = errored(reasons.NO_SUCH_FILE, str(path))
+        return job
     except OSError:
         pass  # read() will report the real reason for this file
     return Job(path=path, image_id=digest.hexdigest()[:32], source=source)

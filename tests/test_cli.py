@@ -54,6 +54,17 @@ def test_process_exits_1_when_a_file_cannot_be_read(
     assert "error" in out and "Not read:" in out
 
 
+def test_process_says_no_such_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = [tmp_path / "typo.dcm", tmp_path / "gone" / "scan.png"]
+    assert main(["process", "--config", str(config_file(tmp_path)), "--json", *map(str, missing)]) == 1
+    payloads = [assert_valid(line, "result.v2.json") for line in capsys.readouterr().out.splitlines()]
+    assert [p["reason"] for p in payloads] == ["no such file"] * 2
+    assert [p["status"] for p in payloads] == ["error"] * 2
+    assert str(missing[0]) in payloads[0]["text"]
+    # Not the hash of nothing: each missing file has its own id.
+    assert payloads[0]["image"]["image_id"] != payloads[1]["image"]["image_id"]
+
+
 def test_history_lists_the_journal(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = config_file(tmp_path)
     journal = Journal(tmp_path / "journal.sqlite3")

@@ -35,12 +35,15 @@ from pydicom.uid import (
     HTJ2KLosslessRPCL,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
+    JPEG2000TransferSyntaxes,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
     JPEGLossless,
     JPEGLosslessSV1,
     JPEGLSLossless,
     JPEGLSNearLossless,
+    JPEGLSTransferSyntaxes,
+    JPEGTransferSyntaxes,
 )
 
 from appliance.errors import InputRejected
@@ -50,7 +53,7 @@ try:  # optional: the JPEG lossless fast path (the pydicom plugins remain the fa
 except ImportError:  # pragma: no cover - python-gdcm is a dependency, but a missing one is survivable
     gdcm = None
 from appliance.image import DecodedImage, ImageMeta
-from appliance.ingest import reasons
+from appliance.ingest import headers, reasons
 from appliance.ingest.bounded import BoundedFile
 
 # Values above this many bytes stay on disk while the header is parsed, so a huge native image is
@@ -61,6 +64,13 @@ _DEFER_BYTES = 64 * 1024
 MAX_INFLATED_BYTES = 256 << 20
 _GREY = ("MONOCHROME1", "MONOCHROME2")
 _J2K = (JPEG2000, JPEG2000Lossless)
+# Encapsulated syntaxes whose first frame's header is checked against the tags before decoding.
+_JPEG_FAMILY = (*JPEGTransferSyntaxes, *JPEGLSTransferSyntaxes)
+_J2K_FAMILY = tuple(JPEG2000TransferSyntaxes)
+# Acquisition dates before ACR-NEMA (1985) are placeholders: 19000101 or 19010101 from anonymisers,
+# 19700101 from a clock never set. So are dates past next year (99991231).
+_FIRST_PLAUSIBLE_YEAR = 1985
+_HEADER_BYTES = 1 << 20  # SOF/SIZ lie within the first kB; APPn segments of 64 kB each may come first
 _GDCM_DIRECT = (JPEGLossless, JPEGLosslessSV1)
 _NATIVE = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 _STREAM_BLOCK_ROWS = 16  # block rows per read: ~0.7 MB of a 2.5k-wide 16-bit image
@@ -292,6 +302,55 @@ def _refuse_before_decoding(ds: Dataset, path: Path, meta: ImageMeta, max_pixels
         raise InputRejected(
             reasons.INVALID_DICOM, f"{name}: Pixel Data is not encapsulated, although {ts.name or ts} says so"
         )
+    elif ts in _JPEG_FAMILY or ts in _J2K_FAMILY:
+        _refuse_codestream(ds, path, ts, (rows, cols, samples), max_pixels)
+
+
+def _refuse_codestream(ds: Dataset, path: Path, ts: UID, tags: tuple[int, int, int], max_pixels: int) -> None:
+    """The first frame's SOF/SIZ must declare what Rows, Columns and Samples per Pixel say: the
+    decoders size their buffers by the codestream, so the limit checked on the tags must hold for it."""
+    name = path.name
+    head = _first_fragment(ds, path)
+    kind = "JPEG 2000" if ts in _J2K_FAMILY else "JPEG-LS" if ts in JPEGLSTransferSyntaxes else "JPEG"
+    declared = headers.j2k_frames(head) if ts in _J2K_FAMILY else headers.jpeg_frames(head)
+    if not declared:
+        raise InputRejected(
+            reasons.INVALID_DICOM, f"{name}: no {kind} header found at the start of the first frame"
+        )
+    for d in declared:
+        if d.pixels > max_pixels:
+            raise InputRejected(
+                reasons.IMAGE_TOO_LARGE,
+                f"{name}: {d.height} x {d.width} declared by the {kind} {d.header}"
+                f" ({d.pixels:,} pixels > limit {max_pixels:,})",
+            )
+    rows, cols, samples = tags
+    for d in declared:
+        if (d.height, d.width, d.components) != (rows, cols, samples):
+            raise InputRejected(
+                reasons.HEADER_MISMATCH,
+                f"{name}: the {kind} {d.header} declares {d.height} x {d.width} x {d.components} component(s),"
+                f" Rows/Columns/Samples per Pixel say {rows} x {cols} x {samples}",
+            )
+
+
+def _first_fragment(ds: Dataset, path: Path) -> bytes:
+    """Up to _HEADER_BYTES of the first fragment of encapsulated Pixel Data (where the first frame's
+    header is), read straight from the file when the value is deferred: never the whole value."""
+    elem: Any = ds.get_item("PixelData", keep_deferred=True)
+    value = getattr(elem, "value", None)
+    with io.BytesIO(value) if value is not None else BoundedFile(path) as fh:
+        if value is None:
+            fh.seek(int(elem.value_tell))
+        length = 0
+        for item in ("offset table", "first fragment"):
+            head = fh.read(8)
+            if len(head) < 8 or head[:4] != b"\xfe\xff\x00\xe0":
+                return b""
+            (length,) = struct.unpack_from("<I", head, 4)
+            if item == "offset table":
+                fh.seek(length, io.SEEK_CUR)
+        return fh.read(min(length, _HEADER_BYTES))
 
 
 def _encapsulated(elem: Any, path: Path) -> bool:
@@ -653,7 +712,9 @@ def _meta(ds: Dataset) -> ImageMeta:
 
 
 def acquisition_time(ds: Dataset) -> str | None:
-    """ISO 8601 from Acquisition, else Content, else Study date/time; with TimezoneOffsetFromUTC if any."""
+    """ISO 8601 from Acquisition, else Content, else Study date/time; with TimezoneOffsetFromUTC if any.
+
+    None when none of them holds a real date (missing, unparseable or a placeholder)."""
     offset = _tz(str(ds.get("TimezoneOffsetFromUTC", "") or ""))
     dt_value = str(ds.get("AcquisitionDateTime", "") or "").strip()
     if dt_value:
@@ -685,6 +746,8 @@ def _parse_dt(date: str, time: str) -> str | None:
         stamp = datetime.strptime(date + whole, "%Y%m%d%H%M%S")
     except ValueError:
         return None
+    if not _FIRST_PLAUSIBLE_YEAR <= stamp.year <= datetime.now().year + 1:
+        return None  # a placeholder: unknown, not 1901
     iso = stamp.isoformat()
     if frac.isdigit():
         iso += "." + frac[:6]

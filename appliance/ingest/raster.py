@@ -13,6 +13,11 @@ from appliance.image import DecodedImage, ImageMeta
 from appliance.ingest import reasons
 from appliance.ingest.bounded import BoundedFile
 
+# Decoding memory: a raster may decode to no more bytes than a 16-bit grey image at the pixel limit.
+# A 59-megapixel RGBA PNG is within the pixel limit, yet decodes to 236 MB and peaked at 835 MB on its
+# way to grey; its header is enough to refuse it.
+_BUDGET_BYTES_PER_PIXEL = 2
+
 _PLUGINS: dict[str, type[ImageFile.ImageFile]] = {
     "png": PngImagePlugin.PngImageFile,
     "jpeg": JpegImagePlugin.JpegImageFile,
@@ -37,6 +42,8 @@ def read_raster(path: Path, kind: str, *, max_pixels: int, target_size: int | No
         raise InputRejected(reasons.PERMISSION_DENIED, f"{name}: {exc.strerror}") from exc
     except FileNotFoundError as exc:
         raise InputRejected(reasons.VANISHED, f"{name}: disappeared while reading") from exc
+    except Image.DecompressionBombError as exc:  # ours below comes first; Pillow's must not escape either
+        raise InputRejected(reasons.IMAGE_TOO_LARGE, f"{name}: {exc}") from exc
     except (SyntaxError, OSError, ValueError, struct.error) as exc:  # Pillow: SyntaxError = bad header
         raise InputRejected(
             reasons.INVALID_IMAGE, f"{name}: unreadable {kind.upper()} header ({exc})"
@@ -50,6 +57,13 @@ def read_raster(path: Path, kind: str, *, max_pixels: int, target_size: int | No
                 f"{name}: {width} x {height} declared ({width * height:,} pixels > limit {max_pixels:,})",
             )
         mode = img.mode
+        decoded, budget = _decoded_bytes(mode, width * height), max_pixels * _BUDGET_BYTES_PER_PIXEL
+        if decoded > budget:
+            raise InputRejected(
+                reasons.IMAGE_TOO_LARGE,
+                f"{name}: {width} x {height} {mode} declared ({decoded / 1e6:,.0f} MB decoded"
+                f" > limit {budget / 1e6:,.0f} MB)",
+            )
         scale = 1.0
         if fmt == "jpeg" and target_size and mode in ("L", "RGB", "YCbCr"):
             # libjpeg decodes straight at 1/2, 1/4 or 1/8 size: much less work when the model wants 256 px.
@@ -57,6 +71,8 @@ def read_raster(path: Path, kind: str, *, max_pixels: int, target_size: int | No
             scale = width / img.size[0]
         try:
             img.load()
+        except Image.DecompressionBombError as exc:
+            raise InputRejected(reasons.IMAGE_TOO_LARGE, f"{name}: {exc}") from exc
         except OSError as exc:
             # Pillow says "image file is truncated" / "broken data stream" for a short file.
             raise InputRejected(reasons.TRUNCATED_IMAGE, f"{name}: {exc}") from exc
@@ -72,6 +88,15 @@ def read_raster(path: Path, kind: str, *, max_pixels: int, target_size: int | No
         extra={"mode": mode},
     )
     return DecodedImage(pixels=pixels, meta=meta, scale=scale)
+
+
+def _decoded_bytes(mode: str, pixels: int) -> int:
+    """Bytes Pillow's decoded image of this mode holds (P and PA become RGBA on the way to grey)."""
+    if mode in ("P", "PA"):
+        return pixels * 4
+    if mode.startswith("I;16"):
+        return pixels * 2
+    return pixels * Image.getmodebands(mode) * (4 if mode in ("I", "F") else 1)
 
 
 def _to_unit_grey(img: Image.Image) -> tuple[np.ndarray, int]:

@@ -30,6 +30,7 @@ from appliance.errors import ApplianceError, InputRejected
 from appliance.ingest import reasons, sniff
 from appliance.ingest.bounded import BoundedFile
 from appliance.ingest.dicom import refuse_deflate_bomb
+from appliance.logs import printable
 
 log = logging.getLogger(__name__)
 
@@ -421,6 +422,9 @@ class Spool:
         return dest
 
     def _write_reason(self, dest: Path, reason: str, detail: str, original: str, source: str) -> None:
+        # One field a line: a newline in a file name must not forge one ("reason: ok"), and the
+        # undecodable bytes of a name must not make the UTF-8 write fail.
+        reason, detail, source, original = map(printable, (reason, detail, source, original))
         text = f"reason: {reason}\ndetail: {detail}\nsource: {source}\noriginal: {original}\ntime: {_now()}\n"
         reason_path = dest.with_name(dest.name + ".reason.txt")
         tmp = self._dir("tmp") / (reason_path.name + ".part")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import errno
+import io
 import multiprocessing
 import os
 import struct
 import tempfile
+import time
 import tracemalloc
 import zlib
 from pathlib import Path
@@ -15,7 +17,7 @@ import gdcm
 import numpy as np
 import pydicom
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import JPEG2000, UID, JPEG2000Lossless, JPEGLSLossless, RLELossless
 
@@ -54,7 +56,7 @@ def test_jpeg_baseline_dicom_metadata_and_pixels() -> None:
     assert m.transfer_syntax == "1.2.840.10008.1.2.4.50"
     assert m.pixel_spacing_mm == (0.168, 0.168)
     assert (m.rows, m.columns, m.bits_stored, m.photometric) == (1024, 1024, 8, "MONOCHROME2")
-    assert m.acquired_at == "1901-01-01T00:00:00.00"  # StudyDate/Time: no acquisition or content time
+    assert m.acquired_at is None  # only a StudyDate, and that is the placeholder 19010101
     # 8 bit, no window: the stored values / 255, as pydicom itself decodes them.
     reference = pydicom.dcmread(path).pixel_array.astype(np.float32) / 255
     np.testing.assert_allclose(img.pixels, reference, atol=1e-6)
@@ -326,6 +328,153 @@ def test_huge_images_refused_before_decoding(tmp_path: Path) -> None:
     assert peak < 20_000_000, f"peak {peak / 1e6:.1f} MB while refusing"
 
 
+# -- codestream headers that disagree with the tags (Hardening II) --------------------------------------
+
+
+def _j2k(*, jp2: bool) -> bytes:
+    """A real 16 x 16 JPEG 2000: a bare codestream, or wrapped in JP2 boxes."""
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(buf, "JPEG2000", no_jp2=not jp2)
+    return buf.getvalue()
+
+
+def _patch_sof(frame: bytes, marker: bytes, rows: int, cols: int, *, twice: bool = False) -> bytes:
+    """The frame with its SOFn / SOF55 declaring rows x cols; `twice`: a second such SOF after it."""
+    at = frame.index(marker)
+    length = struct.unpack_from(">H", frame, at + 2)[0]
+    sof = bytearray(frame[at : at + 2 + length])
+    struct.pack_into(">HH", sof, 5, rows, cols)
+    if twice:
+        return frame[: at + 2 + length] + bytes(sof) + frame[at + 2 + length :]
+    return frame[:at] + bytes(sof) + frame[at + 2 + length :]
+
+
+def _patch_siz(frame: bytes, rows: int, cols: int) -> bytes:
+    """The codestream's SIZ declaring rows x cols, in 16-pixel tiles: were it ever decoded, OpenJPEG
+    would refuse millions of tiles at once rather than allocate gigabytes."""
+    data = bytearray(frame)
+    at = data.index(b"\xff\x4f\xff\x51")
+    struct.pack_into(">IIIIII", data, at + 8, cols, rows, 0, 0, 16, 16)
+    return bytes(data)
+
+
+def _hostile_dicom(tmp_path: Path, case: str) -> Path:
+    """A 1024 x 1024 grey DICOM whose first frame's codestream declares something else."""
+    if case.startswith("baseline"):
+        ds = pydicom.dcmread(real(JPEG_BASELINE))
+        frame = pydicom.encaps.get_frame(ds.PixelData, 0, number_of_frames=1)
+        if case == "baseline":
+            frame = _patch_sof(frame, b"\xff\xc0", 60000, 60000)
+        elif case == "baseline-second-sof":  # libjpeg reads the first SOF, Pillow the last
+            frame = _patch_sof(frame, b"\xff\xc0", 60000, 60000, twice=True)
+        else:  # "baseline-mismatch": within the pixel limit, but not what Rows/Columns say
+            frame = _patch_sof(frame, b"\xff\xc0", 1024, 2048)
+    elif case == "lossless":
+        ds = pydicom.dcmread(_gdcm_jpeg_lossless(tmp_path))
+        frame = pydicom.encaps.get_frame(ds.PixelData, 0, number_of_frames=1)
+        frame = _patch_sof(frame, b"\xff\xc3", 30000, 30000)
+    elif case == "jpeg-ls":
+        ds = pydicom.dcmread(_recompress(tmp_path, JPEGLSLossless, "pyjpegls"))
+        frame = pydicom.encaps.get_frame(ds.PixelData, 0, number_of_frames=1)
+        frame = _patch_sof(frame, b"\xff\xf7", 30000, 30000)
+    else:  # "j2k", "jp2", "j2k-mismatch": a JPEG 2000 frame in the JPEG baseline file's dataset
+        ds = pydicom.dcmread(real(JPEG_BASELINE))
+        ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+        frame = _j2k(jp2=case == "jp2")
+        if case != "j2k-mismatch":  # that one keeps its 16 x 16
+            frame = _patch_siz(frame, 30000, 30000)
+    ds.PixelData = pydicom.encaps.encapsulate([frame])
+    path = tmp_path / f"{case}.dcm"
+    ds.save_as(path)
+    return path
+
+
+# case: the reason, and what the refusal says the codestream declares
+_HOSTILE = {
+    "baseline": (reasons.IMAGE_TOO_LARGE, "60000 x 60000 declared by the JPEG SOF0"),
+    "baseline-second-sof": (reasons.IMAGE_TOO_LARGE, "60000 x 60000 declared by the JPEG SOF0"),
+    "baseline-mismatch": (reasons.HEADER_MISMATCH, "SOF0 declares 1024 x 2048 x 1 component(s)"),
+    "lossless": (reasons.IMAGE_TOO_LARGE, "30000 x 30000 declared by the JPEG SOF3"),
+    "jpeg-ls": (reasons.IMAGE_TOO_LARGE, "30000 x 30000 declared by the JPEG-LS SOF55"),
+    "j2k": (reasons.IMAGE_TOO_LARGE, "30000 x 30000 declared by the JPEG 2000 SIZ"),
+    "jp2": (reasons.IMAGE_TOO_LARGE, "30000 x 30000 declared by the JPEG 2000 SIZ"),
+    "j2k-mismatch": (reasons.HEADER_MISMATCH, "SIZ declares 16 x 16 x 1 component(s)"),
+}
+
+
+@pytest.mark.parametrize("case", list(_HOSTILE))
+def test_codestream_dimensions_are_checked_before_decoding(tmp_path: Path, case: str) -> None:
+    reason, declared = _HOSTILE[case]
+    path = _hostile_dicom(tmp_path, case)
+    tracemalloc.start()
+    started = time.monotonic()
+    try:
+        exc = rejected(path, target_size=256)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    elapsed = time.monotonic() - started
+    assert exc.reason == reason, exc
+    assert declared in exc.detail, exc.detail
+    if reason == reasons.HEADER_MISMATCH:
+        assert "Rows/Columns/Samples per Pixel say 1024 x 1024 x 1" in exc.detail
+    assert elapsed < 3, f"{elapsed:.1f} s to refuse"
+    assert peak < 20_000_000, f"peak {peak / 1e6:.1f} MB while refusing"
+
+
+def _png_header_only(path: Path, width: int, height: int, colour_type: int) -> None:
+    """A PNG declaring width x height (8 bits per sample) followed by one tiny IDAT."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_raster_decoding_memory_is_bounded_by_the_header(tmp_path: Path, real_jpeg: Path) -> None:
+    # 59.3 megapixels: within the pixel limit, but RGBA decodes to 237 MB (835 MB peak on the way to grey).
+    rgba = tmp_path / "rgba.png"
+    _png_header_only(rgba, 7700, 7700, colour_type=6)
+    # A real JPEG whose SOF is patched to 60000 x 60000.
+    bomb = tmp_path / "bomb.jpg"
+    bomb.write_bytes(_patch_sof(real_jpeg.read_bytes(), b"\xff\xc0", 60000, 60000))
+    tracemalloc.start()
+    started = time.monotonic()
+    try:
+        too_big = [rejected(path) for path in (rgba, bomb)]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert time.monotonic() - started < 3
+    assert peak < 20_000_000, f"peak {peak / 1e6:.1f} MB while refusing"
+    assert [exc.reason for exc in too_big] == [reasons.IMAGE_TOO_LARGE] * 2
+    assert "7700 x 7700 RGBA declared (237 MB decoded > limit 120 MB)" in too_big[0].detail
+    assert "60000 x 60000 declared" in too_big[1].detail
+    # The budget is a 16-bit grey image at the pixel limit: grey passes it, colour of the same size not.
+    base = np.arange(64 * 64, dtype=np.uint16).reshape(64, 64)
+    for mode, pixels, ok in (("I;16", base * 16, True), ("L", base % 256, True), ("RGB", base % 256, False)):
+        path = tmp_path / f"{mode.replace(';', '')}.png"
+        Image.fromarray(pixels.astype(np.uint8) if mode != "I;16" else pixels).convert(mode).save(path)
+        if ok:
+            assert read_image(path, max_pixels=64 * 64).pixels.shape == (64, 64)
+        else:
+            assert rejected(path, max_pixels=64 * 64).reason == reasons.IMAGE_TOO_LARGE
+
+
+def test_pillow_bomb_error_is_a_plain_refusal(real_png: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def bomb(self: object) -> None:
+        raise Image.DecompressionBombError("Image size (999999999 pixels) exceeds limit")
+
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", bomb)
+    assert rejected(real_png).reason == reasons.IMAGE_TOO_LARGE
+
+
 def _read_as_nobody(path: str, queue: multiprocessing.Queue) -> None:
     try:
         os.setgid(65534)
@@ -386,3 +535,17 @@ def test_acquisition_time_keeps_the_time_zone(tags: dict[str, str], expected: st
     for key, value in tags.items():
         setattr(ds, key, value)
     assert acquisition_time(ds) == expected
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DA")  # pydicom, as the bad dates are written
+@pytest.mark.parametrize("date", ["19010101", "19000101", "00000000", "2024XX01", "20241301", "99991231", ""])
+def test_placeholder_or_unparseable_date_is_unknown(tmp_path: Path, date: str) -> None:
+    ds = pydicom.dcmread(real(JPEG_BASELINE))  # its StudyDate is the anonymiser's 19010101
+    ds.AcquisitionDate, ds.AcquisitionTime = date, "101500"
+    ds.ContentDate, ds.ContentTime = "19010101", "000000"
+    path = tmp_path / "dated.dcm"
+    ds.save_as(path)
+    assert read_image(path).meta.acquired_at is None
+    ds.AcquisitionDate = "20240301"  # the same file with a real date keeps it
+    ds.save_as(path)
+    assert read_image(path).meta.acquired_at == "2024-03-01T10:15:00"

@@ -106,6 +106,27 @@ def test_quarantine_with_reason_file(tmp_path: Path) -> None:
     assert spool.pending_count() == 0
 
 
+def test_reason_file_escapes_control_characters_in_names(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    watch = tmp_path / "watch"
+    watch.mkdir()
+    # A newline that would forge a "reason:" line, a terminal escape, and a byte that is not UTF-8.
+    forged = watch / "scan.dcm\nreason: accepted\x1b[2J"
+    undecodable = watch / os.fsdecode(b"scan-\xff.dcm")
+    texts = []
+    for path in (forged, undecodable):
+        path.write_text("not an image")
+        bad = spool.accept(path, "usb\nsource: watch")
+        assert isinstance(bad, Rejected) and bad.quarantined is not None
+        text = Path(str(bad.quarantined) + ".reason.txt").read_text(encoding="utf-8")
+        lines = text.splitlines()
+        assert [line.split(":")[0] for line in lines] == ["reason", "detail", "source", "original", "time"]
+        assert lines[2] == "source: usb\\nsource: watch" and "\x1b" not in text
+        texts.append(text)
+    assert "original: " + str(watch) + "/scan.dcm\\nreason: accepted\\x1b[2J\n" in texts[0]
+    assert "original: " + str(watch) + "/scan-\\udcff.dcm\n" in texts[1]
+
+
 def test_reserve_and_full_disk(tmp_path: Path) -> None:
     watch = tmp_path / "watch"
     watch.mkdir()
