@@ -222,6 +222,29 @@ class DicomOutConfig(Section):
     pacs: PacsConfig | None = Field(None, description="Send the objects by C-STORE here (None: folder only).")
 
 
+class MetricsConfig(Section):
+    enabled: bool = Field(True, description="Serve Prometheus metrics at http://<host>:<port>/metrics.")
+    host: str = Field(
+        "127.0.0.1",
+        description="Address to listen on. Loopback keeps the metrics on the cart; give the cart's address on the"
+        " monitoring network (or 0.0.0.0) only for a Prometheus elsewhere, and then set username/password_file.",
+    )
+    port: int = Field(9108, ge=1, le=65535, description="TCP port of the metrics endpoint.")
+    username: str | None = Field(None, description="Given: HTTP basic auth with this user is required.")
+    password_file: Path | None = Field(
+        None, description="File holding the basic-auth password (mode 0600); never the YAML itself."
+    )
+
+    @model_validator(mode="after")
+    def _auth_complete(self) -> MetricsConfig:
+        if bool(self.username) != bool(self.password_file):
+            raise ValueError("basic auth needs both username and password_file")
+        return self
+
+    def password(self) -> SecretStr | None:
+        return read_secret(self.password_file, "metrics.password_file") if self.password_file else None
+
+
 class AppConfig(Section):
     device: DeviceConfig = Field(default_factory=DeviceConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
@@ -233,6 +256,7 @@ class AppConfig(Section):
     display: DisplayConfig = Field(default_factory=DisplayConfig)
     dicom_net: DicomNetConfig = Field(default_factory=DicomNetConfig)
     dicom_out: DicomOutConfig = Field(default_factory=DicomOutConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
 
     def resolve_paths(self, base: Path) -> AppConfig:
         """Relative paths in the YAML are relative to the YAML file's folder."""

@@ -29,6 +29,7 @@ from appliance.interpret.sequence_risk import with_sequence_risk
 from appliance.interpret.trend import with_trend
 from appliance.journal import Journal
 from appliance.logs import setup_logging
+from appliance.ops.metrics import Metrics
 from appliance.pipeline import Analyzer, Job
 from appliance.publish.mqtt import MqttPublisher
 from appliance.publish.outbox import Outbox
@@ -42,7 +43,7 @@ HOUSEKEEPING_SECONDS = 600.0
 # An image in processing/ at this many crashes is refused instead of retried (a decoder that segfaults).
 MAX_CRASHES = 3
 RETRY_SECONDS = 5.0
-RESTART_SECTIONS = ("ingest", "mqtt", "journal", "privacy", "dicom_net", "dicom_out")
+RESTART_SECTIONS = ("ingest", "mqtt", "journal", "privacy", "dicom_net", "dicom_out", "metrics")
 
 
 class Daemon:
@@ -57,6 +58,7 @@ class Daemon:
         self._faults: dict[str, str] = {}
         self._state_lock = threading.Lock()  # faults change from the watcher thread and the loop
         self.processed = 0
+        self.metrics = Metrics(config)  # in memory from the start; served once _start has run
 
     # --- signals -----------------------------------------------------------------------------------
 
@@ -143,9 +145,11 @@ class Daemon:
             self.receiver = DicomReceiver.from_config(
                 self.config, self.spool, on_accepted=self.wake.set, accepting=lambda: self.accepting
             ).start()
+        self.metrics.start(self.spool, self.publisher, self.analyzer)
 
     def _shutdown(self) -> None:
         sdnotify.stopping()
+        self.metrics.close()  # first: a scrape must not read the databases closed below
         if self.receiver is not None:
             self.receiver.stop()
         self.watcher.stop()
@@ -202,6 +206,7 @@ class Daemon:
                 return
             self.analyzer.backend.close()
             self.analyzer = analyzer
+            self.metrics.model(analyzer)
             log.info("SIGHUP: model %s %s loaded", analyzer.manifest.name, analyzer.manifest.version)
         self.config = new
         self.analyzer.config = new
@@ -245,6 +250,7 @@ class Daemon:
         if size_mb > ingest.max_file_mb:
             detail = f"{path.name}: {size_mb:.0f} MB is over ingest.max_file_mb ({ingest.max_file_mb:g} MB)"
             self.spool.quarantine_file(path, "file too large", detail, source, move=ingest.delete_from_watch)
+            self.metrics.quarantined("file too large")
             log.warning("%s: quarantined unread: %s", path, detail)
             return
         try:
@@ -256,6 +262,7 @@ class Daemon:
             log.error("%s: not accepted: %s; offered again shortly", path, exc.strerror or exc)
             raise  # the watcher keeps the file and retries it
         if isinstance(outcome, Rejected):
+            self.metrics.quarantined(outcome.reason)
             log.warning("%s: quarantined: %s (%s)", path, outcome.reason, outcome.detail)
         self.wake.set()
 
@@ -264,6 +271,7 @@ class Daemon:
         self.spool.quarantine_file(
             path, exc.reason, exc.detail, source, move=self.config.ingest.delete_from_watch
         )
+        self.metrics.quarantined(exc.reason)
 
     def _on_ack(self, ack: Acknowledgement) -> None:
         if self.journal.record_ack(ack):
@@ -277,6 +285,7 @@ class Daemon:
                 self._faults.pop(kind, None)
             else:
                 self._faults[kind] = reason
+            self.metrics.fault(kind, reason is not None)
             if had == (reason is not None):
                 return
         if reason is not None:
@@ -397,6 +406,7 @@ class Daemon:
         result.timings_ms["journal"] = round((time.perf_counter() - started) * 1000.0, 2)
         self._hand_off(job, result)
         self.processed += 1
+        self.metrics.finished(result)
         log.info(
             "%s %s %s",
             job.path.name,

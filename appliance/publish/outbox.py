@@ -197,6 +197,16 @@ class Outbox:
         with self._lock:
             return self._pending_count()
 
+    def oldest_pending_age(self) -> float:
+        """Seconds the oldest unacknowledged message has waited; 0 when none waits (for monitoring)."""
+        with self._lock:
+            # Rows are sent in id order, so the lowest pending id is the one holding the others up
+            # (and the partial index makes this one lookup even with 100 000 rows pending).
+            row = self._db.execute(
+                "SELECT created_at FROM outbox WHERE state = 'pending' ORDER BY id LIMIT 1"
+            ).fetchone()
+        return max(0.0, time.time() - float(row[0])) if row else 0.0
+
     def _pending_count(self) -> int:
         return int(self._db.execute("SELECT count(*) FROM outbox WHERE state = 'pending'").fetchone()[0])
 

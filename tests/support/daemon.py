@@ -63,6 +63,8 @@ class DaemonProcess:
             else {"enabled": False},
             "privacy": {"salt_file": str(workdir / "salt")},
             "journal": {"path": str(workdir / "journal.sqlite3")},
+            # Off unless a test asks: several daemons of one test run would compete for port 9108.
+            "metrics": {"enabled": False},
         }
         for section, values in overrides.items():
             config.setdefault(section, {}).update(values)

@@ -1,0 +1,366 @@
+"""Prometheus metrics of the daemon, served at http://<metrics.host>:<metrics.port>/metrics.
+
+The daemon calls a few methods (`start`, `model`, `fault`, `finished`, `quarantined`, `close`); the
+rest is read when Prometheus scrapes: spool backlog, outbox depth and age, disk free space,
+temperatures (prometheus_client's process collector adds the resident memory). Every metric and the
+alerts built on them are described in docs/metrics.md.
+
+The HTTP server is one thread serving one request at a time with a socket timeout: a scrape never
+runs on the processing loop, and a stalled or hostile client cannot pile up threads. Labels only take
+values from small fixed sets (stage names, refusal reasons, the configured sources), never file
+names or patient data.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import hmac
+import logging
+import os
+import socket
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, make_wsgi_app
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+from appliance import __version__
+from appliance.config import AppConfig, MetricsConfig
+
+if TYPE_CHECKING:  # type hints only: the daemon hands these in, metrics never builds them
+    from appliance.ingest.spool import Spool
+    from appliance.pipeline import Analyzer
+    from appliance.publish.mqtt import MqttPublisher
+    from appliance.result import Result
+
+log = logging.getLogger(__name__)
+
+# The causes Daemon._set_fault knows; exported as 0 from the start so an alert sees the series
+# before the first fault, not only after it.
+FAULT_CAUSES = ("disk", "storage", "backend")
+# Per stage: milliseconds for a PNG's preprocess up to seconds for a large DICOM's decode.
+STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# From acceptance to hand-off: seconds when idle, minutes behind a backlog or after an outage.
+END_TO_END_BUCKETS = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0, 3600.0)
+THERMAL_ROOT = Path("/sys/class/thermal")
+REQUEST_TIMEOUT_SECONDS = 10.0
+REALM = "cxr-appliance metrics"
+
+WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+
+class Metrics:
+    """Everything the daemon exports, in a registry of its own (never prometheus_client's global one)."""
+
+    def __init__(self, config: AppConfig, *, thermal_root: Path = THERMAL_ROOT) -> None:
+        self.config: MetricsConfig = config.metrics
+        self.thermal_root = thermal_root
+        self.registry = CollectorRegistry()
+        self.spool: Spool | None = None
+        self.publisher: MqttPublisher | None = None
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()  # faults change from the watcher thread and the loop
+        self._active_faults: set[str] = set()
+        # Read now (the daemon is being built), like mqtt.password_file: a bad path stops the start
+        # before anything connects or says `online`.
+        self._password = self.config.password() if self.config.enabled else None
+        r = self.registry
+        self.processed = Counter(
+            "cxr_images_processed",
+            "Images that got a result, by source folder, result status and triage level.",
+            ["source", "status", "triage"],
+            registry=r,
+        )
+        self.refusals = Counter(
+            "cxr_refusals",
+            "Images not read, by reason: status refused (gate, view, out of distribution), error"
+            " (could not be decoded or processed) or quarantined (refused at ingest, before it had an id).",
+            ["status", "reason"],
+            registry=r,
+        )
+        self.stage_seconds = Histogram(
+            "cxr_stage_duration_seconds",
+            "Time per image in each pipeline stage (infer: the batch's time shared by its images).",
+            ["stage"],
+            buckets=STAGE_BUCKETS,
+            registry=r,
+        )
+        self.end_to_end_seconds = Histogram(
+            "cxr_end_to_end_latency_seconds",
+            "From the file's acceptance into the spool to its result being handed off"
+            " (journal written, MQTT outbox stored, file moved to done/).",
+            buckets=END_TO_END_BUCKETS,
+            registry=r,
+        )
+        self.fault_gauge = Gauge(
+            "cxr_fault",
+            "1 while this cause keeps the cart from accepting images (disk, storage, backend), else 0.",
+            ["cause"],
+            registry=r,
+        )
+        self.accepting_gauge = Gauge(
+            "cxr_accepting", "1 when the cart accepts new images, 0 while degraded.", registry=r
+        )
+        self.model_info = Info("cxr_model", "The model in use.", registry=r)
+        self.backend_info = Info(
+            "cxr_backend",
+            "The inference backend and precision in use; fallback_reason is set when it stands in for"
+            " the preferred one (e.g. no TensorRT engine for this device).",
+            registry=r,
+        )
+        self.appliance_info = Info("cxr_appliance", "This cart's software version and identity.", registry=r)
+        self.appliance_info.info(
+            {
+                "version": __version__,
+                "site": config.device.site,
+                "device_id": config.device.device_id,
+            }
+        )
+        for cause in FAULT_CAUSES:
+            self.fault_gauge.labels(cause).set(0)
+        self.accepting_gauge.set(1)
+        ProcessCollector(registry=r)  # process_resident_memory_bytes, cpu seconds, open fds (Linux)
+        PlatformCollector(registry=r)  # python_info
+        r.register(_StateCollector(self))
+
+    # --- called by the daemon ----------------------------------------------------------------------
+
+    def start(self, spool: Spool, publisher: MqttPublisher | None, analyzer: Analyzer) -> None:
+        """Bind what the scrape reads and open the HTTP endpoint (when enabled).
+
+        A port that cannot be bound is logged, not fatal: the cart goes on reading images, and
+        Prometheus reports the target down (the `CxrCartDown` alert) until it is fixed."""
+        self.spool, self.publisher = spool, publisher
+        self.model(analyzer)
+        if not self.config.enabled:
+            return
+        app = make_wsgi_app(self.registry)
+        if self.config.username and self._password is not None:
+            app = _basic_auth(app, self.config.username, self._password.get_secret_value())
+        try:
+            self._server = _serve(self.config.host, self.config.port, app)
+        except OSError as exc:
+            log.error(
+                "metrics: cannot listen on %s:%d (%s); running without the metrics endpoint",
+                self.config.host,
+                self.config.port,
+                exc.strerror or exc,
+            )
+            return
+        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)
+        self._thread.start()
+        log.info(
+            "metrics at http://%s:%d/metrics%s",
+            self.config.host,
+            self.port,
+            " (basic auth)" if self.config.username else "",
+        )
+
+    @property
+    def port(self) -> int:
+        """The port actually bound (for tests and the log)."""
+        return int(self._server.server_address[1]) if self._server is not None else self.config.port
+
+    def model(self, analyzer: Analyzer) -> None:
+        """At start and after a SIGHUP loaded another model."""
+        manifest, backend = analyzer.manifest, analyzer.backend
+        self.model_info.info(
+            {"name": manifest.name, "version": manifest.version, "onnx_sha256": backend.model_sha256}
+        )
+        self.backend_info.info(
+            {
+                "backend": backend.name,
+                "precision": backend.precision,
+                "fallback_reason": backend.fallback_reason or "",
+            }
+        )
+
+    def fault(self, cause: str, active: bool) -> None:
+        with self._lock:
+            if active:
+                self._active_faults.add(cause)
+            else:
+                self._active_faults.discard(cause)
+            self.fault_gauge.labels(cause).set(1 if active else 0)
+            self.accepting_gauge.set(0 if self._active_faults else 1)
+
+    def finished(self, result: Result) -> None:
+        """One image's result was handed off (journal, outbox, spool done/quarantine)."""
+        self.processed.labels(result.image.source, result.status, result.triage or "none").inc()
+        if result.status != "ok":
+            self.refusals.labels(result.status, result.reason or "unknown").inc()
+        for stage, milliseconds in result.timings_ms.items():
+            self.stage_seconds.labels(stage).observe(milliseconds / 1000.0)
+        accepted = self._accepted_at(result.image.image_id)
+        if accepted is not None:
+            elapsed = (datetime.now(timezone.utc) - accepted).total_seconds()
+            if elapsed >= 0:  # a wall clock set back since acceptance: no honest number to give
+                self.end_to_end_seconds.observe(elapsed)
+
+    def quarantined(self, reason: str) -> None:
+        """A file refused at ingest, before it became an image with an id (not an image, too large...)."""
+        self.refusals.labels("quarantined", reason).inc()
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    # --- helpers -----------------------------------------------------------------------------------
+
+    def _accepted_at(self, image_id: str) -> datetime | None:
+        """The spool's acceptance time (its sidecar survives restarts, so a backlog's wait counts)."""
+        if self.spool is None:
+            return None
+        sidecar = self.spool.sidecar(image_id) or {}
+        try:
+            accepted = datetime.fromisoformat(sidecar["accepted_at"])
+        except (KeyError, TypeError, ValueError):
+            return None
+        return accepted if accepted.tzinfo else accepted.replace(tzinfo=timezone.utc)
+
+
+class _StateCollector:
+    """Values read at scrape time, on the HTTP thread: the spool, the outbox, the disk, the sensors.
+
+    Spool and outbox are thread-safe; while the daemon closes them (shutdown) a scrape may find a
+    closed database, and then that metric is left out of this one scrape."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        spool, publisher = self.metrics.spool, self.metrics.publisher
+        if spool is not None:
+            with _skip_closed():
+                backlog = spool.pending_count()
+                yield GaugeMetricFamily(
+                    "cxr_spool_backlog_images",
+                    "Images accepted and not yet finished (waiting in incoming/ or in processing/).",
+                    value=backlog,
+                )
+            with _skip_closed():
+                st = os.statvfs(spool.root)
+                yield GaugeMetricFamily(
+                    "cxr_spool_filesystem_free_bytes",
+                    "Free space on the spool's filesystem (available to the daemon's user).",
+                    value=st.f_bavail * st.f_frsize,
+                )
+            yield GaugeMetricFamily(
+                "cxr_spool_filesystem_reserve_bytes",
+                "ingest.min_free_mb: below this much free space the cart stops accepting images.",
+                value=spool.min_free_mb * 1e6,  # the spool's own rule counts MB as 10^6 bytes
+            )
+        if publisher is not None:
+            outbox = publisher.outbox
+            with _skip_closed():
+                depth, age, dropped = outbox.depth(), outbox.oldest_pending_age(), outbox.dropped
+                yield GaugeMetricFamily(
+                    "cxr_outbox_depth_messages",
+                    "MQTT messages stored and not yet acknowledged by the broker.",
+                    value=depth,
+                )
+                yield GaugeMetricFamily(
+                    "cxr_outbox_oldest_pending_age_seconds",
+                    "How long the oldest unacknowledged MQTT message has waited (0: none waits).",
+                    value=age,
+                )
+                yield CounterMetricFamily(
+                    "cxr_outbox_dropped",
+                    "MQTT messages dropped because the outbox reached mqtt.outbox_max (kept across restarts).",
+                    value=dropped,
+                )
+            yield GaugeMetricFamily(
+                "cxr_mqtt_connected",
+                "1 while connected to the broker, else 0.",
+                value=int(publisher.connected),
+            )
+        temperatures = self._temperatures()
+        if temperatures.samples:
+            yield temperatures
+
+    def _temperatures(self) -> GaugeMetricFamily:
+        """/sys/class/thermal (a Jetson's CPU/GPU/SoC sensors); zones that cannot be read are skipped."""
+        family = GaugeMetricFamily(
+            "cxr_thermal_zone_temperature_celsius",
+            "Temperature of each readable thermal zone (on a Jetson: CPU, GPU, SoC).",
+            labels=["zone", "type"],
+        )
+        with contextlib.suppress(OSError):
+            for zone in sorted(self.metrics.thermal_root.glob("thermal_zone*")):
+                try:
+                    millidegrees = int((zone / "temp").read_text().strip())
+                    kind = (zone / "type").read_text().strip()
+                except (OSError, ValueError):
+                    continue  # a sensor that is off or asleep answers EIO/ENODATA: not an error of ours
+                family.add_metric([zone.name, kind], millidegrees / 1000.0)
+        return family
+
+
+@contextlib.contextmanager
+def _skip_closed() -> Iterator[None]:
+    try:
+        yield
+    except (sqlite3.Error, OSError) as exc:
+        log.debug("metrics: value left out of this scrape: %s", exc)
+
+
+def _basic_auth(app: WsgiApp, username: str, password: str) -> WsgiApp:
+    """HTTP basic auth in front of `app`; compared in constant time, 401 with a challenge otherwise."""
+    expected_user, expected_password = username.encode(), password.encode()
+
+    def authorised(header: str) -> bool:
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "basic":
+            return False
+        try:
+            user, colon, given = base64.b64decode(token.strip(), validate=True).partition(b":")
+        except (binascii.Error, ValueError):
+            return False
+        # Both compared every time, so the answer's timing does not tell a right user from a wrong one.
+        user_ok = hmac.compare_digest(user, expected_user)
+        password_ok = hmac.compare_digest(given, expected_password)
+        return bool(colon) and user_ok and password_ok
+
+    def guarded(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if authorised(environ.get("HTTP_AUTHORIZATION", "")):
+            return app(environ, start_response)
+        start_response(
+            "401 Unauthorized",
+            [("WWW-Authenticate", f'Basic realm="{REALM}", charset="UTF-8"'), ("Content-Type", "text/plain")],
+        )
+        return [b"authentication required\n"]
+
+    return guarded
+
+
+class _QuietHandler(WSGIRequestHandler):
+    timeout = REQUEST_TIMEOUT_SECONDS  # a client that stops sending frees the one server thread
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes every 15 s would flood the journal; failures show up in Prometheus instead."""
+
+
+class _Server(WSGIServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that timed out or hung up: not worth a traceback in the cart's log.
+        log.debug("metrics: request from %s failed", client_address, exc_info=True)
+
+
+def _serve(host: str, port: int, app: WsgiApp) -> WSGIServer:
+    """A single-threaded WSGI server on host:port (IPv4 or IPv6, whichever the address is)."""
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+    server_class = type("_MetricsServer", (_Server,), {"address_family": family})
+    return make_server(host, port, app, server_class=server_class, handler_class=_QuietHandler)
