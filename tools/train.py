@@ -219,14 +219,15 @@ def losses(
     return total
 
 
-def targets_at(targets: Targets, view: View, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+def targets_at(targets: Targets, idx: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The targets of images `idx`; `masks` are their (already selected) warped mask targets."""
     return {
         "view": targets.view[idx],
         "labels": targets.labels[idx],
         "abnormal": targets.abnormal[idx],
         "has_lung": targets.has_lung[idx],
         "has_heart": targets.has_heart[idx],
-        "masks": view.masks[idx],
+        "masks": masks,
     }
 
 
@@ -490,8 +491,7 @@ def fit(
             )
             skip = torch.stack([train_views[int(v)].skip[int(i)] for i, v in zip(idx, which, strict=True)])
             masks = torch.stack([train_views[int(v)].masks[int(i)] for i, v in zip(idx, which, strict=True)])
-            batch = targets_at(train_t, View(frozen, skip, masks), idx)
-            batch["masks"] = masks
+            batch = targets_at(train_t, idx, masks)
             loss = losses(model.forward_frozen(frozen.float(), skip.float()), batch, weights)
             optimiser.zero_grad()
             loss.backward()
@@ -506,7 +506,7 @@ def fit(
             val_loss = float(
                 losses(
                     {k: torch.from_numpy(v) for k, v in val_out.items()},
-                    targets_at(val_t, val_view, torch.arange(len(val_t))),
+                    targets_at(val_t, torch.arange(len(val_t)), val_view.masks),
                     weights,
                 )
             )
