@@ -3,7 +3,7 @@
 The stick is walked recursively; a DICOMDIR, when present, is read with pydicom to skip non-image
 records (reports, presentation states) and to report files it lists that are missing. Nothing on
 the stick is ever written or deleted: each image goes to `Spool.accept(path, source, move=False)`,
-which copies it into the spool's incoming side and de-duplicates (SOPInstanceUID or content hash,
+which copies it into the spool's incoming side and de-duplicates (SOPInstanceUID + content hash,
 remembered across imports, so re-inserting a stick is harmless).
 
 Hostile media are expected: DICOMDIR file ids with `..` or absolute parts, symlinks leading off

@@ -1,45 +1,83 @@
 """C-STORE SCP (and C-ECHO) so the X-ray unit can send images straight to the cart.
 
-Each received instance is written as sent (no re-encoding) into a receive folder with
-temp + fsync + rename, then handed to `Spool.accept(..., source="dicom-net")`: the same spool,
-quarantine and SOPInstanceUID de-duplication as folder and USB input. The C-STORE response is
-sent only after the spool holds the file, so a "Success" the unit sees is never lost. Files a
-crash left in the receive folder are offered to the spool again at start.
+pynetdicom streams each dataset to a temporary file (never into memory); past ingest.max_file_mb the
+association is aborted. The instance is then copied as sent (no re-encoding) into a receive folder with
+temp + fsync + rename, checked the way the reader checks a file before decoding it, and handed to
+`Spool.accept(..., source="dicom-net")`: the same spool, quarantine and de-duplication as folder and
+USB input. The C-STORE response is sent only after the spool holds the file, so a "Success" the unit
+sees is never lost, and never given for a file the reader would refuse unread. Files a crash left in
+the receive folder are offered to the spool again at start.
 
-Non-image objects a unit sends alongside its images (dose reports, presentation states) are
-acknowledged and dropped: refusing them would make the unit flag the whole transfer as failed.
+Only the image storage SOP classes the reader handles are taken; any other object (a dose report, a
+presentation state) is refused with "SOP Class not supported" without its data being parsed. Deflated
+transfer syntaxes are not negotiated (a few MB of deflate inflate to gigabytes): a unit proposing one
+next to an uncompressed syntax gets the uncompressed one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
-from io import BytesIO
 from pathlib import Path
 
-import pydicom
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, JPIPHTJ2KReferencedDeflate
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
+from pynetdicom.association import Association
 from pynetdicom.events import Event, EventHandlerType
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.pdu import P_DATA_TF
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+    MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+    MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
+    SecondaryCaptureImageStorage,
+    Verification,
+)
 from pynetdicom.transport import ThreadedAssociationServer
 
 from appliance.config import AppConfig, DicomNetConfig
 from appliance.dicomnet import quiet_pynetdicom, safe_uid_name, server_tls_context
-from appliance.durable import write_atomically
-from appliance.errors import UserError
+from appliance.durable import copy_atomically
+from appliance.errors import InputRejected, UserError
+from appliance.ingest import reasons
+from appliance.ingest.dicom import check_dicom
 from appliance.ingest.spool import Accepted, Duplicate, Rejected, Spool, SpoolFull
 
 log = logging.getLogger(__name__)
 
 SOURCE = "dicom-net"
 
-# C-STORE response statuses (PS3.4 Annex B / GG).
+# C-STORE response statuses (PS3.4 Annex B / GG, PS3.7 Annex C).
 SUCCESS = 0x0000
+SOP_CLASS_NOT_SUPPORTED = 0x0122
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
+
+# Radiographs as the reader takes them: grey, one frame read. Anything else never reaches the spool.
+IMAGE_SOP_CLASSES = frozenset(
+    str(uid)
+    for uid in (
+        ComputedRadiographyImageStorage,
+        DigitalXRayImageStorageForPresentation,
+        DigitalXRayImageStorageForProcessing,
+        SecondaryCaptureImageStorage,
+        MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+        MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
+    )
+)
+# Whole-dataset deflate (and JPIP's, and the frame-level kind): ~1000:1 on zeros, so never negotiated.
+_DEFLATED = {
+    DeflatedExplicitVRLittleEndian,
+    UID("1.2.840.10008.1.2.4.95"),  # JPIP Referenced Deflate
+    JPIPHTJ2KReferencedDeflate,
+    UID("1.2.840.10008.1.2.8.1"),  # Deflated Image Frame Compression
+}
+TRANSFER_SYNTAXES = [ts for ts in ALL_TRANSFER_SYNTAXES if ts not in _DEFLATED]
 
 
 class DicomReceiver:
@@ -51,20 +89,26 @@ class DicomReceiver:
         *,
         on_accepted: Callable[[], None] | None = None,
         accepting: Callable[[], bool] = lambda: True,
+        max_bytes: int = 512 * 2**20,  # ingest.max_file_mb
+        max_pixels: int = 60_000_000,  # ingest.max_pixels
     ) -> None:
         self.config = config
         self.spool = spool
         self.receive_dir = Path(receive_dir)
         self.on_accepted = on_accepted
         self.accepting = accepting
+        self.max_bytes = max_bytes
+        self.max_pixels = max_pixels
         self._server: ThreadedAssociationServer | None = None
         self._lock = threading.Lock()
+        self._arriving: dict[Association, int] = {}  # dataset bytes of the C-STORE in transfer
         self.received = 0
 
     @classmethod
     def from_config(cls, config: AppConfig, spool: Spool, **kwargs: object) -> DicomReceiver:
         receive_dir = config.dicom_net.receive_dir or config.ingest.spool / "dicom-in"
-        return cls(config.dicom_net, spool, receive_dir, **kwargs)  # type: ignore[arg-type]
+        limits = {"max_bytes": int(config.ingest.max_file_mb * 2**20), "max_pixels": config.ingest.max_pixels}
+        return cls(config.dicom_net, spool, receive_dir, **{**limits, **kwargs})  # type: ignore[arg-type]
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
@@ -78,10 +122,14 @@ class DicomReceiver:
             ) from exc
         self._recover()
         quiet_pynetdicom()
+        # Datasets go to a temporary file as they arrive, not into memory (process-wide, receiving only).
+        _config.STORE_RECV_CHUNKED_DATASET = True
         ae = AE(ae_title=self.config.ae_title)
         for context in AllStoragePresentationContexts:
             # Keep whatever compression the unit uses: the decoders read it, nothing is re-encoded.
-            ae.add_supported_context(str(context.abstract_syntax), ALL_TRANSFER_SYNTAXES)
+            # Every storage class is negotiated so that a non-image gets a refusal status, not a
+            # rejected context the unit may report less clearly.
+            ae.add_supported_context(str(context.abstract_syntax), TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
         ae.require_calling_aet = [t.strip() for t in self.config.allowed_calling_ae]
         tls = self.config.tls
@@ -90,6 +138,8 @@ class DicomReceiver:
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_PDU_RECV, self._on_pdu),
+            (evt.EVT_CONN_CLOSE, self._on_close),
         ]
         try:
             self._server = ae.start_server(
@@ -150,29 +200,69 @@ class DicomReceiver:
             why = f"calling AE title {calling!r} (too many associations or bad request)"
         log.warning("DICOM association from %s:%s refused: %s", requestor.address, requestor.port, why)
 
+    def _on_pdu(self, event: Event) -> None:
+        """Count the dataset bytes of the C-STORE arriving (in the association's reader thread) and
+        abort past max_bytes: pynetdicom would write whatever comes to its temporary file."""
+        if not isinstance(event.pdu, P_DATA_TF):
+            return
+        assoc = event.assoc
+        before = total = self._arriving.get(assoc, 0)
+        for item in event.pdu.presentation_data_value_items:
+            value = item.presentation_data_value or b""
+            if value[:1] and value[0] & 1:  # a command fragment: the next message begins
+                before = total = 0
+            else:
+                total += max(0, len(value) - 1)  # less the message control header
+        self._arriving[assoc] = total
+        if total > self.max_bytes >= before:
+            requestor = assoc.requestor
+            log.error(
+                "C-STORE from %s (%s:%s) aborted: the dataset is over %g MB (ingest.max_file_mb)",
+                requestor.ae_title.strip(),
+                requestor.address,
+                requestor.port,
+                self.max_bytes / 2**20,
+            )
+            assoc.abort(block=False)  # this is the reader thread: a blocking abort would wait on itself
+
+    def _on_close(self, event: Event) -> None:
+        self._arriving.pop(event.assoc, None)
+        # pynetdicom leaves the temporary file of a transfer cut short (aborted, cable pulled) behind.
+        message = getattr(event.assoc.dimse, "message", None)
+        partial = getattr(message, "_data_set_file", None)
+        if partial is not None:
+            with contextlib.suppress(OSError):
+                partial.close()
+                os.unlink(partial.name)
+
     def _on_store(self, event: Event) -> int:
         started = time.perf_counter()
         calling = event.assoc.requestor.ae_title.strip()
         sop_uid = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "")
+        sop_class = UID(str(getattr(event.request, "AffectedSOPClassUID", "") or ""))
+        if sop_class not in IMAGE_SOP_CLASSES:
+            # Decided from the request, before the data is parsed: a dose report or an SR is refused
+            # as such, and nothing it holds (a deflated payload) is ever inflated.
+            log.warning(
+                "C-STORE %s from %s refused: %s is not an image the cart analyses",
+                sop_uid,
+                calling,
+                sop_class.name or "(no SOP class)",
+            )
+            return SOP_CLASS_NOT_SUPPORTED
         if not self.accepting():
             log.error("C-STORE %s from %s refused: the cart is not accepting images (disk)", sop_uid, calling)
             return OUT_OF_RESOURCES
-        data = event.encoded_dataset(include_meta=True)
-        if not _has_pixels(data):
-            log.info(
-                "C-STORE %s from %s: %s is not an image; acknowledged, not analysed",
-                sop_uid,
-                calling,
-                getattr(event.request, "AffectedSOPClassUID", "?"),
-            )
-            return SUCCESS
         name = safe_uid_name(sop_uid) or f"noname-{time.time_ns()}.dcm"
         path = self.receive_dir / name
         try:
-            write_atomically(path, data)
+            copy_atomically(event.dataset_path, path)
         except OSError as exc:
             log.error("C-STORE %s from %s: cannot write %s: %s", sop_uid, calling, path, exc.strerror or exc)
             return OUT_OF_RESOURCES
+        refused = self._refuse_unreadable(path, calling)
+        if refused is not None:
+            return refused
         status = self._hand_to_spool(path, calling)
         log.debug(
             "C-STORE %s from %s stored in %.1f ms", sop_uid, calling, (time.perf_counter() - started) * 1e3
@@ -180,6 +270,27 @@ class DicomReceiver:
         return status
 
     # --- spool hand-off ------------------------------------------------------------------------------
+
+    def _refuse_unreadable(self, path: Path, calling: str) -> int | None:
+        """What the reader would refuse before decoding is refused now (and quarantined), not after a
+        Success the unit takes as "delivered"."""
+        try:
+            check_dicom(path, max_pixels=self.max_pixels)
+            return None
+        except InputRejected as exc:
+            reason, detail = exc.reason, exc.detail
+        except Exception as exc:  # a parser bug must not become a Success, nor a file left behind
+            log.exception("C-STORE from %s: checking %s failed", calling, path.name)
+            reason, detail = reasons.INVALID_DICOM, f"{path.name}: {type(exc).__name__}: {exc}"
+        try:
+            self.spool.quarantine_file(path, reason, detail, SOURCE)
+        except (OSError, SpoolFull) as exc:  # the unit may send it again later
+            log.error("C-STORE from %s: cannot quarantine %s: %s", calling, path.name, exc)
+            with contextlib.suppress(OSError):
+                path.unlink()
+            return OUT_OF_RESOURCES
+        log.warning("C-STORE from %s refused: %s (%s)", calling, reason, detail)
+        return CANNOT_UNDERSTAND
 
     def _hand_to_spool(self, path: Path, calling: str) -> int:
         with self._lock:  # one rename at a time keeps the duplicate check simple for the spool
@@ -211,11 +322,3 @@ class DicomReceiver:
             elif leftover.is_file():
                 log.warning("DICOM receiver: %s was received before a stop; spooling it now", leftover.name)
                 self._hand_to_spool(leftover, "")
-
-
-def _has_pixels(data: bytes) -> bool:
-    try:
-        ds = pydicom.dcmread(BytesIO(data), stop_before_pixels=False, defer_size=256, force=True)
-    except Exception:  # undecodable: let the spool quarantine it with its own reason
-        return True
-    return any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))

@@ -116,7 +116,7 @@ def looks_like_dicom(head: bytes) -> bool:
 
 def read_dicom(path: Path, *, max_pixels: int, target_size: int | None = None) -> DecodedImage:
     name = path.name
-    ds = _parse(path, max_inflated=min(MAX_INFLATED_BYTES, max_pixels * 2 + (16 << 20)))
+    ds = _parse(path, max_inflated=_max_inflated(max_pixels))
     meta = _meta(ds)
     _refuse_before_decoding(ds, path, meta, max_pixels)
     ts = meta.transfer_syntax or ""
@@ -132,6 +132,18 @@ def read_dicom(path: Path, *, max_pixels: int, target_size: int | None = None) -
     means, extremes = pooled
     pixels = _to_unit(means, ds, name, extremes=extremes)
     return DecodedImage(pixels=pixels, meta=meta, scale=float(factor))
+
+
+def check_dicom(path: Path, *, max_pixels: int) -> None:
+    """InputRejected for whatever read_dicom refuses before decoding; nothing is decoded.
+
+    For a sender waiting on an answer (the C-STORE receiver): told now, not after a "Success"."""
+    ds = _parse(path, max_inflated=_max_inflated(max_pixels))
+    _refuse_before_decoding(ds, path, _meta(ds), max_pixels)
+
+
+def _max_inflated(max_pixels: int) -> int:
+    return min(MAX_INFLATED_BYTES, max_pixels * 2 + (16 << 20))
 
 
 def incomplete_reason(path: Path) -> str | None:

@@ -2,9 +2,9 @@
 
 Every state change is one atomic rename inside the spool's filesystem; files from elsewhere are first
 copied to tmp/ and fsynced. The directory a file sits in is the truth about its state; a SQLite
-table (WAL) remembers every key ever accepted (SOPInstanceUID or content hash) for de-duplication
-and the order of arrival. `recover()` (call it at start) puts whatever a killed process left in
-processing/ back into incoming/ and re-registers files whose database row was never committed.
+table (WAL) remembers every key ever accepted (SOPInstanceUID + content hash, or content hash) for
+de-duplication and the order of arrival. `recover()` (call it at start) puts whatever a killed process
+left in processing/ back into incoming/ and re-registers files whose database row was never committed.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import sqlite3
+import struct
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 STATES = ("incoming", "processing", "done", "quarantine")
 _EXT = {"dicom": "dcm", "png": "png", "jpeg": "jpg"}
 _COPY_CHUNK = 1 << 20
+# An image sent again while its row is in one of these states was never analysed: it gets another go.
+_RETRY_STATES = ("quarantine", "lost")
 
 
 # A refused file on read-only media is copied into quarantine only up to this size (a 2 GB file
@@ -86,16 +89,33 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
-def _content_sha256(path: Path) -> str:
+def _content_sha256(path: Path, start: int = 0) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
+        fh.seek(start)
         for block in iter(lambda: fh.read(_COPY_CHUNK), b""):
             digest.update(block)
     return digest.hexdigest()
 
 
+def _dataset_start(path: Path) -> int:
+    """Where the dataset begins after preamble and File Meta (0: no File Meta to skip). Each writer fills
+    the File Meta its own way, so the same instance from a folder and over the network differs only there."""
+    with open(path, "rb") as fh:
+        head = fh.read(144)
+        size = os.fstat(fh.fileno()).st_size
+    if len(head) == 144 and head[128:132] == b"DICM" and head[132:138] == b"\x02\x00\x00\x00UL":
+        start = 144 + int(struct.unpack_from("<I", head, 140)[0])  # (0002,0000) gives the meta length
+        if start <= size:
+            return start
+    return 0
+
+
 def dedup_key(path: Path, kind: str) -> str:
-    """'sop:<SOPInstanceUID>' for a DICOM that names one, else 'sha256:<content hash>'."""
+    """'sop:<SOPInstanceUID>/sha256:<dataset hash>' for a DICOM that names one, else 'sha256:<content hash>'.
+
+    The UID alone would drop a corrected re-send (same UID, new content) and let any sender pre-empt
+    a UID; the same instance sent twice is still one key."""
     if kind == "dicom":
         try:
             refuse_deflate_bomb(path)  # pydicom would inflate a deflated dataset whole just to find the UID
@@ -105,7 +125,7 @@ def dedup_key(path: Path, kind: str) -> str:
                 )
             uid = str(ds.get("SOPInstanceUID", "") or "").strip()
             if uid:
-                return f"sop:{uid}"
+                return f"sop:{uid}/sha256:{_content_sha256(path, _dataset_start(path))}"
         except Exception as exc:  # unreadable header: the reader will say why later; hash the bytes
             log.debug("no SOPInstanceUID in %s: %s", path, exc)
     return f"sha256:{_content_sha256(path)}"
@@ -230,9 +250,16 @@ class Spool:
                 self.quarantine_file(path, reasons.PERMISSION_DENIED, detail, source, move=move),
             )
         image_id = image_id_for(key)
-        name = f"{image_id}.{_EXT[kind]}"
         with self._lock:
-            row = self._db.execute("SELECT source FROM items WHERE key = ?", (key,)).fetchone()
+            row = self._db.execute(
+                "SELECT source, state, image_id FROM items WHERE key = ?", (key,)
+            ).fetchone()
+            retried = None
+            if row is not None and row[1] in _RETRY_STATES:
+                # Sent again after it was quarantined (or vanished): analysed again, under a new id (the
+                # journal keeps the first result per id). The old row keeps its file in quarantine/.
+                retried, image_id = row[2], image_id_for(f"{key}#{row[2]}")
+                row = None
             if row is not None:
                 removed = False
                 if move:
@@ -247,7 +274,8 @@ class Spool:
                     row[0],
                     "removed" if removed else "left in place",
                 )
-                return Duplicate(image_id, key, row[0], removed)
+                return Duplicate(row[2], key, row[0], removed)
+            name = f"{image_id}.{_EXT[kind]}"
             accepted_at = _now()
             self._write_json(
                 self._dir("meta") / f"{image_id}.json",
@@ -265,6 +293,10 @@ class Spool:
                 renamed = self._place(path, dest, move=move)
                 try:
                     with self._tx() as db:
+                        if retried is not None:  # the key is unique: the old row's is kept, made its own
+                            db.execute(
+                                "UPDATE items SET key = key || '#' || image_id WHERE image_id = ?", (retried,)
+                            )
                         db.execute(
                             "INSERT INTO items (key, image_id, name, state, source, original, accepted_at)"
                             " VALUES (?, ?, ?, 'incoming', ?, ?, ?)",
@@ -481,6 +513,12 @@ class Spool:
                 "accepted_at": _now(),
             }
         with self._tx() as db:
+            # A retry whose row was never written: the failed attempt's row still holds the key.
+            db.execute(
+                "UPDATE items SET key = key || '#' || image_id WHERE key = ? AND image_id != ?"
+                f" AND state IN {_RETRY_STATES}",
+                (meta["key"], image_id),
+            )
             db.execute(
                 "INSERT OR IGNORE INTO items (key, image_id, name, state, source, original, accepted_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",

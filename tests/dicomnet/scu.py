@@ -5,7 +5,7 @@ from __future__ import annotations
 import ssl
 from pathlib import Path
 
-import pydicom
+from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
@@ -25,20 +25,26 @@ def store(
     calling: str = "XRAY_UNIT",
     called: str = "CXR_APPLIANCE",
     tls: ssl.SSLContext | None = None,
-) -> list[int]:
-    """C-STORE each file in one association; the statuses, or [] when the association was refused."""
+) -> list[int | None]:
+    """C-STORE each file in one association; the statuses, or [] when the association was refused.
+
+    None for a C-STORE that got no answer (the receiver aborted the association)."""
     ae = _ae(calling)
     contexts = set()
     for path in files:
-        meta = pydicom.dcmread(path, stop_before_pixels=True)
-        contexts.add((str(meta.SOPClassUID), str(meta.file_meta.TransferSyntaxUID)))
+        meta = read_file_meta_info(path)  # only the File Meta: a deflated dataset stays deflated
+        contexts.add((str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)))
     for sop_class, syntax in sorted(contexts):
         ae.add_requested_context(sop_class, syntax)
     assoc = ae.associate(LOOPBACK, port, ae_title=called, tls_args=(tls, LOOPBACK) if tls else None)
     if not assoc.is_established:
         return []
     try:
-        return [int(assoc.send_c_store(path).Status) for path in files]
+        statuses: list[int | None] = []
+        for path in files:
+            answer = assoc.send_c_store(path)
+            statuses.append(int(answer.Status) if "Status" in answer else None)
+        return statuses
     finally:
         assoc.release()
 

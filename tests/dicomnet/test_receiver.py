@@ -3,17 +3,32 @@
 from __future__ import annotations
 
 import logging
+import random
+import tempfile
 import time
+import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import BasicTextSRStorage, SecondaryCaptureImageStorage  # type: ignore[attr-defined]
 
 from appliance.config import DicomNetConfig, DicomTlsConfig
-from appliance.dicomnet.receiver import OUT_OF_RESOURCES, SUCCESS, DicomReceiver
+from appliance.dicomnet.receiver import (
+    CANNOT_UNDERSTAND,
+    OUT_OF_RESOURCES,
+    SOP_CLASS_NOT_SUPPORTED,
+    SUCCESS,
+    DicomReceiver,
+)
+from appliance.ingest import reasons
 from appliance.ingest.spool import Spool
 from tests.dicomnet import scu
+from tests.faults.mutate import deflate_bomb
 from tests.support.data import cxr_data
 from tests.support.mosquitto import free_port, make_certificates
 
@@ -38,7 +53,9 @@ def receivers(spool: Spool, tmp_path: Path) -> Iterator[Callable[..., DicomRecei
     made: list[DicomReceiver] = []
 
     def make(**options: object) -> DicomReceiver:
-        hooks = {k: options.pop(k) for k in ("on_accepted", "accepting") if k in options}
+        hooks = {
+            k: options.pop(k) for k in ("on_accepted", "accepting", "max_bytes", "max_pixels") if k in options
+        }
         config = DicomNetConfig.model_validate({"bind": "127.0.0.1", "port": free_port(), **options})
         r = DicomReceiver(config, spool, tmp_path / "spool" / "dicom-in", **hooks)  # type: ignore[arg-type]
         made.append(r.start())
@@ -51,6 +68,10 @@ def receivers(spool: Spool, tmp_path: Path) -> Iterator[Callable[..., DicomRecei
 
 def spooled(spool: Spool) -> list[Path]:
     return sorted((spool.root / "incoming").iterdir())
+
+
+def quarantined(spool: Spool) -> list[Path]:
+    return sorted((spool.root / "quarantine").iterdir())
 
 
 def test_c_echo_answers_success(receivers: Callable[..., DicomReceiver]) -> None:
@@ -86,13 +107,17 @@ def test_a_real_cr_lands_in_the_spool_unchanged_and_a_resend_is_a_duplicate(
 
 def test_several_instances_in_one_association(receivers: Callable[..., DicomReceiver], spool: Spool) -> None:
     receiver = receivers()
-    # Fake_MONOHR1 carries the same SOPInstanceUID as the CR: de-duplicated like any other input.
-    statuses = scu.store(receiver.address[1], [real(NATIVE_DX), real(JPEG_CR), real(MONOCHROME1)])
-    assert statuses == [SUCCESS, SUCCESS, SUCCESS]
-    uids = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in spooled(spool)}
-    assert uids == {
-        pydicom.dcmread(real(n), stop_before_pixels=True).SOPInstanceUID for n in (NATIVE_DX, JPEG_CR)
-    }
+    # Fake_MONOHR1 carries the same SOPInstanceUID as the CR with other content: a corrected re-send is
+    # analysed too (de-duplication is on UID + content); the CR sent again is not.
+    statuses = scu.store(
+        receiver.address[1], [real(NATIVE_DX), real(JPEG_CR), real(MONOCHROME1), real(JPEG_CR)]
+    )
+    assert statuses == [SUCCESS] * 4
+    got = sorted(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in spooled(spool))
+    assert got == sorted(
+        pydicom.dcmread(real(n), stop_before_pixels=True).SOPInstanceUID
+        for n in (NATIVE_DX, JPEG_CR, MONOCHROME1)
+    )
 
 
 def test_a_calling_ae_title_not_allowed_is_refused_at_association(
@@ -148,3 +173,117 @@ def test_tls_only_a_client_with_a_trusted_certificate_may_send(
     assert scu.store(port, [real(JPEG_CR)], tls=anonymous) == []  # no client certificate
     assert scu.store(port, [real(JPEG_CR)]) == []  # plain DICOM on the TLS port
     assert len(spooled(spool)) == 1
+
+
+# -- Hardening II: what the receiver takes, and how much of it -------------------------------------------
+
+
+def test_a_deflate_bomb_is_refused_unread(
+    receivers: Callable[..., DicomReceiver], spool: Spool, tmp_path: Path
+) -> None:
+    # 256 MB of Pixel Data deflated to ~260 kB (Deflated Explicit VR Little Endian, the real DX's header).
+    bomb = tmp_path / "bomb.dcm"
+    bomb.write_bytes(deflate_bomb(random.Random(1), real(NATIVE_DX).read_bytes()))
+    assert bomb.stat().st_size < 2_000_000
+    receiver = receivers()
+    port = receiver.address[1]
+    tracemalloc.start()  # this process is the receiver's (pynetdicom's threads included)
+    started = time.monotonic()
+    try:
+        statuses = scu.store(port, [bomb])  # the unit offers only the deflated syntax
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    elapsed = time.monotonic() - started
+    assert statuses == [], "the deflated context must not be accepted"
+    assert elapsed < 5, f"{elapsed:.1f} s"
+    assert peak < 20_000_000, f"peak {peak / 1e6:.1f} MB while refusing"
+    assert spooled(spool) == [] and quarantined(spool) == [] and list(receiver.receive_dir.iterdir()) == []
+    # A unit that proposes deflate next to an uncompressed syntax gets the uncompressed one.
+    ae = AE(ae_title="XRAY_UNIT")
+    ae.add_requested_context(SecondaryCaptureImageStorage, [DeflatedExplicitVRLittleEndian])
+    ae.add_requested_context(SecondaryCaptureImageStorage, [ExplicitVRLittleEndian])
+    assoc = ae.associate(scu.LOOPBACK, port, ae_title="CXR_APPLIANCE")
+    try:
+        assert assoc.is_established
+        assert [cx.transfer_syntax for cx in assoc.accepted_contexts] == [[ExplicitVRLittleEndian]]
+    finally:
+        assoc.release()
+
+
+def _basic_text_sr(path: Path) -> Path:
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = BasicTextSRStorage, generate_uid()
+    ds.Modality, ds.PatientID, ds.ValueType = "SR", "TEST-1", "CONTAINER"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_a_non_image_sop_class_is_refused_and_never_spooled(
+    receivers: Callable[..., DicomReceiver], spool: Spool, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    receiver = receivers()
+    with caplog.at_level(logging.WARNING, logger="appliance.dicomnet.receiver"):
+        statuses = scu.store(receiver.address[1], [_basic_text_sr(tmp_path / "report.dcm"), real(JPEG_CR)])
+    assert statuses == [SOP_CLASS_NOT_SUPPORTED, SUCCESS]
+    assert "Basic Text SR Storage is not an image the cart analyses" in caplog.text
+    assert (
+        len(spooled(spool)) == 1 and quarantined(spool) == [] and list(receiver.receive_dir.iterdir()) == []
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"PixelData": None}, reasons.NO_PIXEL_DATA),
+        ({"Rows": 30000, "Columns": 30000}, reasons.IMAGE_TOO_LARGE),
+    ],
+)
+def test_what_the_reader_would_refuse_is_refused_now_not_after_success(
+    receivers: Callable[..., DicomReceiver],
+    spool: Spool,
+    tmp_path: Path,
+    change: dict[str, object],
+    reason: str,
+) -> None:
+    ds = pydicom.dcmread(real(NATIVE_DX))
+    for keyword, value in change.items():
+        if value is None:
+            delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    path = tmp_path / "bad.dcm"
+    ds.save_as(path)
+    receiver = receivers()
+    assert scu.store(receiver.address[1], [path]) == [CANNOT_UNDERSTAND]
+    assert spooled(spool) == [] and list(receiver.receive_dir.iterdir()) == []
+    kept = [p for p in quarantined(spool) if p.name.endswith(".reason.txt")]
+    assert len(kept) == 1 and f"reason: {reason}" in kept[0].read_text()
+
+
+def test_an_instance_over_max_file_mb_aborts_the_association_and_leaves_nothing(
+    receivers: Callable[..., DicomReceiver],
+    spool: Spool,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    partial = tmp_path / "pynetdicom-tmp"  # where pynetdicom streams the dataset it receives
+    partial.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(partial))
+    receiver = receivers(max_bytes=512 * 1024)
+    port = receiver.address[1]
+    assert real(NATIVE_DX).stat().st_size > 1_000_000
+    with caplog.at_level(logging.ERROR, logger="appliance.dicomnet.receiver"):
+        assert scu.store(port, [real(NATIVE_DX)]) == [None]  # no answer: the association was aborted
+        deadline = time.monotonic() + 5
+        while list(partial.iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert "C-STORE from XRAY_UNIT (127.0.0.1:" in caplog.text
+    assert "aborted: the dataset is over 0.5 MB (ingest.max_file_mb)" in caplog.text
+    assert list(partial.iterdir()) == [], "the partial dataset is removed"
+    assert spooled(spool) == [] and quarantined(spool) == [] and list(receiver.receive_dir.iterdir()) == []
+    assert scu.store(port, [real(JPEG_CR)]) == [SUCCESS]  # 127 kB: under the cap
+    assert len(spooled(spool)) == 1 and list(partial.iterdir()) == []

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
@@ -12,11 +14,13 @@ import threading
 import time
 from pathlib import Path
 
+import pydicom
 import pytest
+from pydicom.filewriter import write_file_meta_info
 
 from appliance.ingest import reasons
 from appliance.ingest.spool import Accepted, Duplicate, Rejected, Spool, SpoolFull
-from tests.ingest.conftest import JPEG_BASELINE, MONOCHROME1, copy_to, real
+from tests.ingest.conftest import JPEG_BASELINE, NATIVE_DX, copy_to, real
 from tests.support.data import REPO, cxr_data
 
 
@@ -32,7 +36,7 @@ def test_accept_claim_done(tmp_path: Path) -> None:
     got = spool.accept(src, "watch")
     assert isinstance(got, Accepted) and not src.exists()
     assert got.path == spool.root / "incoming" / f"{got.image_id}.dcm" and got.path.is_file()
-    assert got.key == "sop:1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819"
+    assert got.key.startswith("sop:1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819/sha256:")
     side = spool.sidecar(got.image_id)
     assert side is not None and side["original"] == str(src) and side["source"] == "watch"
     assert spool.pending_count() == 1
@@ -49,9 +53,9 @@ def test_duplicates_from_two_folders(tmp_path: Path) -> None:
     a, b, usb = tmp_path / "a", tmp_path / "b", tmp_path / "usb"
     for d in (a, b, usb):
         d.mkdir()
-    # Same SOPInstanceUID (the MONOCHROME1 copy is a relabelled file with the same UID) and same PNG bytes.
+    # The same DICOM and the same PNG bytes from a second folder.
     first = spool.accept(copy_to(real(JPEG_BASELINE), a), "a")
-    again = spool.accept(copy_to(real(MONOCHROME1), b), "b")
+    again = spool.accept(copy_to(real(JPEG_BASELINE), b, "renamed.dcm"), "b")
     assert isinstance(first, Accepted) and isinstance(again, Duplicate)
     assert again.image_id == first.image_id and again.first_source == "a" and again.source_removed
     assert not list(b.iterdir())
@@ -254,3 +258,99 @@ def test_sidecar_is_json(tmp_path: Path) -> None:
     assert isinstance(got, Accepted)
     data = json.loads((spool.root / "meta" / f"{got.image_id}.json").read_text())
     assert data["image_id"] == got.image_id and data["accepted_at"].endswith("+00:00")
+
+
+# -- Hardening II: de-duplication on SOPInstanceUID + content ------------------------------------------
+
+
+def _same_dataset_other_file_meta(src: Path, dest: Path) -> Path:
+    """The dataset's bytes as they are, behind a File Meta another program wrote (as a network
+    receiver does): the same instance."""
+    data = src.read_bytes()
+    start = 144 + struct.unpack_from("<I", data, 140)[0]
+    meta = pydicom.dcmread(src, stop_before_pixels=True).file_meta
+    meta.ImplementationClassUID = pydicom.uid.UID("1.2.826.0.1.3680043.9.9999.1")
+    meta.ImplementationVersionName = "OTHER_WRITER"
+    head = io.BytesIO()
+    head.write(b"\xff" * 128 + b"DICM")
+    write_file_meta_info(head, meta)  # type: ignore[arg-type]
+    dest.write_bytes(head.getvalue() + data[start:])
+    return dest
+
+
+def _corrected(src: Path, dest: Path, *, pixel: bool) -> Path:
+    """`src` edited and saved under the same SOPInstanceUID: one pixel, or a tag."""
+    ds = pydicom.dcmread(src)
+    if pixel:
+        data = bytearray(ds.PixelData)
+        data[len(data) // 2] ^= 0x01
+        ds.PixelData = bytes(data)
+    else:
+        ds.PatientOrientation = ["L", "F"]  # the unit's correction of a wrong orientation
+    ds.save_as(dest)
+    assert pydicom.dcmread(dest, stop_before_pixels=True).SOPInstanceUID == ds.SOPInstanceUID
+    return dest
+
+
+@pytest.mark.parametrize(("name", "pixel"), [(NATIVE_DX, True), (JPEG_BASELINE, False)])
+def test_a_corrected_resend_under_the_same_uid_is_analysed(tmp_path: Path, name: str, pixel: bool) -> None:
+    spool = Spool(tmp_path / "spool")
+    watch = tmp_path / "watch"
+    watch.mkdir()
+    first = spool.accept(copy_to(real(name), watch, "first.dcm"), "dicom-net")
+    same = spool.accept(_same_dataset_other_file_meta(real(name), watch / "same.dcm"), "usb")
+    fixed = spool.accept(_corrected(real(name), watch / "fixed.dcm", pixel=pixel), "dicom-net")
+    fixed_again = spool.accept(_corrected(real(name), watch / "fixed-again.dcm", pixel=pixel), "dicom-net")
+    assert isinstance(first, Accepted) and isinstance(same, Duplicate) and same.image_id == first.image_id
+    assert isinstance(fixed, Accepted) and fixed.image_id != first.image_id
+    assert isinstance(fixed_again, Duplicate) and fixed_again.image_id == fixed.image_id
+    uid = str(pydicom.dcmread(real(name), stop_before_pixels=True).SOPInstanceUID)
+    assert first.key.split("/")[0] == fixed.key.split("/")[0] == f"sop:{uid}" and first.key != fixed.key
+    assert not list(watch.iterdir())
+    # Both are analysed: the first (or a forgery that took the UID first) does not hide the other.
+    claimed = spool.claim(5)
+    assert [i.image_id for i in claimed] == [first.image_id, fixed.image_id]
+    assert claimed[1].path.read_bytes() != claimed[0].path.read_bytes()
+    for item in claimed:
+        spool.mark_done(item.image_id)
+    spool.close()
+    spool = Spool(tmp_path / "spool")  # the keys survive a restart
+    assert spool.recover() == 0
+    again = spool.accept(_corrected(real(name), watch / "third.dcm", pixel=pixel), "dicom-net")
+    assert isinstance(again, Duplicate) and again.image_id == fixed.image_id
+    assert spool.pending_count() == 0
+
+
+def test_a_resend_after_quarantine_is_analysed_again(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    watch = tmp_path / "watch"
+    watch.mkdir()
+    first = spool.accept(copy_to(real(NATIVE_DX), watch), "dicom-net")
+    assert isinstance(first, Accepted)
+    item = spool.claim_next()
+    assert item is not None and item.image_id == first.image_id
+    kept = spool.quarantine(item.image_id, reasons.DECODE_FAILED, "backend error")
+    assert kept is not None and kept.is_file()
+    # The unit sends the very same instance again: a new id (the journal keeps the error result under
+    # the first), analysed; the first attempt stays in quarantine/ with its reason.
+    retry = spool.accept(copy_to(real(NATIVE_DX), watch), "dicom-net")
+    assert isinstance(retry, Accepted) and retry.key == first.key and retry.image_id != first.image_id
+    assert retry.path.read_bytes() == real(NATIVE_DX).read_bytes()
+    assert kept.is_file() and Path(f"{kept}.reason.txt").is_file()
+    assert isinstance(spool.accept(copy_to(real(NATIVE_DX), watch), "usb"), Duplicate)  # while it waits
+    spool.close()
+    spool = Spool(tmp_path / "spool")
+    assert spool.recover() == 0 and spool.pending_count() == 1  # a restart keeps both as they are
+    assert kept.is_file()
+    item = spool.claim_next()
+    assert item is not None and item.image_id == retry.image_id
+    # Refused again, and sent a third time: another try; once analysed, a re-send is a duplicate.
+    spool.quarantine(item.image_id, reasons.DECODE_FAILED, "again")
+    third = spool.accept(copy_to(real(NATIVE_DX), watch), "dicom-net")
+    assert isinstance(third, Accepted) and third.image_id not in (first.image_id, retry.image_id)
+    item = spool.claim_next()
+    assert item is not None and item.image_id == third.image_id
+    spool.mark_done(item.image_id)
+    done = spool.accept(copy_to(real(NATIVE_DX), watch), "dicom-net")
+    assert isinstance(done, Duplicate) and done.image_id == third.image_id
+    assert len([p for p in (spool.root / "quarantine").iterdir() if p.suffix == ".dcm"]) == 2

@@ -16,7 +16,7 @@ from appliance.errors import InputRejected
 from appliance.ingest import reasons
 from appliance.ingest.spool import Accepted, Duplicate, Rejected, Spool
 from appliance.ingest.watcher import FolderWatcher
-from tests.ingest.conftest import JPEG_BASELINE, MONOCHROME1, NATIVE_DX, copy_to, real
+from tests.ingest.conftest import JPEG_BASELINE, NATIVE_DX, copy_to, real
 from tests.support.data import cxr_data
 
 
@@ -135,7 +135,7 @@ def test_existing_files_and_rescan_without_inotify(tmp_path: Path) -> None:
 def test_duplicates_from_two_folders(rig: Rig) -> None:
     copy_to(real(JPEG_BASELINE), rig.watch, "a.dcm")
     wait_for(lambda: len(rig.accepted()) == 1)
-    copy_to(real(MONOCHROME1), rig.usb, "b.dcm")  # same SOPInstanceUID
+    copy_to(real(JPEG_BASELINE), rig.usb, "b.dcm")  # the same instance (UID and content)
     wait_for(lambda: len(rig.results) == 2)
     assert isinstance(rig.results[1], Duplicate) and not (rig.usb / "b.dcm").exists()
     assert rig.spool.pending_count() == 1
