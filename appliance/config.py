@@ -209,6 +209,16 @@ class PacsConfig(Section):
         300.0, gt=0, description="Longest wait between retries (backoff doubles)."
     )
     ca_file: Path | None = Field(None, description="Given: connect over TLS, trusting this CA.")
+    failed_retries: int = Field(
+        5,
+        ge=0,
+        description="How often a file the PACS refused (kept in failed/) is sent again before it stays there.",
+    )
+    failed_retry_seconds: float = Field(
+        600.0,
+        gt=0,
+        description="First wait before a refused file is sent again (doubles each time, at most a day).",
+    )
 
 
 class DicomOutConfig(Section):

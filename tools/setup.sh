@@ -15,6 +15,7 @@ if [[ $DEV == 1 ]]; then
   command -v systemd-analyze >/dev/null || need_apt+=(systemd)
   command -v rsync >/dev/null || need_apt+=(rsync)
   command -v npm >/dev/null || need_apt+=(nodejs npm)
+  command -v dciodvfy >/dev/null || need_apt+=(dicom3tools)  # validates the SR/SC the tests write
 fi
 if ((${#need_apt[@]})); then
   echo "==> installing Debian packages: ${need_apt[*]}"

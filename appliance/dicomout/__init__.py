@@ -4,7 +4,8 @@ Both are built with highdicom, which checks the objects as it builds them: an ob
 never written. Both name the algorithm (model name, version, and Result.provenance.device_uid as
 Device UID, which changes whenever the model file does) and say "Not for diagnostic use" in their
 series description. Instance UIDs derive from the result's message id, so writing the same result
-again (after a crash) gives the same objects, which a PACS treats as one.
+again (after a crash) gives the same objects, which a PACS treats as one. Both are UTF-8 (ISO_IR 192):
+the result's text holds characters such as "→" that ISO_IR 100 (Latin-1) cannot carry.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from appliance.result import Result
 UID_NAMESPACE: Final = uuid.UUID("6f4b7c1e-3c55-4d0e-9a0b-2f6d3f6f0c21")
 SR_SERIES_NUMBER: Final = 9901
 SC_SERIES_NUMBER: Final = 9902
+SPECIFIC_CHARACTER_SET: Final = "ISO_IR 192"  # UTF-8, whatever the source's character set was
 
 
 class DicomOutError(ApplianceError):
@@ -48,6 +50,7 @@ def common_kwargs(result: Result, kind: str, manufacturer: str) -> dict[str, Any
         "series_instance_uid": derived_uid(result, f"{kind}-series"),
         "sop_instance_uid": derived_uid(result, kind),
         "instance_number": 1,
+        "specific_character_set": SPECIFIC_CHARACTER_SET,
         "manufacturer": manufacturer,
         "manufacturer_model_name": result.provenance.model,
         "software_versions": software_versions(result),

@@ -3,13 +3,18 @@
 The picture is the same grey image the model saw (VOI/window and MONOCHROME1 already applied by the
 reader), with the heatmap in warm colours where it is high, and "NOT FOR DIAGNOSTIC USE" burned in.
 It carries no pixel spacing on purpose: nobody should measure on it. It joins the source's study,
-references the source image and names the algorithm like the SR does.
+references the source image and names the algorithm like the SR does. It carries the source's Body
+Part Examined (CHEST where the source has none: the appliance reads chest radiographs only), without
+which Laterality (General Series, type 2C) would be required.
+
+It is JPEG Baseline; the sender makes an uncompressed copy for a PACS that takes no JPEG.
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import re
 from pathlib import Path
 from typing import Final
 
@@ -36,6 +41,8 @@ HOT_FROM: Final = 0.35  # heatmap values below this stay grey (it is normalised 
 MAX_ALPHA: Final = 0.55
 # Radiographic display convention, the one the zones use too (image left = patient right).
 DEFAULT_ORIENTATION: Final = ("L", "F")
+DEFAULT_BODY_PART: Final = "CHEST"
+_CODE_STRING = re.compile(r"[A-Z0-9 _]{1,16}")  # VR CS
 
 
 def heatmap_array(heatmap: Heatmap, size: tuple[int, int]) -> np.ndarray:
@@ -84,10 +91,17 @@ def picture(result: Result, source_path: Path) -> np.ndarray:
     return burn_in(overlay(np.clip(pixels, 0.0, 1.0), heat), label)
 
 
+def body_part(source: Dataset) -> str:
+    """The source's Body Part Examined when it is a valid code string, else CHEST."""
+    value = str(source.get("BodyPartExamined", "") or "").strip().upper()
+    return value if _CODE_STRING.fullmatch(value) else DEFAULT_BODY_PART
+
+
 def build_sc(result: Result, source: Dataset, source_path: Path, *, manufacturer: str) -> SCImage:
     """The heatmap Secondary Capture; `source` is the header of the image at `source_path`."""
     rgb = picture(result, source_path)
     orientation = tuple(str(v) for v in source.get("PatientOrientation", []) or ()) or DEFAULT_ORIENTATION
+    laterality = str(source.get("Laterality", "") or "").strip().upper()
     try:
         sc = SCImage.from_ref_dataset(
             ref_dataset=source,
@@ -96,6 +110,7 @@ def build_sc(result: Result, source: Dataset, source_path: Path, *, manufacturer
             bits_allocated=8,
             coordinate_system="PATIENT",
             patient_orientation=orientation if len(orientation) == 2 else DEFAULT_ORIENTATION,
+            laterality=laterality if laterality in ("R", "L") else None,
             series_number=SC_SERIES_NUMBER,
             series_description=series_description("heatmap"),
             transfer_syntax_uid=JPEGBaseline8Bit,
@@ -114,7 +129,9 @@ def build_sc(result: Result, source: Dataset, source_path: Path, *, manufacturer
         if result.heatmap is not None
         else f"No heatmap from {result.provenance.model} {result.provenance.model_version}"
     )[:1024]
+    sc.BodyPartExamined = body_part(source)
     sc.BurnedInAnnotation = "YES"
     sc.LossyImageCompression = "01"
+    sc.LossyImageCompressionMethod = "ISO_10918_1"  # JPEG Baseline, kept in an uncompressed copy too
     add_device_uid(sc, result)
     return sc

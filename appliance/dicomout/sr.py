@@ -8,8 +8,8 @@ Layout:
       - abnormal score, severity (geographic extent 0-8, opacity 0-6), deterioration risk (0-1)
     Qualitative Evaluations: triage level and the result's text (which ends "Not for diagnostic use.")
 
-Model labels become SNOMED CT / DICOM codes where pydicom's code dictionary has one under the same
-name, otherwise codes of the private scheme 99CXRAPP (declared in Coding Scheme Identification).
+Model labels become SNOMED CT / DICOM codes (FINDING_CODES, else pydicom's code dictionary under the
+same name), otherwise codes of the private scheme 99CXRAPP (declared in Coding Scheme Identification).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from highdicom.sr import (
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 from pydicom.uid import UID
 
 from appliance.dicomout import (
@@ -57,7 +58,6 @@ PLAIN_CHEST_XRAY: Final = CodedConcept("399208008", "SCT", "Plain chest X-ray")
 QUALITATIVE_EVALUATIONS: Final = CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
 NO_UNITS: Final = CodedConcept("1", "UCUM", "no units")
 SCORE_UNIT: Final = CodedConcept("{score}", "UCUM", "score")
-ABNORMAL: Final = CodedConcept("ABNORMAL", PRIVATE, "Abnormal chest radiograph")
 EXTENT: Final = CodedConcept("EXTENT", PRIVATE, "Geographic extent of lung involvement (0-8)")
 OPACITY_DEGREE: Final = CodedConcept("OPACITY", PRIVATE, "Degree of lung opacity (0-6)")
 DETERIORATION: Final = CodedConcept("DETERIORATION", PRIVATE, "Death, ICU admission or intubation")
@@ -67,13 +67,47 @@ CARDIOTHORACIC_RATIO: Final = CodedConcept(
 TRIAGE: Final = CodedConcept("TRIAGE", PRIVATE, "Triage level")
 
 
+def _coded(code: Code) -> CodedConcept:
+    return CodedConcept(code.value, code.scheme_designator, code.meaning)
+
+
+# "Abnormal" (the whole image) as the SCT finding, not the bare qualifier 263654008 "Abnormal".
+ABNORMAL: Final = _coded(codes.SCT.ImagingResultAbnormal)  # SCT 408574004 "Imaging result abnormal"
+
+# The model's finding labels (normalised: lower case, words) whose standard code is not found by
+# name in pydicom's dictionary, or whose name there means something else on a chest radiograph.
+# Codes taken from pydicom's dictionary are named there (codes.SCT.X), so a renamed one fails at import.
+# Still private (99CXRAPP), as neither pydicom's nor highdicom's code tables have a code for them:
+#   findings Atelectasis and Consolidation (the tables hold only the narrower "Plate-like atelectasis"),
+#   and the measures/evaluations above: EXTENT, OPACITY, DETERIORATION, CTR, TRIAGE and the triage levels.
+FINDING_CODES: Final[dict[str, CodedConcept]] = {
+    # Not in pydicom's 3.0 dictionary; the codes are SNOMED CT's (checked against HL7's published
+    # "COVID-19 SNOMED CT Diagnosis" value set and the C-CDA on FHIR pneumonia example). 840539006's
+    # preferred term "Disease caused by severe acute respiratory syndrome coronavirus 2" has 66
+    # characters, over Code Meaning's 64 (LO): its synonym "COVID-19" is the meaning.
+    "covid 19": CodedConcept("840539006", "SCT", "COVID-19"),
+    "pneumonia": CodedConcept("233604007", "SCT", "Pneumonia"),
+    "nodule": _coded(codes.SCT.Nodule),  # 27925004
+    # DICOM's own code (CID 6104 "Abnormal Opacity Finding or Feature"): SCT has none in the tables.
+    "infiltration": _coded(codes.DCM.Infiltrate),  # 112121
+    # On a chest radiograph "Effusion" and "Edema" are pleural and pulmonary; the dictionary's
+    # "Effusion" (41699000) and "Edema" (79654002) are the general concepts.
+    "effusion": _coded(codes.SCT.PleuralEffusion),  # 60046008
+    "edema": _coded(codes.SCT.PulmonaryEdema),  # 19242006
+}
+
+
 def _private(label: str) -> CodedConcept:
     value = re.sub(r"[^A-Z0-9]+", "-", label.upper()).strip("-")[:16] or "UNNAMED"
     return CodedConcept(value, PRIVATE, label[:64])
 
 
 def concept_for(label: str) -> CodedConcept:
-    """A finding label as a code: the standard one if pydicom knows that name, else a private one."""
+    """A finding label as a code: FINDING_CODES, else the standard one if pydicom knows that name,
+    else a private one."""
+    known = FINDING_CODES.get(" ".join(re.findall(r"[a-z0-9]+", label.lower())))
+    if known is not None:
+        return known
     keyword = "".join(part[:1].upper() + part[1:] for part in re.split(r"[^A-Za-z0-9]+", label) if part)
     for scheme in (codes.SCT, codes.DCM):
         try:

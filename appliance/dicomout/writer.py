@@ -3,13 +3,22 @@
 Files are written atomically as <outbox>/<image_id>.sr.dcm and <image_id>.sc.dcm; with a PACS
 configured they are also hard-linked into <outbox>/queue/ for the sender. Writing the same result
 again (the daemon re-hands a result after a crash) rewrites the same names with the same UIDs.
+
+The source's header is checked before it is copied: a Patient's Age that is not a DICOM age is
+repaired where that is unambiguous ("45Y", "045y ") and left out otherwise ("45": years? months?).
+What highdicom and pydicom say through Python warnings (a one-part patient name, say) is logged here,
+naming the image, instead of going raw to stderr.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
+import re
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
@@ -41,6 +50,43 @@ TYPE2 = (
     "AccessionNumber",
     "ReferringPhysicianName",
 )
+# Patient's Age as written by units and exports: up to three digits and a unit, in any case and spacing.
+_AGE = re.compile(r"0*(\d{1,3})\s*([DWMY])")
+
+
+def repaired_age(value: object) -> str | None:
+    """A valid Patient's Age (AS: three digits and D, W, M or Y) for `value`, or None when it has no unit
+    or is not an age at all."""
+    match = _AGE.fullmatch(str(value).strip().upper()) if isinstance(value, str) else None
+    return f"{match[1].zfill(3)}{match[2]}" if match else None
+
+
+def check_patient_age(source: Dataset, name: str) -> None:
+    """Repair or drop the source's Patient's Age (highdicom copies it into the SR as it is)."""
+    if "PatientAge" not in source or source.PatientAge in (None, ""):
+        return
+    age = repaired_age(source.PatientAge)
+    if age is None:
+        del source.PatientAge
+        log.info("%s: Patient's Age is not a DICOM age (nnnD/W/M/Y); left out of the DICOM results", name)
+    elif age != source.PatientAge:
+        source.PatientAge = age
+        log.info("%s: Patient's Age repaired to the DICOM form %s", name, age)
+
+
+@contextlib.contextmanager
+def warnings_logged(image_id: str) -> Iterator[None]:
+    """Log the Python warnings of the block (each text once) instead of printing them to stderr.
+
+    warnings.catch_warnings swaps process-wide state, so a warning another thread raises meanwhile is
+    logged here too (harmless: it is logged, not lost); the daemon writes DICOM results one at a time."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            for text in dict.fromkeys(str(w.message) for w in caught):
+                log.info("DICOM results for %s: %s", image_id[:12], text)
 
 
 class DicomOutWriter:
@@ -72,21 +118,8 @@ class DicomOutWriter:
         if result.image.format != "dicom" or result.status != "ok":
             return []
         started = time.perf_counter()
-        try:
-            source = pydicom.dcmread(source_path, stop_before_pixels=True)
-        except (OSError, InvalidDicomError) as exc:
-            raise DicomOutError(f"{source_path}: cannot read the source DICOM: {exc}") from exc
-        missing = [key for key in REQUIRED if not str(source.get(key, "") or "").strip()]
-        if missing:
-            raise DicomOutError(f"{source_path}: the source DICOM lacks {', '.join(missing)}")
-        for key in TYPE2:
-            if key not in source:
-                setattr(source, key, "")
-        manufacturer = self.config.manufacturer
-        objects: list[tuple[str, Dataset]] = [("sr", build_sr(result, source, manufacturer=manufacturer))]
-        if self.config.secondary_capture:
-            objects.append(("sc", build_sc(result, source, source_path, manufacturer=manufacturer)))
-        written = [self._save(ds, f"{result.image.image_id}.{kind}.dcm") for kind, ds in objects]
+        with warnings_logged(result.image.image_id):
+            written = self._write(result, source_path)
         if self.sender is not None:
             for path in written:
                 self.sender.enqueue(path)
@@ -110,6 +143,24 @@ class DicomOutWriter:
                 "no DICOM results for %s: %s: %s", result.image.image_id[:12], exc.filename, exc.strerror
             )
         return []
+
+    def _write(self, result: Result, source_path: Path) -> list[Path]:
+        try:
+            source = pydicom.dcmread(source_path, stop_before_pixels=True)
+        except (OSError, InvalidDicomError) as exc:
+            raise DicomOutError(f"{source_path}: cannot read the source DICOM: {exc}") from exc
+        missing = [key for key in REQUIRED if not str(source.get(key, "") or "").strip()]
+        if missing:
+            raise DicomOutError(f"{source_path}: the source DICOM lacks {', '.join(missing)}")
+        for key in TYPE2:
+            if key not in source:
+                setattr(source, key, "")
+        check_patient_age(source, source_path.name)
+        manufacturer = self.config.manufacturer
+        objects: list[tuple[str, Dataset]] = [("sr", build_sr(result, source, manufacturer=manufacturer))]
+        if self.config.secondary_capture:
+            objects.append(("sc", build_sc(result, source, source_path, manufacturer=manufacturer)))
+        return [self._save(ds, f"{result.image.image_id}.{kind}.dcm") for kind, ds in objects]
 
     def _save(self, ds: Dataset, name: str) -> Path:
         buffer = io.BytesIO()

@@ -5,9 +5,11 @@ It can be stopped and started again on the same port, as a PACS going down and c
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
 from pynetdicom.events import Event
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -15,9 +17,17 @@ from tests.support.mosquitto import LOOPBACK, free_port
 
 
 class Pacs:
-    def __init__(self, folder: Path, *, ae_title: str = "PACS", status: int = 0x0000) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        *,
+        ae_title: str = "PACS",
+        status: int = 0x0000,
+        transfer_syntaxes: Sequence[str] = ALL_TRANSFER_SYNTAXES,
+    ) -> None:
         self.folder = folder
         self.ae_title = ae_title
+        self.transfer_syntaxes = list(transfer_syntaxes)  # what it accepts (e.g. uncompressed only)
         self.port = free_port()
         self.status = status  # what every C-STORE is answered with
         self.calling: list[str] = []
@@ -28,13 +38,18 @@ class Pacs:
         self.calling.append(event.assoc.requestor.ae_title)
         if self.status == 0x0000:
             uid = getattr(event.request, "AffectedSOPInstanceUID", "unknown")
-            (self.folder / f"{uid}.dcm").write_bytes(event.encoded_dataset())
+            dest = self.folder / f"{uid}.dcm"
+            # A DicomReceiver started in this process switches pynetdicom to receiving into files.
+            if _config.STORE_RECV_CHUNKED_DATASET:
+                shutil.copyfile(event.dataset_path, dest)
+            else:
+                dest.write_bytes(event.encoded_dataset())
         return self.status
 
     def start(self) -> Pacs:
         ae = AE(ae_title=self.ae_title)
         for context in AllStoragePresentationContexts:
-            ae.add_supported_context(str(context.abstract_syntax), ALL_TRANSFER_SYNTAXES)
+            ae.add_supported_context(str(context.abstract_syntax), self.transfer_syntaxes)
         self._server = ae.start_server(
             (LOOPBACK, self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._store)]
         )

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import subprocess
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import highdicom as hd
@@ -14,16 +17,36 @@ from pydicom.uid import ComprehensiveSRStorage, SecondaryCaptureImageStorage
 
 from appliance.config import DicomOutConfig
 from appliance.dicomout import DicomOutError
-from appliance.dicomout.sr import PRIVATE, concept_for
-from appliance.dicomout.writer import DicomOutWriter
+from appliance.dicomout.sr import ABNORMAL, PRIVATE, concept_for
+from appliance.dicomout.writer import DicomOutWriter, repaired_age
 from appliance.result import Result, Severity
-
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # the test DICOMs' odd patient names
+from tests.support.dciodvfy import DCIODVFY, MISSING, assert_valid, errors
 
 
 @pytest.fixture
-def writer(tmp_path: Path) -> DicomOutWriter:
-    return DicomOutWriter(DicomOutConfig(enabled=True, outbox=tmp_path / "dicom-out"))
+def writer(tmp_path: Path) -> Iterator[DicomOutWriter]:
+    """A writer whose every SR and SC must pass dciodvfy (checked when the test is done)."""
+    made = DicomOutWriter(DicomOutConfig(enabled=True, outbox=tmp_path / "dicom-out"))
+    yield made
+    written = sorted(made.config.outbox.glob("*.dcm"))
+    if written and DCIODVFY is not None:  # without it, test_dciodvfy_finds_no_error says why it skips
+        assert_valid(written)
+
+
+def a_source_like(source_path: Path, folder: Path, **changes: object) -> Path:
+    """A copy of a real DICOM with some header values changed (None: removed)."""
+    ds = pydicom.dcmread(source_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # invalid values are what these sources are made for
+        for keyword, value in changes.items():
+            if value is None:
+                delattr(ds, keyword)
+            else:
+                setattr(ds, keyword, value)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / source_path.name
+    ds.save_as(path)
+    return path
 
 
 def _presence_code(positive: bool) -> hd.sr.CodedConcept:
@@ -152,8 +175,131 @@ def test_non_dicom_and_refused_results_get_no_dicom_objects(
     assert writer.write(png, source_path) == [] and writer.write(refused, source_path) == []
 
 
-def test_finding_codes_come_from_the_dicom_dictionary_or_the_private_scheme() -> None:
+@pytest.mark.parametrize(
+    ("label", "scheme", "value", "meaning"),
+    [
+        ("COVID-19", "SCT", "840539006", "COVID-19"),
+        ("Pneumonia", "SCT", "233604007", "Pneumonia"),
+        ("Nodule", "SCT", codes.SCT.Nodule.value, "Nodule"),
+        ("Infiltration", "DCM", codes.DCM.Infiltrate.value, "Infiltrate"),
+        ("Effusion", "SCT", codes.SCT.PleuralEffusion.value, "Pleural effusion"),
+        ("Pleural effusion", "SCT", codes.SCT.PleuralEffusion.value, "Pleural effusion"),
+        ("Edema", "SCT", codes.SCT.PulmonaryEdema.value, "Pulmonary edema"),
+        ("Pneumothorax", "SCT", "36118008", "Pneumothorax"),
+        ("Cardiomegaly", "SCT", codes.SCT.Cardiomegaly.value, "Cardiomegaly"),
+        # No code in pydicom's/highdicom's tables (only the narrower "Plate-like atelectasis"): private.
+        ("Atelectasis", PRIVATE, "ATELECTASIS", "Atelectasis"),
+        ("Consolidation", PRIVATE, "CONSOLIDATION", "Consolidation"),
+    ],
+)
+def test_finding_codes_are_standard_where_one_exists(
+    label: str, scheme: str, value: str, meaning: str
+) -> None:
+    concept = concept_for(label)
+    assert (concept.scheme_designator, concept.value, concept.meaning) == (scheme, value, meaning)
+
+
+def test_the_dictionary_codes_used_are_the_ones_named() -> None:
+    """The codes taken from pydicom's dictionary, by value: a renamed or changed entry shows here."""
+    assert (codes.SCT.Nodule.value, codes.SCT.Nodule.meaning) == ("27925004", "Nodule")
+    assert (codes.DCM.Infiltrate.value, codes.DCM.Infiltrate.meaning) == ("112121", "Infiltrate")
+    assert codes.SCT.PleuralEffusion.value == "60046008" and codes.SCT.PulmonaryEdema.value == "19242006"
+    assert (ABNORMAL.scheme_designator, ABNORMAL.value, ABNORMAL.meaning) == (
+        "SCT",
+        "408574004",
+        "Imaging result abnormal",
+    )
+
+
+def test_text_with_characters_beyond_latin_1_round_trips(
+    writer: DicomOutWriter, analyzed: list[tuple[Result, Path]], tmp_path: Path
+) -> None:
+    result, source_path = analyzed[0]
+    assert pydicom.dcmread(source_path, stop_before_pixels=True).SpecificCharacterSet == "ISO_IR 100"
+    source = a_source_like(source_path, tmp_path / "source", PatientName="Müller^Jörg")
+    text = "Opacity right mid zone → lower zone (≥ 2 zones, 50 %). Not for diagnostic use."
+    arrows = result.model_copy(update={"text": text})
+    written = by_kind(writer.write(arrows, source))
+    for ds in written.values():
+        assert ds.SpecificCharacterSet == "ISO_IR 192"
+        assert str(ds.PatientName) == "Müller^Jörg"  # from a Latin-1 source, carried into UTF-8
+    texts = [element.value for element in written["sr"].iterall() if element.keyword == "TextValue"]
+    assert text in texts
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("062Y", "062Y"),
+        ("45", None),  # no unit: years? months? left out
+        ("045Y ", "045Y"),
+        ("45y", "045Y"),
+        ("3 W", "003W"),
+        ("0045Y", "045Y"),
+        ("045YX", None),
+        ("45 years", None),
+        ("1234Y", None),
+        ("", ""),
+    ],
+)
+def test_patient_age_in_the_sr_is_repaired_or_left_out(
+    writer: DicomOutWriter,
+    analyzed: list[tuple[Result, Path]],
+    tmp_path: Path,
+    given: str,
+    expected: str | None,
+) -> None:
+    result, source_path = analyzed[0]
+    source = a_source_like(source_path, tmp_path / "source", PatientAge=given)
+    sr = by_kind(writer.write(result, source))["sr"]
+    assert sr.get("PatientAge") == expected
+    assert pydicom.dcmread(source).PatientAge == given.strip()  # the source file is left as it was
+
+
+def test_repaired_age_takes_only_strings_with_a_unit() -> None:
+    assert [repaired_age(v) for v in ("7D", "12m", "100Y", "045Y")] == ["007D", "012M", "100Y", "045Y"]
+    assert [repaired_age(v) for v in ("45", "Y", "-5Y", "45Y6M", None, 45)] == [None] * 6
+
+
+def test_sc_carries_the_body_part_so_laterality_is_not_required(
+    writer: DicomOutWriter, analyzed: list[tuple[Result, Path]]
+) -> None:
+    for result, source_path in analyzed:
+        source = pydicom.dcmread(source_path, stop_before_pixels=True)
+        sc = by_kind(writer.write(result, source_path))["sc"]
+        assert sc.BodyPartExamined == source.get("BodyPartExamined", "CHEST") == "CHEST"
+        assert sc.LossyImageCompressionMethod == "ISO_10918_1"
+    assert "BodyPartExamined" not in pydicom.dcmread(analyzed[1][1], stop_before_pixels=True)
+
+
+def test_warnings_from_highdicom_go_to_the_log_not_to_stderr(
+    writer: DicomOutWriter, analyzed: list[tuple[Result, Path]], caplog: pytest.LogCaptureFixture
+) -> None:
+    result, source_path = analyzed[1]  # its Patient's Name "Covid0000" has one component
+    with warnings.catch_warnings(), caplog.at_level(logging.INFO, logger="appliance.dicomout.writer"):
+        warnings.simplefilter("error")  # a warning that escaped would raise here
+        writer.write(result, source_path)
+    lines = [
+        r.getMessage()
+        for r in caplog.records
+        if "unlikely to represent the intended person name" in r.getMessage()
+    ]
+    assert len(lines) == 1 and result.image.image_id[:12] in lines[0]  # once, naming the image
+
+
+def test_dciodvfy_finds_no_error_in_any_sr_or_sc(
+    writer: DicomOutWriter, analyzed: list[tuple[Result, Path]], tmp_path: Path
+) -> None:
+    if DCIODVFY is None:
+        pytest.skip(MISSING)
+    written = [path for result, source_path in analyzed for path in writer.write(result, source_path)]
+    assert len(written) == 2 * len(analyzed)
+    assert_valid(written)
+    # The validator does see errors: the SR as it was before Patient's Age was checked.
+    broken = pydicom.dcmread(written[0])
     with warnings.catch_warnings():
-        assert concept_for("Pleural effusion").scheme_designator == "SCT"
-        assert concept_for("Pneumothorax").value == "36118008"
-        assert concept_for("COVID-19").scheme_designator == PRIVATE
+        warnings.simplefilter("ignore")
+        broken.PatientAge = "62"
+        broken.save_as(tmp_path / "broken.sr.dcm")
+    assert any("Patient's Age" in line for line in errors(tmp_path / "broken.sr.dcm"))
+    assert subprocess.run([DCIODVFY, str(written[0])], capture_output=True, check=False).returncode == 0
