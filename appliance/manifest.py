@@ -138,6 +138,11 @@ class TriagePolicy(Strict):
     cardiomegaly_ratio: float = Field(
         0.5, description="Cardiothoracic ratio >= this is stated as an enlarged cardiac silhouette."
     )
+    measures_require: list[str] = Field(
+        default_factory=list,
+        description="Severity and deterioration risk are read only when one of these findings is named"
+        " (their validation comes from those patients, e.g. COVID-19 and pneumonia); empty: always.",
+    )
 
 
 SequenceFeature = Literal["risk_logit", "risk_logit_change", "extent", "extent_change", "log_days"]

@@ -56,6 +56,7 @@ KEYS = [
     "refusal.lateral_refused_rate",
     "refusal.ct_refused_rate",
     "refusal.cxr_false_refusal_rate",
+    "refusal.labelled_frontal_false_refusal_rate",
     "finding.macro_auc",
     "finding.macro_auc_within_source",
     "abnormal.auc",
@@ -66,6 +67,7 @@ KEYS = [
     "severity.extent_mae",
     "severity.opacity_r2",
     "outcome.auc",
+    "outcome.auc_within_source",
     "cardiac.ctr_mae",
     "mirror.dominant_side_consistency",
     "zones.left_share",
@@ -179,8 +181,10 @@ def score(
     refused = np.array([res.status == "refused" for res in results])
     cxr = np.array([r.is_cxr for r in records])
     view = np.array([r.view for r in records])
-    frontal = cxr & (view == data.VIEW_FRONTAL)
     lateral = cxr & (view == data.VIEW_LATERAL)
+    known_frontal = cxr & (view == data.VIEW_FRONTAL)
+    # A blank view (all of c19r) is a frontal X-ray by the data README's visual check: scored with them.
+    frontal = cxr & (view != data.VIEW_LATERAL)
 
     def rate(mask: np.ndarray, flags: np.ndarray) -> Callable[[np.ndarray], float | None]:
         return lambda idx: float(flags[idx[mask[idx]]].mean()) if mask[idx].any() else None
@@ -203,6 +207,7 @@ def score(
     with_ci(out, "refusal.lateral_refused_rate", groups, rate(lateral, refused), seed)
     with_ci(out, "refusal.ct_refused_rate", groups, rate(~cxr, refused | ~ok), seed)
     with_ci(out, "refusal.cxr_false_refusal_rate", groups, rate(frontal, ~ok), seed)
+    with_ci(out, "refusal.labelled_frontal_false_refusal_rate", groups, rate(known_frontal, ~ok), seed)
 
     # --- abnormal and triage, on accepted frontal images with a label
     abnormal = np.array([r.abnormal for r in records])
@@ -330,7 +335,9 @@ def score(
     adverse = np.array([r.adverse for r in records])
     risk = np.array([res.risk.score if res.risk else np.nan for res in results])
     has_r = (adverse >= 0) & ~np.isnan(risk)
-    with_ci(out, "outcome.auc", groups, on(has_r, lambda i: metrics.auc(adverse[i], risk[i])), seed)
+    with_ci(out, "outcome.auc", groups, on(has_r, auc_of(adverse, risk)), seed)
+    # Hannover patients are nearly all ICU cases: within source, recognising Hannover does not help.
+    with_ci(out, "outcome.auc_within_source", groups, on(has_r, within_auc_of(adverse, risk, sources)), seed)
 
     # --- cardiothoracic ratio against the reference masks; NIH cardiomegaly label
     cardiac: dict[str, Any] = {}
@@ -398,7 +405,7 @@ def score(
         "triage": dict(Counter(res.triage or "-" for res in results)),
         "refusal_reasons": dict(Counter(res.reason for res in results if res.status != "ok")),
         "counts": {
-            "frontal": int(frontal.sum()),
+            "frontal_or_blank_view": int(frontal.sum()),
             "lateral": int(lateral.sum()),
             "ct": int((~cxr).sum()),
             "patients": len(set(groups)),

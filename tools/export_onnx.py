@@ -209,6 +209,8 @@ def manifest_dict(
             "urgent_extent": 6.0 if "extent" in severity else None,
             "urgent_risk": round(points["urgent_risk"], 4) if risk_ok else None,
             "cardiomegaly_ratio": 0.5,
+            # The severity scores and the outcomes come from COVID-19 and other pneumonia patients.
+            "measures_require": [label for label in ("COVID-19", "Pneumonia") if label in findings],
         },
         "heatmap_label": "abnormal",
         "not_assessed": NOT_ASSESSED,

@@ -14,6 +14,9 @@ import numpy as np
 
 MASK_THRESHOLD = 0.5
 MIN_PIXELS = 40  # at the 256-px working size: below this a mask is not there
+# Outside this range the masks, not the heart, are wrong (a merged or missing lung, a heart mask
+# spilling over the diaphragm): no ratio rather than a wrong one.
+PLAUSIBLE = (0.25, 0.80)
 WORK_SIZE = 256
 
 
@@ -57,6 +60,8 @@ def cardiothoracic_ratio(
     thorax_width, heart_width = thorax[1] - thorax[0], cardiac[1] - cardiac[0]
     centre = (cardiac[0] + cardiac[1]) / 2
     if thorax_width <= 0 or not thorax[0] < centre < thorax[1]:
+        return None
+    if not PLAUSIBLE[0] <= heart_width / thorax_width <= PLAUSIBLE[1]:
         return None
     return Cardiothoracic(
         ratio=heart_width / thorax_width,

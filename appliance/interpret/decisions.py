@@ -8,6 +8,7 @@ and over generated score combinations (tests/interpret/test_decisions.py, tools/
 
 | rule | when | says |
 |------|------|------|
+| S1          | no finding of the manifest's `measures_require` named | severity and risk are not read (validated on those patients only) |
 | T1 urgent   | abnormal >= urgent point, or published extent >= urgent extent, or published risk >= urgent risk | triage "urgent" |
 | T2 abnormal | abnormal >= its point, or a published finding >= its point, or an enlarged heart (C1) | triage "abnormal" |
 | T3 normal   | none of the above | triage "normal" |
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from appliance.interpret.zones import describe_zones
 from appliance.result import CardiacSize, Finding, Risk, Score, Sentence, Severity, TriageLevel, Zone
@@ -54,9 +55,17 @@ class Validated:
     cardiac_state: str  # "published", "unmeasurable" or "not assessed"
     zones: list[Zone]
     not_assessed: list[str] = field(default_factory=list)
+    measures_require: list[str] = field(default_factory=list)
+
+    def measures_apply(self) -> bool:
+        """Severity and risk were validated on patients with these findings only (S1)."""
+        return not self.measures_require or any(
+            f.positive and f.label in self.measures_require for f in self.findings
+        )
 
 
 def triage(v: Validated, urgent: UrgentPoints) -> TriageLevel:
+    v = applicable(v)
     if (
         (v.abnormal is not None and urgent.abnormal is not None and v.abnormal.score >= urgent.abnormal)
         or (
@@ -157,20 +166,19 @@ def sentences(v: Validated, level: TriageLevel) -> list[Sentence]:
     return out
 
 
+def applicable(v: Validated) -> Validated:
+    """S1: without a named finding from `measures_require`, severity and risk are not read at all."""
+    if v.measures_apply():
+        return v
+    return replace(v, severity=None, risk=None)
+
+
 def for_level(v: Validated, level: TriageLevel) -> Validated:
-    """Severity and zones describe an abnormal image; a normal reading publishes neither."""
+    """Severity and zones describe an abnormal image: a normal reading publishes neither."""
+    v = applicable(v)
     if level != "normal":
         return v
-    return Validated(
-        abnormal=v.abnormal,
-        findings=v.findings,
-        severity=None,
-        risk=v.risk,
-        cardiac=v.cardiac,
-        cardiac_state=v.cardiac_state,
-        zones=[],
-        not_assessed=v.not_assessed,
-    )
+    return replace(v, severity=None, zones=[])
 
 
 # --- audit: the text against the fields ------------------------------------------------------------

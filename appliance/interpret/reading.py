@@ -282,6 +282,7 @@ def read_outputs(
         cardiac_state=cardiac_state,
         zones=zones,
         not_assessed=_not_assessed(manifest, cardiac_state),
+        measures_require=manifest.triage.measures_require,
     )
     policy = manifest.triage
     level = decisions.triage(

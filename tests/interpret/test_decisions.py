@@ -61,6 +61,7 @@ def validated(draw: st.DrawFn) -> tuple[decisions.Validated, decisions.UrgentPoi
         cardiac_state=state,
         zones=zones,
         not_assessed=draw(st.lists(st.sampled_from(["pneumothorax", "Edema", "heart size"]), unique=True)),
+        measures_require=draw(st.sampled_from([[], ["COVID-19", "Pneumonia"], ["Nodule"]])),
     )
     return v, urgent
 
@@ -93,6 +94,9 @@ def test_no_generated_combination_contradicts_itself(
         assert level == "normal"
     for finding in v.findings:
         assert (f"Possible {finding.label} (" in said) == (finding.positive and level != "normal")
+    if not v.measures_apply():  # S1: no severity or risk without a named finding they were validated on
+        assert shown.severity is None and shown.risk is None
+        assert not any(s.source in ("severity", "risk") for s in sentences)
 
 
 def base_case() -> decisions.Validated:
@@ -130,6 +134,17 @@ def test_an_enlarged_heart_alone_is_not_read_as_normal() -> None:
     level, _, sentences = read(v, decisions.UrgentPoints())
     assert level == "abnormal"
     assert not any("No abnormality" in s.text for s in sentences)
+
+
+def test_severity_and_risk_are_read_only_with_the_findings_they_were_validated_on() -> None:
+    v = base_case()
+    v.measures_require = ["Pneumonia"]  # COVID-19 is named, pneumonia is not
+    level, shown, sentences = read(v, decisions.UrgentPoints(extent=4.0, risk=0.5))
+    assert level == "abnormal"  # neither the extent nor the risk may make it urgent here
+    assert shown.severity is None and shown.risk is None
+    assert not any(s.source in ("severity", "risk") for s in sentences)
+    v.measures_require = ["COVID-19", "Pneumonia"]
+    assert decisions.triage(v, decisions.UrgentPoints(extent=4.0)) == "urgent"
 
 
 def test_urgent_comes_from_the_published_outputs_only() -> None:
