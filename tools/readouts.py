@@ -220,6 +220,7 @@ def fit_all(
     val_t: Targets,
     val_masks: np.ndarray,
     seed: int,
+    val_mirrored: dict[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     validation: dict[str, Any] = {}
     points: dict[str, float] = {}
@@ -332,6 +333,8 @@ def fit_all(
     }
     validation["masks"] = mask_figures(val_out, val_t, val_masks)
     validation["cardiothoracic_ratio"] = cardiothoracic_entry(validation["masks"])
+    if val_mirrored is not None:
+        validation["zones"] = zone_figures(val_out, val_mirrored, val_t)
     return {"points": points, "validation": validation}
 
 
@@ -378,4 +381,59 @@ def cardiothoracic_entry(masks: dict[str, Any]) -> dict[str, Any]:
         "agreement_enlarged": masks.get("ctr_agreement_enlarged"),
         "rule": f"mae <= {CTR_MAE_BAR} on >= {CTR_MIN_IMAGES} images",
         "published": bool(mae is not None and mae <= CTR_MAE_BAR and n >= CTR_MIN_IMAGES),
+    }
+
+
+MIRROR_BAR = 0.90
+SIDE_SHARE = (0.35, 0.65)
+DOMINANCE_MARGIN = 0.25  # summed involvement (0-3 per side) by which one side must lead to dominate
+
+
+def _zones(out: dict[str, np.ndarray], i: int) -> list[Any]:
+    """The appliance's own zone code on one image's maps (model coordinates; no letterbox to undo)."""
+    from appliance.interpret.reading import ZONE_MIN_INVOLVEMENT, _lung_heat
+    from appliance.interpret.zones import lung_zones
+
+    lungs = sigmoid(out["lung_mask"][i])
+    return lung_zones(_lung_heat(out["heatmap"][i], lungs, 0.5), lungs, 0.5, ZONE_MIN_INVOLVEMENT)
+
+
+def dominant(zones: list[Any], margin: float = DOMINANCE_MARGIN) -> str | None:
+    right = sum(z.involvement for z in zones if z.side == "right")
+    left = sum(z.involvement for z in zones if z.side == "left")
+    if abs(right - left) < margin:
+        return None
+    return "right" if right > left else "left"
+
+
+def zone_figures(out: dict[str, np.ndarray], mirrored: dict[str, np.ndarray], t: Targets) -> dict[str, Any]:
+    """Mirror test on the abnormal validation images: where the zones have a dominant side, the
+    mirrored image's zones must have the other one. Published only when it holds for >= 90 % and the
+    left/right share of all involvement is balanced (35-65 %)."""
+    rows = np.flatnonzero(t.abnormal.numpy() == 1)
+    agree = judged = 0
+    left = right = 0.0
+    for i in rows:
+        plain = _zones(out, int(i))
+        right += sum(z.involvement for z in plain if z.side == "right")
+        left += sum(z.involvement for z in plain if z.side == "left")
+        side = dominant(plain)
+        if side is None:
+            continue
+        judged += 1
+        agree += dominant(_zones(mirrored, int(i))) == {"right": "left", "left": "right"}[side]
+    consistency = agree / judged if judged else None
+    share = left / (left + right) if left + right > 0 else None
+    return {
+        "mirror_consistency": _round(consistency),
+        "judged": judged,
+        "abnormal_images": len(rows),
+        "dominance_margin": DOMINANCE_MARGIN,
+        "left_share": _round(share),
+        "published": bool(
+            consistency is not None
+            and consistency >= MIRROR_BAR
+            and share is not None
+            and SIDE_SHARE[0] <= share <= SIDE_SHARE[1]
+        ),
     }

