@@ -105,7 +105,8 @@ class OutputSpec(Strict):
         None,
         description="The labels whose validation cleared the publication bar (model card); only these reach"
         " the payload, the text, the display and DICOM. heart_mask: [cardiothoracic_ratio] when the ratio"
-        " is validated. Omitted: every label (a model brought in without a validation record).",
+        " is validated; heatmap: [zones] when the localisation passed its mirror test. Omitted: every"
+        " label (a model brought in without a validation record).",
     )
 
     def is_published(self, label: str) -> bool:
@@ -114,7 +115,8 @@ class OutputSpec(Strict):
     @model_validator(mode="after")
     def _labels_known(self) -> OutputSpec:
         label_set = set(self.labels)
-        allowed = label_set | ({"cardiothoracic_ratio"} if self.role == Role.heart_mask else set())
+        derived = {Role.heart_mask: {"cardiothoracic_ratio"}, Role.heatmap: {"zones"}}.get(self.role, set())
+        allowed = label_set | derived
         if self.published is not None and set(self.published) - allowed:
             raise ValueError(f"published names labels not in labels: {sorted(set(self.published) - allowed)}")
         for group in ("ranges", "units", "refuse_labels"):

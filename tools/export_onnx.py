@@ -189,7 +189,12 @@ def manifest_dict(
                 "labels": ["ood"],
                 "thresholds": {"ood": round(points["ood"], 4)},
             },
-            {"name": "heatmap", "role": "heatmap", "activation": "none"},
+            {
+                "name": "heatmap",
+                "role": "heatmap",
+                "activation": "none",
+                "published": ["zones"] if published(validation, "zones") else [],
+            },
             {"name": "lung_mask", "role": "lung_mask", "activation": "sigmoid", "thresholds": {"lung": 0.5}},
             {
                 "name": "heart_mask",

@@ -225,6 +225,9 @@ def _not_assessed(manifest: Manifest, cardiac_state: str) -> list[str]:
         ]
     if cardiac_state == "not assessed":
         missing.append("heart size")
+    heat = manifest.output(Role.heatmap)
+    if heat is not None and not heat.is_published("zones"):
+        missing.append("localisation")
     return missing + [item for item in manifest.not_assessed if item not in missing]
 
 
@@ -266,7 +269,8 @@ def read_outputs(
     cardiac, cardiac_state = _cardiac(manifest, lungs, heart, meta)
     zones: list[Zone] = []
     heatmap = None
-    if heat is not None:
+    heat_spec = manifest.output(Role.heatmap)
+    if heat is not None and heat_spec is not None and heat_spec.is_published("zones"):
         mask_spec = manifest.output(Role.lung_mask)
         lung_threshold = mask_spec.thresholds.get("lung", 0.5) if mask_spec else 0.5
         heat = _lung_heat(heat, lungs, lung_threshold)

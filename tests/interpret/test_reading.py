@@ -212,3 +212,45 @@ def test_zone_phrases(positive: set[tuple[str, str]], expected: str | None) -> N
         for level in ("upper", "middle", "lower")
     ]
     assert describe_zones(zones) == expected
+
+
+def restricted(**published: list[str]) -> Manifest:
+    """The test manifest with `published:` set on the outputs of the given roles."""
+    content = manifest().model_dump(mode="json")
+    for output in content["outputs"]:
+        if output["role"] in published:
+            output["published"] = published[output["role"]]
+    return Manifest.model_validate(content)
+
+
+def test_an_unpublished_finding_is_neither_in_the_payload_nor_in_the_text() -> None:
+    reading = read_outputs(
+        restricted(findings=["Pneumonia"]),
+        outputs([5, 0, 0], abn_logit=1.0),
+        GEOMETRY,
+        META,
+        with_heatmap=True,
+    )
+    assert [f.label for f in reading.findings] == ["Pneumonia"]
+    text = " ".join(s.text for s in reading.sentences)
+    assert "Possible COVID-19" not in text  # the highest score, but not validated
+    assert "Not assessed: COVID-19, heart size." in text
+
+
+def test_unvalidated_localisation_and_measures_are_not_published() -> None:
+    reading = read_outputs(
+        restricted(heatmap=[], severity=["opacity"], risk=[]),
+        outputs([5, 0, 0], abn_logit=1.0),
+        GEOMETRY,
+        META,
+        with_heatmap=True,
+    )
+    assert reading.triage == "abnormal"
+    assert reading.zones == [] and reading.heatmap is None and reading.risk is None
+    assert (
+        reading.severity is not None and reading.severity.extent is None and reading.severity.opacity == 3.2
+    )
+    text = " ".join(s.text for s in reading.sentences)
+    assert "zone" not in text and "extent" not in text and "risk" not in text
+    assert "Lung involvement: opacity 3.2 of 6." in text
+    assert "localisation" in text
