@@ -6,7 +6,9 @@ import contextlib
 import os
 import shutil
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 
 def fsync_dir(path: Path) -> None:
@@ -18,12 +20,12 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomically(dest: Path, data: bytes) -> Path:
-    """dest appears whole or not at all, and survives a power cut once this returns."""
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
+def _atomically(dest: Path, fill: Callable[[BinaryIO], object]) -> Path:
+    """dest appears whole or not at all (temp file, fsync, rename, fsync of the folder)."""
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{threading.get_ident()}.part")
     try:
         with open(tmp, "wb") as fh:
-            fh.write(data)
+            fill(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.rename(tmp, dest)
@@ -35,18 +37,12 @@ def write_atomically(dest: Path, data: bytes) -> Path:
     return dest
 
 
+def write_atomically(dest: Path, data: bytes) -> Path:
+    """dest appears whole or not at all, and survives a power cut once this returns."""
+    return _atomically(dest, lambda fh: fh.write(data))
+
+
 def copy_atomically(src: Path, dest: Path, *, chunk: int = 1 << 20) -> Path:
     """write_atomically from a file, a chunk at a time: a 500 MB instance never sits in memory."""
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{threading.get_ident()}.part")
-    try:
-        with open(src, "rb") as fin, open(tmp, "wb") as fout:
-            shutil.copyfileobj(fin, fout, chunk)
-            fout.flush()
-            os.fsync(fout.fileno())
-        os.rename(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    fsync_dir(dest.parent)
-    return dest
+    with open(src, "rb") as fin:
+        return _atomically(dest, lambda fout: shutil.copyfileobj(fin, fout, chunk))

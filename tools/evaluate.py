@@ -42,7 +42,8 @@ from appliance.config import AppConfig
 from appliance.errors import InputRejected, UserError
 from appliance.ingest import read_image
 from appliance.interpret.cardiac import cardiothoracic_ratio
-from appliance.interpret.decisions import audit
+from appliance.interpret.decisions import audit_result
+from appliance.interpret.zones import dominant_side
 from appliance.manifest import Precision, Role, load_manifest
 from appliance.pipeline import Analyzer
 from appliance.result import Result
@@ -80,7 +81,6 @@ WITHIN_SOURCE_PAIRS: dict[str, tuple[str, str | None]] = {
     "c19r normal vs covid-19": ("c19r", "COVID-19"),
     "cohen normal vs abnormal": ("cohen", None),
 }
-DOMINANCE_MARGIN = 0.05  # summed involvement difference below which neither side dominates
 
 
 def make_analyzer(model: Path, precision: str, threads: int) -> Analyzer:
@@ -138,14 +138,6 @@ def with_ci(
 
 def finding_score(result: Result, label: str) -> float | None:
     return next((f.score for f in result.findings if f.label == label), None)
-
-
-def dominant_side(result: Result) -> str | None:
-    right = sum(z.involvement for z in result.zones if z.side == "right")
-    left = sum(z.involvement for z in result.zones if z.side == "left")
-    if abs(right - left) < DOMINANCE_MARGIN:
-        return None
-    return "right" if right > left else "left"
 
 
 Metric = Callable[[np.ndarray], float | None]
@@ -384,16 +376,7 @@ def score(
     # --- text audit
     problems = []
     for r, res in zip(records, results, strict=True):
-        found = audit(
-            res.triage,
-            res.sentences,
-            res.abnormal,
-            res.findings,
-            res.severity,
-            res.risk,
-            res.cardiac,
-            res.zones,
-        )
+        found = audit_result(res)
         problems += [f"{r.file}: {p}" for p in found]
     out["text.contradictions"] = len(problems)
     out["text.contradictions_ci"] = None
@@ -436,7 +419,9 @@ def mirror_test(
     """Mirror every image whose published zones have a dominant side; the mirrored reading's dominant
     side must be the other one. A mirrored image read as normal (no zones) counts as a failure."""
     chosen = [
-        (r, res) for r, res in zip(records, results, strict=True) if res.status == "ok" and dominant_side(res)
+        (r, res)
+        for r, res in zip(records, results, strict=True)
+        if res.status == "ok" and dominant_side(res.zones)
     ][:limit]
     paths = []
     for index, (r, _) in enumerate(chosen):
@@ -450,8 +435,8 @@ def mirror_test(
     mirrored = analyze(analyzer, [p for p, _ in paths], "mirror") if paths else []
     agree = 0
     for (_, index), res in zip(paths, mirrored, strict=True):
-        side = dominant_side(chosen[index][1])
-        agree += dominant_side(res) == {"right": "left", "left": "right"}[side or "right"]
+        side = dominant_side(chosen[index][1].zones)
+        agree += dominant_side(res.zones) == {"right": "left", "left": "right"}[side or "right"]
     n = len(mirrored)
     return {"n": n, "consistency": round(agree / n, 4) if n else None}
 

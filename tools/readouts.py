@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from appliance.interpret.zones import DOMINANCE_MARGIN, dominant_side
+from appliance.result import Zone
 from tools import cxrdata as data
 from tools import cxrmetrics as metrics
 from tools.cxrmodel import FINDING_LABELS, CxrLite0
@@ -386,24 +388,15 @@ def cardiothoracic_entry(masks: dict[str, Any]) -> dict[str, Any]:
 
 MIRROR_BAR = 0.90
 SIDE_SHARE = (0.35, 0.65)
-DOMINANCE_MARGIN = 0.25  # summed involvement (0-3 per side) by which one side must lead to dominate
 
 
-def _zones(out: dict[str, np.ndarray], i: int) -> list[Any]:
+def _zones(out: dict[str, np.ndarray], i: int) -> list[Zone]:
     """The appliance's own zone code on one image's maps (model coordinates; no letterbox to undo)."""
     from appliance.interpret.reading import ZONE_MIN_INVOLVEMENT, _lung_heat
     from appliance.interpret.zones import lung_zones
 
     lungs = sigmoid(out["lung_mask"][i])
     return lung_zones(_lung_heat(out["heatmap"][i], lungs, 0.5), lungs, 0.5, ZONE_MIN_INVOLVEMENT)
-
-
-def dominant(zones: list[Any], margin: float = DOMINANCE_MARGIN) -> str | None:
-    right = sum(z.involvement for z in zones if z.side == "right")
-    left = sum(z.involvement for z in zones if z.side == "left")
-    if abs(right - left) < margin:
-        return None
-    return "right" if right > left else "left"
 
 
 def zone_figures(out: dict[str, np.ndarray], mirrored: dict[str, np.ndarray], t: Targets) -> dict[str, Any]:
@@ -417,11 +410,11 @@ def zone_figures(out: dict[str, np.ndarray], mirrored: dict[str, np.ndarray], t:
         plain = _zones(out, int(i))
         right += sum(z.involvement for z in plain if z.side == "right")
         left += sum(z.involvement for z in plain if z.side == "left")
-        side = dominant(plain)
+        side = dominant_side(plain)
         if side is None:
             continue
         judged += 1
-        agree += dominant(_zones(mirrored, int(i))) == {"right": "left", "left": "right"}[side]
+        agree += dominant_side(_zones(mirrored, int(i))) == {"right": "left", "left": "right"}[side]
     consistency = agree / judged if judged else None
     share = left / (left + right) if left + right > 0 else None
     return {

@@ -33,7 +33,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from appliance.interpret.zones import describe_zones
-from appliance.result import CardiacSize, Finding, Risk, Score, Sentence, Severity, TriageLevel, Zone
+from appliance.result import (
+    CardiacSize,
+    Finding,
+    Result,
+    Risk,
+    Score,
+    Sentence,
+    Severity,
+    TriageLevel,
+    Zone,
+)
 
 
 @dataclass(frozen=True)
@@ -253,3 +263,17 @@ def audit(
         if missing:
             problems.append(f"positive findings not named: {missing}")
     return problems
+
+
+def audit_result(result: Result) -> list[str]:
+    """`audit` on a published result."""
+    return audit(
+        result.triage,
+        result.sentences,
+        result.abnormal,
+        result.findings,
+        result.severity,
+        result.risk,
+        result.cardiac,
+        result.zones,
+    )

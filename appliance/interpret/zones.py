@@ -84,3 +84,16 @@ def describe_zones(zones: list[Zone]) -> str | None:
 
 def _and(words: Sequence[str]) -> str:
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+# Summed involvement (0-3 per side) by which one side must lead to be called dominant: the mirror
+# test judges only images where the zones clearly favour one side.
+DOMINANCE_MARGIN = 0.25
+
+
+def dominant_side(zones: Sequence[Zone], margin: float = DOMINANCE_MARGIN) -> Literal["right", "left"] | None:
+    right = sum(z.involvement for z in zones if z.side == "right")
+    left = sum(z.involvement for z in zones if z.side == "left")
+    if abs(right - left) < margin:
+        return None
+    return "right" if right > left else "left"

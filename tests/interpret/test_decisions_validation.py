@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.interpret.decisions import audit
+from appliance.interpret.decisions import audit_result
 from appliance.manifest import Role, load_manifest
 from tests.support.data import cxr_data, rows
 from tools.evaluate import analyze, make_analyzer
@@ -28,16 +28,7 @@ def test_no_validation_reading_contradicts_itself() -> None:
     published = {label for label in findings.labels if findings.is_published(label)}
     problems = []
     for path, result in zip(files, results, strict=True):
-        found = audit(
-            result.triage,
-            result.sentences,
-            result.abnormal,
-            result.findings,
-            result.severity,
-            result.risk,
-            result.cardiac,
-            result.zones,
-        )
+        found = audit_result(result)
         problems += [f"{path.name}: {p}" for p in found]
         assert {f.label for f in result.findings} <= published, path.name
         assert result.text.endswith("Not for diagnostic use.")
