@@ -2,6 +2,8 @@
 // Topics (see docs/display.md): <prefix>/<site>/<device>/{status, result, latest/<bed>, ack/<message_id>}.
 // All state is rebuilt from retained topics (status, latest/<bed>, ack/<id>), so a reload loses nothing
 // but the in-session trend points. Payload text is only ever set with textContent (no HTML injection).
+// Only what a result carries is shown: an output that failed validation is absent (null) and is never
+// drawn as a value, a dash or a zero.
 "use strict";
 
 (() => {
@@ -12,7 +14,12 @@
   };
   const WORD = { urgent: "URGENT", abnormal: "ABNORMAL", normal: "NORMAL", refused: "REFUSED", error: "ERROR" };
   const NEEDS_ACK = new Set(["urgent", "abnormal"]);
+  // Sentences that are not the reading itself: the key sentence is the first one after these.
+  const NOT_KEY = new Set(["dicom.ViewPosition", "view.frontal", "disclaimer"]);
   const USER_KEY = "cxr-display.user";
+  const SOUND_KEY = "cxr-display.sound";
+  const REMIND_MS = 60000; // with the sound on, repeat the tone this often while an urgent result waits
+  const SILENT_S = 20; // connected this long with no cart status at all: say nothing is arriving
   const SVG_NS = "http://www.w3.org/2000/svg";
   // A topic level must not contain these, or the ack would land on the wrong topic.
   const TOPIC_SAFE = /^[^/#+\u0000]+$/;
@@ -21,10 +28,12 @@
     cfg: null,
     client: null,
     connected: false,
+    connectedAt: null,
     connectionTried: false,
     authError: null,
     lastMessageAt: null,
     carts: new Map(), // "site/device" -> DeviceStatus
+    cartLastResult: new Map(), // "site/device" -> newest created_at (ms) of its results
     results: new Map(), // message_id -> Result (de-duplicates result vs latest/<bed>)
     beds: new Map(), // "site/location" -> newest Result
     acks: new Map(), // message_id -> Acknowledgement
@@ -32,6 +41,7 @@
     history: new Map(), // patient_key -> Map(image_id -> point)
     heatmaps: new Map(), // message_id -> colour data: URL (null while being made)
     notice: null,
+    detailBed: null, // bed key shown in the detail dialog, or null
   };
 
   const $ = (id) => document.getElementById(id);
@@ -77,6 +87,20 @@
     return `${Math.floor(hours / 24)} days ago`;
   }
 
+  // ---------- numbers: formatted only when present ----------
+
+  function num(v) {
+    return typeof v === "number" && Number.isFinite(v) ? v : null;
+  }
+
+  function fmt(v, digits = 1) {
+    return num(v) === null ? "" : v.toFixed(digits);
+  }
+
+  function pct(v) {
+    return num(v) === null ? "" : `${Math.round(v * 100)}%`;
+  }
+
   // ---------- state updates ----------
 
   function addHistoryPoint(key, imageId, point) {
@@ -89,18 +113,19 @@
     points.set(imageId, point);
   }
 
-  function num(v) {
-    return typeof v === "number" && Number.isFinite(v) ? v : null;
-  }
-
   function addResult(r) {
     if (state.results.has(r.message_id)) return;
     state.results.set(r.message_id, r);
     const bedKey = `${r.site}/${r.location}`;
     const current = state.beds.get(bedKey);
     if (!current || resultTime(r) >= resultTime(current)) state.beds.set(bedKey, r);
+    const cartKey = `${r.site}/${r.device_id}`;
+    const created = Date.parse(r.created_at);
+    if (Number.isFinite(created) && created > (state.cartLastResult.get(cartKey) || 0)) {
+      state.cartLastResult.set(cartKey, created);
+    }
 
-    const extentMax = (r.severity && r.severity.extent_max) || 8;
+    const extentMax = (r.severity && num(r.severity.extent_max)) || 8;
     addHistoryPoint(r.patient_key, r.image && r.image.image_id, {
       t: resultTime(r),
       extent: r.severity ? num(r.severity.extent) : null,
@@ -165,6 +190,37 @@
     scheduleRender();
   }
 
+  // ---------- what a result says ----------
+
+  function levelOf(r) {
+    return r.status === "ok" ? r.triage || "normal" : r.status;
+  }
+
+  function needsAck(r) {
+    return r.status === "ok" && NEEDS_ACK.has(levelOf(r)) && !state.acks.has(r.message_id);
+  }
+
+  function urgentWaiting(r) {
+    return levelOf(r) === "urgent" && needsAck(r);
+  }
+
+  // The sentence a tile leads with: the first one after the view sentence (sentences carry their
+  // source). Results without sentences (older payloads) fall back to their whole text.
+  function keySentence(r) {
+    const list = Array.isArray(r.sentences) ? r.sentences : [];
+    const s = list.find((x) => x && typeof x.text === "string" && x.text.trim() && !NOT_KEY.has(x.source));
+    return s ? s.text : r.text;
+  }
+
+  function cartOffline(r) {
+    const cart = state.carts.get(`${r.site}/${r.device_id}`);
+    return cart ? cart.state === "offline" : false;
+  }
+
+  function isStale(r) {
+    return !state.connected || cartOffline(r);
+  }
+
   // ---------- acknowledge ----------
 
   function userName() {
@@ -175,6 +231,10 @@
     const by = userName();
     if (!by) {
       state.notice = "Type your name in “Acknowledge as” (top right) first.";
+      if ($("detail").open) {
+        detailOpener = null; // focus goes to the name field, not back to the tile
+        closeDetail();
+      }
       $("user-name").focus();
       render();
       return;
@@ -205,6 +265,24 @@
       }
     });
     render();
+  }
+
+  function ackArea(r) {
+    const ack = state.acks.get(r.message_id);
+    if (ack) {
+      const at = Date.parse(ack.at);
+      const when = Number.isFinite(at) ? ` at ${clockTime(at)}` : "";
+      return el("div", { class: "acked" }, `✓ Acknowledged by ${ack.by}${when}`);
+    }
+    if (!needsAck(r)) return null;
+    const sending = state.pending.has(r.message_id);
+    const button = el("button", { class: "ack-button", type: "button", disabled: sending }, sending ? "Sending…" : "Acknowledge");
+    button.addEventListener("click", (event) => {
+      event.stopPropagation(); // a click on the button is not a click on the tile
+      acknowledge(r);
+    });
+    button.addEventListener("keydown", (event) => event.stopPropagation());
+    return el("div", { class: "ack-area" }, button);
   }
 
   // ---------- heatmap ----------
@@ -258,30 +336,35 @@
     img.src = `data:image/png;base64,${r.heatmap.png_base64}`;
   }
 
+  function hasHeatmap(r) {
+    return Boolean(r.status === "ok" && r.heatmap && r.heatmap.png_base64);
+  }
+
   function heatmapFigure(r) {
-    if (!r.heatmap || !r.heatmap.png_base64) {
-      return el("figure", { class: "heatmap none" }, el("span", {}, "No heatmap"));
-    }
+    if (!hasHeatmap(r)) return null;
     if (!state.heatmaps.has(r.message_id)) colourHeatmap(r);
     const url = state.heatmaps.get(r.message_id);
     return el(
       "figure",
       { class: "heatmap" },
-      url ? el("img", { src: url, alt: `Heatmap for ${r.heatmap.label}` }) : el("span", {}, "…"),
+      el("div", { class: "heatmap-frame" }, url ? el("img", { src: url, alt: `Heatmap for ${r.heatmap.label}` }) : null),
       el("figcaption", {}, r.heatmap.label),
     );
   }
 
   // ---------- trend chart ----------
 
-  function trendChart(r) {
+  function historyPoints(r) {
     const points = r.patient_key ? [...(state.history.get(r.patient_key) || new Map()).values()] : [];
-    points.sort((a, b) => a.t - b.t);
+    return points.sort((a, b) => a.t - b.t);
+  }
+
+  // Null when there is nothing to draw: no patient key, or no image of this patient published extent or
+  // risk (an empty chart would only suggest values that do not exist).
+  function trendChart(r) {
+    const points = historyPoints(r);
+    if (!r.patient_key || !points.length) return null;
     const box = el("div", { class: "trend" });
-    if (!r.patient_key) {
-      box.append(el("span", { class: "muted" }, "No trend: patient not identified"));
-      return box;
-    }
     const W = 240;
     const H = 120;
     const pad = { l: 8, r: 8, t: 10, b: 10 };
@@ -296,9 +379,6 @@
     const t1 = points.length ? points[points.length - 1].t : 1;
     const x = (t) => (t1 === t0 ? W / 2 : pad.l + ((t - t0) / (t1 - t0)) * (W - pad.l - pad.r));
     const y = (v) => pad.t + (1 - Math.max(0, Math.min(1, v))) * (H - pad.t - pad.b);
-    const count = svg("text", { x: W - 6, y: 16, class: "count", "text-anchor": "end" });
-    count.textContent = `${points.length} X-ray${points.length === 1 ? "" : "s"}`;
-    chart.append(count);
     for (const v of [0, 0.5, 1]) {
       chart.append(svg("line", { x1: 0, x2: W, y1: y(v), y2: y(v), class: "grid" }));
     }
@@ -318,14 +398,15 @@
       el(
         "div",
         { class: "legend" },
-        el("span", { class: "key key-extent" }, "Extent"),
-        el("span", { class: "key key-risk" }, "Risk"),
+        el("span", { class: "key-line key-extent" }, "Extent"),
+        el("span", { class: "key-line key-risk" }, "Risk"),
+        el("span", { class: "count" }, `${points.length} X-ray${points.length === 1 ? "" : "s"}`),
       ),
     );
     return box;
   }
 
-  // ---------- tiles ----------
+  // ---------- metrics ----------
 
   function metric(label, value, unit, extra) {
     return el(
@@ -337,155 +418,585 @@
     );
   }
 
-  function fmt(v, digits = 1) {
-    return typeof v === "number" && Number.isFinite(v) ? v.toFixed(digits) : "–";
-  }
-
   // Only what the result carries: an output that failed validation is absent (null), never shown as "–".
   function publishedMetrics(r) {
     const shown = [];
     const sev = r.severity;
-    if (sev && typeof sev.extent === "number") shown.push(metric("Extent", fmt(sev.extent), `/${fmt(sev.extent_max, 0)}`));
-    if (sev && typeof sev.opacity === "number") shown.push(metric("Opacity", fmt(sev.opacity), `/${fmt(sev.opacity_max, 0)}`));
-    if (r.cardiac) shown.push(metric("Cardiothoracic ratio", fmt(r.cardiac.ratio, 2), r.cardiac.enlarged ? " enlarged" : ""));
-    if (r.risk) shown.push(metric("Deterioration risk", `${Math.round(r.risk.score * 100)}`, "%", riskExtra(r)));
+    if (sev && num(sev.extent) !== null) shown.push(metric("Extent", fmt(sev.extent), `/${fmt(sev.extent_max || 8, 0)}`));
+    if (sev && num(sev.opacity) !== null) shown.push(metric("Opacity", fmt(sev.opacity), `/${fmt(sev.opacity_max || 6, 0)}`));
+    if (r.cardiac && num(r.cardiac.ratio) !== null) {
+      shown.push(metric("CTR", fmt(r.cardiac.ratio, 2), r.cardiac.enlarged ? " enlarged" : ""));
+    }
+    if (r.risk && num(r.risk.score) !== null) shown.push(metric("Risk", `${Math.round(r.risk.score * 100)}`, "%", riskExtra(r)));
     return shown;
   }
 
   function riskExtra(r) {
-    const before = r.trend && num(r.trend.risk_before);
-    if (before === null || before === undefined || !r.risk) return null;
+    const before = r.trend ? num(r.trend.risk_before) : null;
+    if (before === null || !r.risk || num(r.risk.score) === null) return null;
     const d = Math.round((r.risk.score - before) * 100);
     const arrow = d > 0 ? "▲" : d < 0 ? "▼" : "=";
     return `${arrow} from ${Math.round(before * 100)}%`;
   }
 
-  function cartOffline(r) {
-    const cart = state.carts.get(`${r.site}/${r.device_id}`);
-    return cart ? cart.state === "offline" : false;
+  // ---------- tiles ----------
+
+  // Tiles are rebuilt only when what they show changes; the age text is updated in place. So focus,
+  // and the urgent pulse, survive the 15-second refresh.
+  const tileCache = new Map(); // bed key -> {sig, node}
+
+  function tileSignature(r) {
+    const ack = state.acks.get(r.message_id);
+    return JSON.stringify([
+      r.message_id,
+      ack ? [ack.by, ack.at] : null,
+      state.pending.has(r.message_id),
+      isStale(r),
+      hasHeatmap(r) ? Boolean(state.heatmaps.get(r.message_id)) : null,
+      historyPoints(r).length,
+    ]);
   }
 
-  function tile(r) {
-    const level = r.status === "ok" ? r.triage || "normal" : r.status;
+  function tile(r, bedKey) {
+    const level = levelOf(r);
     const ack = state.acks.get(r.message_id);
-    const needsAck = r.status === "ok" && NEEDS_ACK.has(level);
-    const stale = !state.connected || cartOffline(r);
+    const waiting = needsAck(r);
+    const stale = isStale(r);
     const when = resultTime(r);
+    const key = keySentence(r);
 
+    // Foot: when (and STALE), the acknowledge button, "Not for diagnostic use". In a small tile the
+    // button sits beside the age to save a line; in a big one it is a full-width bar above them.
     const foot = el(
       "div",
       { class: "tile-foot" },
-      stale ? el("span", { class: "stale-tag" }, "STALE") : null,
-      el("span", { class: "age", title: new Date(when).toISOString() }, age(when)),
-      el("span", { class: "at", title: r.device_id }, `${r.image.acquired_at ? "taken" : "received"} ${clockTime(when)}`),
+      el(
+        "span",
+        { class: "when" },
+        stale ? el("span", { class: "stale-tag" }, "STALE") : null,
+        el("span", { class: "age", title: new Date(when).toISOString() }, age(when)),
+        el("span", { class: "at", title: r.device_id }, `${r.image.acquired_at ? "taken" : "received"} ${clockTime(when)}`),
+      ),
+      ackArea(r),
       el("span", { class: "ndu" }, r.disclaimer || "Not for diagnostic use"),
     );
-    let ackArea = null;
-    if (ack) {
-      ackArea = el("div", { class: "acked" }, `✓ Acknowledged by ${ack.by} at ${clockTime(Date.parse(ack.at))}`);
-    } else if (needsAck) {
-      const sending = state.pending.has(r.message_id);
-      const button = el("button", { class: "ack-button", type: "button", disabled: sending }, sending ? "Sending…" : "Acknowledge");
-      button.addEventListener("click", () => acknowledge(r));
-      ackArea = el("div", { class: "ack-area" }, button);
-    }
-
-    const refusedText = r.status !== "ok" && r.reason ? el("p", { class: "reason" }, `Reason: ${r.reason}`) : null;
+    const reason =
+      r.status !== "ok" && r.reason && !key.includes(r.reason) ? el("p", { class: "reason" }, `Reason: ${r.reason}`) : null;
+    const metrics = r.status === "ok" ? publishedMetrics(r) : [];
+    const heat = heatmapFigure(r);
     const body =
       r.status === "ok"
         ? el(
             "div",
-            { class: "tile-body" },
-            heatmapFigure(r),
-            el(
-              "div",
-              { class: "metrics" },
-              ...publishedMetrics(r),
-            ),
+            { class: `tile-body${heat ? "" : " no-heatmap"}` },
+            heat,
+            metrics.length ? el("div", { class: "metrics" }, ...metrics) : null,
             trendChart(r),
           )
         : null;
 
-    return el(
+    const node = el(
       "article",
       {
         class: "tile",
+        tabindex: "0",
+        "aria-label": `${r.location}: ${WORD[level] || level.toUpperCase()}. ${key} Press Enter for the full reading.`,
         "data-bed": r.location,
+        "data-bed-key": bedKey,
         "data-site": r.site,
         "data-device": r.device_id,
         "data-triage": level,
         "data-message-id": r.message_id,
         "data-acked": ack ? "true" : "false",
-        "data-needs-ack": needsAck && !ack ? "true" : "false",
+        "data-needs-ack": waiting ? "true" : "false",
         "data-stale": stale ? "true" : "false",
+        "data-size": level === "urgent" ? "big" : "normal",
       },
       el(
         "div",
-        { class: "tile-head" },
-        el("h2", { class: "bed", title: r.location }, r.location),
-        el("span", { class: "triage-word" }, WORD[level] || level.toUpperCase()),
+        { class: "tile-inner" },
+        el(
+          "div",
+          { class: "tile-head" },
+          el("h2", { class: "bed", title: r.location }, r.location),
+          el("span", { class: "triage-word" }, WORD[level] || level.toUpperCase()),
+        ),
+        el("p", { class: "key" }, key),
+        reason,
+        body,
+        foot,
       ),
-      el("p", { class: "text", title: r.text }, r.text),
-      refusedText,
-      body,
-      ackArea,
-      foot,
     );
+    node.addEventListener("click", () => openDetail(bedKey, node));
+    node.addEventListener("keydown", (event) => {
+      if (event.target !== node) return;
+      if (event.key === "Enter" || event.key === " " || event.key === "Spacebar") {
+        event.preventDefault();
+        openDetail(bedKey, node);
+      }
+    });
+    return node;
+  }
+
+  // Unacknowledged urgent first, then acknowledged urgent, then every other bed in bed order.
+  function rank(r) {
+    if (levelOf(r) !== "urgent") return 2;
+    return needsAck(r) ? 0 : 1;
+  }
+
+  function orderedBeds() {
+    return [...state.beds.entries()].sort(
+      ([, a], [, b]) =>
+        rank(a) - rank(b) ||
+        a.site.localeCompare(b.site) ||
+        a.location.localeCompare(b.location, undefined, { numeric: true }),
+    );
+  }
+
+  function renderTiles() {
+    const main = $("tiles");
+    const beds = orderedBeds();
+    if (!beds.length) {
+      tileCache.clear();
+      const text = state.connected ? "No results yet." : "Waiting for results…";
+      const empty = $("empty");
+      if (!empty || empty.textContent !== text || main.children.length !== 1) {
+        main.replaceChildren(el("p", { id: "empty", class: "empty" }, text));
+      }
+      return false;
+    }
+    const focused = document.activeElement;
+    const focusedBed = focused && focused.closest ? focused.closest(".tile") : null;
+    const focusedKey = focusedBed ? focusedBed.dataset.bedKey : null;
+    const focusedAck = Boolean(focused && focused.classList && focused.classList.contains("ack-button"));
+
+    const nodes = [];
+    let changed = false;
+    const live = new Set();
+    for (const [bedKey, r] of beds) {
+      live.add(bedKey);
+      const sig = tileSignature(r);
+      let entry = tileCache.get(bedKey);
+      if (!entry || entry.sig !== sig) {
+        entry = { sig, node: tile(r, bedKey) };
+        tileCache.set(bedKey, entry);
+        changed = true;
+      } else {
+        const when = resultTime(r);
+        const ageNode = entry.node.querySelector(".age");
+        const text = age(when);
+        if (ageNode.textContent !== text) ageNode.textContent = text;
+      }
+      nodes.push(entry.node);
+    }
+    for (const key of [...tileCache.keys()]) if (!live.has(key)) tileCache.delete(key);
+    const current = [...main.children];
+    if (changed || current.length !== nodes.length || current.some((n, i) => n !== nodes[i])) {
+      main.replaceChildren(...nodes);
+      changed = true;
+    }
+    // Give focus back where it was (a tile moved or was rebuilt) — the keyboard user keeps their place.
+    if (focusedKey && !$("detail").open && document.activeElement !== focused) {
+      const entry = tileCache.get(focusedKey);
+      if (entry) {
+        const target = (focusedAck && entry.node.querySelector(".ack-button")) || entry.node;
+        target.focus({ preventScroll: true });
+      }
+    }
+    return changed;
+  }
+
+  // ---------- layout: as many beds as the screen holds, urgent ones larger ----------
+
+  // The grid is fitted to the space left under the header and banners, so a wall monitor never needs
+  // scrolling: choose columns x rows so the tiles are as large as possible, urgent tiles spanning 2x2
+  // (else 2x1, else 1x1) cells; a layout is kept only if no tile's content is cut off. Tile content
+  // adapts to the tile's own size with container queries (style.css).
+  const SCALES = [1.1, 1, 0.88, 0.8]; // tile type size, in rem
+  const SPANS = [
+    ["2x2", 2, 2],
+    ["2x1", 2, 1],
+    ["1x1", 1, 1],
+  ];
+
+  function packedRows(cols, bigW, bigH, big, small) {
+    // CSS grid "dense" auto-placement, simulated: every item takes the first free slot in row order.
+    const taken = [];
+    const free = (r, c) => !(taken[r] && taken[r][c]);
+    let rows = 0;
+    const place = (w, h) => {
+      for (let r = 0; ; r++) {
+        for (let c = 0; c + w <= cols; c++) {
+          let ok = true;
+          for (let dr = 0; dr < h && ok; dr++) for (let dc = 0; dc < w && ok; dc++) ok = free(r + dr, c + dc);
+          if (ok) {
+            for (let dr = 0; dr < h; dr++) {
+              taken[r + dr] = taken[r + dr] || [];
+              for (let dc = 0; dc < w; dc++) taken[r + dr][c + dc] = true;
+            }
+            rows = Math.max(rows, r + h);
+            return;
+          }
+        }
+      }
+    };
+    for (let i = 0; i < big; i++) place(bigW, bigH);
+    for (let i = 0; i < small; i++) place(1, 1);
+    return rows;
+  }
+
+  // Grids for these tiles, best first: as large as possible (landscape-ish tiles read best), then
+  // fewest empty cells. Tiles are capped so a near-empty ward does not get poster-sized tiles.
+  function grids(W, H, gapX, gapY, rem, bigW, bigH, big, small, minW, minH) {
+    const maxW = 36 * rem;
+    const maxH = 26 * rem;
+    const out = [];
+    const maxCols = Math.max(1, Math.floor((W + gapX) / (minW + gapX)));
+    for (let cols = bigW; cols <= maxCols; cols++) {
+      const rows = packedRows(cols, bigW, bigH, big, small);
+      const cw = Math.min(maxW, (W - gapX * (cols - 1)) / cols);
+      const ch = Math.min(maxH, (H - gapY * (rows - 1)) / rows);
+      if (cw < minW || ch < minH) continue;
+      const score = Math.round(Math.min(cw / 1.15, ch));
+      const empty = cols * rows - (big * bigW * bigH + small);
+      out.push({ cols, rows, cw: Math.floor(cw), ch: Math.floor(ch), score, empty });
+    }
+    return out.sort((a, b) => b.score - a.score || a.empty - b.empty);
+  }
+
+  function applyGrid(main, grid, span, scale) {
+    main.dataset.big = span;
+    main.dataset.density = scale > 1 ? "large" : scale < 1 ? "tight" : "normal";
+    main.style.setProperty("--tile-scale", String(scale));
+    main.dataset.fit = grid.fit ? "true" : "false";
+    main.style.setProperty("--cols", String(grid.cols));
+    main.style.setProperty("--col-w", `${grid.cw}px`);
+    main.style.setProperty("--row-h", `${grid.ch}px`);
+  }
+
+  function fits(node) {
+    const inner = node.querySelector(".tile-inner");
+    return inner.scrollHeight <= inner.clientHeight + 1 && inner.scrollWidth <= inner.clientWidth + 1;
+  }
+
+  // Lay the grid out at type size `scale`; a non-urgent tile whose content is cut at that size (a long
+  // key sentence) may shrink its own type, by at most a fifth. Urgent tiles never shrink below the rest.
+  // False when some tile still does not fit.
+  function tryGrid(main, tiles, grid, span, scale) {
+    applyGrid(main, grid, span, scale);
+    for (const t of tiles) t.style.removeProperty("--tile-scale");
+    for (const t of tiles.filter((node) => !fits(node))) {
+      if (t.dataset.triage === "urgent") return false;
+      const smaller = SCALES.filter((s) => s < scale && s >= scale * 0.8 - 1e-9);
+      if (!smaller.some((s) => (t.style.setProperty("--tile-scale", String(s)), fits(t)))) return false;
+    }
+    return true;
+  }
+
+  let lastLayoutKey = null;
+  function layout(force) {
+    const main = $("tiles");
+    const tiles = [...main.querySelectorAll(".tile")];
+    if (!tiles.length) {
+      lastLayoutKey = null;
+      main.removeAttribute("data-big");
+      return;
+    }
+    const cs = getComputedStyle(main);
+    const W = main.clientWidth - parseFloat(cs.paddingLeft) - parseFloat(cs.paddingRight);
+    const H = main.clientHeight - parseFloat(cs.paddingTop) - parseFloat(cs.paddingBottom);
+    const big = tiles.filter((t) => t.dataset.size === "big").length;
+    const small = tiles.length - big;
+    const layoutKey = [W, H, big, small, tiles.map((t) => t.dataset.messageId + t.dataset.acked).join()].join("|");
+    if (!force && layoutKey === lastLayoutKey) return;
+    lastLayoutKey = layoutKey;
+    const rem = parseFloat(getComputedStyle(document.documentElement).fontSize) || 16;
+    const gapX = parseFloat(cs.columnGap) || 0;
+    const gapY = parseFloat(cs.rowGap) || 0;
+    const minW = 11 * rem;
+    const minH = 8 * rem;
+    // Urgent tiles larger if at all possible (a slightly smaller type beats equal-sized tiles); within
+    // that, the largest type that fits.
+    const spans = big ? SPANS : [SPANS[2]];
+    for (const [name, bw, bh] of spans) {
+      for (const grid of grids(W, H, gapX, gapY, rem, bw, bh, big, small, minW, minH).slice(0, 3)) {
+        for (const scale of SCALES) if (tryGrid(main, tiles, { ...grid, fit: true }, name, scale)) return;
+      }
+    }
+    // More beds than the screen holds at a readable size: smallest readable tiles, and the bed area
+    // scrolls (the page itself never does; the header and banners stay in view).
+    const cols = Math.max(1, Math.floor((W + gapX) / (minW + gapX)));
+    const cw = Math.floor((W - gapX * (cols - 1)) / cols);
+    tryGrid(main, tiles, { cols, cw, ch: Math.floor(Math.max(minH, 9.5 * rem)), fit: false }, "1x1", SCALES[SCALES.length - 1]);
+  }
+
+  // ---------- detail view ----------
+
+  let detailOpener = null; // bed key whose tile opened the dialog (focus returns to it)
+  let detailSig = null;
+
+  function openDetail(bedKey, opener) {
+    const dialog = $("detail");
+    state.detailBed = bedKey;
+    detailOpener = opener ? opener.dataset.bedKey : bedKey;
+    detailSig = null;
+    renderDetail();
+    if (!dialog.open) dialog.showModal();
+    $("detail-close").focus();
+  }
+
+  function closeDetail() {
+    const dialog = $("detail");
+    if (dialog.open) dialog.close();
+  }
+
+  function onDetailClosed() {
+    state.detailBed = null;
+    detailSig = null;
+    const entry = detailOpener ? tileCache.get(detailOpener) : null;
+    detailOpener = null;
+    if (entry && entry.node.isConnected) entry.node.focus({ preventScroll: true });
+  }
+
+  function valueRow(label, ...value) {
+    return [el("dt", {}, label), el("dd", {}, ...value)];
+  }
+
+  function scoreText(s) {
+    const parts = [fmt(s.score, 2)];
+    if (num(s.threshold) !== null) parts.push(`(operating point ${fmt(s.threshold, 2)})`);
+    if (s.positive === true) parts.push("— above");
+    else if (s.positive === false) parts.push("— below");
+    return parts.join(" ");
+  }
+
+  function publishedValues(r) {
+    const rows = [];
+    const add = (label, value) => {
+      if (value !== null && value !== undefined && value !== "") rows.push(...valueRow(label, value));
+    };
+    if (r.status !== "ok") add("Not read because", r.reason);
+    for (const f of Array.isArray(r.findings) ? r.findings : []) {
+      if (f && typeof f.label === "string" && num(f.score) !== null) add(`Finding: ${f.label}`, scoreText(f));
+    }
+    if (r.abnormal && num(r.abnormal.score) !== null) add("Abnormality score", scoreText(r.abnormal));
+    const sev = r.severity;
+    if (sev && num(sev.extent) !== null) add("Extent of lung involvement", `${fmt(sev.extent)} of ${fmt(sev.extent_max || 8, 0)}`);
+    if (sev && num(sev.opacity) !== null) add("Degree of opacity", `${fmt(sev.opacity)} of ${fmt(sev.opacity_max || 6, 0)}`);
+    const c = r.cardiac;
+    if (c && num(c.ratio) !== null) {
+      const parts = [fmt(c.ratio, 2)];
+      if (typeof c.enlarged === "boolean") parts.push(c.enlarged ? "— enlarged" : "— not enlarged");
+      if (num(c.threshold) !== null) parts.push(`(threshold ${fmt(c.threshold, 2)})`);
+      if (c.projection_caveat) parts.push("; AP projection overstates heart size");
+      add("Cardiothoracic ratio", parts.join(" "));
+    }
+    const risk = r.risk;
+    if (risk && num(risk.score) !== null) {
+      const parts = [pct(risk.score)];
+      if (risk.positive === true) parts.push("— high");
+      else if (risk.positive === false) parts.push("— low");
+      if (num(risk.threshold) !== null) parts.push(`(threshold ${pct(risk.threshold)})`);
+      if (risk.method === "sequence") parts.push("using earlier images");
+      add("Deterioration risk", parts.join(" "));
+    }
+    const zones = (Array.isArray(r.zones) ? r.zones : []).filter((z) => z && num(z.involvement) !== null);
+    if (zones.length) {
+      add(
+        "Zones (patient's side)",
+        zones.map((z) => `${z.side} ${z.level} ${pct(z.involvement)}${z.positive ? " (flagged)" : ""}`).join(", "),
+      );
+    }
+    const tr = r.trend;
+    if (tr && tr.prior_image_id) {
+      const parts = [];
+      if (tr.direction) parts.push(tr.direction);
+      if (num(tr.interval_hours) !== null) parts.push(`vs ${Math.round(tr.interval_hours)} h earlier`);
+      if (num(tr.extent_before) !== null && num(tr.extent_now) !== null) {
+        parts.push(`extent ${fmt(tr.extent_before)} → ${fmt(tr.extent_now)}`);
+      }
+      if (num(tr.opacity_before) !== null && num(tr.opacity_now) !== null) {
+        parts.push(`opacity ${fmt(tr.opacity_before)} → ${fmt(tr.opacity_now)}`);
+      }
+      if (num(tr.risk_before) !== null && num(tr.risk_now) !== null) parts.push(`risk ${pct(tr.risk_before)} → ${pct(tr.risk_now)}`);
+      add("Compared with the prior image", parts.join(", "));
+    }
+    if (r.view && num(r.view.score) !== null) add("View", `${r.view.label} (${fmt(r.view.score, 2)})`);
+    else if (r.image && r.image.view_position) add("View", r.image.view_position);
+    if (r.ood && num(r.ood.score) !== null) add("Out-of-distribution score", scoreText(r.ood));
+    const notAssessed = (Array.isArray(r.not_assessed) ? r.not_assessed : []).filter((s) => typeof s === "string");
+    if (notAssessed.length) add("Not assessed", notAssessed.join(", "));
+    const img = r.image || {};
+    const taken = Date.parse(img.acquired_at || "");
+    const imageParts = [];
+    if (Number.isFinite(taken)) imageParts.push(`taken ${new Date(taken).toLocaleString([], { hour12: false })}`);
+    if (img.modality) imageParts.push(img.modality);
+    if (img.format) imageParts.push(img.format);
+    if (img.source) imageParts.push(`from ${img.source}`);
+    add("Image", imageParts.join(", "));
+    add("Cart", `${r.device_id} · ${r.site}`);
+    const p = r.provenance;
+    if (p) add("Model", [p.model, p.model_version, p.backend, p.precision].filter(Boolean).join(" · "));
+    return el("dl", { class: "detail-values" }, ...rows);
+  }
+
+  function renderDetail() {
+    const dialog = $("detail");
+    const key = state.detailBed;
+    if (!key) return;
+    const r = state.beds.get(key);
+    if (!r) {
+      closeDetail();
+      return;
+    }
+    const sig = tileSignature(r);
+    if (sig === detailSig) return;
+    const hadFocusInside = dialog.contains(document.activeElement) && document.activeElement !== $("detail-close");
+    detailSig = sig;
+    const level = levelOf(r);
+    dialog.dataset.triage = level;
+    dialog.dataset.bed = r.location;
+    dialog.dataset.messageId = r.message_id;
+    $("detail-title").replaceChildren(
+      el("span", { class: "bed" }, r.location),
+      " ",
+      el("span", { class: "triage-word" }, WORD[level] || level.toUpperCase()),
+    );
+    const when = resultTime(r);
+    const heat = heatmapFigure(r);
+    const chart = r.status === "ok" ? trendChart(r) : null;
+    const media = heat || chart ? el("div", { class: "detail-media" }, heat, chart) : null;
+    const noTrend =
+      r.status === "ok" && !r.patient_key ? el("p", { class: "muted" }, "No trend: the patient was not identified.") : null;
+    $("detail-body").replaceChildren(
+      el(
+        "p",
+        { class: "detail-when" },
+        `${r.image.acquired_at ? "Taken" : "Received"} ${clockTime(when)} (${age(when)})`,
+        isStale(r) ? el("span", { class: "stale-tag" }, "STALE") : null,
+      ),
+      el("h3", {}, "Reading"),
+      el("p", { id: "detail-text", class: "detail-text" }, r.text),
+      media,
+      noTrend,
+      el("h3", {}, "Published values"),
+      publishedValues(r),
+      ackArea(r),
+      el("p", { class: "ndu" }, r.disclaimer || "Not for diagnostic use"),
+    );
+    dialog.setAttribute("aria-describedby", "detail-text");
+    if (hadFocusInside && !dialog.contains(document.activeElement)) $("detail-close").focus();
   }
 
   // ---------- header, banners ----------
 
   function renderCarts() {
     const box = $("carts");
-    box.replaceChildren();
     const keys = [...state.carts.keys()].sort();
-    for (const key of keys) {
+    const chips = keys.map((key) => {
       const s = state.carts.get(key);
-      box.append(
-        el(
-          "span",
-          { class: "cart-chip", "data-cart": key, "data-state": s.state, title: s.reason || "" },
-          el("span", { class: "dot" }),
-          `${s.device_id}${s.location ? ` · ${s.location}` : ""} `,
-          el("b", {}, s.state),
-        ),
+      const last = state.cartLastResult.get(key);
+      return el(
+        "span",
+        { class: "cart-chip", "data-cart": key, "data-state": s.state, title: s.reason || "" },
+        el("span", { class: "dot" }),
+        `${s.device_id}${s.location ? ` · ${s.location}` : ""} `,
+        el("b", {}, s.state),
+        last ? el("span", { class: "last" }, ` · last result ${clockTime(last)}`) : null,
       );
-    }
+    });
+    replaceIfChanged(box, chips);
+  }
+
+  // Replace a container's children only when their markup changed: banners are an assertive live
+  // region, and re-rendering an unchanged one every 15 s would be announced every 15 s.
+  const shownMarkup = new WeakMap(); // container -> markup of what it shows
+  function replaceIfChanged(box, nodes) {
+    const html = nodes.map((n) => n.outerHTML).join("");
+    if (shownMarkup.get(box) === html) return false;
+    shownMarkup.set(box, html);
+    box.replaceChildren(...nodes);
+    return true;
+  }
+
+  function urgentBanner() {
+    const waiting = orderedBeds().filter(([, r]) => urgentWaiting(r));
+    if (!waiting.length) return null;
+    const n = waiting.length;
+    const box = el(
+      "div",
+      { class: "banner banner-urgent", "data-kind": "urgent", "data-count": n },
+      el("b", {}, `${n} URGENT result${n === 1 ? "" : "s"} not acknowledged: `),
+    );
+    waiting.forEach(([bedKey, r], i) => {
+      const b = el("button", { class: "banner-bed", type: "button", "data-bed-key": bedKey }, r.location);
+      box.append(i ? ", " : "", b);
+    });
+    return box;
+  }
+
+  function silentSince() {
+    // Connected, yet not one cart status arrived: wrong site/prefix, an ACL that lets nothing through,
+    // or a broker no cart talks to. Nothing new would ever appear, so say so.
+    if (!state.connected || state.carts.size || !state.connectedAt) return false;
+    const limit = num(state.cfg.silent_after_s) !== null ? state.cfg.silent_after_s : SILENT_S;
+    return Date.now() - state.connectedAt >= limit * 1000;
   }
 
   function renderBanners() {
     const box = $("banners");
-    box.replaceChildren();
+    const out = [];
+    const urgent = urgentBanner();
+    if (urgent) out.push(urgent);
     if (state.authError) {
-      box.append(el("div", { class: "banner banner-offline", "data-kind": "auth" }, state.authError));
+      out.push(el("div", { class: "banner banner-offline", "data-kind": "auth" }, state.authError));
     }
     if (!state.connected && state.connectionTried) {
       const last = state.lastMessageAt ? ` Last message ${clockTime(state.lastMessageAt)}.` : "";
-      box.append(
+      out.push(
         el(
           "div",
           { class: "banner banner-offline", "data-kind": "broker" },
-          el("b", {}, "Connection to the results broker lost — reconnecting. "),
+          el("b", {}, "NOT RECEIVING: connection to the results broker lost — reconnecting. "),
           `Results shown may be out of date.${last}`,
         ),
       );
     }
+    if (silentSince()) {
+      const where = `${state.cfg.topic_prefix}/${state.cfg.site || "+"}`;
+      out.push(
+        el(
+          "div",
+          { class: "banner banner-offline", "data-kind": "silent" },
+          el("b", {}, "NOT RECEIVING: connected, but no cart reports on this broker "),
+          `(topic ${where}/…). New X-rays will not appear: check the display's site and topic prefix, and the broker's ACL.`,
+        ),
+      );
+    }
     for (const [key, s] of [...state.carts.entries()].sort()) {
-      if (s.state === "online") continue;
+      if (s.state === "online" && s.accepting !== false) continue;
       const since = Date.parse(s.since);
       const when = Number.isFinite(since) ? ` since ${clockTime(since)}` : "";
       const why = s.reason ? ` (${s.reason})` : "";
       const offline = s.state === "offline";
-      box.append(
+      const word = offline ? "OFFLINE" : s.state === "degraded" ? "DEGRADED" : "NOT ACCEPTING";
+      let tail;
+      if (offline) tail = "New X-rays from this cart will not appear here.";
+      else if (s.accepting === false) tail = "It is not accepting new X-rays: they will not be read until this clears.";
+      else tail = "Results may be delayed.";
+      const outbox = num(s.outbox_depth);
+      if (!offline && outbox) tail += ` ${outbox} result${outbox === 1 ? "" : "s"} waiting to be sent.`;
+      out.push(
         el(
           "div",
           { class: `banner ${offline ? "banner-offline" : "banner-degraded"}`, "data-kind": s.state, "data-cart": key },
-          el("b", {}, `Cart ${s.device_id} ${offline ? "OFFLINE" : "DEGRADED"}${when}${why}. `),
-          offline ? "New X-rays from this cart will not appear here." : "Results may be delayed.",
+          el("b", {}, `Cart ${s.device_id} ${word}${when}${why}. `),
+          tail,
         ),
       );
     }
-    if (state.notice) box.append(el("div", { class: "banner banner-notice", "data-kind": "notice" }, state.notice));
+    if (state.notice) out.push(el("div", { class: "banner banner-notice", "data-kind": "notice" }, state.notice));
+    return replaceIfChanged(box, out);
   }
 
   function renderConn() {
@@ -496,20 +1007,108 @@
     $("clock").textContent = clockTime(Date.now());
   }
 
+  function renderTitle() {
+    const n = [...state.beds.values()].filter(urgentWaiting).length;
+    const base = "CXR ward display — Not for diagnostic use";
+    const title = n ? `(${n}) URGENT — ${base}` : base;
+    if (document.title !== title) document.title = title;
+  }
+
+  // ---------- sound ----------
+
+  const sound = { on: false, ctx: null, tones: 0, alerted: new Set(), lastAt: 0 };
+
+  function audioContext() {
+    if (!sound.ctx) {
+      const AC = window.AudioContext || window.webkitAudioContext;
+      if (!AC) return null;
+      sound.ctx = new AC();
+      sound.ctx.addEventListener("statechange", renderSound);
+    }
+    return sound.ctx;
+  }
+
+  // A two-note chime synthesised with Web Audio: nothing is fetched.
+  function tone() {
+    const ctx = sound.ctx;
+    if (!ctx || ctx.state !== "running") return false;
+    const gain = ctx.createGain();
+    gain.connect(ctx.destination);
+    const t0 = ctx.currentTime + 0.02;
+    gain.gain.setValueAtTime(0.0001, t0);
+    [
+      [988, 0],
+      [740, 0.28],
+      [988, 0.56],
+    ].forEach(([freq, dt]) => {
+      const osc = ctx.createOscillator();
+      osc.type = "triangle";
+      osc.frequency.value = freq;
+      osc.connect(gain);
+      gain.gain.setValueAtTime(0.0001, t0 + dt);
+      gain.gain.exponentialRampToValueAtTime(0.35, t0 + dt + 0.02);
+      gain.gain.exponentialRampToValueAtTime(0.0001, t0 + dt + 0.24);
+      osc.start(t0 + dt);
+      osc.stop(t0 + dt + 0.25);
+    });
+    sound.tones += 1;
+    sound.lastAt = Date.now();
+    renderSound();
+    return true;
+  }
+
+  function renderSound() {
+    const button = $("sound");
+    const ctx = sound.ctx;
+    let s = "off";
+    if (sound.on) s = ctx && ctx.state === "running" ? "on" : ctx ? "blocked" : "unsupported";
+    button.dataset.state = s;
+    button.dataset.tones = String(sound.tones);
+    button.setAttribute("aria-pressed", sound.on ? "true" : "false");
+    button.textContent = {
+      off: "Alarm sound: off",
+      on: "Alarm sound: on",
+      blocked: "Alarm sound: tap to enable",
+      unsupported: "Alarm sound: not supported",
+    }[s];
+  }
+
+  function setSound(on) {
+    sound.on = on;
+    localStorage.setItem(SOUND_KEY, on ? "on" : "off");
+    if (on) {
+      const ctx = audioContext();
+      if (ctx) {
+        // Called from the click, so the browser lets the context start; the chime confirms it is audible.
+        ctx.resume().then(() => {
+          tone();
+          renderSound();
+        });
+      }
+    }
+    renderSound();
+  }
+
+  function alertCheck() {
+    const waiting = [...state.beds.values()].filter(urgentWaiting).map((r) => r.message_id);
+    const fresh = waiting.filter((id) => !sound.alerted.has(id));
+    for (const id of fresh) sound.alerted.add(id);
+    if (!sound.on || !waiting.length) return;
+    if (fresh.length || Date.now() - sound.lastAt >= REMIND_MS) tone();
+  }
+
+  // ---------- render ----------
+
   function render() {
     renderPending = false;
     renderConn();
     renderCarts();
-    renderBanners();
-    const main = $("tiles");
-    const beds = [...state.beds.values()].sort(
-      (a, b) => a.site.localeCompare(b.site) || a.location.localeCompare(b.location, undefined, { numeric: true }),
-    );
-    if (!beds.length) {
-      main.replaceChildren(el("p", { id: "empty", class: "empty" }, state.connected ? "No results yet." : "Waiting for results…"));
-      return;
-    }
-    main.replaceChildren(...beds.map(tile));
+    const bannersChanged = renderBanners();
+    const tilesChanged = renderTiles();
+    layout(bannersChanged || tilesChanged);
+    if ($("detail").open) renderDetail();
+    renderTitle();
+    alertCheck();
   }
 
   let renderPending = false;
@@ -536,6 +1135,7 @@
     state.client = client;
     client.on("connect", () => {
       state.connected = true;
+      state.connectedAt = Date.now();
       state.connectionTried = true;
       state.authError = null;
       // Retained status, latest/<bed> and ack/<id> arrive right after this: that is the reload recovery.
@@ -543,6 +1143,8 @@
         if (err) state.notice = `Subscription refused: ${err.message}`;
         scheduleRender();
       });
+      const limit = num(cfg.silent_after_s) !== null ? cfg.silent_after_s : SILENT_S;
+      setTimeout(scheduleRender, limit * 1000 + 50);
       scheduleRender();
     });
     const lost = () => {
@@ -572,6 +1174,38 @@
         scheduleRender();
       }
     });
+
+    const dialog = $("detail");
+    $("detail-close").addEventListener("click", closeDetail);
+    dialog.addEventListener("close", onDetailClosed);
+    // A click on the backdrop (outside the dialog's box) closes it, like Escape.
+    dialog.addEventListener("click", (event) => {
+      if (event.target !== dialog) return;
+      const box = dialog.getBoundingClientRect();
+      const inside =
+        event.clientX >= box.left && event.clientX <= box.right && event.clientY >= box.top && event.clientY <= box.bottom;
+      if (!inside) closeDetail();
+    });
+    $("banners").addEventListener("click", (event) => {
+      const b = event.target.closest && event.target.closest(".banner-bed");
+      if (b && state.beds.has(b.dataset.bedKey)) openDetail(b.dataset.bedKey, tileCache.get(b.dataset.bedKey)?.node);
+    });
+
+    // Sound: off unless this monitor's ward switched it on. After a reload the browser may hold the
+    // audio back until someone touches the screen or a key (kiosks: --autoplay-policy=no-user-gesture-required).
+    $("sound").addEventListener("click", () => setSound(!sound.on));
+    if (localStorage.getItem(SOUND_KEY) === "on") {
+      sound.on = true;
+      const ctx = audioContext();
+      if (ctx && ctx.state !== "running") {
+        const wake = () => ctx.resume().then(renderSound);
+        document.addEventListener("pointerdown", wake, { once: true, capture: true });
+        document.addEventListener("keydown", wake, { once: true, capture: true });
+      }
+    }
+    renderSound();
+
+    new ResizeObserver(() => layout(false)).observe($("tiles"));
     // Ages and the clock move on even when no message arrives.
     setInterval(scheduleRender, 15000);
     fetch("config.json", { cache: "no-store" })
@@ -585,6 +1219,7 @@
         render();
       })
       .catch((err) => {
+        state.cfg = state.cfg || { topic_prefix: "cxr", site: "+" };
         state.notice = `Cannot load config.json (${err.message}): the display does not know its broker.`;
         render();
       });

@@ -42,11 +42,15 @@ def page_config(
     username: str | None = None,
     password: str | None = None,
     display_name: str | None = None,
+    silent_after_s: float = 20.0,
 ) -> dict[str, Any]:
     """What the page reads from config.json. The password is the display account's, which the broker's
     ACL limits to reading results/status and publishing acknowledgements; anyone who can load the page
-    can read it, so never give the display the appliance's own account."""
+    can read it, so never give the display the appliance's own account. `silent_after_s`: how long the
+    page may be connected without a single cart status before it says that nothing is arriving."""
     _ws_origin(broker_ws_url)
+    if not silent_after_s > 0:
+        raise UserError(f"display silent_after_s {silent_after_s!r}: must be a positive number of seconds")
     for name, value in (("topic_prefix", topic_prefix), ("site", site)):
         if not value or any(c in value for c in "/#") or (value != "+" and "+" in value):
             raise UserError(f"display {name} {value!r}: must be one topic level (no '/', '#' or '+')")
@@ -57,6 +61,7 @@ def page_config(
         "username": username,
         "password": password,
         "display_name": display_name or socket.gethostname(),
+        "silent_after_s": silent_after_s,
     }
 
 
@@ -109,7 +114,7 @@ def make_server(
     **config: Any,
 ) -> ThreadingHTTPServer:
     """A bound, not yet running server (port 0 picks a free port: see `server.server_address`).
-    `config` goes to `page_config` (topic_prefix, site, username, password, display_name)."""
+    `config` goes to `page_config` (topic_prefix, site, username, password, display_name, silent_after_s)."""
     root = Path(directory)
     if not (root / "index.html").is_file():
         raise UserError(f"display directory {root}: no index.html there")

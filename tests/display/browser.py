@@ -74,8 +74,27 @@ class Browser:
         self.proc.stdin.flush()
         return self._reply(self._next)
 
-    def page(self, name: str, url: str, width: int = 1920, height: int = 1080) -> Page:
-        self.call("open", page=name, url=url, width=width, height=height)
+    def page(
+        self,
+        name: str,
+        url: str,
+        width: int = 1920,
+        height: int = 1080,
+        *,
+        record: bool = False,
+        reduced_motion: bool = False,
+    ) -> Page:
+        """A new context + page. `record`: intercept every request (see `Page.requests`), aborting any
+        that leaves loopback."""
+        self.call(
+            "open",
+            page=name,
+            url=url,
+            width=width,
+            height=height,
+            record=record,
+            reducedMotion="reduce" if reduced_motion else "no-preference",
+        )
         return Page(self, name)
 
     def close(self) -> None:
@@ -131,6 +150,20 @@ class Page:
 
     def click(self, selector: str) -> None:
         self._call("click", selector=selector)
+
+    def press(self, key: str, selector: str | None = None) -> None:
+        """A real key press, on `selector` or on whatever has the focus."""
+        self._call("press", key=key, selector=selector)
+
+    def focus(self, selector: str) -> None:
+        self._call("focus", selector=selector)
+
+    def resize(self, width: int, height: int) -> None:
+        self._call("resize", width=width, height=height)
+
+    def requests(self) -> dict[str, list[Any]]:
+        """With `record`: {"requests": [{url, type, method}], "sockets": [ws url]} so far."""
+        return dict(self._call("requests"))
 
     def reload(self) -> None:
         self._call("reload")

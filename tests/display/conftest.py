@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,8 +31,11 @@ topic write cxr/+/+/ack/+
 
 
 @contextmanager
-def serve_display(broker: Broker, display_name: str, auth: tuple[str, str] = DISPLAY_AUTH) -> Iterator[str]:
-    """The ward page (appliance.display.server) in a thread, logged in as the display account; yields its URL."""
+def serve_display(
+    broker: Broker, display_name: str, auth: tuple[str, str] = DISPLAY_AUTH, **config: Any
+) -> Iterator[str]:
+    """The ward page (appliance.display.server) in a thread, logged in as the display account; yields its URL.
+    `config`: more page settings for config.json (e.g. silent_after_s)."""
     server = make_server(
         "127.0.0.1",
         0,
@@ -39,6 +43,7 @@ def serve_display(broker: Broker, display_name: str, auth: tuple[str, str] = DIS
         username=auth[0],
         password=auth[1],
         display_name=display_name,
+        **config,
     )
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:

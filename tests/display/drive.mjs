@@ -37,9 +37,22 @@ function get(name) {
 }
 
 const ops = {
-  async open({ page: name, url, width = 1920, height = 1080 }) {
-    const context = await browser.newContext({ viewport: { width, height } });
+  async open({ page: name, url, width = 1920, height = 1080, record = false, reducedMotion = "no-preference" }) {
+    const context = await browser.newContext({ viewport: { width, height }, reducedMotion });
+    const requests = []; // every request the page makes (with record), and every WebSocket it opens
+    const sockets = [];
+    if (record) {
+      // Interception, not just observation: each request is seen before it leaves, and anything that is
+      // not loopback is aborted, so a failing test never reaches the outside world either.
+      await context.route("**/*", (route) => {
+        const req = route.request();
+        requests.push({ url: req.url(), type: req.resourceType(), method: req.method() });
+        const host = new URL(req.url()).hostname;
+        return ["127.0.0.1", "localhost"].includes(host) ? route.continue() : route.abort("blockedbyclient");
+      });
+    }
     const page = await context.newPage();
+    page.on("websocket", (ws) => sockets.push(ws.url()));
     const logs = [];
     page.on("console", (m) => logs.push(`console.${m.type()}: ${m.text()}`));
     page.on("pageerror", (e) => logs.push(`pageerror: ${e.message}`));
@@ -50,7 +63,7 @@ const ops = {
         logs.push(`external-request: ${r.url()}`);
       }
     });
-    pages.set(name, { context, page, logs });
+    pages.set(name, { context, page, logs, requests, sockets });
     await page.goto(url, { waitUntil: "load" });
     return true;
   },
@@ -65,6 +78,24 @@ const ops = {
   async click({ page, selector, timeout = 10000 }) {
     await get(page).page.click(selector, { timeout });
     return true;
+  },
+  async press({ page, key, selector }) {
+    const p = get(page).page;
+    if (selector) await p.press(selector, key);
+    else await p.keyboard.press(key);
+    return true;
+  },
+  async focus({ page, selector }) {
+    await get(page).page.focus(selector);
+    return true;
+  },
+  async resize({ page, width, height }) {
+    await get(page).page.setViewportSize({ width, height });
+    return true;
+  },
+  async requests({ page }) {
+    const { requests, sockets } = get(page);
+    return { requests, sockets };
   },
   async wait({ page, selector, state = "visible", timeout = 15000 }) {
     await get(page).page.waitForSelector(selector, { state, timeout });

@@ -20,11 +20,35 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from appliance.result import Heatmap, ImageInfo, Provenance, Result, Risk, Severity, Trend
+from appliance.result import (
+    CardiacSize,
+    Finding,
+    Heatmap,
+    ImageInfo,
+    Provenance,
+    Result,
+    Risk,
+    Score,
+    Sentence,
+    Severity,
+    Trend,
+    Zone,
+)
 from tests.support.mosquitto import Broker
 
 CART_SCRIPT = Path(__file__).with_name("cart_process.py")
 REPO = Path(__file__).resolve().parents[2]
+# Sentences a tile does not lead with (the page's NOT_KEY): the view sentence and the disclaimer.
+NOT_KEY = frozenset({"dicom.ViewPosition", "view.frontal", "disclaimer"})
+
+
+def key_sentence(result: Result | dict[str, Any]) -> str:
+    """What a tile leads with: the first sentence after the view sentence, else the whole text."""
+    data = result.model_dump() if isinstance(result, Result) else result
+    for sentence in data.get("sentences") or []:
+        if sentence["source"] not in NOT_KEY and sentence["text"].strip():
+            return str(sentence["text"])
+    return str(data["text"])
 
 
 def iso(when: datetime) -> str:
@@ -71,7 +95,17 @@ def make_result(
     heatmap: bool = True,
     status: str = "ok",
     reason: str | None = None,
+    sentences: list[tuple[str, str]] | None = None,
+    findings: list[tuple[str, float, float]] | None = None,
+    abnormal: float | None = None,
+    cardiac: tuple[float, float] | None = None,
+    projection_caveat: bool = False,
+    zones: list[tuple[str, str, float]] | None = None,
+    not_assessed: list[str] | None = None,
 ) -> Result:
+    """A schema-valid Result. `sentences` as (text, source) pairs; with them `text` may be "" and is
+    then their join, as the appliance makes it. `findings` (label, score, threshold), `cardiac`
+    (ratio, threshold), `zones` (side, level, involvement): only what is given is published."""
     acquired = acquired or datetime.now(timezone.utc) - timedelta(minutes=3)
     image_id = uuid.uuid4().hex
     trend = None
@@ -96,16 +130,40 @@ def make_result(
             else "better",
         )
     fields: dict[str, Any] = {}
+    if sentences is not None:
+        fields["sentences"] = [Sentence(text=t, source=src) for t, src in sentences]
+        text = text or " ".join(t for t, _ in sentences)
+    if not_assessed:
+        fields["not_assessed"] = not_assessed
     if status == "ok":
-        fields = {
+        fields |= {
             "severity": Severity(extent=extent, opacity=opacity)
-            if extent is not None and opacity is not None
+            if extent is not None or opacity is not None
             else None,
             "risk": Risk(score=risk, threshold=0.5, positive=risk >= 0.5) if risk is not None else None,
             "heatmap": Heatmap(label="Lung Opacity", width=96, height=112, png_base64=heatmap_png())
             if heatmap
             else None,
             "trend": trend,
+            "findings": [
+                Finding(label=label, score=score, threshold=th, positive=score >= th)
+                for label, score, th in findings or []
+            ],
+            "abnormal": Score(score=abnormal, threshold=0.5, positive=abnormal >= 0.5)
+            if abnormal is not None
+            else None,
+            "cardiac": CardiacSize(
+                ratio=cardiac[0],
+                threshold=cardiac[1],
+                enlarged=cardiac[0] >= cardiac[1],
+                projection_caveat=projection_caveat,
+            )
+            if cardiac is not None
+            else None,
+            "zones": [
+                Zone(side=side, level=level, involvement=inv, positive=inv >= 0.3)
+                for side, level, inv in zones or []
+            ],
         }
     return Result(
         message_id=uuid.uuid4().hex,

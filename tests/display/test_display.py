@@ -54,7 +54,8 @@ def test_tile_shows_triage_text_and_measures(browser: Browser, ward: Ward) -> No
     page.wait(tile("Bay 4"))
     assert page.attr(tile("Bay 2"), "data-triage") == "urgent"
     assert page.text(f"{tile('Bay 2')} .triage-word") == "URGENT"
-    assert page.text(f"{tile('Bay 2')} .text") == urgent.text
+    # No sentences in this payload: the tile leads with the whole text.
+    assert page.text(f"{tile('Bay 2')} .key") == urgent.text
     measures = page.text(f"{tile('Bay 2')} .metrics")
     assert "6.5" in measures and "4.2" in measures and "81" in measures
     assert "Not for diagnostic use" in page.text(tile("Bay 2"))
@@ -231,7 +232,7 @@ def test_reload_recovers_state_from_retained_topics(browser: Browser, ward: Ward
     # Published before any display was open: only retained topics can bring these back.
     page = open_display(browser, ward)
     page.wait(tile("Bay 7"))
-    assert page.text(f"{tile('Bay 7')} .text") == new.text
+    assert page.text(f"{tile('Bay 7')} .key") == new.text
     # The newest result's trend block restores the prior point.
     assert page.attr(f"{tile('Bay 7')} svg.trend-chart", "data-points") == "2"
     page.fill("#user-name", "Dr Lee")

@@ -72,6 +72,7 @@ def test_config_json_carries_broker_topics_and_credentials(server: ThreadingHTTP
         "pw",
     )
     assert cfg["display_name"]
+    assert cfg["silent_after_s"] == 20.0  # connected this long with no cart status: "not receiving"
 
 
 def test_headers_forbid_caching_and_foreign_connections(server: ThreadingHTTPServer) -> None:
@@ -97,6 +98,7 @@ def test_no_listing_and_no_escape_from_the_folder(server: ThreadingHTTPServer) -
         ({"broker_ws_url": "http://host:9001"}, "must look like ws://"),
         ({"broker_ws_url": WS, "topic_prefix": "a/b"}, "topic_prefix"),
         ({"broker_ws_url": WS, "site": "#"}, "site"),
+        ({"broker_ws_url": WS, "silent_after_s": 0}, "silent_after_s"),
     ],
 )
 def test_bad_settings_are_user_errors(kwargs: dict[str, str], message: str) -> None:
