@@ -94,6 +94,11 @@ def published_table(manifest: Manifest) -> list[str]:
         f"| deterioration risk | AUC {_num(e.get('gate_auc'))} {_ci(e.get('gate_auc_ci'))} | — "
         f"| {e.get('n_positive', '—')} / {e.get('n_negative', '—')} | {'yes' if e.get('published') else 'no'} |"
     )
+    e = v.get("zones", {})
+    lines.append(
+        f"| lung zones / heatmap | mirror consistency {_num(e.get('mirror_consistency'))} on {e.get('judged', '—')} images"
+        f" with a dominant side; left share {_num(e.get('left_share'))} | — | — | {'yes' if e.get('published') else 'no'} |"
+    )
     e = v.get("cardiothoracic_ratio", {})
     lines.append(
         f"| cardiothoracic ratio | MAE vs reference masks {_num(e.get('mae'))} (Pearson {_num(e.get('pearson'))}, n={e.get('n', '—')}) "
@@ -152,7 +157,7 @@ def card(manifest: Manifest, result: dict[str, Any] | None, sequence: dict[str, 
         "",
         *published_table(manifest),
         "",
-        f"Not assessed, said in every reading: {', '.join(manifest.not_assessed)} and every unpublished output.",
+        f"Not assessed, named in every reading: {', '.join(manifest.not_assessed)}, and every unpublished output.",
         "",
         "Operating points (validation): " + "; ".join(f"{k}: {v}" for k, v in points.items()),
         "",

@@ -317,13 +317,18 @@ def decide(validation: dict[str, Any], smoke: bool) -> tuple[bool, str]:
             f" sequence AUC {seq:.3f} vs single-image {single:.3f}, difference interval"
             f" {_ci(validation['difference']['ci95'])} — too little evidence; the single-image risk stays"
         )
-    if seq >= single:
+    ci = validation["difference"]["ci95"]
+    if ci is not None and ci[0] > 0:
         return True, (
-            f"validation AUC {seq:.3f} >= single-image {single:.3f}; the difference's interval "
-            f"{_ci(validation['difference']['ci95'])} still includes no change, so this is 'not worse', "
-            "not proof of better"
+            f"validation AUC {seq:.3f} > single-image {single:.3f} and the difference's interval {_ci(ci)}"
+            " excludes no change: the sequence risk beats the single-image risk"
         )
-    return False, f"validation AUC {seq:.3f} < single-image {single:.3f}: the single-image risk stays"
+    # "Off unless it beats": a tie, or a lead whose interval still includes no change, keeps the
+    # single-image risk, so "using earlier images" is never claimed for a model that adds nothing shown.
+    return False, (
+        f"validation AUC {seq:.3f} vs single-image {single:.3f}, difference interval {_ci(ci)}: not shown"
+        " to beat the single-image risk, which stays"
+    )
 
 
 def _ci(ci: list[float] | None) -> str:
