@@ -1,15 +1,13 @@
 #!/usr/bin/env python3
 """Parity gate: a candidate backend (TensorRT engine, or an FP16/INT8 ONNX) against the FP32 ONNX.
 
-Both run the same real images, decoded by appliance.ingest and prepared by appliance.preprocess
-exactly as in the appliance. The gate uses the INT8 quantisation gate's tolerances, per head:
-
-  classification heads (findings, abnormal, view, risk, ood)
-      |AUC(candidate) - AUC(reference)| <= 0.005 for every label that has ground truth in
-      metadata.csv, and decisions at the manifest's operating points agree on >= 99% of images
-  severity heads      mean |Δvalue| <= 0.1 per label (e.g. extent 0-8)
-  heatmap / lung_mask mean |Δ| <= 0.05 after activation (this gate's own choice; maps have no AUC)
-  embedding           reported only
+Both run the same real images, decoded by appliance.ingest and prepared by appliance.preprocess exactly
+as in the appliance: the model's validation patients (split.json) when the model has a split, else an
+even spread over metadata.csv. The verdict is tools/parity_gate.py, the same code as tools/quantize.py
+(rule and justification: docs/parity.md): per published score, |ΔAUC| <= 0.005 against the labels, a
+score deviation no larger than the FP32 model's own reading noise, and no decision flip outside the
+noise band around an operating point (flips inside it are counted and reported). The noise is read from
+<model>/parity_noise.json, measured there when missing or made for another model or image set.
 
     python tools/check_parity.py --config /etc/cxr-appliance/config.yaml --record   # on the Jetson
     python tools/check_parity.py --model engines/cxr-lite0 --candidate onnx:int8      # anywhere
@@ -23,8 +21,9 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -38,25 +37,17 @@ from appliance.config import load_config
 from appliance.engine_cache import ParityRecord, record_parity, utc_now
 from appliance.errors import ApplianceError, InputRejected, UserError
 from appliance.ingest import read_image
-from appliance.interpret.activation import activate
-from appliance.manifest import Manifest, OutputSpec, Precision, Role, load_manifest
+from appliance.manifest import Manifest, Precision, load_manifest
 from appliance.preprocess import preprocess
-from tools import cxrdata, cxrmetrics
+from tools import cxrdata, parity_gate
 
-CLASSIFICATION = {Role.findings, Role.abnormal, Role.view, Role.risk, Role.ood}
-MAPS = {Role.heatmap, Role.lung_mask, Role.heart_mask}
-
-
-@dataclass(frozen=True)
-class Tolerances:
-    auc_delta: float = 0.005
-    severity_mean_abs: float = 0.1
-    decision_agreement: float = 0.99
-    map_mean_abs: float = 0.05
+Runner = parity_gate.Runner
 
 
 @dataclass
 class HeadReport:
+    """One model output: the gate's figures for its scores, and what failed."""
+
     output: str
     role: str
     metrics: dict[str, float | None] = field(default_factory=dict)
@@ -68,16 +59,49 @@ class ParityReport:
     reference: str
     candidate: str
     images: int
-    heads: list[HeadReport]
-    tolerances: Tolerances
+    gate: dict[str, Any]
+    noise: dict[str, Any] | None = None
 
     @property
     def passed(self) -> bool:
-        return not any(head.failures for head in self.heads)
+        return bool(self.gate["passed"])
+
+    @property
+    def heads(self) -> list[HeadReport]:
+        """The gate's rows grouped by model output (max/mean |Δ|, ΔAUC per label, flips, failures)."""
+        heads: dict[str, HeadReport] = {}
+        for row in self.gate["scores"]:
+            if row.get("missing"):
+                continue
+            head = heads.setdefault(row["output"], HeadReport(row["output"], row["key"].split(".")[0]))
+            label = row["key"].split(".", 1)[-1]
+            m = head.metrics
+            m["max_abs"] = max(m.get("max_abs") or 0.0, row["max_abs"] or 0.0)
+            m["mean_abs"] = max(m.get("mean_abs") or 0.0, row["mean_abs"] or 0.0)
+            if row.get("accuracy"):
+                m[f"auc_delta[{label}]" if "AUC" in row["accuracy"]["metric"] else f"delta[{label}]"] = row[
+                    "accuracy"
+                ]["delta"]
+            for point in row["points"]:
+                m[f"flips_in_band[{label}:{point['point']}]"] = point["inside_band"]
+                m[f"flips_outside_band[{label}:{point['point']}]"] = point["outside_band"]
+        for check in self.gate["checks"]:
+            if not check["ok"]:
+                key = check["check"].split(":", 1)[0]
+                output = next((r["output"] for r in self.gate["scores"] if r["key"] == key), key)
+                heads.setdefault(output, HeadReport(output, key)).failures.append(check["check"])
+        return list(heads.values())
 
     def to_json(self) -> str:
-        body = asdict(self)
-        body["passed"] = self.passed
+        body = {
+            "reference": self.reference,
+            "candidate": self.candidate,
+            "images": self.images,
+            "passed": self.passed,
+            **self.gate,
+            "bands": (self.noise or {}).get("bands"),
+            "band_source": (self.noise or {}).get("band_source"),
+        }
         return json.dumps(body, indent=2)
 
 
@@ -90,127 +114,59 @@ def run_all(backend: Backend, inputs: np.ndarray, batch_size: int) -> dict[str, 
     return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
 
-def _decisions(spec: OutputSpec, manifest: Manifest, values: np.ndarray) -> np.ndarray:
-    """(N, labels) booleans at the manifest's operating points; softmax heads decide by argmax."""
-    if spec.activation == "softmax":
-        return np.eye(values.shape[1], dtype=bool)[values.argmax(axis=1)]
-    labels = spec.labels or [spec.role.value]
-    default = manifest.triage.abnormal_threshold if spec.role is Role.abnormal else None
-    thresholds = [spec.thresholds.get(label, default if default is not None else 0.5) for label in labels]
-    return values >= np.asarray(thresholds, dtype=np.float32)
-
-
-def truth(spec: OutputSpec, label: str, record: cxrdata.Record) -> int | None:
-    """Ground truth for one output column from metadata.csv, when the data set knows it."""
-    name = label.lower()
-    if spec.role is Role.abnormal:
-        return None if record.abnormal == cxrdata.UNKNOWN else record.abnormal
-    if spec.role is Role.ood:
-        return int(not record.is_cxr)
-    if spec.role is Role.view:
-        wanted = {"lateral": cxrdata.VIEW_LATERAL, "frontal": cxrdata.VIEW_FRONTAL}.get(
-            name, cxrdata.VIEW_NOT_CXR
-        )
-        return None if record.view == cxrdata.UNKNOWN else int(record.view == wanted)
-    if spec.role is Role.findings and label in cxrdata.FINDING_LABELS and record.labels:
-        value = record.labels[cxrdata.FINDING_LABELS.index(label)]
-        return None if value == cxrdata.UNKNOWN else value
-    if spec.role is Role.findings:
-        known = {f.lower() for f in (*cxrdata.FINDING_INDEX, *cxrdata.ABNORMAL_FINDINGS)}
-        if name not in known or not record.is_cxr or record.finding_name.lower() not in known:
-            return None
-        return int(record.finding_name.lower() == name)
-    return None
-
-
-def compare_head(
-    spec: OutputSpec,
-    manifest: Manifest,
-    reference: np.ndarray,
-    candidate: np.ndarray,
-    records: Sequence[cxrdata.Record] | None,
-    tol: Tolerances,
-) -> HeadReport:
-    report = HeadReport(spec.name, spec.role.value)
-    ref = activate(spec, reference)
-    cand = activate(spec, candidate)
-    if ref.shape != cand.shape:
-        report.failures.append(f"shape {cand.shape} != reference {ref.shape}")
-        return report
-    diff = np.abs(ref.astype(np.float64) - cand.astype(np.float64))
-    mean_abs = float(diff.mean())
-    report.metrics["max_abs"] = float(diff.max())
-    report.metrics["mean_abs"] = mean_abs
-    if spec.role in CLASSIFICATION:
-        ref2, cand2 = ref.reshape(len(ref), -1), cand.reshape(len(cand), -1)
-        agree = float(
-            (_decisions(spec, manifest, ref2) == _decisions(spec, manifest, cand2)).all(axis=1).mean()
-        )
-        report.metrics["decision_agreement"] = agree
-        if agree < tol.decision_agreement:
-            report.failures.append(f"decisions agree on {agree:.1%} of images < {tol.decision_agreement:.0%}")
-        for column, label in enumerate(spec.labels or [spec.role.value]):
-            if records is None:
-                continue
-            known = [(i, t) for i, r in enumerate(records) if (t := truth(spec, label, r)) is not None]
-            labels = np.asarray([t for _, t in known])
-            rows = np.asarray([i for i, _ in known], dtype=int)
-            auc_ref = cxrmetrics.auc(labels, ref2[rows, column]) if len(rows) else None
-            auc_cand = cxrmetrics.auc(labels, cand2[rows, column]) if len(rows) else None
-            report.metrics[f"auc[{label}]"] = auc_ref
-            if auc_ref is None or auc_cand is None:
-                continue
-            delta = abs(auc_ref - auc_cand)
-            report.metrics[f"auc_delta[{label}]"] = delta
-            if delta > tol.auc_delta:
-                report.failures.append(f"{label}: ΔAUC {delta:.4f} > {tol.auc_delta}")
-    elif spec.role is Role.severity:
-        per_label = diff.reshape(len(diff), -1).mean(axis=0)
-        names = spec.labels or [f"{spec.role.value}{i}" for i in range(len(per_label))]
-        for label, value in zip(names, per_label, strict=True):
-            report.metrics[f"mean_abs[{label}]"] = float(value)
-            if value > tol.severity_mean_abs:
-                report.failures.append(f"{label}: mean |Δ| {value:.3f} > {tol.severity_mean_abs}")
-    elif spec.role in MAPS and mean_abs > tol.map_mean_abs:
-        report.failures.append(f"mean |Δ| {mean_abs:.3f} > {tol.map_mean_abs}")
-    return report
-
-
 def compare_backends(
     reference: Backend,
     candidate: Backend,
     manifest: Manifest,
     inputs: np.ndarray,
     records: Sequence[cxrdata.Record] | None = None,
-    tolerances: Tolerances | None = None,
     batch_size: int = 4,
+    data: Path | None = None,
+    run_other: Runner | None = None,
 ) -> ParityReport:
-    """The backend-agnostic core: same inputs through both, every manifest output judged by its role."""
-    tol = tolerances or Tolerances()
+    """The backend-agnostic core: same inputs through both, judged by tools/parity_gate.py.
+
+    The reading noise that sets the band is measured with the reference backend on `records` (read again
+    at full resolution and as re-encoded JPEG) unless <model>/parity_noise.json has it for these images."""
     ref_out = run_all(reference, inputs, batch_size)
     cand_out = run_all(candidate, inputs, batch_size)
-    heads = []
-    for spec in manifest.outputs:
-        if spec.name not in cand_out:
-            heads.append(
-                HeadReport(spec.name, spec.role.value, failures=["output missing from the candidate"])
-            )
-            continue
-        heads.append(compare_head(spec, manifest, ref_out[spec.name], cand_out[spec.name], records, tol))
-    return ParityReport(describe(reference), describe(candidate), len(inputs), heads, tol)
+    noise: dict[str, Any] | None = None
+    known = None
+    if records is not None:
+        folder = data or cxrdata.data_dir(None)
+        noise = parity_gate.load_or_measure_noise(
+            manifest,
+            folder,
+            records,
+            inputs,
+            ref_out,
+            lambda x: run_all(reference, x, batch_size),
+            run_other or (lambda x: run_all(reference, x, 1)),
+        )
+        known = parity_gate.Truth.load(records, folder)
+    gate = parity_gate.judge(manifest, ref_out, cand_out, noise, known)
+    return ParityReport(describe(reference), describe(candidate), len(inputs), gate, noise)
 
 
 def load_inputs(
-    manifest: Manifest, data: Path, limit: int, offset: int = 0
+    manifest: Manifest, data: Path, limit: int | None, offset: int = 0
 ) -> tuple[np.ndarray, list[cxrdata.Record]]:
-    """Up to `limit` real images, spread evenly over metadata.csv, through the appliance's own path.
-
-    `offset` shifts the even spread, giving a disjoint set (e.g. calibration vs parity images)."""
+    """Real images through the appliance's own path: the model's validation patients when its folder has
+    a split.json naming patients of this data set, else an even spread over metadata.csv. At most `limit`
+    (None: all), spread evenly; `offset` shifts the spread, giving a disjoint set (calibration vs parity)."""
     records = [r for r in cxrdata.load_records(data) if not r.is_dicom]
     if not records:
         raise UserError(f"{data}: metadata.csv lists no images")
-    step = max(1, len(records) // limit)
-    chosen = records[offset % step :: step][:limit]
+    split_file = manifest.folder / "split.json"
+    if split_file.is_file():
+        validation = cxrdata.read_split(split_file)["validation"]
+        mine = [r for r in records if r.patient_id in validation]
+        if mine:
+            records = mine
+        else:
+            print(f"{data}: none of the model's validation patients; using every image", file=sys.stderr)
+    step = max(1, len(records) // limit) if limit else 1
+    chosen = records[offset % step :: step][:limit] if limit else records
     samples, kept = [], []
     for record in chosen:
         try:
@@ -228,7 +184,9 @@ def load_inputs(
 def _candidate(spec: str, manifest: Manifest, args: argparse.Namespace) -> Backend:
     if spec.startswith("onnx:"):
         precision = Precision(spec.split(":", 1)[1])
-        return OnnxRuntimeBackend(manifest, precision, OnnxRuntimeConfig(), args.batch)
+        return OnnxRuntimeBackend(
+            manifest, precision, OnnxRuntimeConfig(intra_op_threads=args.threads), args.batch
+        )
     if spec != "tensorrt":
         raise UserError(f"--candidate {spec!r}: use 'tensorrt', 'onnx:fp16' or 'onnx:int8'")
     config = _tensorrt_config(args).model_copy(update={"require_parity": False})  # this IS the parity check
@@ -271,7 +229,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--candidate", default="tensorrt", help="tensorrt (default), onnx:fp16 or onnx:int8")
     parser.add_argument("--cache", help="engine cache folder (default: the config's, else <model>/cache)")
     parser.add_argument("--data", help="real images (default $CXR_DATA, else ../shared/data/cxr)")
-    parser.add_argument("--limit", type=int, default=200, help="images to compare (default 200)")
+    parser.add_argument("--limit", type=int, help="at most this many images (default: all validation images)")
+    parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads of the fp32 reference")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--report", help="write the JSON report here (default: next to the engine or model)")
     parser.add_argument("--record", action="store_true", help="store the verdict in the engine's sidecar")
@@ -280,12 +239,27 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def check(args: argparse.Namespace) -> ParityReport:
     manifest = load_manifest(_model_path(args))
-    inputs, records = load_inputs(manifest, cxrdata.data_dir(args.data), args.limit)
-    print(f"{len(inputs)} images from {cxrdata.data_dir(args.data)}")
-    reference = OnnxRuntimeBackend(manifest, Precision.fp32, OnnxRuntimeConfig(), args.batch)
+    folder = cxrdata.data_dir(args.data)
+    inputs, records = load_inputs(manifest, folder, args.limit)
+    print(f"{len(inputs)} images from {folder}")
+    reference = OnnxRuntimeBackend(
+        manifest, Precision.fp32, OnnxRuntimeConfig(intra_op_threads=args.threads), args.batch
+    )
+    other = OnnxRuntimeBackend(
+        manifest, Precision.fp32, OnnxRuntimeConfig(intra_op_threads=args.threads + 1), args.batch
+    )
     candidate = _candidate(args.candidate, manifest, args)
     try:
-        report = compare_backends(reference, candidate, manifest, inputs, records, batch_size=args.batch)
+        report = compare_backends(
+            reference,
+            candidate,
+            manifest,
+            inputs,
+            records,
+            batch_size=args.batch,
+            data=folder,
+            run_other=lambda x: run_all(other, x, 1),
+        )
         default_dir = getattr(candidate, "engine_path", manifest.folder / "model.onnx").parent
         report_path = (
             Path(args.report)
@@ -294,16 +268,32 @@ def check(args: argparse.Namespace) -> ParityReport:
         )
         report_path.parent.mkdir(parents=True, exist_ok=True)
         report_path.write_text(report.to_json() + "\n", encoding="utf-8")
+        report_path.with_suffix(".md").write_text(
+            parity_gate.markdown(
+                report.gate, f"Parity gate: {report.candidate} vs {report.reference}", report.noise
+            ),
+            encoding="utf-8",
+        )
         if args.record:
             record_verdict(candidate, report, report_path)
     finally:
         candidate.close()
+        other.close()
         reference.close()
-    for head in report.heads:
-        shown = ", ".join(f"{k}={v:.4f}" for k, v in head.metrics.items() if v is not None)
+    for row in report.gate["scores"]:
+        if row.get("missing"):
+            print(f"  {row['key']}: output missing  FAIL")
+            continue
+        acc = row.get("accuracy")
+        flips = ", ".join(
+            f"{p['point']} {p['inside_band']} in band / {p['outside_band']} outside" for p in row["points"]
+        )
         print(
-            f"  {head.output} ({head.role}): {shown}"
-            + (f"  FAIL: {'; '.join(head.failures)}" if head.failures else "")
+            f"  {row['key']}{'' if row['gated'] else ' (not published)'}: max |Δ| {row['max_abs']:.4f}"
+            f" mean {row['mean_abs']:.4f} p99 {row['p99_abs']:.4f} (band {row['band']:.4f})"
+            + (f", |Δ{acc['metric']}| {acc['delta']:.4f}" if acc else "")
+            + (f", flips {flips}" if flips else "")
+            + ("" if row["ok"] or not row["gated"] else "  FAIL")
         )
     print(
         f"parity {'PASSED' if report.passed else 'FAILED'}: {report.candidate} vs {report.reference}; report {report_path}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -44,36 +45,41 @@ def _compare(
     return compare_backends(reference, candidate, manifest, inputs[0], inputs[1], batch_size=8)
 
 
+def _row(report: ParityReport, key: str) -> dict[str, Any]:
+    return next(r for r in report.gate["scores"] if r["key"] == key)
+
+
 def test_fp16_passes_the_gate(model: Path, inputs: tuple[np.ndarray, list[cxrdata.Record]]) -> None:
     report = _compare(model, Precision.fp16, inputs)
     assert report.passed, report.to_json()
     heads = {h.output: h for h in report.heads}
     assert report.images == 160 and set(heads) == {"abnormal", "findings", "view", "severity", "heatmap"}
     # Ground truth from metadata.csv was found for the labelled heads, and FP16 moved scores a little.
-    for key in ("auc_delta[abnormal]", "auc_delta[COVID-19]", "auc_delta[lateral]"):
-        assert (
-            key in heads["abnormal"].metrics
-            or key in heads["findings"].metrics
-            or key in heads["view"].metrics
-        )
+    assert "auc_delta[abnormal]" in heads["abnormal"].metrics
+    assert "auc_delta[COVID-19]" in heads["findings"].metrics
     assert 0 < heads["findings"].metrics["max_abs"] < 0.01  # type: ignore[operator]
-    assert heads["severity"].metrics["mean_abs[extent]"] is not None
+    severity = _row(report, "severity.extent")
+    assert severity["mean_abs"] is not None and severity["band"] >= 0
+    # The band came from measured reading noise, stored next to the model for the next run.
+    assert report.noise is not None and report.noise["band_source"] in ("decode", "reencode")
+    assert (model.parent / "parity_noise.json").is_file()
 
 
 def test_int8_qdq_is_explicit_and_close(model: Path, inputs: tuple[np.ndarray, list[cxrdata.Record]]) -> None:
     """The Q/DQ ONNX (TensorRT 10's INT8 input) runs in ONNX Runtime and stays near FP32.
 
-    The default gate is strict: a random tiny model's INT8 may fail it (and did, see the report); the
-    gate's verdict on the real model is what matters. Here we check quantisation happened and is sane.
-    """
+    A random tiny model's INT8 may fail the gate; the gate's verdict on the real model is what matters.
+    Here we check quantisation happened, is sane, and that every decision flip is counted."""
     qdq = onnx.load(model.parent / "model.int8.onnx")
     ops = {node.op_type for node in qdq.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     report = _compare(model, Precision.int8, inputs)
-    heads = {h.output: h for h in report.heads}
-    assert 0 < heads["abnormal"].metrics["mean_abs"] < 0.05  # type: ignore[operator]
-    assert heads["view"].metrics["decision_agreement"] >= 0.9  # type: ignore[operator]
-    assert heads["severity"].metrics["mean_abs[extent]"] < 0.5  # type: ignore[operator]
+    abnormal = _row(report, "abnormal.abnormal")
+    assert 0 < abnormal["mean_abs"] < 0.5  # logits
+    view = _row(report, "view")
+    flips = sum(p["inside_band"] + p["outside_band"] for p in view["points"])
+    assert flips <= 0.1 * report.images
+    assert _row(report, "severity.extent")["mean_abs"] < 0.5
     print(report.to_json())
 
 
