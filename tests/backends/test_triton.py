@@ -187,10 +187,11 @@ def test_served_provenance(bundled: Manifest) -> None:
     assert served_provenance(bundled, plan) == ("fp16", sha)
     with pytest.raises(BackendUnavailable, match=r"not written by tools/export_triton\.py"):
         served_provenance(bundled, {})
+    fp32_only = bundled.model_copy(update={"onnx": {Precision.fp32: bundled.onnx[Precision.fp32]}})
     with pytest.raises(
         BackendUnavailable, match="exported from the int8 ONNX, which manifest cxr-lite0 does not list"
     ):
-        served_provenance(bundled, {**exported, "onnx_precision": "int8"})
+        served_provenance(fp32_only, {**exported, "onnx_precision": "int8"})
     with pytest.raises(
         BackendUnavailable, match=f"lists {sha[:12]}… for fp32: the server runs another model"
     ):
