@@ -17,6 +17,7 @@ so a source shortcut cannot pass the gate), R² 0.3 for measurements.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -120,48 +121,65 @@ def _cv_predict(
     return pred
 
 
-def fit_severity(
-    model: CxrLite0, emb_tr: np.ndarray, y_tr: np.ndarray, g_tr: np.ndarray, seed: int
-) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Returns emb-space weights (1280, 2), bias (2,) and what was chosen."""
+Fitter = Callable[[np.ndarray, np.ndarray, float], tuple[np.ndarray, Any]]
+
+
+def _choose_linear(
+    model: CxrLite0,
+    emb_tr: np.ndarray,
+    y_tr: np.ndarray,
+    g_tr: np.ndarray,
+    seed: int,
+    fitter: Fitter,
+    strengths: tuple[float, ...],
+    score: Callable[[np.ndarray, np.ndarray], float],
+) -> tuple[np.ndarray, Any, str, float, float]:
+    """The feature set and regularisation with the best patient-grouped CV score on training patients,
+    refitted on all of them; returns emb-space weights and bias, the choice and its CV score."""
     best: tuple[float, str, float] = (-np.inf, "", 0.0)
     for name, (matrix, offset) in _feature_sets(model).items():
         x = emb_tr @ matrix + offset
-        for alpha in (1.0, 10.0, 100.0, 1000.0, 10000.0):
+        for strength in strengths:
 
-            def fit(xa: np.ndarray, ya: np.ndarray, xb: np.ndarray, alpha: float = alpha) -> np.ndarray:
-                w, b = _ridge(xa, ya, alpha)
+            def fit(xa: np.ndarray, ya: np.ndarray, xb: np.ndarray, strength: float = strength) -> np.ndarray:
+                w, b = fitter(xa, ya, strength)
                 return xb @ w + b
 
-            pred = _cv_predict(fit, x, y_tr, g_tr, seed)
-            score = float(np.mean([metrics.r2(y_tr[:, j], pred[:, j]) or -9 for j in range(2)]))
-            if score > best[0]:
-                best = (score, name, alpha)
-    _, name, alpha = best
+            value = score(y_tr, _cv_predict(fit, x, y_tr, g_tr, seed))
+            if value > best[0]:
+                best = (value, name, strength)
+    value, name, strength = best
     matrix, offset = _feature_sets(model)[name]
-    w, b = _ridge(emb_tr @ matrix + offset, y_tr, alpha)
-    return matrix @ w, offset @ w + b, {"features": name, "alpha": alpha, "train_cv_r2": round(best[0], 4)}
+    w, b = fitter(emb_tr @ matrix + offset, y_tr, strength)
+    return matrix @ w, offset @ w + b, name, strength, value
+
+
+def fit_severity(
+    model: CxrLite0, emb_tr: np.ndarray, y_tr: np.ndarray, g_tr: np.ndarray, seed: int
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Ridge read-out of (extent, opacity): emb-space weights (1280, 2), bias (2,) and what was chosen."""
+
+    def mean_r2(truth: np.ndarray, pred: np.ndarray) -> float:
+        return float(np.mean([metrics.r2(truth[:, j], pred[:, j]) or -9 for j in range(2)]))
+
+    w, b, name, alpha, value = _choose_linear(
+        model, emb_tr, y_tr, g_tr, seed, _ridge, (1.0, 10.0, 100.0, 1000.0, 10000.0), mean_r2
+    )
+    return w, b, {"features": name, "alpha": alpha, "train_cv_r2": round(value, 4)}
 
 
 def fit_risk(
     model: CxrLite0, emb_tr: np.ndarray, y_tr: np.ndarray, g_tr: np.ndarray, seed: int
 ) -> tuple[np.ndarray, float, dict[str, Any]]:
-    best: tuple[float, str, float] = (-np.inf, "", 0.0)
-    for name, (matrix, offset) in _feature_sets(model).items():
-        x = emb_tr @ matrix + offset
-        for c in (0.001, 0.01, 0.1, 1.0):
+    """L2 logistic read-out of death / ICU / intubation."""
 
-            def fit(xa: np.ndarray, ya: np.ndarray, xb: np.ndarray, c: float = c) -> np.ndarray:
-                w, b = _logistic(xa, ya, c)
-                return xb @ w + b
+    def auc(truth: np.ndarray, pred: np.ndarray) -> float:
+        return metrics.auc(truth, pred) or 0.0
 
-            score = metrics.auc(y_tr, _cv_predict(fit, x, y_tr, g_tr, seed)) or 0.0
-            if score > best[0]:
-                best = (score, name, c)
-    _, name, c = best
-    matrix, offset = _feature_sets(model)[name]
-    w, b = _logistic(emb_tr @ matrix + offset, y_tr, c)
-    return matrix @ w, float(offset @ w + b), {"features": name, "C": c, "train_cv_auc": round(best[0], 4)}
+    w, b, name, c, value = _choose_linear(
+        model, emb_tr, y_tr, g_tr, seed, _logistic, (0.001, 0.01, 0.1, 1.0), auc
+    )
+    return w, float(b), {"features": name, "C": c, "train_cv_auc": round(value, 4)}
 
 
 def _auc_entry(
