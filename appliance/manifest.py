@@ -112,6 +112,10 @@ class OutputSpec(Strict):
     def is_published(self, label: str) -> bool:
         return self.published is None or label in self.published
 
+    def all_published(self) -> bool:
+        """Every label of this output passed validation (a one-score output: the score did)."""
+        return all(self.is_published(label) for label in self.labels)
+
     @model_validator(mode="after")
     def _labels_known(self) -> OutputSpec:
         label_set = set(self.labels)

@@ -48,8 +48,7 @@ from appliance.errors import InputRejected, UserError
 from appliance.interpret.activation import activate
 from appliance.interpret.cardiac import MASK_THRESHOLD, MIN_PIXELS, PLAUSIBLE, WORK_SIZE
 from appliance.interpret.cardiac import _upsample as upsample
-from appliance.interpret.reading import ZONE_MIN_INVOLVEMENT
-from appliance.interpret.reading import _lung_heat as lung_heat
+from appliance.interpret.reading import ZONE_MIN_INVOLVEMENT, lung_heat
 from appliance.interpret.zones import lung_zones
 from appliance.manifest import Manifest, OutputSpec, Precision, Role, sha256_file
 from appliance.preprocess import preprocess

@@ -410,11 +410,11 @@ SIDE_SHARE = (0.35, 0.65)
 
 def _zones(out: dict[str, np.ndarray], i: int) -> list[Zone]:
     """The appliance's own zone code on one image's maps (model coordinates; no letterbox to undo)."""
-    from appliance.interpret.reading import ZONE_MIN_INVOLVEMENT, _lung_heat
+    from appliance.interpret.reading import ZONE_MIN_INVOLVEMENT, lung_heat
     from appliance.interpret.zones import lung_zones
 
     lungs = sigmoid(out["lung_mask"][i])
-    return lung_zones(_lung_heat(out["heatmap"][i], lungs, 0.5), lungs, 0.5, ZONE_MIN_INVOLVEMENT)
+    return lung_zones(lung_heat(out["heatmap"][i], lungs, 0.5), lungs, 0.5, ZONE_MIN_INVOLVEMENT)
 
 
 def zone_figures(out: dict[str, np.ndarray], mirrored: dict[str, np.ndarray], t: Targets) -> dict[str, Any]:

@@ -156,7 +156,7 @@ def _severity(manifest: Manifest, outputs: dict[str, np.ndarray]) -> Severity | 
 
 def _risk(manifest: Manifest, outputs: dict[str, np.ndarray]) -> Risk | None:
     spec = manifest.output(Role.risk)
-    if spec is None or not all(spec.is_published(label) for label in spec.labels):
+    if spec is None or not spec.all_published():
         return None
     value = _scalar(manifest, outputs, Role.risk)
     if value is None:
@@ -168,11 +168,17 @@ def _risk(manifest: Manifest, outputs: dict[str, np.ndarray]) -> Risk | None:
 
 
 def _cardiac(
-    manifest: Manifest, lungs: np.ndarray | None, heart: np.ndarray | None, meta: ImageMeta
+    manifest: Manifest,
+    outputs: dict[str, np.ndarray],
+    geometry: Geometry,
+    lungs: np.ndarray | None,
+    meta: ImageMeta,
 ) -> tuple[CardiacSize | None, str]:
+    """The ratio only from a manifest that validated it (a model without a record never states it)."""
     spec = manifest.output(Role.heart_mask)
-    if spec is None or not spec.is_published("cardiothoracic_ratio") or spec.published is None:
+    if spec is None or spec.published is None or "cardiothoracic_ratio" not in spec.published:
         return None, "not assessed"
+    heart = _map(manifest, outputs, Role.heart_mask, geometry)
     measured = cardiothoracic_ratio(lungs, heart) if lungs is not None and heart is not None else None
     if measured is None:
         return None, "unmeasurable"
@@ -231,7 +237,7 @@ def _not_assessed(manifest: Manifest, cardiac_state: str) -> list[str]:
     return missing + [item for item in manifest.not_assessed if item not in missing]
 
 
-def _lung_heat(heat: np.ndarray, lungs: np.ndarray | None, threshold: float) -> np.ndarray:
+def lung_heat(heat: np.ndarray, lungs: np.ndarray | None, threshold: float) -> np.ndarray:
     """The heatmap inside the lungs only, re-normalised there: evidence outside the lungs (heart,
     labels, tubes) cannot put a zone on one side."""
     if lungs is None:
@@ -259,24 +265,20 @@ def read_outputs(
     findings = _findings(manifest, outputs)
     abnormal_spec = manifest.output(Role.abnormal)
     abnormal = (
-        _abnormal(manifest, outputs)
-        if abnormal_spec is None or all(abnormal_spec.is_published(label) for label in abnormal_spec.labels)
-        else None
+        _abnormal(manifest, outputs) if abnormal_spec is None or abnormal_spec.all_published() else None
     )
-    heat = _map(manifest, outputs, Role.heatmap, geometry)
     lungs = _map(manifest, outputs, Role.lung_mask, geometry)
-    heart = _map(manifest, outputs, Role.heart_mask, geometry)
-    cardiac, cardiac_state = _cardiac(manifest, lungs, heart, meta)
+    cardiac, cardiac_state = _cardiac(manifest, outputs, geometry, lungs, meta)
     zones: list[Zone] = []
-    heatmap = None
+    heat = None
     heat_spec = manifest.output(Role.heatmap)
-    if heat is not None and heat_spec is not None and heat_spec.is_published("zones"):
+    if heat_spec is not None and heat_spec.is_published("zones"):
+        heat = _map(manifest, outputs, Role.heatmap, geometry)
+    if heat is not None:
         mask_spec = manifest.output(Role.lung_mask)
         lung_threshold = mask_spec.thresholds.get("lung", 0.5) if mask_spec else 0.5
-        heat = _lung_heat(heat, lungs, lung_threshold)
+        heat = lung_heat(heat, lungs, lung_threshold)
         zones = lung_zones(heat, lungs, lung_threshold, ZONE_MIN_INVOLVEMENT)
-        if with_heatmap:
-            heatmap = heatmap_png(heat, manifest.heatmap_label or "abnormal")
     validated = decisions.Validated(
         abnormal=abnormal,
         findings=findings,
@@ -294,6 +296,12 @@ def read_outputs(
         decisions.UrgentPoints(policy.urgent_threshold, policy.urgent_extent, policy.urgent_risk),
     )
     validated = decisions.for_level(validated, level)
+    # The PNG only for a reading that shows it: a normal reading publishes no localisation.
+    heatmap = (
+        heatmap_png(heat, manifest.heatmap_label or "abnormal")
+        if heat is not None and with_heatmap and level != "normal"
+        else None
+    )
     sentences = [
         s
         for s in (
@@ -313,7 +321,7 @@ def read_outputs(
         severity=validated.severity,
         risk=validated.risk,
         zones=validated.zones,
-        heatmap=heatmap if level != "normal" else None,
+        heatmap=heatmap,
         cardiac=cardiac,
         not_assessed=validated.not_assessed,
         sentences=sentences,
