@@ -163,6 +163,7 @@ def score(
     records: list[data.Record],
     results: list[Result],
     raw: dict[str, dict[str, str]],
+    folder: Path,
     published: list[str],
     seed: int,
 ) -> dict[str, Any]:
@@ -336,7 +337,7 @@ def score(
     ctr_pairs = []
     for r, res in zip(records, results, strict=True):
         if r.heart_mask_file and r.mask_file and res.cardiac is not None:
-            reference = reference_ctr(r, raw)
+            reference = reference_ctr(r, folder)
             if reference is not None:
                 ctr_pairs.append((reference, res.cardiac.ratio, r.patient_id))
     if ctr_pairs:
@@ -399,8 +400,7 @@ def score(
     return out
 
 
-def reference_ctr(record: data.Record, raw: dict[str, dict[str, str]]) -> float | None:
-    folder = Path(raw["__folder__"]["path"])
+def reference_ctr(record: data.Record, folder: Path) -> float | None:
     with Image.open(folder / record.mask_file) as lung, Image.open(folder / record.heart_mask_file) as heart:
         lungs = np.asarray(lung.convert("L"), dtype=np.float32) / 255
         hearts = np.asarray(heart.convert("L"), dtype=np.float32) / 255
@@ -505,7 +505,6 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError(f"{folder}: no images to evaluate (split {split!r})")
     with (folder / "metadata.csv").open(newline="") as handle:
         raw: dict[str, dict[str, str]] = {row["file"]: row for row in csv.DictReader(handle)}
-    raw["__folder__"] = {"path": str(folder)}
     analyzer = make_analyzer(args.model, args.precision, args.threads)
     results = analyze(analyzer, [folder / r.file for r in records], "evaluate")
     findings_spec = manifest.output(Role.findings)
@@ -514,7 +513,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         for label in (findings_spec.labels if findings_spec else [])
         if findings_spec and findings_spec.is_published(label) and label != findings_spec.normal_label
     ]
-    result = score(records, results, raw, published, args.seed)
+    result = score(records, results, raw, folder, published, args.seed)
     with tempfile.TemporaryDirectory(prefix="cxr-eval-") as tmp:
         work = Path(tmp)
         mirror = mirror_test(analyzer, records, results, folder, args.mirror, work)
