@@ -1,4 +1,5 @@
-"""`cxr-appliance`: run, process, validate-config, schema, doctor, history, display, usb-import.
+"""`cxr-appliance`: run, process, validate-config, schema, doctor, history, feedback, display, display-account,
+usb-import, recalibrate.
 
 User errors (UserError) print one plain message and exit 2; anything else is a bug and keeps
 its traceback.
@@ -113,6 +114,29 @@ def cmd_history(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_feedback_export(args: argparse.Namespace) -> int:
+    from appliance.feedback import write_csv
+    from appliance.journal import Journal, to_timestamp
+
+    config = _config(args)
+    if not config.journal.path.exists():
+        raise UserError(f"{config.journal.path}: no journal yet (the daemon has not processed an image)")
+    if args.since is not None and to_timestamp(args.since) is None:
+        raise UserError(f"--since {args.since!r} is not an ISO 8601 time")
+    journal = Journal(config.journal.path)
+    try:
+        rows = journal.feedback(since=args.since)
+    finally:
+        journal.close()
+    if args.out == "-":
+        write_csv(rows, sys.stdout)
+    else:
+        with open(args.out, "w", encoding="utf-8", newline="") as out:
+            count = write_csv(rows, out)
+        print(f"{args.out}: {count} acknowledgement(s)", file=sys.stderr)
+    return 0
+
+
 def cmd_display(args: argparse.Namespace) -> int:
     from appliance.display.server import serve
 
@@ -134,10 +158,22 @@ def cmd_display(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_display_account(args: argparse.Namespace) -> int:
+    from appliance.display.accounts import main as accounts_main
+
+    return accounts_main(args)
+
+
 def cmd_usb_import(args: argparse.Namespace) -> int:
     from appliance.usb_import import main as usb_main
 
     return usb_main(args, _config(args))
+
+
+def cmd_recalibrate(args: argparse.Namespace) -> int:
+    from appliance.recalibrate import main as recalibrate_main
+
+    return recalibrate_main(args, _config(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,16 +211,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patient", help="pseudonymous patient key")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_history)
+    p = sub.add_parser("feedback", help="clinician feedback (acknowledgements with verdicts)")
+    feedback = p.add_subparsers(dest="feedback_command", required=True)
+    p = with_config(feedback.add_parser("export", help="write the feedback as CSV for audit"))
+    p.add_argument("--since", help="only acks received at or after this ISO 8601 time")
+    p.add_argument("--out", default="-", help="CSV file to write, or - for stdout (default)")
+    p.set_defaults(func=cmd_feedback_export)
     p = with_config(sub.add_parser("display", help="serve the ward display page"))
     p.add_argument("--host")
     p.add_argument("--port", type=int)
     p.set_defaults(func=cmd_display)
+    p = sub.add_parser("display-account", help="add, revoke or list the broker account of one ward display")
+    from appliance.display.accounts import add_arguments as account_arguments
+
+    account_arguments(p)
+    p.set_defaults(func=cmd_display_account)
     p = with_config(sub.add_parser("usb-import", help="import every image on a mounted USB stick"))
     p.add_argument("mount", type=Path)
     from appliance.usb_import import add_arguments
 
     add_arguments(p)
     p.set_defaults(func=cmd_usb_import)
+    p = with_config(
+        sub.add_parser(
+            "recalibrate", help="site operating points from local labels: writes an overlay + report"
+        )
+    )
+    from appliance.recalibrate import add_arguments as recalibrate_arguments
+
+    recalibrate_arguments(p)
+    p.set_defaults(func=cmd_recalibrate)
     return parser
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
@@ -38,8 +38,27 @@ class DeviceConfig(Section):
     device_id: str = Field("cart-1", pattern=r"^[A-Za-z0-9_-]+$", description="This cart; unique per site.")
     location: str = Field("unassigned", description="Default bed/location when the image does not name one.")
     location_from_dicom: bool = Field(
-        True, description="Use the DICOM's StationName/Current Patient Location as bed when present."
+        True,
+        description="Use the DICOM's Current Patient Location (or StationName) as bed when it is listed in"
+        " `locations`.",
     )
+    locations: dict[str, Annotated[str, Field(pattern=r"^[A-Za-z0-9._ -]{1,64}$")]] = Field(
+        default_factory=dict,
+        description="DICOM location -> published bed name, e.g. {'Ward7 Bed3': 'bed-3'} (matched ignoring"
+        " case and repeated spaces). A DICOM location not listed is replaced by `location` and never"
+        " published or logged: the field is free text and may hold a patient's name.",
+    )
+
+    def bed_for(self, dicom_location: str | None) -> str | None:
+        """The configured bed name for a DICOM location; None when it is not on the list."""
+        if not dicom_location or not self.location_from_dicom:
+            return None
+        wanted = _location_key(dicom_location)
+        return next((bed for raw, bed in self.locations.items() if _location_key(raw) == wanted), None)
+
+
+def _location_key(value: str) -> str:
+    return " ".join(value.split()).casefold()
 
 
 class IngestConfig(Section):
@@ -67,6 +86,15 @@ class IngestConfig(Section):
         200, ge=0, description="Stop accepting when the spool disk has less free space."
     )
     keep_done_days: float = Field(7, ge=0, description="Processed files are deleted from done/ after this.")
+    keep_quarantine_days: float = Field(
+        30, ge=0, description="Refused files (and their reasons) are deleted from quarantine/ after this."
+    )
+    keep_records_days: float = Field(
+        30,
+        ge=0,
+        description="After this, the spool forgets a finished image's original path and deletes its meta"
+        " file; only the de-duplication key stays (a re-send is still recognised).",
+    )
 
 
 class InferenceConfig(Section):
@@ -84,6 +112,11 @@ class InferenceConfig(Section):
     onnxruntime: OnnxRuntimeConfig = Field(default_factory=OnnxRuntimeConfig)
     tensorrt: TensorRTConfig = Field(default_factory=TensorRTConfig)
     triton: TritonConfig = Field(default_factory=TritonConfig)
+    site_overlay: Path | None = Field(
+        None,
+        description="Site operating points from `cxr-appliance recalibrate` (YAML); replaces the manifest's"
+        " thresholds. Refused at start/reload if made for another model. None: the shipped points.",
+    )
 
 
 class TlsConfig(Section):
@@ -112,6 +145,12 @@ class MqttConfig(Section):
     )
     reconnect_max_seconds: float = Field(30.0, gt=0)
     publish_heatmap: bool = Field(True, description="Include the heatmap PNG (a few kB) in the result.")
+    publish_thumbnail: bool = Field(
+        True,
+        description="Publish a <=256 px X-ray cropped to the thorax (no corner labels or burned-in text),"
+        " retained on <prefix>/<site>/<device_id>/thumbnail/<bed>; on by default: it carries no identifying"
+        " text and shows the ward which image a result belongs to.",
+    )
 
     @model_validator(mode="after")
     def _one_password_source(self) -> MqttConfig:
@@ -186,16 +225,33 @@ class DicomTlsConfig(Section):
 
 class DicomNetConfig(Section):
     enabled: bool = False
-    ae_title: str = Field("CXR_APPLIANCE", max_length=16)
+    ae_title: str = Field(
+        "CXR_APPLIANCE", max_length=16, description="Our AE title; associations calling another are refused."
+    )
     port: int = Field(11112, ge=1, le=65535)
-    bind: str = "0.0.0.0"
-    allowed_calling_ae: list[str] = Field(default_factory=list, description="Empty: accept any calling AE.")
+    bind: str = Field(
+        "127.0.0.1",
+        description="Address to listen on. Loopback keeps the receiver off the network: give the cart's"
+        " address on the modality network explicitly (and consider tls).",
+    )
+    allowed_calling_ae: list[str] = Field(
+        default_factory=list,
+        description="Calling AE titles of the X-ray units allowed to send; required when enabled"
+        " (no 'accept any' setting).",
+    )
     receive_dir: Path | None = Field(
         None,
         description="Where received instances are written before the spool takes them "
         "(default: <ingest.spool>/dicom-in; keep it on the spool's filesystem).",
     )
     tls: DicomTlsConfig | None = Field(None, description="Accept DICOM over TLS only (server certificate).")
+
+    @model_validator(mode="after")
+    def _senders_listed(self) -> DicomNetConfig:
+        # An empty list would let anything on the network that reaches the port store images.
+        if self.enabled and not [t for t in self.allowed_calling_ae if t.strip()]:
+            raise ValueError("allowed_calling_ae must list the X-ray units' AE titles when enabled")
+        return self
 
 
 class PacsConfig(Section):
@@ -230,6 +286,15 @@ class DicomOutConfig(Section):
     secondary_capture: bool = Field(True, description="Also write the image with the heatmap overlay.")
     manufacturer: str = Field("CXR appliance", description="Manufacturer written into the objects.")
     pacs: PacsConfig | None = Field(None, description="Send the objects by C-STORE here (None: folder only).")
+    keep_days: float = Field(
+        30, ge=0, description="Written SR/SC files are deleted after this, unless still queued for the PACS."
+    )
+    keep_unsent_days: float = Field(
+        90,
+        ge=0,
+        description="Files the PACS never accepted (queue/, failed/) are deleted after this, with an error"
+        " in the log.",
+    )
 
 
 class MetricsConfig(Section):
@@ -255,6 +320,38 @@ class MetricsConfig(Section):
         return read_secret(self.password_file, "metrics.password_file") if self.password_file else None
 
 
+class DriftConfig(Section):
+    """The drift watch (docs/drift.md): recent images against the manifest's validation distributions.
+
+    A warning, never a fault: the cart keeps reading. PSI conventions: < 0.1 no real change,
+    0.1-0.25 moderate, > 0.25 significant."""
+
+    enabled: bool = Field(True, description="Watch when the model's manifest carries a drift reference.")
+    window: int = Field(
+        200,
+        ge=10,
+        description="Most recent observations kept per quantity. 200 keeps the no-shift PSI of 10 bins"
+        " near 0.05 (sampling noise ~ bins/window), far under the threshold.",
+    )
+    min_images: int = Field(
+        100, ge=10, description="Observations a quantity needs before it is judged at all."
+    )
+    psi_threshold: float = Field(
+        0.25, gt=0, description="PSI above this raises drift for the quantity (0.25: significant shift)."
+    )
+    psi_clear: float = Field(
+        0.1, ge=0, description="A drifted quantity clears only below this (hysteresis; 0.1: no real change)."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DriftConfig:
+        if self.min_images > self.window:
+            raise ValueError("min_images must not exceed window")
+        if self.psi_clear >= self.psi_threshold:
+            raise ValueError("psi_clear must be below psi_threshold")
+        return self
+
+
 class AppConfig(Section):
     device: DeviceConfig = Field(default_factory=DeviceConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
@@ -267,6 +364,7 @@ class AppConfig(Section):
     dicom_net: DicomNetConfig = Field(default_factory=DicomNetConfig)
     dicom_out: DicomOutConfig = Field(default_factory=DicomOutConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    drift: DriftConfig = Field(default_factory=DriftConfig)
 
     def resolve_paths(self, base: Path) -> AppConfig:
         """Relative paths in the YAML are relative to the YAML file's folder."""

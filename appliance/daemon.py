@@ -15,6 +15,7 @@ import signal
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 
@@ -25,12 +26,17 @@ from appliance.dicomout.writer import DicomOutWriter
 from appliance.errors import ApplianceError, BackendUnavailable, InputRejected, UserError
 from appliance.ingest.spool import Rejected, Spool, SpoolFull
 from appliance.ingest.watcher import FolderWatcher
+from appliance.interpret import thumbnail
 from appliance.interpret.sequence_risk import with_sequence_risk
 from appliance.interpret.trend import with_trend
 from appliance.journal import Journal
-from appliance.logs import setup_logging
+from appliance.logs import printable, setup_logging
+from appliance.ops.drift import DriftWatch, observations
 from appliance.ops.metrics import Metrics
+from appliance.overlay import stated_id
 from appliance.pipeline import Analyzer, Job
+from appliance.pseudonym import image_id_secret
+from appliance.publish import history
 from appliance.publish.mqtt import MqttPublisher
 from appliance.publish.outbox import Outbox
 from appliance.result import Acknowledgement, Result
@@ -40,8 +46,12 @@ log = logging.getLogger("appliance.daemon")
 
 HOUSEKEEPING_SECONDS = 600.0
 # Sections bound to open files, sockets or threads at start: a SIGHUP cannot swap them in place.
-# An image in processing/ at this many crashes is refused instead of retried (a decoder that segfaults).
-MAX_CRASHES = 3
+# An image that failed this many times (the process died reading it, or a stage raised) is refused
+# instead of retried: a decoder that segfaults, a library bug on one odd file.
+MAX_FAILURES = 3
+# Storage that cannot be written (disk full, I/O error) or a backend that is down (a restarting Triton,
+# GPU out of memory): not the image's fault, so the images wait and the cart says it is degraded.
+TEMPORARY = (OSError, sqlite3.Error, SpoolFull, BackendUnavailable)
 RETRY_SECONDS = 5.0
 RESTART_SECTIONS = ("ingest", "mqtt", "journal", "privacy", "dicom_net", "dicom_out", "metrics")
 
@@ -59,6 +69,7 @@ class Daemon:
         self._state_lock = threading.Lock()  # faults change from the watcher thread and the loop
         self.processed = 0
         self.metrics = Metrics(config)  # in memory from the start; served once _start has run
+        self.drift = DriftWatch(config.drift, None)  # the model's reference arrives with it in _start
 
     # --- signals -----------------------------------------------------------------------------------
 
@@ -101,13 +112,16 @@ class Daemon:
                 folder.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise UserError(f"{folder}: cannot create: {exc.strerror}") from exc
-        self.spool = Spool(ingest.spool, min_free_mb=ingest.min_free_mb)
+        self.spool = Spool(
+            ingest.spool, min_free_mb=ingest.min_free_mb, id_secret=image_id_secret(self.config)
+        )
         recovered = self.spool.recover()
         if recovered:
             log.warning("recovered %d image(s) left in processing after an unclean stop", recovered)
         self.journal = Journal.from_config(self.config.journal)
         # Load the model before connecting, so `online` is only ever said by a cart that can read.
         self.analyzer: Analyzer = build_analyzer(self.config)
+        self._rebuild_drift()
         self.publisher: MqttPublisher | None = None
         if self.config.mqtt.enabled:
             self.outbox = Outbox.from_config(ingest.spool / "outbox.sqlite3", self.config.mqtt)
@@ -117,6 +131,7 @@ class Daemon:
                 self.config.device,
                 self.outbox,
                 on_ack=self._on_ack,
+                on_history=lambda request: history.answer(self.journal, request, self.config.device),
                 identity={
                     "model": self.analyzer.manifest.name,
                     "backend": backend.name,
@@ -198,7 +213,9 @@ class Daemon:
             log.warning("SIGHUP: %s changed; that takes effect at the next restart", ", ".join(needs_restart))
             kept = {name: getattr(self.config, name) for name in needs_restart if name in RESTART_SECTIONS}
             new = new.model_copy(update=kept)
-        if new.inference != self.config.inference:
+        # `recalibrate` may rewrite the site overlay under the same name: its id says whether it changed.
+        overlay_changed = stated_id(new.inference.site_overlay) != self.analyzer.provenance.site_overlay
+        if new.inference != self.config.inference or overlay_changed:
             try:
                 analyzer = build_analyzer(new)
             except ApplianceError as exc:
@@ -207,9 +224,18 @@ class Daemon:
             self.analyzer.backend.close()
             self.analyzer = analyzer
             self.metrics.model(analyzer)
-            log.info("SIGHUP: model %s %s loaded", analyzer.manifest.name, analyzer.manifest.version)
+            overlay = analyzer.provenance.site_overlay
+            log.info(
+                "SIGHUP: model %s %s loaded, %s",
+                analyzer.manifest.name,
+                analyzer.manifest.version,
+                f"site overlay {overlay[:12]}" if overlay else "no site overlay",
+            )
+        rebuild = new.drift != self.config.drift or self.drift.reference is not self.analyzer.manifest.drift
         self.config = new
         self.analyzer.config = new
+        if rebuild:
+            self._rebuild_drift()
         setup_logging(new.logging.level, new.logging.format)
         log.info("SIGHUP: configuration reloaded")
         self._publish_status()
@@ -233,6 +259,7 @@ class Daemon:
                 model=self.analyzer.manifest.name,
                 backend=self.analyzer.backend.name,
                 precision=self.analyzer.backend.precision,
+                drift=self.drift.drifted,
             )
 
     # --- ingest side (watcher thread) ----------------------------------------------------------------
@@ -274,8 +301,9 @@ class Daemon:
         self.metrics.quarantined(exc.reason)
 
     def _on_ack(self, ack: Acknowledgement) -> None:
+        # The journal drops (and logs) acks of messages it does not know.
         if self.journal.record_ack(ack):
-            log.info("acknowledged by %s: %s", ack.by, ack.message_id)
+            log.info("acknowledged by %s: %s (verdict %s)", ack.by, ack.message_id, ack.verdict or "none")
 
     def _set_fault(self, kind: str, reason: str | None) -> None:
         """Set (reason) or clear (None) one cause of not accepting; says so when accepting changes."""
@@ -336,10 +364,7 @@ class Daemon:
                 items = [suspect]
             try:
                 self.process([Job(path=i.path, image_id=i.image_id, source=i.source) for i in items])
-            except (OSError, sqlite3.Error, SpoolFull, BackendUnavailable) as exc:
-                # Storage that cannot be written (disk full, I/O error) or a backend that is down (a
-                # restarting Triton, GPU out of memory): keep the images for later instead of refusing
-                # them or dying and retrying them in a restart loop.
+            except TEMPORARY as exc:
                 kind = "backend" if isinstance(exc, BackendUnavailable) else "storage"
                 log.error(
                     "%s problem (%s); %d image(s) wait, retry in %.0f s", kind, exc, len(items), RETRY_SECONDS
@@ -356,44 +381,102 @@ class Daemon:
                 self._set_fault("backend", None)
 
     def housekeeping(self) -> None:
-        """Retention: the journal and the done/ folder never fill the disk."""
+        """Retention: nothing that holds patient data (results, images, refused files, where files came
+        from, DICOM outputs) is kept past its configured limit (docs/deployment.md, "Retention")."""
+        ingest, day = self.config.ingest, 86400
         pruned = self.journal.prune()
-        purged = self.spool.purge_done(self.config.ingest.keep_done_days * 86400)
-        if pruned or purged:
-            log.info("housekeeping: %d old result(s) pruned, %d processed file(s) deleted", pruned, purged)
+        purged = self.spool.purge_done(ingest.keep_done_days * day)
+        purged += self.spool.purge_quarantine(ingest.keep_quarantine_days * day)
+        scrubbed = self.spool.scrub_records(ingest.keep_records_days * day)
+        purged += self.dicom_out.purge() if self.dicom_out is not None else 0
+        if pruned or purged or scrubbed:
+            log.info(
+                "housekeeping: %d old result(s) pruned, %d file(s) deleted, %d spool record(s) scrubbed",
+                pruned,
+                purged,
+                scrubbed,
+            )
 
     def process(self, jobs: list[Job]) -> None:
+        """One error rule for every stage: a temporary problem (storage, backend) is raised to the loop,
+        which keeps the images and sets a fault; any other exception counts against the one image it
+        happened on, which is tried again until MAX_FAILURES and then quarantined with the reason."""
         fresh = []
         for job in jobs:
-            try:
-                earlier = self.journal.result_for(job.image_id)
-            except ValueError:  # a row written by an older payload version: analyse the image again
-                log.exception("%s: stored result unreadable; analysing again", job.path.name)
-                earlier = None
-            if earlier is not None:  # crashed after the journal write: finish the hand-off only
-                self._hand_off(job, earlier)
-            elif self.spool.crashes(job.image_id) >= MAX_CRASHES:
-                detail = f"the appliance stopped {MAX_CRASHES} times while reading {job.path.name}"
-                self._finish(job, self.analyzer.failed(job, "crashed the reader", detail))
+            if self.spool.crashes(job.image_id) >= MAX_FAILURES:
+                self._give_up(job)
+                continue
+            with self._counted(job, "hand-off"):
+                earlier = self._journaled(job)
+                if earlier is not None:  # crashed after the journal write: finish the hand-off only
+                    self._hand_off(job, earlier)
+                else:
+                    fresh.append(job)
+        for job, outcome in self._analyze(fresh):
+            if isinstance(outcome, Result):
+                with self._counted(job, "journal/hand-off"):
+                    self._finish(job, outcome)
             else:
-                fresh.append(job)
-        for job, result in self._analyze(fresh):
-            self._finish(job, result)
+                self._count_failure(job, "analysis", outcome)
 
-    def _analyze(self, jobs: list[Job]) -> list[tuple[Job, Result]]:
-        """A bug or an unexpected library error on one image must not stop the cart (and must not
-        become a restart loop): the batch is retried image by image and the failing one is refused."""
+    def _journaled(self, job: Job) -> Result | None:
+        try:
+            return self.journal.result_for(job.image_id)
+        except ValueError:  # a row written by an older payload version: analyse the image again
+            log.exception("%s: stored result unreadable; analysing again", job.path.name)
+            return None
+
+    @contextlib.contextmanager
+    def _counted(self, job: Job, stage: str) -> Iterator[None]:
+        try:
+            yield
+        except TEMPORARY:
+            raise
+        except Exception as exc:
+            self._count_failure(job, stage, exc)
+
+    def _count_failure(self, job: Job, stage: str, exc: BaseException) -> None:
+        detail = printable(f"{stage}: {type(exc).__name__}: {exc}")[:300]
+        log.error("%s: %s", job.path.name, detail, exc_info=exc)
+        count = self.spool.record_failure(job.image_id, detail)
+        if count >= MAX_FAILURES:
+            self._give_up(job)
+        else:
+            log.warning("%s: failed %d of %d times; tried again", job.path.name, count, MAX_FAILURES)
+
+    def _give_up(self, job: Job) -> None:
+        """The image failed MAX_FAILURES times: the ward is told, the file goes to quarantine with why.
+        Its journal row (if any) stays: it is the record of what was read before the failure."""
+        last = self.spool.last_failure(job.image_id)
+        if last is None:
+            reason = "crashed the reader"
+            detail = f"the appliance stopped {MAX_FAILURES} times while reading {job.path.name}"
+        else:
+            reason, detail = "internal error", f"failed {MAX_FAILURES} times; last: {last}"
+        result = self.analyzer.failed(job, reason, detail)
+        try:
+            self.journal.record_result(result)
+            if self.publisher is not None:
+                self.publisher.publish_result(result)
+        except TEMPORARY:
+            raise
+        except Exception:  # the error result cannot be sent: the quarantine reason still says why
+            log.exception("%s: could not report the refusal", job.path.name)
+        self.spool.quarantine(job.image_id, reason, detail)
+        self.metrics.finished(result)
+
+    def _analyze(self, jobs: list[Job]) -> list[tuple[Job, Result | Exception]]:
+        """A bug or an unexpected library error on one image must not stop the cart: the batch is
+        retried image by image so the exception is counted against the image that raised it."""
         try:
             return list(zip(jobs, self.analyzer.analyze(jobs), strict=True))
-        except BackendUnavailable:
+        except TEMPORARY:
             raise  # not this image's fault: the loop keeps the batch and retries
-        except Exception:
+        except Exception as exc:
             if len(jobs) == 1:
-                log.exception("%s: internal error while analysing", jobs[0].path.name)
-                job = jobs[0]
-                return [(job, self.analyzer.failed(job, "internal error", "see the appliance log"))]
+                return [(jobs[0], exc)]
             log.exception("internal error in a batch of %d; analysing its images one by one", len(jobs))
-            pairs = []
+            pairs: list[tuple[Job, Result | Exception]] = []
             for job in jobs:
                 pairs += self._analyze([Job(path=job.path, image_id=job.image_id, source=job.source)])
             return pairs
@@ -407,6 +490,7 @@ class Daemon:
         self._hand_off(job, result)
         self.processed += 1
         self.metrics.finished(result)
+        self._observe_drift(result, job)
         log.info(
             "%s %s %s",
             job.path.name,
@@ -420,6 +504,46 @@ class Daemon:
                 }
             },
         )
+
+    def _rebuild_drift(self) -> None:
+        """A fresh watch for the current model and drift config, its windows refilled from the journal
+        (results of this very model file only: another model's scores are not comparable)."""
+        manifest = self.analyzer.manifest
+        self.drift = DriftWatch(self.config.drift, manifest.drift)
+        if not self.drift.active:
+            why = (
+                "drift.enabled is false"
+                if not self.config.drift.enabled
+                else "its manifest has no drift reference"
+            )
+            log.info("drift watch off for %s: %s", manifest.name, why)
+        else:
+            try:
+                stored = self.journal.recent(self.config.drift.window, self.analyzer.backend.model_sha256)
+            except sqlite3.Error:
+                log.exception("drift watch: journal not readable; windows start empty")
+                stored = []
+            self.drift.rebuild(stored)
+            log.info(
+                "drift watch on: %d quantities, %d stored result(s) reloaded%s",
+                len(self.drift.windows),
+                len(stored),
+                f"; drifted: {self.drift.describe()}" if self.drift.drifted else "",
+            )
+        self.metrics.drift(self.drift)
+
+    def _observe_drift(self, result: Result, job: Job) -> None:
+        """A warning, never a fault: the set of drifted quantities goes to the log, status and metrics."""
+        if not self.drift.active:
+            return
+        changed = self.drift.observe(observations(result, job.image.pixels if job.image else None))
+        self.metrics.drift(self.drift)
+        if changed:
+            if self.drift.drifted:
+                log.warning("drift: recent images differ from validation in %s", self.drift.describe())
+            else:
+                log.info("drift cleared: recent images match validation again")
+            self._publish_status()
 
     def _add_trend(self, result: Result) -> Result:
         if result.status != "ok" or not result.patient_key:
@@ -438,9 +562,18 @@ class Daemon:
             log.exception("%s: trend skipped (the prior could not be read)", result.image.image_id[:12])
             return result
 
+    def _publish_thumbnail(self, job: Job, result: Result) -> None:
+        assert self.publisher is not None
+        reading = job.reading  # None after a crash (the result came from the journal): no picture
+        image = reading.thumbnail if reading is not None else None
+        if reading is not None and reading.thumbnail_skipped and self.config.mqtt.publish_thumbnail:
+            log.info("%s: no thumbnail: %s", job.path.name, reading.thumbnail_skipped)
+        self.publisher.publish_thumbnail(result, thumbnail.payload(result, image) if image else None)
+
     def _hand_off(self, job: Job, result: Result) -> None:
         if self.publisher is not None:
             self.publisher.publish_result(result)
+            self._publish_thumbnail(job, result)
         if self.dicom_out is not None:  # after publishing: the ward hears first, the PACS second
             self.dicom_out.write_safely(result, job.path)
         if result.status == "error":

@@ -75,6 +75,24 @@ def check_model(config: AppConfig) -> Iterator[Check]:
     backend.close()
 
 
+def check_site_overlay(config: AppConfig) -> Iterator[Check]:
+    """Which operating points the cart uses: the manifest's, or a site overlay that fits the model."""
+    from appliance.manifest import load_manifest
+    from appliance.overlay import describe, load_for
+
+    path = config.inference.site_overlay
+    if path is None:
+        yield Check("OK", "overlay", "none: the model manifest's operating points")
+        return
+    try:
+        manifest = load_manifest(config.inference.model)
+        overlay = load_for(path, manifest, config.inference.model)
+    except UserError as exc:
+        yield Check("FAIL", "overlay", f"{exc} (the daemon will not start with it)")
+        return
+    yield Check("OK", "overlay", f"{path}: {describe(overlay, manifest)}")
+
+
 def check_decoders() -> Iterator[Check]:
     from pydicom.pixels import get_decoder
     from pydicom.uid import JPEG2000, JPEGBaseline8Bit, JPEGLosslessSV1, JPEGLSLossless, RLELossless
@@ -212,6 +230,7 @@ def run_doctor(config_path: Path | None, load: Callable[[argparse.Namespace], Ap
     if config is not None:
         groups: list[Iterator[Check]] = [
             check_model(config),
+            check_site_overlay(config),
             check_decoders(),
             check_folders(config),
             check_journal(config),

@@ -24,6 +24,23 @@ from appliance.sqlitedb import Transaction, open_sqlite
 
 log = logging.getLogger(__name__)
 
+# A result is acknowledged once or twice in practice; the cap stops a misbehaving display (which may
+# write acks) from growing the journal without bound under one message id.
+MAX_ACKS_PER_RESULT = 20
+FEEDBACK_COLUMNS = (
+    "message_id",
+    "image_id",
+    "patient_key",
+    "acquired_at",
+    "triage",
+    "abnormal",
+    "by",
+    "at",
+    "display",
+    "verdict",
+    "comment",
+)
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
     image_id     TEXT PRIMARY KEY,
@@ -54,6 +71,8 @@ CREATE TABLE IF NOT EXISTS acknowledgements (
     at           TEXT NOT NULL,
     display      TEXT,
     received_at  TEXT NOT NULL,
+    verdict      TEXT,
+    comment      TEXT,
     UNIQUE (message_id, by, at)
 );
 CREATE INDEX IF NOT EXISTS acks_message ON acknowledgements (message_id);
@@ -89,6 +108,11 @@ class Journal:
         self._db = open_sqlite(self.path, "journal")
         with self._lock:
             self._db.executescript(_SCHEMA)
+            # Journals from before clinician feedback: add its columns (NULL for the old acks).
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(acknowledgements)")}
+            for column in ("verdict", "comment"):
+                if column not in columns:
+                    self._db.execute(f"ALTER TABLE acknowledgements ADD COLUMN {column} TEXT")
 
     @classmethod
     def from_config(cls, config: JournalConfig) -> Journal:
@@ -159,6 +183,25 @@ class Journal:
             row = self._db.execute("SELECT payload FROM results WHERE image_id = ?", (image_id,)).fetchone()
         return Result.model_validate_json(row[0]) if row else None
 
+    def recent(self, limit: int, onnx_sha256: str | None = None) -> list[Result]:
+        """The `limit` newest results, oldest first (the drift watch's windows at start); only those of
+        this model file when `onnx_sha256` is given. Rows an older payload version wrote are skipped."""
+        query = "SELECT payload FROM results"
+        params: list[object] = []
+        if onnx_sha256 is not None:
+            query += " WHERE json_extract(payload, '$.provenance.onnx_sha256') = ?"
+            params.append(onnx_sha256)
+        query += " ORDER BY created_ts DESC, rowid DESC LIMIT ?"
+        with self._lock:
+            rows = self._db.execute(query, (*params, limit)).fetchall()
+        out = []
+        for (payload,) in reversed(rows):
+            try:
+                out.append(Result.model_validate_json(payload))
+            except ValueError:
+                log.debug("journal: a result of an older payload version left out")
+        return out
+
     def priors(
         self,
         patient_key: str,
@@ -215,22 +258,64 @@ class Journal:
 
     # -- acknowledgements ----------------------------------------------------------------------
     def record_ack(self, ack: Acknowledgement) -> bool:
-        """Store a display's acknowledgement; the same one delivered twice is stored once."""
+        """Store a display's acknowledgement; the same one delivered twice is stored once. Dropped (False,
+        logged) when the journal holds no result with that message id, or already holds
+        MAX_ACKS_PER_RESULT acks of it: displays may write acks, so they are not trusted to name real ones."""
         with self._lock, Transaction(self._db):
+            known = self._db.execute(
+                "SELECT (SELECT count(*) FROM results WHERE message_id = ?),"
+                " (SELECT count(*) FROM acknowledgements WHERE message_id = ?)",
+                (ack.message_id, ack.message_id),
+            ).fetchone()
+            if not known[0]:
+                log.warning("dropped an acknowledgement of unknown message %r", ack.message_id)
+                return False
+            if known[1] >= MAX_ACKS_PER_RESULT:
+                log.warning("dropped an acknowledgement of %s: it has %d already", ack.message_id, known[1])
+                return False
             cur = self._db.execute(
-                "INSERT OR IGNORE INTO acknowledgements (message_id, by, at, display, received_at)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (ack.message_id, ack.by, ack.at, ack.display, _now_iso()),
+                "INSERT OR IGNORE INTO acknowledgements"
+                " (message_id, by, at, display, received_at, verdict, comment) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (ack.message_id, ack.by, ack.at, ack.display, _now_iso(), ack.verdict, ack.comment),
             )
         return cur.rowcount == 1
 
     def acknowledgements(self, message_id: str) -> list[dict[str, Any]]:
         with self._lock:
             cur = self._db.execute(
-                "SELECT message_id, by, at, display, received_at FROM acknowledgements"
+                "SELECT message_id, by, at, display, received_at, verdict, comment FROM acknowledgements"
                 " WHERE message_id = ? ORDER BY at",
                 (message_id,),
             )
+            names = [c[0] for c in cur.description]
+            return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+    def feedback(self, since: str | None = None) -> list[dict[str, Any]]:
+        """Clinician feedback for audit and site recalibration: one row per stored acknowledgement (oldest
+        received first) with its result's pseudonymous key, triage and abnormality score (`abnormal`:
+        the payload's `abnormal.score`, None when not published). Keys: FEEDBACK_COLUMNS.
+
+        `since` (ISO 8601) keeps acks the appliance received at or after that time: its own clock, not
+        the display's `at`, which a display with a wrong clock could set to anything."""
+        params: list[object] = []
+        where = ""
+        if since is not None:
+            ts = to_timestamp(since)
+            if ts is None:
+                raise ValueError(f"since {since!r} is not an ISO 8601 time")
+            # received_at is always UTC in one format (_now_iso), so text order is time order.
+            where = " WHERE a.received_at >= ?"
+            params.append(datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds"))
+        sql = (
+            "SELECT r.message_id, r.image_id, r.patient_key, r.acquired_at, r.triage,"
+            " json_extract(r.payload, '$.abnormal.score') AS abnormal,"
+            " a.by, a.at, a.display, a.verdict, a.comment"
+            " FROM acknowledgements a JOIN results r ON r.message_id = a.message_id"
+            + where
+            + " ORDER BY a.received_at, a.rowid"
+        )
+        with self._lock:
+            cur = self._db.execute(sql, params)
             names = [c[0] for c in cur.description]
             return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
 

@@ -183,6 +183,40 @@ class SequenceRisk(Strict):
         return self
 
 
+class DriftQuantity(Strict):
+    """One monitored quantity's distribution on the validation patients (appliance/ops/drift.py).
+
+    numeric: `edges` are the inner bin edges (k-1 of them for k bins; the outer bins are open), a value
+    v falls in bin searchsorted(edges, v, side='right'); categorical: one bin per category, unknown
+    categories count as 'other'. `proportions` are already smoothed (no bin is 0)."""
+
+    kind: Literal["numeric", "categorical"]
+    edges: list[float] = Field(default_factory=list)
+    categories: list[str] = Field(default_factory=list)
+    proportions: list[float] = Field(min_length=2)
+    n: int = Field(ge=1, description="Validation observations behind the proportions.")
+
+    @model_validator(mode="after")
+    def _bins(self) -> DriftQuantity:
+        bins = len(self.edges) + 1 if self.kind == "numeric" else len(self.categories)
+        if len(self.proportions) != bins:
+            raise ValueError(f"{len(self.proportions)} proportions for {bins} bins")
+        if any(b <= a for a, b in zip(self.edges, self.edges[1:], strict=False)):
+            raise ValueError("edges must increase strictly")
+        if any(p <= 0 for p in self.proportions) or abs(sum(self.proportions) - 1.0) > 1e-3:
+            raise ValueError("proportions must be > 0 and sum to 1")
+        return self
+
+
+class DriftReference(Strict):
+    """Reference distributions for the drift watch, written by tools/drift_reference.py."""
+
+    source: str = Field(description="What the reference was computed on (split, data, precision).")
+    images: int = Field(ge=1)
+    smoothing: float = Field(0.5, gt=0, description="Pseudo-count added to every bin (both sides).")
+    quantities: dict[str, DriftQuantity] = Field(min_length=1)
+
+
 class Manifest(Strict):
     schema_version: Literal[1] = 1
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
@@ -204,6 +238,9 @@ class Manifest(Strict):
     )
     validation: dict[str, Any] = Field(
         default_factory=dict, description="Validation figures per output (model card), free form."
+    )
+    drift: DriftReference | None = Field(
+        None, description="Validation distributions the drift watch compares recent images with."
     )
 
     # Filled in by load_manifest: the folder holding manifest.yaml.

@@ -93,7 +93,9 @@ class Analyzer:
         manifest: Manifest,
         backend: Backend,
         patient_key: Callable[[ImageMeta], str | None] = lambda meta: None,
+        site_overlay: str | None = None,
     ) -> None:
+        """`manifest` already carries a site overlay's thresholds when `site_overlay` (its id) is given."""
         self.config = config
         self.manifest = manifest
         self.backend = backend
@@ -107,6 +109,7 @@ class Analyzer:
             appliance_version=__version__,
             device_uid=model_device_uid(manifest.name, backend.model_sha256),
             fallback_reason=backend.fallback_reason,
+            site_overlay=site_overlay,
         )
         # The decoders may reduce resolution on the way in: the model never needs more than this.
         self.target_size = max(manifest.input.height, manifest.input.width)
@@ -161,6 +164,7 @@ class Analyzer:
                         job.geometry,
                         job.image.meta,
                         with_heatmap=self.config.mqtt.publish_heatmap,
+                        pixels=job.image.pixels if self.config.mqtt.publish_thumbnail else None,
                     )
 
     def failed(self, job: Job, reason: str, detail: str) -> Result:
@@ -171,9 +175,14 @@ class Analyzer:
     def result(self, job: Job) -> Result:
         assert job.reading is not None
         meta = job.image.meta if job.image else None
-        location = self.config.device.location
-        if meta is not None and meta.location and self.config.device.location_from_dicom:
-            location = meta.location
+        device = self.config.device
+        bed = device.bed_for(meta.location if meta else None)
+        location = bed or device.location
+        if bed is None and meta is not None and meta.location and device.location_from_dicom:
+            # Free text (it may name the patient): say that it was not used, never what it was.
+            log.warning(
+                "%s: DICOM location not in device.locations; published as %r", job.path.name, location
+            )
         return Result(
             message_id=str(uuid.uuid5(MESSAGE_NAMESPACE, f"{job.image_id}/{self.backend.model_sha256}")),
             created_at=now_iso(),

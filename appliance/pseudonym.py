@@ -4,10 +4,16 @@ key = HMAC-SHA256(salt, issuer + US + patient id), first 16 hex characters (64 b
 are negligible on one site, and the key cannot be reversed without the salt). The salt is a
 secret random file created with mode 0600 on first use; keep it across upgrades, or every
 patient's trend starts afresh. Different sites have different salts, so keys do not link sites.
+
+The issuer is the DICOM IssuerOfPatientID (0010,0021): the same number from two issuers is two
+patients. The published image id is keyed by the same salt (`image_id_secret`, a separate derived
+key), so it cannot be recomputed from the SOP Instance UID by anyone with PACS access.
+A salt file that group or others may read is refused: the salt is what keeps the keys pseudonymous.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -16,7 +22,8 @@ import secrets
 import stat
 from pathlib import Path
 
-from appliance.config import PrivacyConfig
+from appliance.config import AppConfig, PrivacyConfig
+from appliance.durable import fsync_dir
 from appliance.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -27,40 +34,50 @@ KEY_HEX_CHARS = 16
 _SEPARATOR = "\x1f"  # ASCII unit separator: cannot occur in a DICOM LO value, so no ambiguity
 
 
-def load_or_create_salt(path: Path, create: bool = True) -> bytes:
-    """Read the salt; create it (0600, random) if missing and `create`. Raises ConfigError otherwise."""
+def load_or_create_salt(path: Path, create: bool = True, *, what: str = "privacy.salt_file") -> bytes:
+    """Read the salt; create it (0600, random) if missing and `create`. Raises ConfigError otherwise.
+
+    `what` names the file in errors (the spool keeps a key of its own the same way)."""
     try:
         salt = path.read_bytes()
     except FileNotFoundError:
         if not create:
-            raise ConfigError(f"privacy.salt_file {path}: missing") from None
-        salt = _create_salt(path)
+            raise ConfigError(f"{what} {path}: missing") from None
+        salt = _create_salt(path, what)
     except OSError as exc:
-        raise ConfigError(f"privacy.salt_file {path}: cannot read: {exc.strerror}") from exc
+        raise ConfigError(f"{what} {path}: cannot read: {exc.strerror}") from exc
     if len(salt) < MIN_SALT_BYTES:
-        raise ConfigError(f"privacy.salt_file {path}: only {len(salt)} bytes, need at least {MIN_SALT_BYTES}")
+        raise ConfigError(f"{what} {path}: only {len(salt)} bytes, need at least {MIN_SALT_BYTES}")
     mode = path.stat().st_mode
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        log.warning("privacy.salt_file %s is readable by others (mode %o); chmod 600 it", path, mode & 0o777)
+        raise ConfigError(f"{what} {path}: group or others have access (mode {mode & 0o777:o}); chmod 600 it")
     return salt
 
 
-def _create_salt(path: Path) -> bytes:
+def _create_salt(path: Path, what: str) -> bytes:
+    """Write a whole salt under a temporary name, then link it into place: a crash never leaves a
+    short or empty salt behind, and if two processes race exactly one salt wins (link fails on the other)."""
     salt = secrets.token_bytes(SALT_BYTES)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        # O_EXCL: if two processes race, exactly one salt wins and the other reads it.
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return path.read_bytes()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(fd, salt)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)  # unlike rename, never replaces a salt another process made first
+        except FileExistsError:
+            return path.read_bytes()
+        fsync_dir(path.parent)
     except OSError as exc:
-        raise ConfigError(f"privacy.salt_file {path}: cannot create: {exc.strerror}") from exc
-    try:
-        os.write(fd, salt)
-        os.fsync(fd)
+        raise ConfigError(f"{what} {path}: cannot create: {exc.strerror}") from exc
     finally:
-        os.close(fd)
-    log.info("created a new patient-key salt at %s", path)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+    log.info("created a new secret for %s at %s", what, path)
     return salt
 
 
@@ -95,5 +112,15 @@ class PatientKeys:
         message = f"{(issuer or '').strip()}{_SEPARATOR}{pid}".encode()
         return hmac.new(self._salt, message, hashlib.sha256).hexdigest()[:KEY_HEX_CHARS]
 
+    def image_id_secret(self) -> bytes:
+        """The key for image ids (appliance.ingest.spool): derived, so an image id and a patient key
+        never come from the same HMAC key."""
+        return hmac.new(self._salt, b"cxr-appliance image id", hashlib.sha256).digest()
+
     def __repr__(self) -> str:  # never show the salt
         return f"PatientKeys(ephemeral={self.ephemeral})"
+
+
+def image_id_secret(config: AppConfig) -> bytes:
+    """The spool's image-id key from the site salt (created if missing, as the daemon does)."""
+    return PatientKeys.from_config(config.privacy).image_id_secret()

@@ -8,16 +8,24 @@ The JSON Schemas under appliance/schemas/ are generated from these classes
 from __future__ import annotations
 
 import json
+import re
+import unicodedata
 from pathlib import Path
-from typing import Final, Literal
+from typing import Annotated, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, field_validator
 
 from appliance import NOT_FOR_DIAGNOSTIC_USE
 
 RESULT_SCHEMA: Final = "cxr-appliance/result/v2"
 STATUS_SCHEMA: Final = "cxr-appliance/status/v1"
-ACK_SCHEMA: Final = "cxr-appliance/ack/v1"
+ACK_SCHEMA: Final = "cxr-appliance/ack/v2"
+ACK_V1_SCHEMA: Final = "cxr-appliance/ack/v1"
+THUMBNAIL_SCHEMA: Final = "cxr-appliance/thumbnail/v1"
+HISTORY_REQUEST_SCHEMA: Final = "cxr-appliance/history-request/v1"
+HISTORY_SCHEMA: Final = "cxr-appliance/history/v1"
+# Request ids and patient keys name nothing but themselves: short, no topic or JSON metacharacters.
+TOKEN_PATTERN: Final = r"^[A-Za-z0-9_-]{1,64}$"
 
 Status = Literal["ok", "refused", "error"]
 TriageLevel = Literal["urgent", "abnormal", "normal"]
@@ -109,6 +117,11 @@ class Provenance(Payload):
     appliance_version: str
     device_uid: str | None = Field(None, description="Algorithm identity; changes when the model changes.")
     fallback_reason: str | None = Field(None, description="Why the preferred backend is not in use.")
+    site_overlay: str | None = Field(
+        None,
+        description="Id (sha256) of the site recalibration overlay whose operating points decided this"
+        " result; null: the model manifest's own.",
+    )
 
 
 class ImageInfo(Payload):
@@ -176,18 +189,167 @@ class DeviceStatus(Payload):
     backend: str | None = None
     precision: str | None = None
     appliance_version: str | None = None
+    drift: list[str] = Field(
+        default_factory=list,
+        description="Monitored outputs whose recent distribution has drifted from the model's validation"
+        " patients (PSI above drift.psi_threshold, docs/drift.md). A warning: the cart still reads.",
+    )
     disclaimer: Literal["Not for diagnostic use"] = NOT_FOR_DIAGNOSTIC_USE
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
-class Acknowledgement(Payload):
-    schema_: Literal["cxr-appliance/ack/v1"] = Field(ACK_SCHEMA, alias="schema")
+# What displays sent before clinician feedback; still accepted (a kiosk may run the old page). No
+# docstring: it would become the schema's description and change the published ack.v1.json.
+class AcknowledgementV1(Payload):
+    schema_: Literal["cxr-appliance/ack/v1"] = Field(ACK_V1_SCHEMA, alias="schema")
     message_id: str = Field(description="The result being acknowledged.")
     image_id: str | None = None
     by: str = Field(min_length=1, max_length=80, description="Who acknowledged (display user or initials).")
     at: str = Field(description="ISO 8601 time of acknowledgement.")
     display: str | None = Field(None, description="Which display sent it.")
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, title="Acknowledgement")
+
+
+Verdict = Literal["agree", "disagree", "unsure"]
+COMMENT_MAX: Final = 200
+_SPACES = re.compile(r"\s+")
+
+
+def clean_text(value: object) -> object:
+    """Control and format characters (newlines, escapes, bidi overrides) become spaces, runs of space
+    one: free text lands in a CSV and on every ward screen, where such characters could forge rows or
+    reorder what a reader sees."""
+    if not isinstance(value, str):
+        return value
+    text = "".join(" " if unicodedata.category(ch) in ("Cc", "Cf") else ch for ch in value)
+    return _SPACES.sub(" ", text).strip()
+
+
+class Acknowledgement(Payload):
+    """A clinician's acknowledgement of a result, with their verdict on the AI reading (v2)."""
+
+    schema_: Literal["cxr-appliance/ack/v2"] = Field(ACK_SCHEMA, alias="schema")
+    message_id: str = Field(max_length=128, description="The result being acknowledged.")
+    image_id: str | None = Field(None, max_length=128)
+    by: str = Field(min_length=1, max_length=80, description="Who acknowledged (display user or initials).")
+    at: str = Field(max_length=40, description="ISO 8601 time of acknowledgement.")
+    display: str | None = Field(None, max_length=80, description="Which display sent it.")
+    verdict: Verdict | None = Field(
+        None, description="The clinician's view of the AI reading; null from v1 displays."
+    )
+    comment: str | None = Field(
+        None,
+        max_length=COMMENT_MAX,
+        description="Optional short free text; control characters are replaced by spaces.",
+    )
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @field_validator("by", "display", "comment", mode="before")
+    @classmethod
+    def _clean(cls, value: object) -> object:
+        return clean_text(value)
+
+    @field_validator("comment")
+    @classmethod
+    def _empty_is_none(cls, value: str | None) -> str | None:
+        return value or None
+
+
+def _ack_version(value: object) -> str | None:
+    # v1 made "schema" optional (it had a default): an ack without one is v1.
+    if isinstance(value, dict):
+        return str(value.get("schema", ACK_V1_SCHEMA))
+    return getattr(value, "schema_", None)
+
+
+_ANY_ACK: TypeAdapter[Acknowledgement | AcknowledgementV1] = TypeAdapter(
+    Annotated[
+        Annotated[Acknowledgement, Tag(ACK_SCHEMA)] | Annotated[AcknowledgementV1, Tag(ACK_V1_SCHEMA)],
+        Discriminator(_ack_version),
+    ]
+)
+
+
+def parse_ack(payload: str | bytes | bytearray) -> Acknowledgement:
+    """A v1 or v2 acknowledgement as v2 (a v1 one has no verdict). Raises pydantic.ValidationError."""
+    ack = _ANY_ACK.validate_json(payload)
+    if isinstance(ack, AcknowledgementV1):
+        # Through v2 validation, so a v1 ack is bounded and cleaned like a new one.
+        return Acknowledgement.model_validate(ack.model_dump(exclude={"schema_"}))
+    return ack
+
+
+class ThoraxBox(Payload):
+    """The crop, as fractions of the image's width and height (0 = left/top edge, 1 = right/bottom)."""
+
+    left: float = Field(ge=0, le=1)
+    top: float = Field(ge=0, le=1)
+    right: float = Field(ge=0, le=1)
+    bottom: float = Field(ge=0, le=1)
+
+
+class Thumbnail(Payload):
+    """A small picture of the X-ray, cropped to the thorax (lung mask box plus a margin): corner labels
+    and burned-in text lie outside it. Retained on its own per-bed topic, never inside a Result."""
+
+    schema_: Literal["cxr-appliance/thumbnail/v1"] = Field(THUMBNAIL_SCHEMA, alias="schema")
+    message_id: str = Field(description="The result this picture belongs to.")
+    image_id: str
+    site: str
+    device_id: str
+    location: str
+    width: int = Field(ge=1, le=256)
+    height: int = Field(ge=1, le=256)
+    crop: ThoraxBox
+    overlay: str | None = Field(
+        None,
+        description="The score the coloured overlay explains; null: the X-ray alone (localisation not"
+        " validated for this model, or a normal reading).",
+    )
+    png_base64: str = Field(description="PNG: grey, or RGB with the overlay.")
+    disclaimer: Literal["Not for diagnostic use"] = NOT_FOR_DIAGNOSTIC_USE
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class HistoryRequest(Payload):
+    """A display asks a cart for one patient's earlier results (read-only; answered from the journal)."""
+
+    schema_: Literal["cxr-appliance/history-request/v1"] = Field(HISTORY_REQUEST_SCHEMA, alias="schema")
+    request_id: str = Field(pattern=TOKEN_PATTERN)
+    patient_key: str = Field(pattern=TOKEN_PATTERN, description="The salted pseudonym from a result.")
+    limit: int = Field(20, ge=1, le=50)
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class HistoryPoint(Payload):
+    """One earlier result of the patient: only what that result published."""
+
+    message_id: str
+    image_id: str
+    location: str
+    acquired_at: str | None = None
+    created_at: str
+    triage: TriageLevel | None = None
+    extent: float | None = None
+    extent_max: float = 8.0
+    opacity: float | None = None
+    opacity_max: float = 6.0
+    risk: float | None = None
+
+
+class History(Payload):
+    schema_: Literal["cxr-appliance/history/v1"] = Field(HISTORY_SCHEMA, alias="schema")
+    request_id: str
+    site: str
+    device_id: str
+    patient_key: str
+    points: list[HistoryPoint] = Field(default_factory=list, description="Oldest first.")
+    disclaimer: Literal["Not for diagnostic use"] = NOT_FOR_DIAGNOSTIC_USE
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -195,7 +357,11 @@ class Acknowledgement(Payload):
 SCHEMAS: dict[str, type[BaseModel]] = {
     "result.v2.json": Result,
     "status.v1.json": DeviceStatus,
-    "ack.v1.json": Acknowledgement,
+    "ack.v1.json": AcknowledgementV1,
+    "ack.v2.json": Acknowledgement,
+    "thumbnail.v1.json": Thumbnail,
+    "history-request.v1.json": HistoryRequest,
+    "history.v1.json": History,
 }
 
 SCHEMA_DIR = Path(__file__).parent / "schemas"

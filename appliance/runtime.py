@@ -13,6 +13,7 @@ from appliance.image import ImageMeta
 from appliance.ingest import reasons
 from appliance.interpret.reading import errored
 from appliance.manifest import load_manifest
+from appliance.overlay import apply, describe, load_for
 from appliance.pipeline import Analyzer, Job
 from appliance.pseudonym import PatientKeys
 
@@ -24,6 +25,12 @@ def build_analyzer(config: AppConfig, *, salt_required: bool = True, create_salt
     throw-away salt when the configured salt file cannot be read or created, so keys are not
     comparable; `create_salt=False` never writes one (a one-off run on built-in defaults)."""
     manifest = load_manifest(config.inference.model)
+    overlay_id = None
+    if config.inference.site_overlay is not None:
+        # Checked before the backend starts: an overlay for another model stops here, plainly.
+        overlay = load_for(config.inference.site_overlay, manifest, config.inference.model)
+        log.info("%s", describe(overlay, manifest))
+        manifest, overlay_id = apply(manifest, overlay), overlay.id
     backend = create_backend(manifest, config.inference)
     keys = PatientKeys.from_config(config.privacy, create=create_salt, ephemeral_ok=not salt_required)
 
@@ -32,7 +39,7 @@ def build_analyzer(config: AppConfig, *, salt_required: bool = True, create_salt
             return None
         return keys.key(meta.patient_id, issuer=meta.extra.get("IssuerOfPatientID"))
 
-    analyzer = Analyzer(config, manifest, backend, patient_key=patient_key)
+    analyzer = Analyzer(config, manifest, backend, patient_key=patient_key, site_overlay=overlay_id)
     warm_ms = analyzer.warm_up()
     log.info(
         "model %s %s loaded on %s/%s, warm-up %.0f ms",

@@ -12,7 +12,9 @@ and reported; the import carries on with the rest. Files that are not images at 
 autorun.inf) are skipped rather than quarantined.
 
 Progress and the final counts go to the log and over MQTT (QoS 1) to
-`<prefix>/<site>/<device_id>/usb_import`.
+`<prefix>/<site>/<device_id>/usb_import`. MQTT gets counts only (refusals counted by reason): file
+and folder names on a stick often carry a patient's name and number (`DOE_JANE_1962-03-04_MRN123456/`).
+The log names the files, escaped and cut to MAX_LOGGED_PATH characters.
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ import contextlib
 import json
 import logging
 import os
+import re
 import stat
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,6 +39,8 @@ from appliance.errors import InputRejected, UserError
 log = logging.getLogger(__name__)
 
 PROGRESS_SCHEMA = "cxr-appliance/usb-import/v1"
+MAX_LOGGED_PATH = 160
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
 WAIT_MOUNT_ENV = "CXR_USB_WAIT_MOUNT"
 
 
@@ -87,7 +92,17 @@ def _rel(path: Path, root: Path) -> str:
         text = str(path.relative_to(root))
     except ValueError:
         text = str(path)
-    return repr(text)[1:-1]  # a newline in a file name must not forge a log line
+    text = repr(text)[1:-1]  # a newline in a file name must not forge a log line
+    return text if len(text) <= MAX_LOGGED_PATH else text[: MAX_LOGGED_PATH - 3] + "..."
+
+
+def _by_reason(refusals: list[Refusal]) -> dict[str, int]:
+    """Counts per reason, without the details (an error text or a quoted file id may hold a name)."""
+    counts: dict[str, int] = {}
+    for item in refusals:
+        reason = _QUOTED.sub("'...'", item.reason.split(" (", 1)[0])
+        counts[reason] = counts.get(reason, 0) + 1
+    return counts
 
 
 def _unsafe_file_id(parts: list[str]) -> str | None:
@@ -264,7 +279,9 @@ def import_tree(
             report.skipped.append(Refusal(rel, f"larger than {max_file_mb:g} MB"))
             continue
         try:
-            outcome = spool.accept(path, source, move=False)
+            # A link to another file on the stick (checked by _walk) goes in as its target: the spool
+            # refuses links, which in a watched folder could be swapped to point anywhere.
+            outcome = spool.accept(resolved if path.is_symlink() else path, source, move=False)
         except SpoolFull as exc:
             emit(event("failed", error=f"spool full: {exc}"))
             raise UserError(
@@ -287,7 +304,11 @@ def import_tree(
         log.info("USB import skipped %s: %s", item.path, item.reason)
     for missing in report.missing:
         log.warning("USB import: DICOMDIR lists %s, which is not on the stick", missing)
-    emit(event("done", refused_paths=[asdict(r) for r in report.refused[:50]]))
+    emit(
+        event(
+            "done", refused_by_reason=_by_reason(report.refused), skipped_by_reason=_by_reason(report.skipped)
+        )
+    )
     log.info("USB import from %s done: %s", root, report.counts())
     return report
 
@@ -389,6 +410,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace, cfg: AppConfig) -> int:
     """`cxr-appliance usb-import MOUNT`: exit 0 when the walk finished, even if some files were refused."""
     from appliance.ingest.spool import Spool
+    from appliance.pseudonym import image_id_secret
 
     wait = getattr(args, "wait_mount", None)
     if wait is None:
@@ -399,7 +421,8 @@ def main(args: argparse.Namespace, cfg: AppConfig) -> int:
     close: Callable[[], None] = lambda: None  # noqa: E731
     if cfg.mqtt.enabled and not getattr(args, "no_mqtt", False):
         sink, close = mqtt_progress(cfg)
-    spool = Spool(cfg.ingest.spool, min_free_mb=cfg.ingest.min_free_mb)
+    # The daemon's image-id key: an image imported here gets the id the daemon would give it.
+    spool = Spool(cfg.ingest.spool, min_free_mb=cfg.ingest.min_free_mb, id_secret=image_id_secret(cfg))
     try:
         report = import_tree(root, spool, max_file_mb=cfg.ingest.max_file_mb, progress=sink)
     finally:

@@ -283,3 +283,37 @@ def test_an_unexpected_error_in_the_stages_refuses_that_image_and_the_daemon_goe
     assert "internal error" in daemon.log() and "Traceback" in daemon.log()
     # the file moves to quarantine just after its result is handed to MQTT
     assert wait_until(lambda: len(list((daemon.spool / "quarantine").glob("*.reason.txt"))) == 3, 10)
+
+
+def test_an_exception_in_the_dicom_outputs_counts_against_the_image_not_the_cart(
+    broker: Broker, model: Path, daemons: Callable[..., DaemonProcess]
+) -> None:
+    """Hardening II, High 1: a DICOM whose SOP Class UID no dictionary knows reads fine, but building its
+    SR/SC raised past the writer and stopped the daemon, and the restart re-ran the hand-off forever.
+    Now the exception counts against that image, which is quarantined with the reason at the limit."""
+    import pydicom
+
+    daemon = daemons(broker, model, dicom_out={"enabled": True, "outbox": str(model.parent / "dicom-out")})
+    odd = pydicom.dcmread(data.real_dicoms()[0])
+    odd.SOPClassUID = odd.file_meta.MediaStorageSOPClassUID = pydicom.uid.UID(
+        "1.2.826.0.1.3680043.10.1.999.1"
+    )
+    staged = daemon.workdir / "odd.dcm"
+    odd.save_as(staged)
+    with Subscriber(broker, "cxr/#") as sub:
+        daemon.start()
+        shutil.copyfile(staged, daemon.inbox / "odd.dcm")
+        assert wait_until(lambda: any((daemon.spool / "quarantine").glob("*.reason.txt")), 60)
+        shutil.copyfile(data.real_dicoms()[1], daemon.inbox / "next.dcm")
+        got = wait_results(sub, 2, timeout=60)
+    assert daemon.proc is not None and daemon.proc.poll() is None, "the daemon must keep running"
+    reasons = [p.read_text() for p in (daemon.spool / "quarantine").glob("*.reason.txt")]
+    assert len(reasons) == 1 and "internal error" in reasons[0] and "failed 3 times" in reasons[0], reasons
+    assert "odd.dcm" in reasons[0]
+    failures = [
+        line for line in daemon.log().splitlines() if "ERROR" in line and "hand-off: KeyError" in line
+    ]
+    assert len(failures) == 3, failures  # tried three times, then refused
+    # The next image is read and its DICOM outputs written as usual (just after its MQTT result).
+    assert {r["status"] for r in got} == {"ok"}
+    assert wait_until(lambda: len(list((model.parent / "dicom-out").glob("*.sr.dcm"))) == 1, 10)

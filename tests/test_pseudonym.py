@@ -47,3 +47,24 @@ def test_bad_salt_files_are_clear_errors(tmp_path: Path) -> None:
         PatientKeys.from_config(PrivacyConfig(salt_file=blocked / "salt"))
     eph = PatientKeys.from_config(PrivacyConfig(salt_file=blocked / "salt"), ephemeral_ok=True)
     assert eph.ephemeral and eph.key("x") is not None
+
+
+def test_a_salt_others_may_read_is_refused_and_a_new_one_appears_whole(tmp_path: Path) -> None:
+    path = tmp_path / "salt"
+    load_or_create_salt(path)
+    assert [p.name for p in tmp_path.iterdir()] == ["salt"]  # no temporary file left behind
+    path.chmod(0o640)
+    with pytest.raises(ConfigError, match="group or others have access"):
+        load_or_create_salt(path)
+
+
+def test_the_issuer_of_patient_id_is_read_from_the_dicom(tmp_path: Path) -> None:
+    import pydicom
+
+    from appliance.ingest import read_image
+    from tests.support.data import real_dicoms
+
+    ds = pydicom.dcmread(real_dicoms()[0])
+    ds.IssuerOfPatientID = "HOSP-A"
+    ds.save_as(tmp_path / "a.dcm")
+    assert read_image(tmp_path / "a.dcm").meta.extra["IssuerOfPatientID"] == "HOSP-A"

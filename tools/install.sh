@@ -3,6 +3,7 @@
 # existing configuration, passwords, keys and certificates are never overwritten.
 #
 #   sudo tools/install.sh [--site WARD] [--device-id CART] [--broker-name HOST]...
+#   sudo tools/install.sh --offline cxr-appliance-VERSION-bundle.tar.gz ...   (no network: tools/bundle.py)
 #
 # For CI and staging, --root DIR installs everything below DIR (etc/, var/lib/, opt/) with paths
 # pointing into DIR, creates no system user and changes no ownership; --no-systemctl leaves
@@ -20,6 +21,8 @@ Usage: tools/install.sh [options]
   --python PY         interpreter for the venv (default: python3)
   --skip-venv         do not create the venv / pip install (the app must already be importable by --python)
   --pip-args ARGS     extra arguments for pip install (e.g. "--no-index --find-links /media/wheels")
+  --offline BUNDLE    install from a bundle written by tools/bundle.py, with no network: every file's
+                      sha256 is checked first, then the venv gets the bundle's wheels for this machine
   --no-systemctl      do not run systemctl, udevadm or systemd-sysusers
   --skip-doctor       do not run `cxr-appliance doctor` at the end
   -h, --help          this text
@@ -36,6 +39,7 @@ SKIP_VENV=0
 PIP_ARGS=""
 NO_SYSTEMCTL=0
 SKIP_DOCTOR=0
+OFFLINE=""
 
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -49,6 +53,7 @@ while [[ $# -gt 0 ]]; do
     --pip-args) PIP_ARGS="${2:-}"; shift 2 ;;
     --no-systemctl) NO_SYSTEMCTL=1; shift ;;
     --skip-doctor) SKIP_DOCTOR=1; shift ;;
+    --offline) OFFLINE="${2:?--offline needs a bundle archive}"; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) echo "install.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -56,6 +61,10 @@ done
 
 die() { echo "install.sh: error: $*" >&2; exit 1; }
 say() { echo "install.sh: $*"; }
+# Temporary files and folders, removed however the script ends.
+CLEANUP=()
+cleanup() { if ((${#CLEANUP[@]})); then rm -rf -- "${CLEANUP[@]}"; fi; }
+trap cleanup EXIT
 
 [[ "$SITE" =~ ^[A-Za-z0-9_-]+$ ]] || die "--site '$SITE': use letters, digits, '-' and '_' only"
 [[ "$DEVICE_ID" =~ ^[A-Za-z0-9_-]+$ ]] || die "--device-id '$DEVICE_ID': use letters, digits, '-' and '_' only"
@@ -86,6 +95,89 @@ for tool in openssl mosquitto_passwd; do
   command -v "$tool" >/dev/null || die "$tool not found: apt-get install openssl mosquitto mosquitto-clients"
 done
 
+# --- 0. an offline bundle: check every file, then install from it as from a checkout ----------
+COPY_EXCLUDES=()
+WHEELS=""
+if [[ -n "$OFFLINE" ]]; then
+  [[ $SKIP_VENV -eq 0 ]] || die "--offline installs the venv from the bundle's wheels: leave out --skip-venv"
+  [[ -f "$OFFLINE" ]] || die "--offline $OFFLINE: no such file"
+  UNPACKED="$(mktemp -d "${TMPDIR:-/tmp}/cxr-bundle.XXXXXX")"
+  CLEANUP+=("$UNPACKED")
+  say "checking the bundle $OFFLINE"
+  # Prints the bundle's top folder and this machine's wheel folder, or refuses and names the file.
+  CHECKED="$("$PYTHON" - "$OFFLINE" "$UNPACKED" <<'PY'
+import hashlib
+import json
+import platform
+import sys
+import tarfile
+from pathlib import Path
+
+archive, dest = Path(sys.argv[1]), Path(sys.argv[2])
+
+
+def refuse(message):
+    sys.exit(f"install.sh: error: bundle {archive}: {message}")
+
+
+def sha256(path):
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# The .sha256 written beside the archive, if it travelled with it, covers BUNDLE.json too.
+sidecar = archive.with_name(archive.name + ".sha256")
+if sidecar.is_file() and sidecar.read_text().split()[:1] != [sha256(archive)]:
+    refuse(f"its sha256 differs from {sidecar.name}: the archive was changed or damaged")
+try:
+    with tarfile.open(archive) as tar:
+        members = tar.getmembers()
+        tops = {m.name.split("/")[0] for m in members}
+        for m in members:
+            if m.name.startswith("/") or ".." in Path(m.name).parts or not (m.isfile() or m.isdir()):
+                refuse(f"unsafe entry {m.name!r}: a bundle holds only plain files and folders")
+        if len(tops) != 1:
+            refuse("expected one top folder")
+        safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        tar.extractall(dest, members=members, **safe)
+except (tarfile.TarError, OSError, EOFError) as exc:
+    refuse(f"not a readable archive ({exc})")
+top = dest / tops.pop()
+try:
+    manifest = json.loads((top / "BUNDLE.json").read_text())
+    files, targets = manifest["files"], manifest["targets"]
+except (OSError, ValueError, KeyError) as exc:
+    refuse(f"no valid BUNDLE.json ({exc})")
+present = {str(p.relative_to(top)) for p in top.rglob("*") if p.is_file()} - {"BUNDLE.json"}
+for name in sorted(present - set(files)):
+    refuse(f"{name} is not listed in BUNDLE.json: the bundle was changed; do not install it")
+for name, digest in sorted(files.items()):
+    if name not in present:
+        refuse(f"{name} is listed in BUNDLE.json but missing")
+    if sha256(top / name) != digest:
+        refuse(f"{name} does not match its sha256 in BUNDLE.json: the bundle was changed or damaged; do not install it")
+machine, python = platform.machine(), "%d.%d" % sys.version_info[:2]
+for target in targets.values():
+    if (target["machine"], target["python"]) == (machine, python):
+        print(top)
+        print(top / target["wheels"])
+        break
+else:
+    have = ", ".join(f"{t['machine']} with Python {t['python']}" for t in targets.values())
+    refuse(
+        f"no wheels for this machine: {machine} with Python {python} ({sys.executable}); the bundle has {have}."
+        " Use --python for another interpreter, or build a bundle for this machine with tools/bundle.py"
+    )
+PY
+)" || die "the bundle was refused, nothing was installed"
+  { read -r REPO; read -r WHEELS; } <<<"$CHECKED"
+  COPY_EXCLUDES=(--exclude=./wheels)  # the venv gets them; the application folder does not need them
+  say "bundle verified: $(wc -l <"$WHEELS/requirements.txt") wheel pins for $(uname -m) in $WHEELS"
+fi
+
 # Ownership only on a real install; a staging tree belongs to whoever ran the script.
 own() { [[ $STAGED -eq 1 ]] || chown "$1" "${@:2}"; }
 group_exists() { getent group "$1" >/dev/null 2>&1; }
@@ -114,16 +206,27 @@ own cxr:cxr "$STATE" "$STATE/inbox" "$STATE/spool"
 if [[ "$(cd "$PREFIX" && pwd)" != "$REPO" ]]; then
   # Source, model folders and tools; never the developer's venv, caches or git history.
   tar -C "$REPO" --exclude=./.git --exclude=./.venv --exclude='__pycache__' --exclude=./.mypy_cache \
-      --exclude=./.pytest_cache --exclude=./.ruff_cache --exclude='*.egg-info' --exclude=./build -cf - . \
+      --exclude=./.pytest_cache --exclude=./.ruff_cache --exclude='*.egg-info' --exclude=./build \
+      ${COPY_EXCLUDES[@]+"${COPY_EXCLUDES[@]}"} -cf - . \
     | tar -C "$PREFIX" -xf -
 fi
 if [[ $SKIP_VENV -eq 0 ]]; then
+  # Offline, the venv is rebuilt to hold exactly the bundle: nothing left over from an older one.
+  [[ -z "$OFFLINE" ]] || rm -rf "$PREFIX/.venv"
   if [[ ! -x "$PREFIX/.venv/bin/python" ]]; then
     # System site packages: on a Jetson, TensorRT's Python bindings come from JetPack, not pip.
     "$PYTHON" -m venv --system-site-packages "$PREFIX/.venv"
   fi
-  # shellcheck disable=SC2086  # PIP_ARGS is a list of words on purpose
-  "$PREFIX/.venv/bin/pip" install --quiet $PIP_ARGS "$PREFIX"
+  if [[ -n "$OFFLINE" ]]; then
+    # Only the bundle's wheels, each pinned, all inside the venv (--ignore-installed): the versions the
+    # bundle was built with, whatever the OS's site-packages hold or an apt upgrade later changes.
+    # shellcheck disable=SC2086  # PIP_ARGS is a list of words on purpose
+    "$PREFIX/.venv/bin/pip" install --quiet --disable-pip-version-check --no-index --find-links "$WHEELS" \
+      --ignore-installed $PIP_ARGS -r "$WHEELS/requirements.txt"
+  else
+    # shellcheck disable=SC2086  # PIP_ARGS is a list of words on purpose
+    "$PREFIX/.venv/bin/pip" install --quiet $PIP_ARGS "$PREFIX"
+  fi
   APP_PY="$PREFIX/.venv/bin/python"
 else
   APP_PY="$PYTHON"
@@ -164,28 +267,54 @@ fi
 chmod 0640 "$ACL"
 own "root:$MOSQ_GROUP" "$ACL"
 
-CA_KEY="$SECRETS/cxr-ca.key"
+# The CA key is root's alone (not in the service's secrets/): a compromised service cannot mint
+# certificates. Older installs kept it in secrets/; it moves once.
+CA_DIR="$ETC/ca-private"
+install -d -m 0700 "$CA_DIR"
+own root:root "$CA_DIR"
+CA_KEY="$CA_DIR/cxr-ca.key"
+[[ -s "$SECRETS/cxr-ca.key" && ! -e "$CA_KEY" ]] && mv "$SECRETS/cxr-ca.key" "$CA_KEY"
 CA_CRT="$MOSQ/certs/cxr-ca.crt"
 SRV_KEY="$MOSQ/certs/cxr-server.key"
 SRV_CRT="$MOSQ/certs/cxr-server.crt"
-if [[ ! -s "$CA_KEY" || ! -s "$CA_CRT" ]]; then
+# The names the broker answers to. The CA is name-constrained to exactly these: a ward that trusts it
+# trusts it for this cart's broker, never for another host, even if its key were stolen.
+HOST="$(hostname 2>/dev/null || echo cxr-cart)"
+SAN="DNS:localhost,IP:127.0.0.1,IP:::1,DNS:$HOST"
+[[ "$HOST" == *.* ]] || SAN="$SAN,DNS:$HOST.local"
+for name in "${BROKER_NAMES[@]}"; do
+  if [[ "$name" =~ ^[0-9.]+$ || "$name" == *:* ]]; then SAN="$SAN,IP:$name"; else SAN="$SAN,DNS:$name"; fi
+done
+PERMITTED=()
+IFS=, read -ra SAN_PARTS <<<"$SAN"
+for part in "${SAN_PARTS[@]}"; do
+  case "$part" in
+    IP:*:*) PERMITTED+=("IP:${part#IP:}/ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff") ;;
+    IP:*) PERMITTED+=("IP:${part#IP:}/255.255.255.255") ;;
+    *) PERMITTED+=("$part") ;;
+  esac
+done
+NAME_CONSTRAINTS="critical$(printf ',permitted;%s' "${PERMITTED[@]}")"
+CA_NAMES="$CA_DIR/cxr-ca.names"  # the constraints our CA was made with
+ca_is_ours() {  # a CA from the hospital's PKI (its key elsewhere) is never replaced
+  [[ -s "$CA_KEY" ]] && [[ "$(openssl pkey -in "$CA_KEY" -pubout 2>/dev/null)" == "$(openssl x509 -in "$CA_CRT" -noout -pubkey 2>/dev/null)" ]]
+}
+if [[ ! -s "$CA_KEY" || ! -s "$CA_CRT" ]] || { ca_is_ours && [[ "$(cat "$CA_NAMES" 2>/dev/null)" != "$NAME_CONSTRAINTS" ]]; }; then
+  [[ -s "$CA_CRT" ]] && say "our CA is not constrained to $SAN: making a new one; wards must trust the new $ETC/ca.crt"
+  rm -f "$CA_KEY"
   (umask 077 && openssl ecparam -name prime256v1 -genkey -noout -out "$CA_KEY")
   openssl req -x509 -new -key "$CA_KEY" -sha256 -days 3650 -subj "/O=CXR appliance/CN=CXR appliance CA $SITE $DEVICE_ID" \
-    -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" -out "$CA_CRT"
+    -addext "basicConstraints=critical,CA:TRUE,pathlen:0" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+    -addext "nameConstraints=$NAME_CONSTRAINTS" -out "$CA_CRT"
+  printf '%s' "$NAME_CONSTRAINTS" >"$CA_NAMES"
   rm -f "$SRV_CRT"  # a new CA invalidates the old server certificate
-  say "created a self-signed CA: $CA_CRT"
+  say "created a self-signed CA constrained to $SAN: $CA_CRT"
 fi
 if [[ ! -s "$SRV_KEY" || ! -s "$SRV_CRT" ]]; then
-  HOST="$(hostname 2>/dev/null || echo cxr-cart)"
-  SAN="DNS:localhost,IP:127.0.0.1,IP:::1,DNS:$HOST"
-  [[ "$HOST" == *.* ]] || SAN="$SAN,DNS:$HOST.local"
-  for name in "${BROKER_NAMES[@]}"; do
-    if [[ "$name" =~ ^[0-9.]+$ || "$name" == *:* ]]; then SAN="$SAN,IP:$name"; else SAN="$SAN,DNS:$name"; fi
-  done
   [[ -s "$SRV_KEY" ]] || (umask 077 && openssl ecparam -name prime256v1 -genkey -noout -out "$SRV_KEY")
   CSR="$(mktemp)"
   EXT="$(mktemp)"
-  trap 'rm -f "$CSR" "$EXT"' EXIT
+  CLEANUP+=("$CSR" "$EXT")
   openssl req -new -key "$SRV_KEY" -subj "/O=CXR appliance/CN=$HOST" -out "$CSR"
   printf 'subjectAltName=%s\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n' \
     "$SAN" >"$EXT"
@@ -195,6 +324,7 @@ if [[ ! -s "$SRV_KEY" || ! -s "$SRV_CRT" ]]; then
   say "created the broker certificate for $SAN"
 fi
 chmod 0600 "$CA_KEY"
+own root:root "$CA_KEY"
 chmod 0644 "$CA_CRT" "$SRV_CRT"
 chmod 0640 "$SRV_KEY"
 own "root:$MOSQ_GROUP" "$SRV_KEY"

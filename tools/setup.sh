@@ -32,15 +32,26 @@ if [[ ! -x .venv/bin/python ]]; then
 fi
 extras="."
 [[ $DEV == 1 ]] && extras=".[tools,test]"
-echo "==> installing the appliance ($extras) into .venv"
-# torch==2.13.0 is the CPU build on this machine's disk; a looser pin would pull a multi-GB CUDA build.
-.venv/bin/pip install -q -e "$extras"
-if [[ $DEV == 1 ]]; then
-  # The Triton client and a CPU tritonserver (inside the nvidia-pytriton wheel) for the Triton tests.
-  # --no-deps: their pins (ml-dtypes<=0.5.4, numpy<2, protobuf<7) would downgrade what onnx/ORT use,
-  # and the parts we use work with the newer versions (tests/backends/test_triton.py proves it).
-  .venv/bin/pip install -q geventhttpclient grpcio python-rapidjson
-  .venv/bin/pip install -q --no-deps tritonclient==2.73.0 nvidia-pytriton==0.7.0
+# The pip steps take ~15 s even when nothing changed: skip them while pyproject.toml and the lock are
+# the ones last installed (an editable install picks up code changes by itself).
+stamp=.venv/.setup-stamp
+want="$(cat pyproject.toml requirements/runtime.lock | sha256sum | cut -d' ' -f1) dev=$DEV"
+if [[ -f $stamp && "$(cat "$stamp")" == "$want" ]]; then
+  echo "==> .venv up to date with pyproject.toml and requirements/runtime.lock"
+else
+  echo "==> installing the locked runtime dependencies, then the appliance ($extras) into .venv"
+  # The lock (hashes checked) first, so this checkout runs and tests exactly what install.sh installs.
+  .venv/bin/pip install -q --require-hashes -r requirements/runtime.lock
+  # torch==2.13.0 is the CPU build on this machine's disk; a looser pin would pull a multi-GB CUDA build.
+  .venv/bin/pip install -q -e "$extras"
+  if [[ $DEV == 1 ]]; then
+    # The Triton client and a CPU tritonserver (inside the nvidia-pytriton wheel) for the Triton tests.
+    # --no-deps: their pins (ml-dtypes<=0.5.4, numpy<2, protobuf<7) would downgrade what onnx/ORT use,
+    # and the parts we use work with the newer versions (tests/backends/test_triton.py proves it).
+    .venv/bin/pip install -q geventhttpclient grpcio python-rapidjson
+    .venv/bin/pip install -q --no-deps tritonclient==2.73.0 nvidia-pytriton==0.7.0
+  fi
+  echo "$want" > "$stamp"
 fi
 
 if [[ $DEV == 1 && -f web/package.json ]]; then

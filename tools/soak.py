@@ -7,8 +7,10 @@ What runs: a real Mosquitto (persistence, autosave), the appliance (`cxr-applian
 socket, the bundled engines/cxr-lite0 model or a tiny one), and a ward display: a persistent-session
 QoS 1 subscriber on cxr/#. Real chest X-rays from ../shared/data/cxr are dropped into the watched folder
 in random bursts: two in three as DICOMs carrying a bed (StationName, four beds) and a made-up patient
-name/ID, the rest as the PNG/JPEG they are. Mutated files (tests/faults/mutate.py) are dropped in
-between. Meanwhile the broker is SIGKILLed and restarted and the daemon is SIGKILLed (kill -9) and
+name/ID, the rest as the PNG/JPEG they are; half of those DICOMs are sent by C-STORE to the daemon's
+DICOM receiver instead (the sender retries until Success, as a modality does while the cart restarts).
+Mutated files (tests/faults/mutate.py) and hostile codestreams (JPEG/JPEG 2000 headers whose dimensions
+lie; half of them by C-STORE, where they must never be answered Success) are dropped in between. Meanwhile the broker is SIGKILLed and restarted and the daemon is SIGKILLed (kill -9) and
 restarted, each at seeded random moments. Then everything settles and is checked:
 
 * every image ends in done/ or quarantine/ exactly once (spool), its result in the journal;
@@ -47,15 +49,18 @@ import numpy as np
 import pydicom
 from PIL import Image
 from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.filereader import read_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tests.faults.mutate import Mutator  # noqa: E402
+from appliance.dicomnet import safe_uid_name  # noqa: E402
+from tests.dicomnet.scu import store  # noqa: E402
+from tests.faults.mutate import Mutator, codestream_lies  # noqa: E402
 from tests.support.daemon import DaemonProcess  # noqa: E402
-from tests.support.mosquitto import Broker, Received, Subscriber  # noqa: E402
+from tests.support.mosquitto import Broker, Received, Subscriber, free_port  # noqa: E402
 from tools.fuzz import data_dir, seed_corpus  # noqa: E402
 
 BEDS = ("bed-1", "bed-2", "bed-3", "bed-4")
@@ -88,6 +93,14 @@ class Run:
     peak_rss_kb: int = 0
     notes: list[str] = field(default_factory=list)
     feeding_done: threading.Event = field(default_factory=threading.Event)
+    cstore_port: int = 0  # the daemon's DICOM receiver; 0 = images only through the folder
+    cstore_sent: int = 0
+    cstore_retries: int = 0
+    cstore_hostile: list[int | None] = field(default_factory=list)  # statuses for hostile codestreams
+
+    def notes_once(self, note: str) -> None:
+        if note not in self.notes:
+            self.notes.append(note)
 
 
 # --- inputs ---------------------------------------------------------------------------------------
@@ -123,6 +136,33 @@ def as_cart_dicom(source: Path, target: Path, bed: str, index: int, seed: int) -
     ds.save_as(tmp, enforce_file_format=True)
     tmp.rename(target)
     return patient_name, patient_id
+
+
+CSTORE_AE = "SOAK_XRAY"
+
+
+def cstore(run: Run, path: Path) -> int | None:
+    """One C-STORE of `path`: its status, or None when there was no association or no answer."""
+    try:
+        statuses = store(run.cstore_port, [path], calling=CSTORE_AE)
+    except Exception as exc:  # an association torn down by a kill -9 surfaces in several ways
+        run.notes_once(f"C-STORE raised {type(exc).__name__} (daemon being killed)")
+        return None
+    return statuses[0] if statuses else None
+
+
+def send_until_stored(run: Run, path: Path, patience: float = 90.0) -> bool:
+    """What a modality does: send again until the cart answers Success (it may be down for a kill)."""
+    deadline = time.monotonic() + patience
+    while time.monotonic() < deadline:
+        status = cstore(run, path)
+        if status == 0x0000:
+            run.cstore_sent += 1
+            return True
+        run.cstore_retries += 1
+        time.sleep(0.5)
+    run.notes.append(f"C-STORE of {path.name} not accepted within {patience:.0f} s")
+    return False
 
 
 def real_dicom_secrets(root: Path) -> set[str]:
@@ -206,14 +246,25 @@ def feed(run: Run, daemon: DaemonProcess, images: list[Path], fuzz_cases: list[t
                     shutil.copyfile(source, staging / name)
                     (staging / name).rename(daemon.inbox / name)  # same filesystem: atomic
                     run.drops.append(Drop(name, "image"))
+                elif index % 3 == 1 and run.cstore_port:
+                    # The network path: the X-ray unit sends it by C-STORE (retrying while the cart is down).
+                    name, bed = f"img{index:05d}.dcm", BEDS[index % len(BEDS)]
+                    secrets = as_cart_dicom(source, staging / name, bed, index, run.args.seed)
+                    uid = str(read_file_meta_info(staging / name).MediaStorageSOPInstanceUID)
+                    if send_until_stored(run, staging / name):
+                        run.drops.append(Drop(safe_uid_name(uid) or name, "image", bed, secrets))
                 else:
                     name, bed = f"img{index:05d}.dcm", BEDS[index % len(BEDS)]
                     secrets = as_cart_dicom(source, daemon.inbox / name, bed, index, run.args.seed)
                     run.drops.append(Drop(name, "image", bed, secrets))
             else:
-                _case_name, data = item
+                case_name, data = item
                 name = f"fuzz{len(run.drops):05d}.dcm"
-                (daemon.inbox / name).write_bytes(data)
+                if case_name.startswith("net:") and run.cstore_port:
+                    (staging / name).write_bytes(data)
+                    run.cstore_hostile.append(cstore(run, staging / name))
+                else:
+                    (daemon.inbox / name).write_bytes(data)
                 run.drops.append(Drop(name, "fuzz"))
         position += burst
         time.sleep(rng.uniform(0.0, pause))
@@ -404,6 +455,10 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
     print(f"fuzz: {args.fuzz} cases ...", flush=True)
     fuzz = fuzz_in_children(args.fuzz, args.seed, workdir / "fuzz")
     daemon_fuzz = [(c.name, c.data) for c in Mutator(args.seed + 100).cases(corpus, args.daemon_fuzz)]
+    # Hostile codestreams (dimensions that lie), half through the folder, half by C-STORE.
+    lies = [(f"{i}:{name}", data) for p in corpus if p.suffix == ".dcm" for i, (name, data) in
+            enumerate(codestream_lies(p.read_bytes()))]  # fmt: skip
+    daemon_fuzz += [(f"net:{n}" if i % 2 else n, d) for i, (n, d) in enumerate(lies)]
     images = real_images(root, args.images, run.rng)
     secrets = real_dicom_secrets(root)
 
@@ -416,7 +471,14 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
         device={"site": SITE, "device_id": DEVICE, "location": "bed-9"},
         ingest={"min_free_mb": 0},
         logging={"level": "INFO"},
+        dicom_net={
+            "enabled": True,
+            "bind": "127.0.0.1",
+            "port": (cstore_port := free_port()),
+            "allowed_calling_ae": [CSTORE_AE],
+        },
     )
+    run.cstore_port = cstore_port
     stop, lock = threading.Event(), threading.Lock()
     ok = False
     try:
@@ -463,6 +525,10 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
         "quarantined": checks["quarantined"],
         "peak_rss_mb": round(run.peak_rss_kb / 1024, 1),
         "daemon_fuzz_files": sum(d.kind == "fuzz" for d in run.drops),
+        "cstore_images": run.cstore_sent,
+        "cstore_retries": run.cstore_retries,
+        "cstore_hostile": len(run.cstore_hostile),
+        "cstore_hostile_accepted": sum(status == 0x0000 for status in run.cstore_hostile),
         **{k: v for k, v in checks.items() if k not in ("lost", "duplicates", "quarantined")},
         "fuzz": fuzz,
         "model": str(model),
@@ -487,6 +553,7 @@ def passed(r: dict[str, Any]) -> bool:
         and r["unfinished"] == 0
         and not r["phi_leaks"]
         and r["outbox_pending"] == 0
+        and r.get("cstore_hostile_accepted", 0) == 0  # Success only for what will be read
         and all(v == "ok" for v in r["integrity"].values())
     )
 

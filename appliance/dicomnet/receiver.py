@@ -1,5 +1,9 @@
 """C-STORE SCP (and C-ECHO) so the X-ray unit can send images straight to the cart.
 
+Who may send: only the calling AE titles in dicom_net.allowed_calling_ae (it must not be empty), only
+to our own called AE title, on dicom_net.bind (loopback unless an address is configured), over TLS
+when dicom_net.tls is given.
+
 pynetdicom streams each dataset to a temporary file (never into memory); past ingest.max_file_mb the
 association is aborted. The instance is then copied as sent (no re-encoding) into a receive folder with
 temp + fsync + rename, checked the way the reader checks a file before decoding it, and handed to
@@ -47,6 +51,7 @@ from appliance.errors import InputRejected, UserError
 from appliance.ingest import reasons
 from appliance.ingest.dicom import check_dicom
 from appliance.ingest.spool import Accepted, Duplicate, Rejected, Spool, SpoolFull
+from appliance.logs import printable
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +136,12 @@ class DicomReceiver:
             # rejected context the unit may report less clearly.
             ae.add_supported_context(str(context.abstract_syntax), TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
-        ae.require_calling_aet = [t.strip() for t in self.config.allowed_calling_ae]
+        allowed = [t.strip() for t in self.config.allowed_calling_ae if t.strip()]
+        if not allowed:  # pynetdicom reads an empty list as "anyone": never run that way
+            raise UserError("dicom_net.allowed_calling_ae is empty: list the X-ray units' AE titles")
+        ae.require_calling_aet = allowed
+        # A unit configured for another node (a PACS title, a typo) is told so, not silently stored.
+        ae.require_called_aet = True
         tls = self.config.tls
         ssl_context = server_tls_context(tls.cert_file, tls.key_file, tls.ca_file) if tls else None
         handlers: list[EventHandlerType] = [
@@ -152,13 +162,12 @@ class DicomReceiver:
             raise UserError(
                 f"dicom_net: cannot listen on {self.config.bind}:{self.config.port}: {exc.strerror or exc}"
             ) from exc
-        allowed = ", ".join(self.config.allowed_calling_ae) or "any"
         log.info(
             "DICOM receiver %s listening on %s:%d%s (calling AE titles: %s)",
             self.config.ae_title,
             *self.address,
             " with TLS" if tls else "",
-            allowed,
+            ", ".join(allowed),
         )
         return self
 
@@ -190,12 +199,16 @@ class DicomReceiver:
 
     def _on_rejected(self, event: Event) -> None:
         requestor = event.assoc.requestor
-        calling = requestor.ae_title.strip()
+        calling = printable(requestor.ae_title.strip())
+        primitive = requestor.primitive
+        called = printable(str(getattr(primitive, "called_ae_title", "") or "").strip())
         allowed = [t.strip() for t in self.config.allowed_calling_ae]
-        if allowed and calling not in allowed:
+        if calling not in allowed:
             why = (
                 f"calling AE title {calling!r} is not in dicom_net.allowed_calling_ae ({', '.join(allowed)})"
             )
+        elif called != self.config.ae_title.strip():
+            why = f"called AE title {called!r} is not ours ({self.config.ae_title.strip()})"
         else:
             why = f"calling AE title {calling!r} (too many associations or bad request)"
         log.warning("DICOM association from %s:%s refused: %s", requestor.address, requestor.port, why)

@@ -33,6 +33,7 @@ from appliance.dicomout.sr import build_sr
 from appliance.durable import write_atomically
 from appliance.errors import UserError
 from appliance.result import Result
+from appliance.retention import purge_older
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,27 @@ class DicomOutWriter:
     def close(self) -> None:
         if self.sender is not None:
             self.sender.stop()
+
+    def purge(self) -> int:
+        """Retention: written files go after dicom_out.keep_days unless the PACS has not taken them yet
+        (queue/, failed/); those go only after keep_unsent_days, with an error. Returns how many."""
+        outbox = self.config.outbox
+        queue, failed = outbox / "queue", outbox / "failed"
+
+        def unsent(path: Path) -> bool:
+            return (queue / path.name).exists() or (failed / path.name).exists()
+
+        removed = purge_older(outbox, self.config.keep_days * 86400, keep=unsent)
+        limit = self.config.keep_unsent_days * 86400
+        dropped = [*purge_older(queue, limit), *purge_older(failed, limit)]
+        for path in dropped:
+            if path.name.endswith(".dcm"):
+                log.error(
+                    "DICOM result %s deleted unsent after %g days (dicom_out.keep_unsent_days)",
+                    path.name,
+                    self.config.keep_unsent_days,
+                )
+        return len(removed) + len(dropped)
 
     def write(self, result: Result, source_path: Path) -> list[Path]:
         """SR (+ SC) for a finished DICOM result; [] for other inputs and for refused/errored images.

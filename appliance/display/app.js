@@ -1,6 +1,6 @@
 // Ward display: subscribes to every cart of the site over MQTT/WebSockets and shows one tile per bed.
-// Topics (see docs/display.md): <prefix>/<site>/<device>/{status, result, latest/<bed>, ack/<message_id>}.
-// All state is rebuilt from retained topics (status, latest/<bed>, ack/<id>), so a reload loses nothing
+// Topics (see docs/display.md): <prefix>/<site>/<device>/{status, result, latest/<bed>, ack/<message_id>/<account>}.
+// All state is rebuilt from retained topics (status, latest/<bed>, ack/<id>/<account>), so a reload loses nothing
 // but the in-session trend points. Payload text is only ever set with textContent (no HTML injection).
 // Only what a result carries is shown: an output that failed validation is absent (null) and is never
 // drawn as a value, a dash or a zero.
@@ -10,8 +10,18 @@
   const SCHEMA = {
     result: "cxr-appliance/result/v2",
     status: "cxr-appliance/status/v1",
-    ack: "cxr-appliance/ack/v1",
+    ack: "cxr-appliance/ack/v2",
+    thumbnail: "cxr-appliance/thumbnail/v1",
+    historyRequest: "cxr-appliance/history-request/v1",
+    history: "cxr-appliance/history/v1",
   };
+  const HISTORY_LIMIT = 20; // earlier images asked per patient and cart
+  // Acks this page shows: v2 carries the clinician's verdict; v1 (older pages) has none.
+  const ACK_SCHEMAS = new Set([SCHEMA.ack, "cxr-appliance/ack/v1"]);
+  // Short on a tile (room for one line), whole in the detail view.
+  const VERDICT = { agree: "agrees", disagree: "disagrees", unsure: "unsure" };
+  const VERDICT_LONG = { agree: "agrees with the AI reading", disagree: "disagrees with the AI reading", unsure: "unsure about the AI reading" };
+  const COMMENT_MAX = 200;
   const WORD = { urgent: "URGENT", abnormal: "ABNORMAL", normal: "NORMAL", refused: "REFUSED", error: "ERROR" };
   const NEEDS_ACK = new Set(["urgent", "abnormal"]);
   // Sentences that are not the reading itself: the key sentence is the first one after these.
@@ -23,6 +33,8 @@
   const SVG_NS = "http://www.w3.org/2000/svg";
   // A topic level must not contain these, or the ack would land on the wrong topic.
   const TOPIC_SAFE = /^[^/#+\u0000]+$/;
+  // What the appliance accepts (MAX_ACK_BYTES); the broker limits only whole packets.
+  const ACK_MAX_BYTES = 4096;
 
   const state = {
     cfg: null,
@@ -36,10 +48,14 @@
     cartLastResult: new Map(), // "site/device" -> newest created_at (ms) of its results
     results: new Map(), // message_id -> Result (de-duplicates result vs latest/<bed>)
     beds: new Map(), // "site/location" -> newest Result
-    acks: new Map(), // message_id -> Acknowledgement
+    acks: new Map(), // message_id -> Acknowledgement (the first one seen)
+    ackTopics: new Map(), // message_id -> the topic that ack came on (each display account has its own)
     pending: new Set(), // message_ids whose ack we sent and the broker has not echoed yet
     history: new Map(), // patient_key -> Map(image_id -> point)
     heatmaps: new Map(), // message_id -> colour data: URL (null while being made)
+    thumbs: new Map(), // message_id -> Thumbnail (the X-ray cropped to the thorax)
+    thumbTopics: new Map(), // thumbnail/<bed> topic -> message_id, to mirror a cleared retained one
+    historyAsked: new Set(), // "site/device|patient_key" asked since this connection began
     notice: null,
     detailBed: null, // bed key shown in the detail dialog, or null
   };
@@ -163,8 +179,12 @@
     if (text === "") {
       // An empty retained message clears that topic on the broker; mirror it.
       if (kind === "status") state.carts.delete(`${site}/${device}`);
-      else if (kind === "ack" && rest.length === 1) state.acks.delete(rest[0]);
+      else if (kind === "ack" && state.ackTopics.get(rest[0]) === topic) {
+        state.acks.delete(rest[0]);
+        state.ackTopics.delete(rest[0]);
+      }
       else if (kind === "latest" && rest.length) forgetLatest(site, device, rest.join("/"));
+      else if (kind === "thumbnail") state.thumbs.delete(state.thumbTopics.get(topic));
       scheduleRender();
       return;
     }
@@ -181,13 +201,63 @@
       state.carts.set(`${site}/${device}`, msg);
     } else if ((kind === "result" || kind === "latest") && msg.schema === SCHEMA.result) {
       if (typeof msg.message_id === "string" && msg.image && typeof msg.location === "string") addResult(msg);
-    } else if (kind === "ack" && msg.schema === SCHEMA.ack && rest[0] === msg.message_id) {
-      state.acks.set(msg.message_id, msg);
+    } else if (kind === "ack" && ACK_SCHEMAS.has(msg.schema) && rest[0] === msg.message_id && rest.length <= 2 && payload.length <= ACK_MAX_BYTES) {
+      // ack/<id>/<account> since per-display accounts; ack/<id> only from before (no account may write it now).
+      if (!state.acks.has(msg.message_id) || state.ackTopics.get(msg.message_id) === topic) {
+        state.acks.set(msg.message_id, msg);
+        state.ackTopics.set(msg.message_id, topic);
+      }
       state.pending.delete(msg.message_id);
+    } else if (kind === "thumbnail" && msg.schema === SCHEMA.thumbnail && typeof msg.png_base64 === "string") {
+      state.thumbs.delete(state.thumbTopics.get(topic));
+      state.thumbs.set(msg.message_id, msg);
+      state.thumbTopics.set(topic, msg.message_id);
+    } else if (kind === "history" && rest[0] === "response" && msg.schema === SCHEMA.history) {
+      addJournalHistory(msg);
     } else {
       return;
     }
     scheduleRender();
+  }
+
+  // ---------- history from the carts' journals ----------
+
+  // Each cart answers from its journal (pseudonymous key, published values only), so a display that
+  // starts late still charts the patient's earlier images. Asked once per cart and patient per
+  // connection; the answer arrives on history/response, for every display listening.
+  function askHistory() {
+    if (!state.connected || !state.client) return;
+    const carts = [...state.carts.keys()];
+    for (const r of state.beds.values()) {
+      if (!r.patient_key || !TOPIC_SAFE.test(r.patient_key)) continue;
+      const own = `${r.site}/${r.device_id}`;
+      for (const cart of new Set([own, ...carts.filter((c) => c.startsWith(`${r.site}/`))])) {
+        const asked = `${cart}|${r.patient_key}`;
+        if (state.historyAsked.has(asked)) continue;
+        state.historyAsked.add(asked);
+        const request = {
+          schema: SCHEMA.historyRequest,
+          request_id: Math.random().toString(16).slice(2, 14),
+          patient_key: r.patient_key,
+          limit: HISTORY_LIMIT,
+        };
+        state.client.publish(`${state.cfg.topic_prefix}/${cart}/history/request`, JSON.stringify(request), { qos: 1 });
+      }
+    }
+  }
+
+  function addJournalHistory(msg) {
+    if (typeof msg.patient_key !== "string" || !Array.isArray(msg.points)) return;
+    for (const p of msg.points) {
+      if (!p || typeof p.image_id !== "string") continue;
+      addHistoryPoint(msg.patient_key, p.image_id, {
+        t: Date.parse(p.acquired_at || p.created_at || ""),
+        extent: num(p.extent),
+        extentMax: num(p.extent_max) || 8,
+        risk: num(p.risk),
+        fromTrend: true, // a result seen live is the same values; it wins, as for trend blocks
+      });
+    }
   }
 
   // ---------- what a result says ----------
@@ -227,7 +297,12 @@
     return $("user-name").value.trim();
   }
 
-  function acknowledge(r) {
+  // Acknowledging asks for the clinician's verdict (agree / disagree / unsure) and an optional comment
+  // in a small modal dialog, then publishes an ack/v2; the verdict feeds the audit export and the site
+  // recalibration (docs/display.md).
+  let ackTarget = null; // {r, bedKey} being acknowledged in the dialog
+
+  function acknowledge(r, bedKey) {
     const by = userName();
     if (!by) {
       state.notice = "Type your name in “Acknowledge as” (top right) first.";
@@ -239,20 +314,54 @@
       render();
       return;
     }
+    if (!state.cfg.username || !TOPIC_SAFE.test(state.cfg.username)) {
+      // Acks go to ack/<id>/<this display's account>, the one topic its ACL lets it write.
+      state.notice = "Cannot acknowledge: this display has no broker account of its own (config.json username).";
+      render();
+      return;
+    }
     if (!TOPIC_SAFE.test(r.message_id) || !TOPIC_SAFE.test(r.site) || !TOPIC_SAFE.test(r.device_id)) {
       state.notice = `Cannot acknowledge ${r.location}: its ids are not usable as MQTT topic levels.`;
       render();
       return;
     }
+    ackTarget = { r, bedKey };
+    const level = levelOf(r);
+    $("ack-title").textContent = `Acknowledge ${r.location}: ${WORD[level] || level.toUpperCase()}`;
+    $("ack-key").textContent = keySentence(r);
+    $("ack-form").reset();
+    $("ack-hint").textContent = "";
+    const dialog = $("ack-dialog");
+    if (!dialog.open) dialog.showModal();
+    dialog.querySelector("input[name=verdict]").focus();
+  }
+
+  function sendAck(event) {
+    event.preventDefault();
+    const form = $("ack-form");
+    const verdict = form.elements.verdict.value;
+    if (!VERDICT[verdict]) {
+      $("ack-hint").textContent = "Choose agree, disagree or unsure.";
+      form.querySelector("input[name=verdict]").focus();
+      return;
+    }
+    const target = ackTarget;
+    $("ack-dialog").close();
+    if (!target) return;
+    const r = target.r;
+    // The same cleaning the appliance applies: no control characters, at most COMMENT_MAX.
+    const comment = form.elements.comment.value.replace(/[\u0000-\u001f\u007f-\u009f]+/g, " ").trim().slice(0, COMMENT_MAX);
     const ack = {
       schema: SCHEMA.ack,
       message_id: r.message_id,
       image_id: r.image.image_id,
-      by,
+      by: userName(),
       at: new Date().toISOString(),
       display: state.cfg.display_name || null,
+      verdict,
+      comment: comment || null,
     };
-    const topic = `${state.cfg.topic_prefix}/${r.site}/${r.device_id}/ack/${r.message_id}`;
+    const topic = `${state.cfg.topic_prefix}/${r.site}/${r.device_id}/ack/${r.message_id}/${state.cfg.username}`;
     state.pending.add(r.message_id);
     state.notice = null;
     // Retained, so every display (and a reload) sees it; the tile turns "acknowledged" only when the
@@ -267,19 +376,36 @@
     render();
   }
 
-  function ackArea(r) {
+  function onAckClosed() {
+    // Focus goes back to where the clinician was: the reading they had open, else the bed's tile.
+    const target = ackTarget;
+    ackTarget = null;
+    if ($("detail").open) $("detail-close").focus();
+    else if (target && tileCache.has(target.bedKey)) tileCache.get(target.bedKey).node.focus({ preventScroll: true });
+  }
+
+  // withComment: the detail view (room for the long verdict and the comment); a tile shows the short one.
+  function ackArea(r, bedKey, withComment) {
     const ack = state.acks.get(r.message_id);
     if (ack) {
       const at = Date.parse(ack.at);
       const when = Number.isFinite(at) ? ` at ${clockTime(at)}` : "";
-      return el("div", { class: "acked" }, `✓ Acknowledged by ${ack.by}${when}`);
+      const verdict = VERDICT[ack.verdict] ? ack.verdict : null;
+      const comment = withComment && typeof ack.comment === "string" && ack.comment.trim() ? ack.comment.slice(0, COMMENT_MAX) : null;
+      return el(
+        "div",
+        { class: "acked", "data-verdict": verdict },
+        `✓ Acknowledged by ${ack.by}${when}`,
+        verdict ? el("span", { class: "verdict-tag" }, ` — ${(withComment ? VERDICT_LONG : VERDICT)[verdict]}`) : null,
+        comment ? el("q", { class: "ack-comment" }, comment) : null,
+      );
     }
     if (!needsAck(r)) return null;
     const sending = state.pending.has(r.message_id);
     const button = el("button", { class: "ack-button", type: "button", disabled: sending }, sending ? "Sending…" : "Acknowledge");
     button.addEventListener("click", (event) => {
       event.stopPropagation(); // a click on the button is not a click on the tile
-      acknowledge(r);
+      acknowledge(r, bedKey);
     });
     button.addEventListener("keydown", (event) => event.stopPropagation());
     return el("div", { class: "ack-area" }, button);
@@ -338,6 +464,24 @@
 
   function hasHeatmap(r) {
     return Boolean(r.status === "ok" && r.heatmap && r.heatmap.png_base64);
+  }
+
+  // The X-ray cropped to the thorax (no corner labels), with the lesion overlay only when the model's
+  // localisation is validated and published; otherwise the caption says it is not assessed.
+  function xrayFigure(r, large) {
+    const th = r.status === "ok" ? state.thumbs.get(r.message_id) : null;
+    if (!th) return null;
+    const caption = th.overlay ? `X-ray, ${th.overlay} overlay` : "X-ray · localisation not assessed";
+    return el(
+      "figure",
+      { class: large ? "xray xray-large" : "xray", "data-overlay": th.overlay ? "true" : "false" },
+      el(
+        "div",
+        { class: "xray-frame" },
+        el("img", { src: `data:image/png;base64,${th.png_base64}`, alt: `Chest X-ray of ${r.location}, cropped to the chest` }),
+      ),
+      el("figcaption", {}, caption),
+    );
   }
 
   function heatmapFigure(r) {
@@ -449,10 +593,11 @@
     const ack = state.acks.get(r.message_id);
     return JSON.stringify([
       r.message_id,
-      ack ? [ack.by, ack.at] : null,
+      ack ? [ack.by, ack.at, ack.verdict, ack.comment] : null,
       state.pending.has(r.message_id),
       isStale(r),
       hasHeatmap(r) ? Boolean(state.heatmaps.get(r.message_id)) : null,
+      state.thumbs.has(r.message_id),
       historyPoints(r).length,
     ]);
   }
@@ -477,13 +622,14 @@
         el("span", { class: "age", title: new Date(when).toISOString() }, age(when)),
         el("span", { class: "at", title: r.device_id }, `${r.image.acquired_at ? "taken" : "received"} ${clockTime(when)}`),
       ),
-      ackArea(r),
+      ackArea(r, bedKey, false),
       el("span", { class: "ndu" }, r.disclaimer || "Not for diagnostic use"),
     );
     const reason =
       r.status !== "ok" && r.reason && !key.includes(r.reason) ? el("p", { class: "reason" }, `Reason: ${r.reason}`) : null;
     const metrics = r.status === "ok" ? publishedMetrics(r) : [];
-    const heat = heatmapFigure(r);
+    // The X-ray carries the overlay when there is one: the separate heatmap only without a thumbnail.
+    const heat = xrayFigure(r, false) || heatmapFigure(r);
     const body =
       r.status === "ok"
         ? el(
@@ -866,6 +1012,7 @@
     const heat = heatmapFigure(r);
     const chart = r.status === "ok" ? trendChart(r) : null;
     const media = heat || chart ? el("div", { class: "detail-media" }, heat, chart) : null;
+    const xray = xrayFigure(r, true); // large on demand: the tile's thumbnail at full size
     const noTrend =
       r.status === "ok" && !r.patient_key ? el("p", { class: "muted" }, "No trend: the patient was not identified.") : null;
     $("detail-body").replaceChildren(
@@ -877,11 +1024,12 @@
       ),
       el("h3", {}, "Reading"),
       el("p", { id: "detail-text", class: "detail-text" }, r.text),
+      xray,
       media,
       noTrend,
       el("h3", {}, "Published values"),
       publishedValues(r),
-      ackArea(r),
+      ackArea(r, key, true),
       el("p", { class: "ndu" }, r.disclaimer || "Not for diagnostic use"),
     );
     dialog.setAttribute("aria-describedby", "detail-text");
@@ -992,6 +1140,20 @@
           { class: `banner ${offline ? "banner-offline" : "banner-degraded"}`, "data-kind": s.state, "data-cart": key },
           el("b", {}, `Cart ${s.device_id} ${word}${when}${why}. `),
           tail,
+        ),
+      );
+    }
+    // Drift (docs/drift.md): a warning, not a fault; the cart keeps reading. Offline carts already say more.
+    for (const [key, s] of [...state.carts.entries()].sort()) {
+      const drift = Array.isArray(s.drift) ? s.drift.filter((q) => typeof q === "string") : [];
+      if (!drift.length || s.state === "offline") continue;
+      out.push(
+        el(
+          "div",
+          { class: "banner banner-drift", "data-kind": "drift", "data-cart": key, "data-drift": drift.join(" ") },
+          el("b", {}, `Cart ${s.device_id} DRIFT in ${drift.join(", ")}. `),
+          "Recent X-rays differ from the images the model was validated on: its readings may be less reliable." +
+            " Check the X-ray unit's settings and tell the team responsible for the cart. Readings continue.",
         ),
       );
     }
@@ -1107,6 +1269,7 @@
     const tilesChanged = renderTiles();
     layout(bannersChanged || tilesChanged);
     if ($("detail").open) renderDetail();
+    askHistory();
     renderTitle();
     alertCheck();
   }
@@ -1136,6 +1299,7 @@
     client.on("connect", () => {
       state.connected = true;
       state.connectedAt = Date.now();
+      state.historyAsked.clear(); // answers are not retained: ask again after a reconnect
       state.connectionTried = true;
       state.authError = null;
       // Retained status, latest/<bed> and ack/<id> arrive right after this: that is the reload recovery.
@@ -1177,6 +1341,9 @@
 
     const dialog = $("detail");
     $("detail-close").addEventListener("click", closeDetail);
+    $("ack-form").addEventListener("submit", sendAck);
+    $("ack-cancel").addEventListener("click", () => $("ack-dialog").close());
+    $("ack-dialog").addEventListener("close", onAckClosed);
     dialog.addEventListener("close", onDetailClosed);
     // A click on the backdrop (outside the dialog's box) closes it, like Escape.
     dialog.addEventListener("click", (event) => {

@@ -67,6 +67,8 @@ _J2K = (JPEG2000, JPEG2000Lossless)
 # Encapsulated syntaxes whose first frame's header is checked against the tags before decoding.
 _JPEG_FAMILY = (*JPEGTransferSyntaxes, *JPEGLSTransferSyntaxes)
 _J2K_FAMILY = tuple(JPEG2000TransferSyntaxes)
+# Lossy JPEG frames (baseline, extended, progressive; Huffman and arithmetic); SOF3/7/11/15 are lossless.
+_LOSSY_JPEG_FRAMES = {"SOF0", "SOF1", "SOF2", "SOF5", "SOF6", "SOF9", "SOF10", "SOF13", "SOF14"}
 # Acquisition dates before ACR-NEMA (1985) are placeholders: 19000101 or 19010101 from anonymisers,
 # 19700101 from a clock never set. So are dates past next year (99991231).
 _FIRST_PLAUSIBLE_YEAR = 1985
@@ -335,6 +337,15 @@ def _refuse_codestream(ds: Dataset, path: Path, ts: UID, tags: tuple[int, int, i
                 reasons.IMAGE_TOO_LARGE,
                 f"{name}: {d.height} x {d.width} declared by the {kind} {d.header}"
                 f" ({d.pixels:,} pixels > limit {max_pixels:,})",
+            )
+    for d in declared:
+        if d.header in _LOSSY_JPEG_FRAMES and d.precision > 8:
+            # Neither Pillow nor the GDCM wheel decodes 12-bit lossy JPEG (GDCM's build lacks the 12-bit
+            # IJG codec); the only Python decoder that does is GPL. Refused up front, in plain words.
+            raise InputRejected(
+                reasons.UNSUPPORTED_TRANSFER_SYNTAX,
+                f"{name}: {d.precision}-bit lossy JPEG ({d.header}, JPEG Extended) cannot be decoded here;"
+                " set the X-ray unit to send uncompressed, JPEG Lossless or JPEG 2000",
             )
     rows, cols, samples = tags
     for d in declared:
@@ -697,6 +708,7 @@ def _meta(ds: Dataset) -> ImageMeta:
         ("NumberOfFrames", "frames"),
         ("SOPClassUID", "sop_class_uid"),
         ("Manufacturer", "manufacturer"),
+        ("IssuerOfPatientID", "IssuerOfPatientID"),  # part of the patient's identity (appliance.pseudonym)
     ):
         value = text(key)
         if value:

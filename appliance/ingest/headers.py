@@ -26,6 +26,7 @@ class Declared:
     height: int
     components: int
     header: str  # "SOF0", "SOF55", "SIZ", "ihdr": named in refusals
+    precision: int = 0  # bits per sample the header declares (JPEG SOF); 0 where not read
 
     @property
     def pixels(self) -> int:
@@ -59,7 +60,7 @@ def jpeg_frames(data: bytes) -> list[Declared]:
             # Lf(2) P(1) Y(2) X(2) Nf(1): Y lines, X samples per line
             height, width = struct.unpack_from(">HH", data, pos + 5)
             name = "SOF55" if marker == 0xF7 else f"SOF{marker - 0xC0}"
-            found.append(Declared(width, height, data[pos + 9], name))
+            found.append(Declared(width, height, data[pos + 9], name, precision=data[pos + 4]))
         pos += 2 + length
     return []
 

@@ -12,17 +12,21 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import hmac
 import json
 import logging
 import os
 import shutil
 import sqlite3
+import stat
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import BinaryIO
 
 import pydicom
 
@@ -32,6 +36,8 @@ from appliance.ingest import reasons, sniff
 from appliance.ingest.bounded import BoundedFile
 from appliance.ingest.dicom import refuse_deflate_bomb
 from appliance.logs import printable
+from appliance.pseudonym import load_or_create_salt
+from appliance.retention import purge_older
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +95,14 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
+def _open_nofollow(path: Path) -> BinaryIO:
+    """Open for reading without following a symlink swapped in after the checks (ELOOP instead)."""
+    return os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "rb")
+
+
 def _content_sha256(path: Path, start: int = 0) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with _open_nofollow(path) as fh:
         fh.seek(start)
         for block in iter(lambda: fh.read(_COPY_CHUNK), b""):
             digest.update(block)
@@ -131,31 +142,54 @@ def dedup_key(path: Path, kind: str) -> str:
     return f"sha256:{_content_sha256(path)}"
 
 
-def image_id_for(key: str) -> str:
-    """The image id: sha256 of the de-duplication key, so the same image gets the same id anywhere."""
-    return hashlib.sha256(key.encode()).hexdigest()
+def image_id_for(key: str, secret: bytes) -> str:
+    """The image id: HMAC-SHA256 of the de-duplication key under the cart's secret. The same image gets
+    the same id on this cart, but nobody with the image (or its SOP Instance UID from the PACS) can
+    compute it and link a published result to a patient."""
+    return hmac.new(secret, key.encode(), hashlib.sha256).hexdigest()
+
+
+def _plain_file_refusal(path: Path) -> InputRejected | None:
+    """A symlink (swapped in after the watcher looked) or a hard link (a second name for a file that
+    may belong to someone else, or change under us) is never taken as an image."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None  # sniff() names the reason
+    if stat.S_ISLNK(st.st_mode):
+        return InputRejected(reasons.NOT_A_FILE, f"{path.name}: a symbolic link")
+    if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+        return InputRejected(reasons.HARD_LINK, f"{path.name}: {st.st_nlink} hard links")
+    return None
 
 
 class Spool:
-    def __init__(self, root: Path, *, min_free_mb: float = 0.0) -> None:
+    def __init__(self, root: Path, *, min_free_mb: float = 0.0, id_secret: bytes | None = None) -> None:
+        """`id_secret`: the key of the image ids (PatientKeys.image_id_secret(), from the site salt). A
+        spool opened without one (tools, tests) keys them with a secret file of its own, never unkeyed."""
         self.root = Path(root)
         self.min_free_mb = min_free_mb
         self._lock = threading.RLock()
         for sub in (*STATES, "meta", "tmp"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self._id_secret = id_secret or load_or_create_salt(self.root / "image-id.key", what="spool id key")
         self._db = sqlite3.connect(self.root / "spool.db", check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA secure_delete=ON")  # a scrubbed original path is overwritten, not freed
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS items (seq INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT UNIQUE NOT NULL,"
             " image_id TEXT UNIQUE NOT NULL, name TEXT NOT NULL, state TEXT NOT NULL, source TEXT,"
             " original TEXT, accepted_at TEXT)"
         )
-        # How often an image was found in processing/ after a crash: one that keeps killing the
-        # process (a decoder segfault) must be quarantined, not retried forever in a restart loop.
+        # How often processing this image failed: found in processing/ after the process died (a
+        # decoder segfault) or an exception in any stage. One that keeps failing must be quarantined,
+        # not retried forever in a restart loop. `last_failure` says why, for the quarantine reason.
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(items)")}
         if "crashes" not in columns:
             self._db.execute("ALTER TABLE items ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0")
+        if "last_failure" not in columns:
+            self._db.execute("ALTER TABLE items ADD COLUMN last_failure TEXT")
 
     # -- helpers -------------------------------------------------------------------------------
     def _dir(self, state: str) -> Path:
@@ -198,7 +232,7 @@ class Spool:
                     raise
         tmp = self._dir("tmp") / f"{dest.name}.{os.getpid()}.{threading.get_ident()}.part"
         try:
-            with open(src, "rb") as fin, open(tmp, "wb") as fout:
+            with _open_nofollow(src) as fin, open(tmp, "wb") as fout:
                 shutil.copyfileobj(fin, fout, _COPY_CHUNK)
                 fout.flush()
                 os.fsync(fout.fileno())
@@ -234,6 +268,9 @@ class Spool:
         Files whose content is not an image at all are quarantined here (Rejected); the rest get an id."""
         path = Path(path)
         try:
+            refusal = _plain_file_refusal(path)
+            if refusal is not None:
+                raise refusal
             kind = sniff(path)
             size = path.stat().st_size
         except InputRejected as exc:
@@ -249,7 +286,7 @@ class Spool:
                 detail,
                 self.quarantine_file(path, reasons.PERMISSION_DENIED, detail, source, move=move),
             )
-        image_id = image_id_for(key)
+        image_id = image_id_for(key, self._id_secret)
         with self._lock:
             row = self._db.execute(
                 "SELECT source, state, image_id FROM items WHERE key = ?", (key,)
@@ -258,7 +295,7 @@ class Spool:
             if row is not None and row[1] in _RETRY_STATES:
                 # Sent again after it was quarantined (or vanished): analysed again, under a new id (the
                 # journal keeps the first result per id). The old row keeps its file in quarantine/.
-                retried, image_id = row[2], image_id_for(f"{key}#{row[2]}")
+                retried, image_id = row[2], image_id_for(f"{key}#{row[2]}", self._id_secret)
                 row = None
             if row is not None:
                 removed = False
@@ -358,10 +395,31 @@ class Spool:
             db.execute("UPDATE items SET state = ? WHERE image_id = ?", (state, image_id))
 
     def crashes(self, image_id: str) -> int:
-        """How many times the process died while this image was being processed."""
+        """How many times processing this image failed (the process died, or a stage raised)."""
         with self._lock:
             row = self._db.execute("SELECT crashes FROM items WHERE image_id = ?", (image_id,)).fetchone()
         return int(row[0]) if row else 0
+
+    def last_failure(self, image_id: str) -> str | None:
+        """What the last failing stage raised; None when every failure was the process dying."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT last_failure FROM items WHERE image_id = ?", (image_id,)
+            ).fetchone()
+        return row[0] if row else None
+
+    def record_failure(self, image_id: str, detail: str) -> int:
+        """A stage raised on this image: count it, keep why, and put the image back to be tried again.
+
+        Returns the failure count so far (the caller quarantines at its limit)."""
+        with self._lock:
+            with self._tx() as db:
+                db.execute(
+                    "UPDATE items SET crashes = crashes + 1, last_failure = ? WHERE image_id = ?",
+                    (detail, image_id),
+                )
+            self.release(image_id)
+            return self.crashes(image_id)
 
     def _row(self, image_id: str) -> tuple[str, str, str, str] | None:
         row = self._db.execute(
@@ -547,6 +605,31 @@ class Spool:
             return data
         except (OSError, ValueError):
             return None
+
+    def purge_quarantine(self, older_than_s: float) -> int:
+        """Delete refused files and their reason files older than `older_than_s`. A key whose file
+        is gone stays a retry state: the image sent again is analysed again."""
+        with self._lock:
+            return len(purge_older(self._dir("quarantine"), older_than_s))
+
+    def scrub_records(self, older_than_s: float) -> int:
+        """Forget where finished images came from (their original path, which may name the patient)
+        and delete their meta files; only the de-duplication key and the id stay. Returns how many."""
+        cutoff = datetime.fromtimestamp(time.time() - older_than_s, timezone.utc).isoformat(
+            timespec="milliseconds"
+        )
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT image_id FROM items WHERE state NOT IN ('incoming', 'processing')"
+                " AND accepted_at < ? AND original IS NOT NULL",
+                (cutoff,),
+            ).fetchall()
+            for (image_id,) in rows:
+                with contextlib.suppress(FileNotFoundError):
+                    (self._dir("meta") / f"{image_id}.json").unlink()
+            with self._tx() as db:
+                db.executemany("UPDATE items SET original = NULL WHERE image_id = ?", rows)
+        return len(rows)
 
     def purge_done(self, older_than_s: float) -> int:
         """Delete processed files older than `older_than_s` (their key stays: a re-send is still a duplicate)."""

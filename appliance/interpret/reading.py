@@ -14,6 +14,7 @@ from appliance.interpret import decisions, text
 from appliance.interpret.activation import columns
 from appliance.interpret.cardiac import cardiothoracic_ratio
 from appliance.interpret.gate import Refusal
+from appliance.interpret.thumbnail import ThumbnailImage, render, thorax_box
 from appliance.interpret.zones import lung_zones
 from appliance.manifest import Manifest, Role
 from appliance.preprocess import Geometry, unfit
@@ -50,9 +51,15 @@ class Reading:
     cardiac: CardiacSize | None = None
     not_assessed: list[str] = field(default_factory=list)
     sentences: list[Sentence] = field(default_factory=list)
+    # Published on its own retained topic, never inside the Result (see interpret/thumbnail.py).
+    thumbnail: ThumbnailImage | None = None
+    thumbnail_skipped: str | None = None  # why there is none, for the log
 
     def payload_fields(self) -> dict[str, object]:
-        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+        return {name: getattr(self, name) for name in self.__dataclass_fields__ if name not in _NOT_IN_RESULT}
+
+
+_NOT_IN_RESULT = frozenset({"thumbnail", "thumbnail_skipped"})
 
 
 def refused(
@@ -254,8 +261,11 @@ def read_outputs(
     meta: ImageMeta,
     *,
     with_heatmap: bool,
+    pixels: np.ndarray | None = None,
 ) -> Reading:
-    """Interpret one image's outputs (batch axis already removed). Only published outputs survive."""
+    """Interpret one image's outputs (batch axis already removed). Only published outputs survive.
+
+    `pixels` (the decoded image, float in [0, 1]): also make the thorax-cropped thumbnail."""
     view, view_refusal = _view(manifest, outputs)
     ood, ood_refusal = _ood(manifest, outputs)
     # A lateral flagged by the view head is the more specific reason; otherwise the OOD guard.
@@ -302,6 +312,20 @@ def read_outputs(
         if heat is not None and with_heatmap and level != "normal"
         else None
     )
+    thumbnail, skipped = None, None
+    if pixels is not None:
+        mask_spec = manifest.output(Role.lung_mask)
+        box = (
+            thorax_box(lungs, mask_spec.thresholds.get("lung", 0.5) if mask_spec else 0.5)
+            if lungs is not None
+            else "the model has no lung mask"
+        )
+        if isinstance(box, str):
+            skipped = box
+        else:
+            # The overlay exactly when the heatmap itself is published: same validation, same readings.
+            overlay = heat if heatmap is not None else None
+            thumbnail = render(pixels, box, overlay, heatmap.label if heatmap is not None else None)
     sentences = [
         s
         for s in (
@@ -325,4 +349,6 @@ def read_outputs(
         cardiac=cardiac,
         not_assessed=validated.not_assessed,
         sentences=sentences,
+        thumbnail=thumbnail,
+        thumbnail_skipped=skipped,
     )

@@ -39,6 +39,7 @@ from appliance.config import AppConfig, MetricsConfig
 
 if TYPE_CHECKING:  # type hints only: the daemon hands these in, metrics never builds them
     from appliance.ingest.spool import Spool
+    from appliance.ops.drift import DriftWatch
     from appliance.pipeline import Analyzer
     from appliance.publish.mqtt import MqttPublisher
     from appliance.result import Result
@@ -112,6 +113,28 @@ class Metrics:
         self.accepting_gauge = Gauge(
             "cxr_accepting", "1 when the cart accepts new images, 0 while degraded.", registry=r
         )
+        # Drift watch (docs/drift.md): one series per quantity the model's manifest carries a reference for.
+        self.drift_psi = Gauge(
+            "cxr_drift_psi",
+            "Population stability index of a monitored quantity's recent window against the model's"
+            " validation reference; present once the window holds drift.min_images observations.",
+            ["quantity"],
+            registry=r,
+        )
+        self.drift_gauge = Gauge(
+            "cxr_drift",
+            "1 while this quantity has drifted (PSI above drift.psi_threshold, until below drift.psi_clear),"
+            " else 0. A warning: the cart keeps reading.",
+            ["quantity"],
+            registry=r,
+        )
+        self.drift_window = Gauge(
+            "cxr_drift_window_observations",
+            "Observations in the drift watch's window for this quantity (at most drift.window).",
+            ["quantity"],
+            registry=r,
+        )
+        self._drift_quantities: set[str] = set()
         self.model_info = Info("cxr_model", "The model in use.", registry=r)
         self.backend_info = Info(
             "cxr_backend",
@@ -185,6 +208,24 @@ class Metrics:
                 "fallback_reason": backend.fallback_reason or "",
             }
         )
+
+    def drift(self, watch: DriftWatch) -> None:
+        """After each image and when the watch is rebuilt (start, SIGHUP): the watch's current state."""
+        quantities = set(watch.windows)
+        for gone in self._drift_quantities - quantities:  # another model monitors other quantities
+            for gauge in (self.drift_psi, self.drift_gauge, self.drift_window):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(gone)
+        self._drift_quantities = quantities
+        drifted = set(watch.drifted)
+        for name, window in watch.windows.items():
+            self.drift_window.labels(name).set(len(window))
+            self.drift_gauge.labels(name).set(1 if name in drifted else 0)
+            if name in watch.psi:
+                self.drift_psi.labels(name).set(watch.psi[name])
+            else:  # not judged (yet): no number rather than a misleading 0
+                with contextlib.suppress(KeyError):
+                    self.drift_psi.remove(name)
 
     def fault(self, cause: str, active: bool) -> None:
         with self._lock:

@@ -11,7 +11,8 @@ subscribers de-duplicate on the payload's message_id.
 
 Topics (see topics.py): `status` retained, with a retained `offline` last will and `online`
 re-published on every connect; `result` QoS 1 not retained; `latest/<bed>` retained;
-`ack` and `ack/<message_id>` subscribed: acknowledgements from displays, validated and handed to `on_ack`.
+`ack/<message_id>/<display account>` subscribed: acknowledgements from displays, validated and handed
+to `on_ack`.
 """
 
 from __future__ import annotations
@@ -36,7 +37,15 @@ from appliance.config import DeviceConfig, MqttConfig
 from appliance.errors import ConfigError
 from appliance.publish.outbox import Outbox
 from appliance.publish.topics import Topics
-from appliance.result import Acknowledgement, DeviceStatus, Result
+from appliance.result import (
+    Acknowledgement,
+    DeviceStatus,
+    History,
+    HistoryRequest,
+    Result,
+    Thumbnail,
+    parse_ack,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +53,11 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_INFLIGHT = 16
 # The broker keeps our session (and the display acks sent to us) this long while we are away.
 SESSION_EXPIRY_SECONDS = 7 * 86400
+# A valid acknowledgement is well under 1 KiB; anything far larger is refused before it is parsed.
+MAX_ACK_BYTES = 4096
+# Mosquitto limits sizes per packet only (max_packet_size), not per topic: what displays may write is
+# limited here, per message class, before it is parsed. A history request is a few ids.
+MAX_HISTORY_REQUEST_BYTES = 1024
 
 StatusState = Literal["online", "degraded"]
 
@@ -87,6 +101,7 @@ class MqttPublisher:
         outbox: Outbox,
         *,
         on_ack: Callable[[Acknowledgement], None] | None = None,
+        on_history: Callable[[HistoryRequest], History] | None = None,
         identity: dict[str, str | None] | None = None,
         max_inflight: int = DEFAULT_MAX_INFLIGHT,
     ) -> None:
@@ -94,6 +109,7 @@ class MqttPublisher:
         self.device = device
         self.outbox = outbox
         self.on_ack = on_ack
+        self.on_history = on_history
         self.max_inflight = max_inflight
         self.topics = Topics(config.topic_prefix, device.site, device.device_id)
         self.client_id = config.client_id or f"cxr-{device.site}-{device.device_id}"
@@ -115,6 +131,8 @@ class MqttPublisher:
         self._acks: queue.SimpleQueue[tuple[int, mqtt.ReasonCode | None]] = queue.SimpleQueue()
         self._inflight: dict[int, int] = {}  # paho mid -> outbox row id; drain thread only
         self._last_handed = 0  # highest outbox row id handed to paho; drain thread only
+        self._unconfirmed_qos0: dict[int, int] = {}  # QoS 0 handed to paho, not yet written; drain thread
+        self._connects_seen = 0  # `connects` when the drain thread last looked; a change = reconnected
         self._last_problem: str | None = None
         self.connects = 0
         self.acks_received = 0
@@ -193,6 +211,15 @@ class MqttPublisher:
         )
         return added > 0
 
+    def publish_thumbnail(self, result: Result, thumbnail: Thumbnail | None) -> bool:
+        """Retained on `thumbnail/<bed>` through the outbox. None clears the bed's picture: the one there
+        belongs to an earlier image. False if already queued/sent, or thumbnails are off."""
+        if not self.config.enabled or not self.config.publish_thumbnail:
+            return False
+        payload = thumbnail.model_dump_json(by_alias=True) if thumbnail is not None else ""
+        topic = self.topics.thumbnail(result.location)
+        return self.outbox.put(topic, payload, self.config.qos, True, message_id=result.message_id)
+
     def publish_status(
         self,
         state: StatusState = "online",
@@ -254,6 +281,8 @@ class MqttPublisher:
         log.info("mqtt connected to %s:%d (session present: %s)", self.config.host, self.config.port,
                  flags.session_present)  # fmt: skip
         client.subscribe(self.topics.ack_filter, qos=1)
+        if self.on_history is not None:
+            client.subscribe(self.topics.history_request, qos=1)
         with self._lock:
             self._status_dirty = True  # `online` on EVERY (re)connect, replacing the last will
         self._connected.set()
@@ -271,25 +300,59 @@ class MqttPublisher:
         self._wake.set()
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        if msg.topic == self.topics.history_request:
+            self._answer_history(msg)
+            return
         if not mqtt.topic_matches_sub(self.topics.ack_filter, msg.topic) or not msg.payload:
             return  # an empty payload clears a retained ack: nothing to store
+        if len(msg.payload) > MAX_ACK_BYTES:
+            log.warning("ignored an acknowledgement on %s: %d bytes", msg.topic, len(msg.payload))
+            return
         try:
-            ack = Acknowledgement.model_validate_json(msg.payload)
+            ack = parse_ack(msg.payload)  # ack/v1 (older displays) or ack/v2
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "payload"
             log.warning("ignored an invalid acknowledgement on %s: %s: %s", msg.topic, where, first["msg"])
             return
-        suffix = msg.topic[len(self.topics.ack) + 1 :]
-        if suffix and suffix != ack.message_id:
+        # Only ack/<message_id>/<display account>: the ACL lets each display account write there and
+        # nowhere else, so the topic (unlike the payload) says which account sent it. The older
+        # ack and ack/<message_id> are writable by no display account any more: ignored.
+        levels = msg.topic[len(self.topics.ack) + 1 :].split("/")
+        if len(levels) != 2 or not levels[1]:
+            log.warning("ignored an acknowledgement on %s: not ack/<message_id>/<display account>", msg.topic)
+            return
+        if levels[0] != ack.message_id:
             log.warning("ignored an acknowledgement on %s: it names message %s", msg.topic, ack.message_id)
             return
-        log.info("acknowledgement of %s by %s", ack.message_id, ack.by)
+        log.info("acknowledgement of %s by %s (account %s)", ack.message_id, ack.by, levels[1])
         if self.on_ack is not None:
             try:
                 self.on_ack(ack)
             except Exception:
                 log.exception("storing acknowledgement %s failed", ack.message_id)
+
+    def _answer_history(self, msg: mqtt.MQTTMessage) -> None:
+        """A display's question about one patient: answered at once, not retained, not via the outbox
+        (a lost answer is asked again when the display reconnects)."""
+        if self.on_history is None or not msg.payload:
+            return
+        if len(msg.payload) > MAX_HISTORY_REQUEST_BYTES:
+            log.warning("ignored a history request: %d bytes", len(msg.payload))
+            return
+        try:
+            request = HistoryRequest.model_validate_json(msg.payload)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "payload"
+            log.warning("ignored an invalid history request: %s: %s", where, first["msg"])
+            return
+        try:
+            history = self.on_history(request)
+        except Exception:
+            log.exception("history request %s failed", request.request_id)
+            return
+        self.client.publish(self.topics.history, history.model_dump_json(by_alias=True), qos=1, retain=False)
 
     def _problem(self, text: str) -> None:
         # One line per distinct problem, not one per reconnect attempt.
@@ -322,6 +385,7 @@ class MqttPublisher:
             except queue.Empty:
                 break
             row_id = self._inflight.pop(mid, None)
+            self._unconfirmed_qos0.pop(mid, None)
             if row_id is None:
                 continue  # a status message
             self.acks_received += 1
@@ -342,21 +406,41 @@ class MqttPublisher:
         self.client.publish(self.topics.status, payload, qos=1, retain=True)
 
     def _send_pending(self) -> None:
+        if self._connects_seen != self.connects:
+            self._connects_seen = self.connects
+            self._resend_lost_qos0()
         room = self.max_inflight - len(self._inflight)
         if room <= 0:
             return
-        for row in self.outbox.pending(after_id=self._last_handed, limit=room):
+        handed = set(self._inflight.values())
+        for row in self.outbox.pending(after_id=self._last_handed, limit=room + len(handed)):
+            if row.id in handed:
+                continue  # still in flight at QoS 1/2 (a rewind for lost QoS 0 rows passed over it)
+            if len(self._inflight) >= self.max_inflight:
+                return
             info = self.client.publish(row.topic, row.payload, qos=row.qos, retain=row.retain)
             if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
                 # Not queued by paho (e.g. queue full): try again from this row next time.
                 log.warning("mqtt publish of %s deferred: %s", row.message_id, mqtt.error_string(info.rc))
                 return
-            # NO_CONN: paho keeps the message and sends it after reconnecting, like any in-flight one.
+            if row.qos == 0 and info.rc == mqtt.MQTT_ERR_NO_CONN:
+                return  # paho drops a QoS 0 message it cannot write: it stays in the outbox for later
+            # NO_CONN at QoS 1/2: paho keeps the message and sends it after reconnecting. QoS 0 is
+            # marked sent only when paho reports it written to the socket (on_publish), never before.
+            self._inflight[info.mid] = row.id
             if row.qos == 0:
-                self.outbox.mark_acked([row.id])
-            else:
-                self._inflight[info.mid] = row.id
+                self._unconfirmed_qos0[info.mid] = row.id
             self._last_handed = row.id
+
+    def _resend_lost_qos0(self) -> None:
+        """After a reconnect: QoS 0 messages paho had not written when the connection dropped are gone
+        from its queue (it keeps only QoS 1/2 for the session); hand them over again."""
+        if not self._unconfirmed_qos0:
+            return
+        for mid in self._unconfirmed_qos0:
+            self._inflight.pop(mid, None)
+        self._last_handed = min(self._unconfirmed_qos0.values()) - 1
+        self._unconfirmed_qos0.clear()
 
     def _status_payload(self, state: Literal["online", "offline", "degraded"], reason: str | None) -> str:
         with self._lock:

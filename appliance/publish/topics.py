@@ -1,4 +1,5 @@
-"""The topic tree: <prefix>/<site>/<device_id>/{status, result, latest/<bed>, ack[/<message_id>]}.
+"""The topic tree: <prefix>/<site>/<device_id>/{status, result, latest/<bed>, thumbnail/<bed>,
+ack/<message_id>/<display account>, history/request, history/response}.
 
 A bed name comes from config or DICOM tags, so it is sanitised before it becomes a topic level:
 MQTT wildcards (+ #), the level separator (/), control characters and anything unusual become
@@ -44,11 +45,24 @@ class Topics:
 
     @property
     def ack_filter(self) -> str:
-        """Displays publish to ack/<message_id> (retained) or plain ack; '#' matches both."""
+        """Displays publish to ack/<message_id>/<their account> (retained); '#' also matches older
+        shapes, which the publisher ignores."""
         return f"{self.base}/ack/#"
 
     def latest(self, location: str) -> str:
         return f"{self.base}/latest/{topic_level(location)}"
+
+    def thumbnail(self, location: str) -> str:
+        return f"{self.base}/thumbnail/{topic_level(location)}"
+
+    @property
+    def history_request(self) -> str:
+        """Displays ask for a patient's earlier results here (their ACL may write only this)."""
+        return f"{self.base}/history/request"
+
+    @property
+    def history(self) -> str:
+        return f"{self.base}/history/response"
 
     @property
     def site_filter(self) -> str:

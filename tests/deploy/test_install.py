@@ -94,10 +94,49 @@ def test_self_signed_ca_and_server_certificate(root: Path) -> None:
     assert "IP Address:127.0.0.1" in text and "DNS:localhost" in text
     assert "TLS Web Server Authentication" in text
     assert (root / "etc/cxr-appliance/ca.crt").read_bytes() == ca.read_bytes()
-    # The CA key stays with the appliance's secrets, unreadable to others; never beside the broker.
-    key = root / "etc/cxr-appliance/secrets/cxr-ca.key"
-    assert key.stat().st_mode & 0o077 == 0
+    # The CA key is root's alone: not in the service's secrets/ (group cxr), never beside the broker.
+    key = root / "etc/cxr-appliance/ca-private/cxr-ca.key"
+    assert key.stat().st_mode & 0o077 == 0 and key.parent.stat().st_mode & 0o077 == 0
     assert not list((root / "etc/mosquitto").rglob("*ca.key"))
+    assert not list((root / "etc/cxr-appliance/secrets").glob("*ca.key"))
+
+
+def test_the_ca_is_name_constrained_to_the_broker(root: Path) -> None:
+    ca = root / "etc/mosquitto/certs/cxr-ca.crt"
+    text = openssl("x509", "-in", str(ca), "-noout", "-text")
+    assert "X509v3 Name Constraints: critical" in text
+    permitted = text.split("Permitted:", 1)[1].split("X509v3", 1)[0]
+    assert "DNS:localhost" in permitted and "IP:127.0.0.1/255.255.255.255" in permitted
+    assert "Excluded" not in text and "pathlen:0" in text
+    # A certificate for any other name, signed by the same CA key, does not verify.
+    key = root / "etc/cxr-appliance/ca-private/cxr-ca.key"
+    other_key, csr, other = (root.parent / f"other.{suffix}" for suffix in ("key", "csr", "crt"))
+    ext = root.parent / "other.ext"
+    ext.write_text("subjectAltName=DNS:intranet.hospital.example\nbasicConstraints=CA:FALSE\n")
+    openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", str(other_key))
+    openssl("req", "-new", "-key", str(other_key), "-subj", "/CN=intranet.hospital.example", "-out", str(csr))
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        str(csr),
+        "-CA",
+        str(ca),
+        "-CAkey",
+        str(key),
+        "-set_serial",
+        "2",
+        "-days",
+        "1",
+        "-extfile",
+        str(ext),
+        "-out",
+        str(other),
+    )
+    check = subprocess.run(
+        ["openssl", "verify", "-CAfile", str(ca), str(other)], capture_output=True, text=True
+    )
+    assert check.returncode != 0 and "permitted subtree violation" in check.stderr
 
 
 def test_second_run_changes_nothing(root: Path) -> None:

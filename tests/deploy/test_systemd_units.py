@@ -76,6 +76,41 @@ def test_systemd_analyze_verify_is_clean(installed_units: Path, unit: str) -> No
     assert proc.returncode == 0 and proc.stderr.strip() == "", proc.stderr
 
 
+MAX_EXPOSURE = 2.0  # the review's target for every unit
+
+
+def exposure(unit_path: Path) -> float:
+    assert SYSTEMD_ANALYZE is not None
+    proc = subprocess.run(
+        [SYSTEMD_ANALYZE, "security", "--offline=yes", "--no-pager", str(unit_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=unit_path.parent,
+    )
+    found = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", proc.stdout)
+    assert found, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return float(found.group(1))
+
+
+@pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason="systemd-analyze not installed (apt-get install systemd)")
+@pytest.mark.parametrize(
+    "unit", ["cxr-appliance.service", "cxr-engine-build.service", "cxr-usb-import@sdb1.service"]
+)
+def test_every_unit_is_exposed_at_most_2(installed_units: Path, unit: str) -> None:
+    assert exposure(installed_units / unit) <= MAX_EXPOSURE
+
+
+@pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason="systemd-analyze not installed")
+def test_the_exposure_check_can_fail(installed_units: Path) -> None:
+    """Without the sandboxing lines the same unit scores far above the bound."""
+    text = (installed_units / "cxr-appliance.service").read_text()
+    stripped = installed_units / "loose.service"
+    keep = ("ExecStart=", "Type=", "[Unit]", "[Service]", "[Install]", "Description=", "User=", "Group=")
+    stripped.write_text("\n".join(line for line in text.splitlines() if line.startswith(keep)) + "\n")
+    assert exposure(stripped) > MAX_EXPOSURE
+
+
 @pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason="systemd-analyze not installed")
 def test_verify_catches_a_broken_unit(installed_units: Path) -> None:
     """The check above can fail: a misspelt Type= is reported."""
@@ -118,6 +153,10 @@ def test_appliance_unit_is_notify_watchdog_restart_and_hardened_without_breaking
     assert "Service.PrivateDevices" not in unit
     assert "Service.MemoryDenyWriteExecute" not in unit
     assert "Service.DevicePolicy" not in unit
+    assert "Service.PrivateUsers" not in unit  # would drop the video group the GPU nodes need
+    assert unit["Service.SystemCallFilter"][0] == "@system-service"
+    assert one(unit, "Service.SystemCallErrorNumber") == "EPERM"  # a denied call fails, never kills
+    assert one(unit, "Service.ProtectProc") == "invisible"
     # The engine build runs first but a failed build must not block the ONNX Runtime fallback.
     assert "cxr-engine-build.service" in one(unit, "Unit.After")
     assert "cxr-engine-build.service" not in " ".join(unit.get("Unit.Requires", []))

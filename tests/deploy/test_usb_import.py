@@ -23,7 +23,7 @@ from pydicom.fileset import FileSet
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 from appliance import usb_import
-from appliance.config import AppConfig, IngestConfig, MqttConfig
+from appliance.config import AppConfig, IngestConfig, MqttConfig, PrivacyConfig
 from appliance.errors import UserError
 from appliance.ingest.spool import Spool
 from tests.support.data import cxr_data, real_dicoms
@@ -202,6 +202,11 @@ def test_imports_every_image_once_and_refuses_hostile_entries(tmp_path: Path, sp
     assert events[0]["state"] == "started" and events[-1]["state"] == "done"
     assert events[-1]["imported"] == report.imported
     assert [e for e in events if e["state"] == "progress"]
+    # Counts, never the stick's paths (folder names there carry patients' names and numbers).
+    assert events[-1]["refused_by_reason"]["symlink points outside the stick"] == 2
+    assert sum(events[-1]["refused_by_reason"].values()) == stick.refused
+    published = json.dumps(events)
+    assert not [path for path in reasons if path.split(":")[-1] in published]
 
 
 def test_a_second_import_of_the_same_stick_adds_nothing(tmp_path: Path, spool: Spool) -> None:
@@ -271,6 +276,7 @@ def test_cli_reports_progress_and_count_over_mqtt(
                 "device": {"site": "ward7", "device_id": "cart-3"},
                 "ingest": {"spool": str(tmp_path / "spool")},
                 "mqtt": {"host": broker.host, "port": broker.port},
+                "privacy": {"salt_file": str(tmp_path / "salt")},
             }
         )
     )
@@ -295,6 +301,10 @@ def test_cli_reports_progress_and_count_over_mqtt(
 def test_main_without_broker_still_imports(tmp_path: Path) -> None:
     """The broker being down must not stop an import: progress then only goes to the log."""
     stick = build_stick(tmp_path / "stick", hostile=False)
-    cfg = AppConfig(ingest=IngestConfig(spool=tmp_path / "spool"), mqtt=MqttConfig(host="127.0.0.1", port=1))
+    cfg = AppConfig(
+        ingest=IngestConfig(spool=tmp_path / "spool"),
+        mqtt=MqttConfig(host="127.0.0.1", port=1),
+        privacy=PrivacyConfig(salt_file=tmp_path / "salt"),
+    )
     assert usb_import.main(argparse.Namespace(mount=stick.root), cfg) == 0
     assert len(list((tmp_path / "spool" / "incoming").iterdir())) == len(stick.images)

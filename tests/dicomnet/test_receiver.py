@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydantic import ValidationError
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
@@ -25,6 +26,7 @@ from appliance.dicomnet.receiver import (
     SUCCESS,
     DicomReceiver,
 )
+from appliance.errors import UserError
 from appliance.ingest import reasons
 from appliance.ingest.spool import Spool
 from tests.dicomnet import scu
@@ -56,7 +58,9 @@ def receivers(spool: Spool, tmp_path: Path) -> Iterator[Callable[..., DicomRecei
         hooks = {
             k: options.pop(k) for k in ("on_accepted", "accepting", "max_bytes", "max_pixels") if k in options
         }
-        config = DicomNetConfig.model_validate({"bind": "127.0.0.1", "port": free_port(), **options})
+        config = DicomNetConfig.model_validate(
+            {"bind": "127.0.0.1", "port": free_port(), "allowed_calling_ae": ["XRAY_UNIT"], **options}
+        )
         r = DicomReceiver(config, spool, tmp_path / "spool" / "dicom-in", **hooks)  # type: ignore[arg-type]
         made.append(r.start())
         return r
@@ -137,6 +141,32 @@ def test_a_calling_ae_title_not_allowed_is_refused_at_association(
     assert len(spooled(spool)) == 1
 
 
+def test_an_association_calling_another_ae_title_is_refused(
+    receivers: Callable[..., DicomReceiver], spool: Spool, caplog: pytest.LogCaptureFixture
+) -> None:
+    receiver = receivers()
+    port = receiver.address[1]
+    with caplog.at_level(logging.WARNING, logger="appliance.dicomnet.receiver"):
+        assert scu.store(port, [real(NATIVE_DX)], called="MAIN_PACS") == []
+        deadline = time.monotonic() + 5
+        while "MAIN_PACS" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert "called AE title 'MAIN_PACS' is not ours (CXR_APPLIANCE)" in caplog.text
+    assert scu.echo(port, called="MAIN_PACS") is None
+    assert spooled(spool) == []
+    assert scu.store(port, [real(NATIVE_DX)]) == [SUCCESS]
+
+
+def test_the_receiver_never_runs_without_a_calling_ae_allow_list(spool: Spool, tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="allowed_calling_ae must list"):
+        DicomNetConfig.model_validate({"enabled": True})
+    # The safe defaults: loopback, and no "accept any sender" even when built without validation.
+    assert DicomNetConfig().bind == "127.0.0.1"
+    config = DicomNetConfig.model_validate({"port": free_port()})
+    with pytest.raises(UserError, match="allowed_calling_ae is empty"):
+        DicomReceiver(config, spool, tmp_path / "dicom-in").start()
+
+
 def test_not_accepting_answers_out_of_resources_and_keeps_nothing(
     receivers: Callable[..., DicomReceiver], spool: Spool
 ) -> None:
@@ -150,7 +180,9 @@ def test_a_file_left_by_a_crash_is_spooled_at_start(spool: Spool, tmp_path: Path
     receive_dir.mkdir(parents=True)
     (receive_dir / "x.dcm").write_bytes(real(NATIVE_DX).read_bytes())
     (receive_dir / ".half.dcm.123.part").write_bytes(b"DICM half written")
-    config = DicomNetConfig.model_validate({"bind": "127.0.0.1", "port": free_port()})
+    config = DicomNetConfig.model_validate(
+        {"bind": "127.0.0.1", "port": free_port(), "allowed_calling_ae": ["XRAY_UNIT"]}
+    )
     with DicomReceiver(config, spool, receive_dir):
         assert len(spooled(spool)) == 1
         assert list(receive_dir.iterdir()) == []

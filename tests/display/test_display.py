@@ -10,6 +10,7 @@ import json
 from datetime import datetime, timedelta, timezone
 
 from appliance.result import Acknowledgement
+from tests.display.acknowledge import acknowledge
 from tests.display.browser import Browser, Page
 from tests.display.conftest import ARTIFACTS, Ward
 from tests.display.results import make_result
@@ -170,17 +171,19 @@ def test_acknowledge_publishes_and_every_display_shows_it(browser: Browser, ward
         a.click(f"{tile('Bay 2')} button.ack-button")  # no name yet: asks for one, sends nothing
         a.wait(".banner[data-kind=notice]")
         a.fill("#user-name", "Nurse Okafor")
-        a.click(f"{tile('Bay 2')} button.ack-button")
+        acknowledge(a, f"{tile('Bay 2')} button.ack-button", "disagree", "Old scarring.")
 
         got = acks.wait_count("cxr/ward7/cart-1/ack/+", 1)
         assert len(got) == 1
         assert got[0].topic == f"cxr/ward7/cart-1/ack/{result.message_id}"
-        payload = assert_valid(got[0].payload, "ack.v1.json")
+        payload = assert_valid(got[0].payload, "ack.v2.json")
         ack = Acknowledgement.model_validate(payload)
-        assert (ack.message_id, ack.image_id, ack.by) == (
+        assert (ack.message_id, ack.image_id, ack.by, ack.verdict, ack.comment) == (
             result.message_id,
             result.image.image_id,
             "Nurse Okafor",
+            "disagree",
+            "Old scarring.",
         )
         assert abs(
             datetime.fromisoformat(ack.at.replace("Z", "+00:00")) - datetime.now(timezone.utc)
@@ -189,6 +192,7 @@ def test_acknowledge_publishes_and_every_display_shows_it(browser: Browser, ward
     for page in (a, b):
         page.wait(f"{tile('Bay 2')}[data-acked=true]")
         assert "Acknowledged by Nurse Okafor" in page.text(tile("Bay 2"))
+        assert page.text(f"{tile('Bay 2')} .verdict-tag") == " — disagrees"
         assert page.count(f"{tile('Bay 2')} button.ack-button") == 0
     # Retained: a subscriber arriving now still gets it.
     with ward.subscriber("cxr/+/+/ack/#") as late:
@@ -236,7 +240,7 @@ def test_reload_recovers_state_from_retained_topics(browser: Browser, ward: Ward
     # The newest result's trend block restores the prior point.
     assert page.attr(f"{tile('Bay 7')} svg.trend-chart", "data-points") == "2"
     page.fill("#user-name", "Dr Lee")
-    page.click(f"{tile('Bay 7')} button.ack-button")
+    acknowledge(page, f"{tile('Bay 7')} button.ack-button")
     page.wait(f"{tile('Bay 7')}[data-acked=true]")
 
     page.reload()
@@ -346,7 +350,7 @@ def test_screenshot_of_a_populated_ward(browser: Browser, ward: Ward) -> None:
     page = open_display(browser, ward)
     page.wait_true("document.querySelectorAll('.tile').length === 6")
     page.fill("#user-name", "Sr Patel")
-    page.click(f"{tile('Bay 2 Bed 2')} button.ack-button")
+    acknowledge(page, f"{tile('Bay 2 Bed 2')} button.ack-button")
     page.wait(f"{tile('Bay 2 Bed 2')}[data-acked=true]")
     cart2.kill()
     page.wait(".banner[data-kind=offline]")

@@ -11,6 +11,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -22,6 +23,7 @@ import yaml
 from pydicom.uid import generate_uid
 
 from appliance.journal import Journal
+from tests.display.acknowledge import acknowledge
 from tests.display.browser import Browser, Page
 from tests.display.conftest import ARTIFACTS, serve_display
 from tests.display.results import key_sentence
@@ -44,6 +46,7 @@ user {DISPLAY_AUTH[0]}
 topic read cxr/#
 topic write cxr/+/+/ack/+
 topic write cxr/+/+/ack
+topic write cxr/+/+/history/request
 """
 RESULT_TOPIC = f"cxr/{SITE}/{DEVICE}/result"
 CART_KEY = f"{SITE}/{DEVICE}"
@@ -89,6 +92,13 @@ class LiveWard:
 
 @pytest.fixture
 def live(broker_factory: Callable[..., Broker], tmp_path: Path) -> Iterator[LiveWard]:
+    with live_ward(broker_factory, tmp_path) as ward:
+        yield ward
+
+
+@contextmanager
+def live_ward(broker_factory: Callable[..., Broker], tmp_path: Path) -> Iterator[LiveWard]:
+    """The daemon, its broker and one display page (tests/display/test_feedback_live.py reuses it)."""
     if not MODEL.is_file():
         pytest.fail(f"bundled model {MODEL} missing: the live display test runs the real appliance on it")
     broker = broker_factory(users=dict([CART_AUTH, DISPLAY_AUTH]), acl=ACL, websockets=True)
@@ -278,7 +288,7 @@ def test_display_shows_what_the_real_appliance_publishes(
     )
     bed = target["location"]
     page.fill("#user-name", "Nurse Okafor")
-    page.click(f"{tile(bed)} button.ack-button")
+    acknowledge(page, f"{tile(bed)} button.ack-button")
     page.wait(f"{tile(bed)}[data-acked=true]")
     assert "Acknowledged by Nurse Okafor" in page.text(tile(bed))
     assert page.count(f"{tile(bed)} button.ack-button") == 0

@@ -19,6 +19,7 @@ import paho.mqtt.publish as mqtt_publish
 import pytest
 
 from appliance.result import DeviceStatus
+from tests.display.acknowledge import acknowledge
 from tests.display.browser import Browser, Page
 from tests.display.conftest import ACL, ARTIFACTS, CART_AUTH, DISPLAY_AUTH, Ward, serve_display
 from tests.display.results import key_sentence, make_result
@@ -150,14 +151,14 @@ def test_tile_leads_with_the_key_sentence_and_the_detail_view_holds_the_whole_re
     page.press("Escape")
     page.wait("#detail", state="hidden")
 
-    # The tile's Acknowledge button acknowledges without opening the dialog; the dialog's one works too.
+    # The tile's Acknowledge button acknowledges without opening the reading; the reading's one works too.
     page.fill("#user-name", "Nurse Adeyemi")
-    page.click(f"{tile('Bay 2 Bed 2')} button.ack-button")
+    acknowledge(page, f"{tile('Bay 2 Bed 2')} button.ack-button")
     page.wait(f"{tile('Bay 2 Bed 2')}[data-acked=true]")
     assert not page.eval("document.getElementById('detail').open")
     page.click(f"{tile('Bay 2 Bed 1')} .key")
     page.wait(f'#detail[open][data-message-id="{u.message_id}"]')
-    page.click("#detail button.ack-button")
+    acknowledge(page, "#detail button.ack-button", "unsure")
     page.wait(f"{tile('Bay 2 Bed 1')}[data-acked=true]")
     page.wait_true("document.querySelector('#detail .acked')?.textContent.includes('Nurse Adeyemi')")
     page.press("Escape")
@@ -381,11 +382,11 @@ def test_unacknowledged_urgent_results_are_impossible_to_miss(browser: Browser, 
     page.wait(f'#detail[open][data-message-id="{a.message_id}"]')
     page.press("Escape")
     page.fill("#user-name", "Dr Osei")
-    page.click(f"{tile('Bay 4 Bed 6')} button.ack-button")
+    acknowledge(page, f"{tile('Bay 4 Bed 6')} button.ack-button")
     page.wait(f"{banner}[data-count='1']")
     assert page.eval(style.format(sel=tile("Bay 4 Bed 6")))[0] == "none"
     assert page.eval("document.title").startswith("(1) URGENT")
-    page.click(f"{tile('Bay 1 Bed 5')} button.ack-button")
+    acknowledge(page, f"{tile('Bay 1 Bed 5')} button.ack-button")
     page.wait(banner, state="detached")
     assert not page.eval("document.title").startswith("(")
     assert_clean(page)
@@ -614,8 +615,8 @@ def test_text_contrast_meets_wcag_aa(browser: Browser, ward: Ward) -> None:
     page = open_display(browser, ward)
     page.wait_true("document.querySelectorAll('.tile').length === 9")
     page.fill("#user-name", "Sr Patel")
-    page.click(f"{tile('Bay 1 Bed 3')} button.ack-button")
-    page.click(f"{tile('Bay 1 Bed 2')} button.ack-button")
+    acknowledge(page, f"{tile('Bay 1 Bed 3')} button.ack-button", "disagree", "Effusion, not opacity.")
+    acknowledge(page, f"{tile('Bay 1 Bed 2')} button.ack-button")
     page.wait(f"{tile('Bay 1 Bed 3')}[data-acked=true]")
     page.wait(f"{tile('Bay 1 Bed 2')}[data-acked=true]")
     page.click("#sound")
@@ -628,6 +629,18 @@ def test_text_contrast_meets_wcag_aa(browser: Browser, ward: Ward) -> None:
     page.wait(".banner[data-kind=notice]")
     assert_contrast(page, "ward", at_least=60)
     page.fill("#user-name", "Sr Patel")
+
+    # The verdict dialog: sent without a choice (the hint), then a choice and a comment.
+    page.click(f"{tile('Bay 1 Bed 4')} button.ack-button")
+    page.wait("#ack-dialog[open]")
+    page.click("#ack-send")
+    page.wait_true("document.getElementById('ack-hint').textContent !== ''")
+    page.click('#ack-dialog input[name=verdict][value="unsure"]')
+    page.fill("#ack-comment", "Compare with yesterday.")
+    assert_contrast(page, "verdict dialog", at_least=60)
+    page.press("Escape")
+    page.wait("#ack-dialog", state="hidden")
+    assert page.attr(tile("Bay 1 Bed 4"), "data-acked") == "false"  # cancelled: nothing sent
 
     # The detail view of each kind of reading.
     for bed in ("Bay 1 Bed 1", "Bay 1 Bed 3", "Bay 1 Bed 6", "Bay 2 Bed 2"):

@@ -453,3 +453,36 @@ class Mutator:
             path, data = blobs[index % len(blobs)]
             mutation, mutated = self.mutate(data, index)
             yield Case(f"{path.stem[:40]}:{mutation}#{index}", kind_of(data), mutation, mutated)
+
+
+# --- hostile codestreams inside DICOM -------------------------------------------------------------
+
+
+def codestream_lies(data: bytes) -> list[tuple[str, bytes]]:
+    """Encapsulated DICOM whose JPEG 2000 SIZ or JPEG/JPEG-LS SOF declares other dimensions than Rows and
+    Columns: huge (a decoder would allocate them), zero, one row more, three components. The review's
+    case: 1024 x 1024 in the tags, 30000 x 30000 in the codestream. [] when `data` holds no codestream."""
+    siz = data.find(b"\xff\x4f\xff\x51")
+    if siz >= 0:
+        at, fmt = siz + 8, ">II"  # SOC, SIZ marker, Lsiz, Rsiz, then Xsiz, Ysiz (32-bit each)
+        (width, height) = struct.unpack_from(fmt, data, at)
+    else:
+        soi = data.find(b"\xff\xd8\xff")
+        pos = None if soi < 0 else _jpeg_marker(data[soi:], (0xC0, 0xC1, 0xC2, 0xC3, 0xF7))
+        if pos is None:
+            return []
+        at, fmt = soi + pos + 5, ">HH"  # SOFn: Lf, P, then Y (lines), X (samples per line)
+        (height, width) = struct.unpack_from(fmt, data, at)
+    biggest = 0xFFFFFFFF if fmt == ">II" else 0xFFFF
+    variants = {
+        "huge": (30000, 30000),
+        "max": (biggest, biggest),
+        "zero": (0, 0),
+        "one-more-row": (width, height + 1) if fmt == ">II" else (height + 1, width),
+    }
+    out = []
+    for name, values in variants.items():
+        mutated = bytearray(data)
+        mutated[at : at + struct.calcsize(fmt)] = struct.pack(fmt, *values)
+        out.append((f"codestream-{name}", bytes(mutated)))
+    return out

@@ -223,3 +223,34 @@ def test_corrupt_file_meta_length_allocates_nothing_big(corpus: list[Path], tmp_
     finally:
         tracemalloc.stop()
     assert peak < 64e6, f"{peak / 1e6:.0f} MB allocated for a {len(case.data) / 1e3:.0f} kB file"
+
+
+def test_hostile_codestreams_are_refused_before_any_decoder_allocates(
+    corpus: list[Path], tmp_path: Path
+) -> None:
+    """Hardening II, High 3, as a fuzz class: JPEG baseline (the real DICOMs), JPEG 2000 and JPEG-LS
+    DICOMs whose codestream declares other dimensions than the tags (30000 x 30000, the maximum, zero,
+    one row more) are refused from the headers, quickly and without allocating the declared size."""
+    from pydicom.uid import JPEGLSLossless
+
+    from tests.faults.mutate import Case, codestream_lies
+
+    sources = [p for p in corpus if p.suffix == ".dcm"]
+    jls = pydicom.dcmread(next(p for p in corpus if p.name == "derived-explicit16.dcm"))
+    jls.compress(JPEGLSLossless)
+    jls.save_as(tmp_path / "derived-jls.dcm", enforce_file_format=True)
+    sources.append(tmp_path / "derived-jls.dcm")
+    cases = [
+        Case(f"{p.stem[:30]}:{name}", "dicom", name, data)
+        for p in sources
+        for name, data in codestream_lies(p.read_bytes())
+    ]
+    kinds = {c.name.split(":")[0] for c in cases}
+    assert len(kinds) >= 3, kinds  # JPEG baseline, JPEG 2000 and JPEG-LS codestreams at least
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    report = run_fuzz(cases, tmp_path / "run", max_pixels=MAX_PIXELS)
+    assert not report.crashes, "\n".join(f"{c.name}: {c.reason}: {c.detail}" for c in report.crashes)
+    assert report.decoded == 0 and report.rejected == len(cases), report.to_dict()
+    assert set(report.reasons) <= {reasons.IMAGE_TOO_LARGE, reasons.HEADER_MISMATCH, reasons.INVALID_DICOM}
+    assert report.slowest_s < 15, (report.slowest_case, report.slowest_s)
+    assert report.rss_peak_mb - rss_before < 300, (rss_before, report.rss_peak_mb)

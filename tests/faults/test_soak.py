@@ -1,6 +1,7 @@
-"""The soak at CI size (tools/soak.py --quick): 60 real images, 3 broker and 3 daemon SIGKILLs at seeded
-random moments, 20 mutated files through the daemon and 200 through read_image; nothing lost, nothing
-twice, order per bed kept, databases intact, outbox drained, no patient name/ID in any payload."""
+"""The soak at CI size (tools/soak.py --quick): 60 real images (a third of the DICOMs by C-STORE), 3 broker
+and 3 daemon SIGKILLs at seeded random moments, 20 mutated files and the hostile codestreams through the
+daemon (half of the latter by C-STORE) and 200 through read_image; nothing lost, nothing twice, order per
+bed kept, databases intact, outbox drained, no patient name/ID in any payload."""
 
 from __future__ import annotations
 
@@ -26,5 +27,9 @@ def test_quick_soak_loses_nothing(tmp_path: Path) -> None:
     # Every image gave a result; the fuzz files were refused with reasons (or decoded, a few).
     assert report["results"] >= QUICK["images"] and report["quarantined"] >= 1, summary
     assert report["peak_rss_mb"] > 0
+    # The network path: a third of the DICOMs came by C-STORE (through the kills), and no hostile
+    # codestream sent that way was answered Success.
+    assert report["cstore_images"] >= QUICK["images"] // 6, summary
+    assert report["cstore_hostile"] >= 4 and report["cstore_hostile_accepted"] == 0, summary
     assert passed(report), summary
     assert "PASSED" in markdown(report)

@@ -21,7 +21,7 @@ from pydicom.filewriter import write_file_meta_info
 from appliance.ingest import reasons
 from appliance.ingest.spool import Accepted, Duplicate, Rejected, Spool, SpoolFull
 from tests.ingest.conftest import JPEG_BASELINE, NATIVE_DX, copy_to, real
-from tests.support.data import REPO, cxr_data
+from tests.support.data import REPO, cxr_data, real_dicoms
 
 
 def real_images(n: int) -> list[Path]:
@@ -354,3 +354,43 @@ def test_a_resend_after_quarantine_is_analysed_again(tmp_path: Path) -> None:
     done = spool.accept(copy_to(real(NATIVE_DX), watch), "dicom-net")
     assert isinstance(done, Duplicate) and done.image_id == third.image_id
     assert len([p for p in (spool.root / "quarantine").iterdir() if p.suffix == ".dcm"]) == 2
+
+
+def test_image_ids_are_keyed_per_cart_and_dedup_still_holds(tmp_path: Path) -> None:
+    import hashlib
+
+    from appliance.ingest.spool import dedup_key
+
+    source = real_dicoms()[0]
+    ids = []
+    for name, secret in (("a", b"k" * 32), ("b", b"k" * 32), ("c", b"other-cart-secret!")):
+        spool = Spool(tmp_path / name, id_secret=secret)
+        (tmp_path / f"{name}.dcm").write_bytes(source.read_bytes())
+        first = spool.accept(tmp_path / f"{name}.dcm", "inbox")
+        (tmp_path / f"{name}.dcm").write_bytes(source.read_bytes())
+        assert isinstance(spool.accept(tmp_path / f"{name}.dcm", "inbox"), Duplicate)
+        assert isinstance(first, Accepted)
+        ids.append(first.image_id)
+        spool.close()
+    assert ids[0] == ids[1] != ids[2]  # same image, same key: same id; another secret: another id
+    assert ids[0] != hashlib.sha256(dedup_key(source, "dicom").encode()).hexdigest()
+    own = Spool(tmp_path / "d")  # no secret given: a key file of its own, private
+    assert (tmp_path / "d" / "image-id.key").stat().st_mode & 0o077 == 0
+    own.close()
+
+
+def test_symlinks_and_hard_links_are_refused(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    target = tmp_path / "elsewhere.dcm"
+    target.write_bytes(real_dicoms()[0].read_bytes())
+    (inbox / "link.dcm").symlink_to(target)
+    os.link(target, inbox / "hard.dcm")
+    soft = spool.accept(inbox / "link.dcm", "inbox")
+    hard = spool.accept(inbox / "hard.dcm", "inbox")
+    assert isinstance(soft, Rejected) and "symbolic link" in soft.detail
+    assert isinstance(hard, Rejected) and hard.reason == reasons.HARD_LINK
+    assert list((spool.root / "incoming").iterdir()) == []
+    assert target.read_bytes() == real_dicoms()[0].read_bytes()  # the other name's file is untouched
+    spool.close()

@@ -1,0 +1,36 @@
+"""Deleting files past their retention: every folder that holds patient data is bounded in time.
+
+One rule for all of them (docs/deployment.md, "Retention"): a regular file is deleted once its
+modification time is older than the limit. Symlinks and folders are left alone (a link is never
+followed, so nothing outside the folder is ever deleted).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+
+def purge_older(
+    folder: Path, older_than_s: float, *, keep: Callable[[Path], bool] = lambda path: False
+) -> list[Path]:
+    """Delete the regular files directly in `folder` older than `older_than_s`, except those `keep`
+    protects. Returns what was deleted; a missing folder is simply empty."""
+    cutoff = time.time() - older_than_s
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        path = Path(entry.path)
+        with contextlib.suppress(OSError):  # vanished meanwhile, or not ours to delete: next round
+            st = entry.stat(follow_symlinks=False)
+            if stat.S_ISREG(st.st_mode) and st.st_mtime < cutoff and not keep(path):
+                path.unlink()
+                removed.append(path)
+    return removed
