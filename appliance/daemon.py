@@ -1,9 +1,8 @@
-"""The daemon: watcher -> spool -> Analyzer -> journal -> outbox/MQTT -> spool done.
+"""The daemon: wiring, signals, reload, faults and the loop that claims images from the spool.
 
-Order matters for "nothing lost, nothing twice": a result is written to the journal first, then to
-the durable outbox, and only then is the file moved to done/. After a kill -9 at any point the spool
-hands the image back, the journal recognises it, and the same message id is enqueued again (the
-outbox ignores an id it already holds or sent).
+What happens to one image (analyse, priors, journal, outputs, done/quarantine, the error rule) is the
+processor's (appliance/processor.py); the sources (folder watcher, DICOM receiver) hand files to the
+spool; this module connects them and says on the status topic whether the cart accepts images.
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ import signal
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 
@@ -26,15 +24,13 @@ from appliance.dicomout.writer import DicomOutWriter
 from appliance.errors import ApplianceError, BackendUnavailable, InputRejected, UserError
 from appliance.ingest.spool import Rejected, Spool, SpoolFull
 from appliance.ingest.watcher import FolderWatcher
-from appliance.interpret import thumbnail
-from appliance.interpret.sequence_risk import with_sequence_risk
-from appliance.interpret.trend import with_trend
 from appliance.journal import Journal
-from appliance.logs import printable, setup_logging
+from appliance.logs import setup_logging
 from appliance.ops.drift import DriftWatch, observations
 from appliance.ops.metrics import Metrics
 from appliance.overlay import stated_id
 from appliance.pipeline import Analyzer, Job
+from appliance.processor import TEMPORARY, ImageProcessor
 from appliance.pseudonym import image_id_secret
 from appliance.publish import history
 from appliance.publish.mqtt import MqttPublisher
@@ -46,12 +42,6 @@ log = logging.getLogger("appliance.daemon")
 
 HOUSEKEEPING_SECONDS = 600.0
 # Sections bound to open files, sockets or threads at start: a SIGHUP cannot swap them in place.
-# An image that failed this many times (the process died reading it, or a stage raised) is refused
-# instead of retried: a decoder that segfaults, a library bug on one odd file.
-MAX_FAILURES = 3
-# Storage that cannot be written (disk full, I/O error) or a backend that is down (a restarting Triton,
-# GPU out of memory): not the image's fault, so the images wait and the cart says it is degraded.
-TEMPORARY = (OSError, sqlite3.Error, SpoolFull, BackendUnavailable)
 RETRY_SECONDS = 5.0
 RESTART_SECTIONS = ("ingest", "mqtt", "journal", "privacy", "dicom_net", "dicom_out", "metrics")
 
@@ -67,7 +57,6 @@ class Daemon:
         # Each cause is set and cleared by its own check, so one cannot clear another's.
         self._faults: dict[str, str] = {}
         self._state_lock = threading.Lock()  # faults change from the watcher thread and the loop
-        self.processed = 0
         self.metrics = Metrics(config)  # in memory from the start; served once _start has run
         self.drift = DriftWatch(config.drift, None)  # the model's reference arrives with it in _start
 
@@ -160,6 +149,15 @@ class Daemon:
             self.receiver = DicomReceiver.from_config(
                 self.config, self.spool, on_accepted=self.wake.set, accepting=lambda: self.accepting
             ).start()
+        self.processor = ImageProcessor(
+            self.spool,
+            self.journal,
+            self.analyzer,
+            publisher=self.publisher,
+            dicom_out=self.dicom_out,
+            on_finished=self._finished,
+            log_skipped_thumbnails=self.config.mqtt.publish_thumbnail,
+        )
         self.metrics.start(self.spool, self.publisher, self.analyzer)
 
     def _shutdown(self) -> None:
@@ -178,7 +176,7 @@ class Daemon:
         self.analyzer.backend.close()
         self.journal.close()
         self.spool.close()
-        log.info("stopped after %d image(s)", self.processed)
+        log.info("stopped after %d image(s)", self.processor.processed)
 
     def reload(self) -> None:
         """SIGHUP: re-read the config without dropping queued work (it stays in the spool).
@@ -222,7 +220,7 @@ class Daemon:
                 log.error("SIGHUP: new model not loaded, keeping %s: %s", self.analyzer.manifest.name, exc)
                 return
             self.analyzer.backend.close()
-            self.analyzer = analyzer
+            self.analyzer = self.processor.analyzer = analyzer
             self.metrics.model(analyzer)
             overlay = analyzer.provenance.site_overlay
             log.info(
@@ -363,7 +361,9 @@ class Daemon:
                         self.spool.release(item.image_id)
                 items = [suspect]
             try:
-                self.process([Job(path=i.path, image_id=i.image_id, source=i.source) for i in items])
+                self.processor.process(
+                    [Job(path=i.path, image_id=i.image_id, source=i.source) for i in items]
+                )
             except TEMPORARY as exc:
                 kind = "backend" if isinstance(exc, BackendUnavailable) else "storage"
                 log.error(
@@ -397,114 +397,6 @@ class Daemon:
                 scrubbed,
             )
 
-    def process(self, jobs: list[Job]) -> None:
-        """One error rule for every stage: a temporary problem (storage, backend) is raised to the loop,
-        which keeps the images and sets a fault; any other exception counts against the one image it
-        happened on, which is tried again until MAX_FAILURES and then quarantined with the reason."""
-        fresh = []
-        for job in jobs:
-            if self.spool.crashes(job.image_id) >= MAX_FAILURES:
-                self._give_up(job)
-                continue
-            with self._counted(job, "hand-off"):
-                earlier = self._journaled(job)
-                if earlier is not None:  # crashed after the journal write: finish the hand-off only
-                    self._hand_off(job, earlier)
-                else:
-                    fresh.append(job)
-        for job, outcome in self._analyze(fresh):
-            if isinstance(outcome, Result):
-                with self._counted(job, "journal/hand-off"):
-                    self._finish(job, outcome)
-            else:
-                self._count_failure(job, "analysis", outcome)
-
-    def _journaled(self, job: Job) -> Result | None:
-        try:
-            return self.journal.result_for(job.image_id)
-        except ValueError:  # a row written by an older payload version: analyse the image again
-            log.exception("%s: stored result unreadable; analysing again", job.path.name)
-            return None
-
-    @contextlib.contextmanager
-    def _counted(self, job: Job, stage: str) -> Iterator[None]:
-        try:
-            yield
-        except TEMPORARY:
-            raise
-        except Exception as exc:
-            self._count_failure(job, stage, exc)
-
-    def _count_failure(self, job: Job, stage: str, exc: BaseException) -> None:
-        detail = printable(f"{stage}: {type(exc).__name__}: {exc}")[:300]
-        log.error("%s: %s", job.path.name, detail, exc_info=exc)
-        count = self.spool.record_failure(job.image_id, detail)
-        if count >= MAX_FAILURES:
-            self._give_up(job)
-        else:
-            log.warning("%s: failed %d of %d times; tried again", job.path.name, count, MAX_FAILURES)
-
-    def _give_up(self, job: Job) -> None:
-        """The image failed MAX_FAILURES times: the ward is told, the file goes to quarantine with why.
-        Its journal row (if any) stays: it is the record of what was read before the failure."""
-        last = self.spool.last_failure(job.image_id)
-        if last is None:
-            reason = "crashed the reader"
-            detail = f"the appliance stopped {MAX_FAILURES} times while reading {job.path.name}"
-        else:
-            reason, detail = "internal error", f"failed {MAX_FAILURES} times; last: {last}"
-        result = self.analyzer.failed(job, reason, detail)
-        try:
-            self.journal.record_result(result)
-            if self.publisher is not None:
-                self.publisher.publish_result(result)
-        except TEMPORARY:
-            raise
-        except Exception:  # the error result cannot be sent: the quarantine reason still says why
-            log.exception("%s: could not report the refusal", job.path.name)
-        self.spool.quarantine(job.image_id, reason, detail)
-        self.metrics.finished(result)
-
-    def _analyze(self, jobs: list[Job]) -> list[tuple[Job, Result | Exception]]:
-        """A bug or an unexpected library error on one image must not stop the cart: the batch is
-        retried image by image so the exception is counted against the image that raised it."""
-        try:
-            return list(zip(jobs, self.analyzer.analyze(jobs), strict=True))
-        except TEMPORARY:
-            raise  # not this image's fault: the loop keeps the batch and retries
-        except Exception as exc:
-            if len(jobs) == 1:
-                return [(jobs[0], exc)]
-            log.exception("internal error in a batch of %d; analysing its images one by one", len(jobs))
-            pairs: list[tuple[Job, Result | Exception]] = []
-            for job in jobs:
-                pairs += self._analyze([Job(path=job.path, image_id=job.image_id, source=job.source)])
-            return pairs
-
-    def _finish(self, job: Job, result: Result) -> None:
-        """Journal first, then the outbox, then the spool: each step repeatable after a crash."""
-        started = time.perf_counter()
-        result = self._add_trend(result)
-        self.journal.record_result(result)
-        result.timings_ms["journal"] = round((time.perf_counter() - started) * 1000.0, 2)
-        self._hand_off(job, result)
-        self.processed += 1
-        self.metrics.finished(result)
-        self._observe_drift(result, job)
-        log.info(
-            "%s %s %s",
-            job.path.name,
-            result.status,
-            result.triage or result.reason or "",
-            extra={
-                "fields": {
-                    "image_id": job.image_id[:12],
-                    "location": result.location,
-                    **result.timings_ms,
-                }
-            },
-        )
-
     def _rebuild_drift(self) -> None:
         """A fresh watch for the current model and drift config, its windows refilled from the journal
         (results of this very model file only: another model's scores are not comparable)."""
@@ -532,6 +424,11 @@ class Daemon:
             )
         self.metrics.drift(self.drift)
 
+    def _finished(self, job: Job, result: Result, analysed: bool) -> None:
+        self.metrics.finished(result)
+        if analysed:
+            self._observe_drift(result, job)
+
     def _observe_drift(self, result: Result, job: Job) -> None:
         """A warning, never a fault: the set of drifted quantities goes to the log, status and metrics."""
         if not self.drift.active:
@@ -544,39 +441,3 @@ class Daemon:
             else:
                 log.info("drift cleared: recent images match validation again")
             self._publish_status()
-
-    def _add_trend(self, result: Result) -> Result:
-        if result.status != "ok" or not result.patient_key:
-            return result
-        try:
-            priors = self.journal.priors(
-                result.patient_key, result.image.acquired_at or result.created_at, limit=1
-            )
-            if not priors:
-                return result
-            # The manifest's sequence model (when enabled) replaces the single-image risk; the trend
-            # then reports the risk the ward sees.
-            result = with_sequence_risk(result, priors[-1], self.analyzer.manifest.sequence_risk)
-            return with_trend(result, priors[-1])
-        except (sqlite3.Error, ValueError):  # e.g. a prior stored by an older payload version
-            log.exception("%s: trend skipped (the prior could not be read)", result.image.image_id[:12])
-            return result
-
-    def _publish_thumbnail(self, job: Job, result: Result) -> None:
-        assert self.publisher is not None
-        reading = job.reading  # None after a crash (the result came from the journal): no picture
-        image = reading.thumbnail if reading is not None else None
-        if reading is not None and reading.thumbnail_skipped and self.config.mqtt.publish_thumbnail:
-            log.info("%s: no thumbnail: %s", job.path.name, reading.thumbnail_skipped)
-        self.publisher.publish_thumbnail(result, thumbnail.payload(result, image) if image else None)
-
-    def _hand_off(self, job: Job, result: Result) -> None:
-        if self.publisher is not None:
-            self.publisher.publish_result(result)
-            self._publish_thumbnail(job, result)
-        if self.dicom_out is not None:  # after publishing: the ward hears first, the PACS second
-            self.dicom_out.write_safely(result, job.path)
-        if result.status == "error":
-            self.spool.quarantine(job.image_id, result.reason or "error", result.text)
-        else:
-            self.spool.mark_done(job.image_id)

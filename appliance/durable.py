@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import threading
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -20,29 +20,44 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _atomically(dest: Path, fill: Callable[[BinaryIO], object]) -> Path:
-    """dest appears whole or not at all (temp file, fsync, rename, fsync of the folder)."""
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{threading.get_ident()}.part")
+def _atomically(
+    dest: Path, fill: Callable[[BinaryIO], object], *, tmp_dir: Path | None = None, mode: int | None = None
+) -> Path:
+    """dest appears whole or not at all (temp file, fsync, rename, fsync of the folder).
+
+    tmp_dir: where the temp file lives (same filesystem as dest; default dest's folder), for owners
+    that clean their own leftovers after a crash. mode: the temp file's mode, set before a byte is
+    written, so the data is never readable by more than the final file will be."""
+    fd, tmp = tempfile.mkstemp(dir=tmp_dir or dest.parent, prefix=f".{dest.name}.", suffix=".part")
     try:
-        with open(tmp, "wb") as fh:
+        if mode is not None:
+            os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as fh:
             fill(fh)
             fh.flush()
             os.fsync(fh.fileno())
-        os.rename(tmp, dest)
+        os.replace(tmp, dest)
     except BaseException:
         with contextlib.suppress(OSError):
-            tmp.unlink()
+            os.unlink(tmp)
         raise
     fsync_dir(dest.parent)
     return dest
 
 
-def write_atomically(dest: Path, data: bytes) -> Path:
+def write_atomically(
+    dest: Path, data: bytes, *, tmp_dir: Path | None = None, mode: int | None = None
+) -> Path:
     """dest appears whole or not at all, and survives a power cut once this returns."""
-    return _atomically(dest, lambda fh: fh.write(data))
+    return _atomically(dest, lambda fh: fh.write(data), tmp_dir=tmp_dir, mode=mode)
 
 
-def copy_atomically(src: Path, dest: Path, *, chunk: int = 1 << 20) -> Path:
-    """write_atomically from a file, a chunk at a time: a 500 MB instance never sits in memory."""
+def copy_atomically(
+    src: Path | BinaryIO, dest: Path, *, tmp_dir: Path | None = None, chunk: int = 1 << 20
+) -> Path:
+    """write_atomically from a file (a path, or one the caller opened, e.g. with O_NOFOLLOW), a chunk at
+    a time: a 500 MB instance never sits in memory."""
+    if not isinstance(src, Path):
+        return _atomically(dest, lambda fout: shutil.copyfileobj(src, fout, chunk), tmp_dir=tmp_dir)
     with open(src, "rb") as fin:
-        return _atomically(dest, lambda fout: shutil.copyfileobj(fin, fout, chunk))
+        return _atomically(dest, lambda fout: shutil.copyfileobj(fin, fout, chunk), tmp_dir=tmp_dir)

@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from appliance.durable import write_atomically
 from appliance.errors import BackendUnavailable
 from appliance.manifest import sha256_file
 
@@ -140,18 +139,9 @@ def utc_now() -> str:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    # Write-then-rename: a power cut during a build never leaves a half engine under the final name.
+    # A power cut during a build never leaves a half engine under the final name.
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, data)
 
 
 def store_engine(

@@ -208,11 +208,33 @@ def download(target: Target, reqs: Sequence[str], dest: Path) -> None:
     )  # fmt: skip
 
 
+LOCK = REPO / "requirements" / "runtime.lock"
+
+
+def locked_for(target: Target, lock: Path = LOCK) -> list[str]:
+    """The lock's pins (with their hashes) whose markers hold on the target: what the cart must get."""
+    joined = lock.read_text().replace("\\\n", " ")
+    lines = []
+    for line in joined.splitlines():
+        line = line.split(" #", 1)[0].strip()
+        if not line or line.startswith("#"):
+            continue
+        spec, _, hashes = line.partition(" --hash")
+        req = Requirement(spec.strip())
+        if req.marker is None or req.marker.evaluate(target.environment()):
+            lines.append(f"{req.name}{req.specifier} --hash{hashes}")
+    return lines
+
+
 def wheels_for(target: Target, project_wheel: Path, dest: Path) -> list[dict[str, str]]:
     dest.mkdir(parents=True)
     shutil.copy2(project_wheel, dest / project_wheel.name)
-    # The dependencies by name, never the project: a same-named package on PyPI must not be fetched.
-    download(target, [str(r) for r in requirements(project_wheel)], dest)
+    # Exactly the locked versions, hashes checked by pip: the cart gets what was tested. By name, never
+    # the project: a same-named package on PyPI must not be fetched.
+    pinned = dest.parent / f"{target.name}.lock.txt"
+    pinned.write_text("\n".join(locked_for(target)) + "\n")
+    download(target, ["--require-hashes", "--no-deps", "-r", str(pinned)], dest)
+    pinned.unlink()
     for _ in range(3):  # add what pip left out because it judged markers by this interpreter
         missing = missing_requirements(dest, target)
         if not missing:

@@ -16,7 +16,6 @@ import hmac
 import json
 import logging
 import os
-import shutil
 import sqlite3
 import stat
 import struct
@@ -30,7 +29,7 @@ from typing import BinaryIO
 
 import pydicom
 
-from appliance.durable import fsync_dir
+from appliance.durable import copy_atomically, fsync_dir, write_atomically
 from appliance.errors import ApplianceError, InputRejected
 from appliance.ingest import reasons, sniff
 from appliance.ingest.bounded import BoundedFile
@@ -230,36 +229,22 @@ class Spool:
             except OSError as exc:
                 if exc.errno != errno.EXDEV:
                     raise
-        tmp = self._dir("tmp") / f"{dest.name}.{os.getpid()}.{threading.get_ident()}.part"
-        try:
-            with _open_nofollow(src) as fin, open(tmp, "wb") as fout:
-                shutil.copyfileobj(fin, fout, _COPY_CHUNK)
-                fout.flush()
-                os.fsync(fout.fileno())
-            os.rename(tmp, dest)
-            fsync_dir(dest.parent)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            if exc.errno == errno.ENOSPC:
-                raise SpoolFull(f"spool {self.root}: disk full while copying {src.name} (ENOSPC)") from exc
-            raise
+        with self._disk_full_is_spool_full(f"copying {src.name}"), _open_nofollow(src) as fin:
+            copy_atomically(fin, dest, tmp_dir=self._dir("tmp"), chunk=_COPY_CHUNK)
         return False
 
-    def _write_json(self, dest: Path, data: dict[str, str]) -> None:
-        tmp = self._dir("tmp") / f"{dest.name}.{threading.get_ident()}.part"
+    @contextlib.contextmanager
+    def _disk_full_is_spool_full(self, doing: str) -> Iterator[None]:
         try:
-            with open(tmp, "w", encoding="utf-8") as fh:
-                json.dump(data, fh, indent=1)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.rename(tmp, dest)
+            yield
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
             if exc.errno == errno.ENOSPC:
-                raise SpoolFull(f"spool {self.root}: disk full writing {dest.name} (ENOSPC)") from exc
+                raise SpoolFull(f"spool {self.root}: disk full {doing} (ENOSPC)") from exc
             raise
+
+    def _write_json(self, dest: Path, data: dict[str, str]) -> None:
+        with self._disk_full_is_spool_full(f"writing {dest.name}"):
+            write_atomically(dest, json.dumps(data, indent=1).encode(), tmp_dir=self._dir("tmp"))
 
     # -- accepting -----------------------------------------------------------------------------
     def accept(self, path: Path, source: str, *, move: bool = True) -> Accepted | Duplicate | Rejected:
@@ -516,13 +501,7 @@ class Spool:
         # undecodable bytes of a name must not make the UTF-8 write fail.
         reason, detail, source, original = map(printable, (reason, detail, source, original))
         text = f"reason: {reason}\ndetail: {detail}\nsource: {source}\noriginal: {original}\ntime: {_now()}\n"
-        reason_path = dest.with_name(dest.name + ".reason.txt")
-        tmp = self._dir("tmp") / (reason_path.name + ".part")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.rename(tmp, reason_path)
+        write_atomically(dest.with_name(dest.name + ".reason.txt"), text.encode(), tmp_dir=self._dir("tmp"))
 
     # -- start-up and housekeeping -------------------------------------------------------------
     def recover(self) -> int:

@@ -54,6 +54,8 @@ STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2
 # From acceptance to hand-off: seconds when idle, minutes behind a backlog or after an outage.
 END_TO_END_BUCKETS = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0, 3600.0)
 THERMAL_ROOT = Path("/sys/class/thermal")
+# Jetson GPU (and on some modules NVDLA/EMC) clocks: the kernel's devfreq devices, cur_freq in Hz.
+DEVFREQ_ROOT = Path("/sys/class/devfreq")
 REQUEST_TIMEOUT_SECONDS = 10.0
 REALM = "cxr-appliance metrics"
 
@@ -63,9 +65,12 @@ WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 class Metrics:
     """Everything the daemon exports, in a registry of its own (never prometheus_client's global one)."""
 
-    def __init__(self, config: AppConfig, *, thermal_root: Path = THERMAL_ROOT) -> None:
+    def __init__(
+        self, config: AppConfig, *, thermal_root: Path = THERMAL_ROOT, devfreq_root: Path = DEVFREQ_ROOT
+    ) -> None:
         self.config: MetricsConfig = config.metrics
         self.thermal_root = thermal_root
+        self.devfreq_root = devfreq_root
         self.registry = CollectorRegistry()
         self.spool: Spool | None = None
         self.publisher: MqttPublisher | None = None
@@ -328,9 +333,25 @@ class _StateCollector:
                 "1 while connected to the broker, else 0.",
                 value=int(publisher.connected),
             )
-        temperatures = self._temperatures()
-        if temperatures.samples:
-            yield temperatures
+        for family in (self._temperatures(), self._clocks()):
+            if family.samples:  # absent, not zero, where the machine has no such sensor
+                yield family
+
+    def _clocks(self) -> GaugeMetricFamily:
+        """/sys/class/devfreq (a Jetson's GPU clock, throttled when hot); unreadable devices are skipped."""
+        family = GaugeMetricFamily(
+            "cxr_devfreq_clock_hertz",
+            "Current clock of each readable devfreq device (on a Jetson: the GPU).",
+            labels=["device"],
+        )
+        with contextlib.suppress(OSError):
+            for device in sorted(self.metrics.devfreq_root.iterdir()):
+                try:
+                    hertz = int((device / "cur_freq").read_text().strip())
+                except (OSError, ValueError):
+                    continue
+                family.add_metric([device.name], float(hertz))
+        return family
 
     def _temperatures(self) -> GaugeMetricFamily:
         """/sys/class/thermal (a Jetson's CPU/GPU/SoC sensors); zones that cannot be read are skipped."""

@@ -93,11 +93,12 @@ def test_outbox_stays_within_its_bound_during_a_long_outage(
         assert wait_until(lambda: len(daemon.spool_files("done")) == count, 120), daemon.log()[-2000:]
         db = sqlite3.connect(outbox)
         pending = db.execute("SELECT COUNT(*) FROM outbox WHERE state = 'pending'").fetchone()[0]
-        dropped = dict(
-            db.execute(
-                "SELECT topic LIKE '%/latest/%', COUNT(*) FROM outbox WHERE state = 'dropped' GROUP BY 1"
-            )
+        kind = (
+            "CASE WHEN topic LIKE '%/result' THEN 'result' WHEN topic LIKE '%/latest/%' THEN 'latest'"
+            " WHEN topic LIKE '%/thumbnail/%' THEN 'thumbnail' END"
         )
+        dropped = dict(db.execute(f"SELECT {kind}, COUNT(*) FROM outbox WHERE state = 'dropped' GROUP BY 1"))
+        thumbnails = db.execute("SELECT COUNT(*) FROM outbox WHERE topic LIKE '%/thumbnail/%'").fetchone()[0]
         order = [
             r[0] for r in db.execute("SELECT message_id FROM outbox WHERE topic LIKE '%/result' ORDER BY id")
         ]
@@ -109,10 +110,14 @@ def test_outbox_stays_within_its_bound_during_a_long_outage(
         }
         db.close()
         assert pending == bound
-        # Policy: the 109 superseded `latest` rows go first, then the 11 oldest unsent results.
-        assert dropped == {1: count - 1, 0: 2 * count - bound - (count - 1)}, dropped
-        assert kept_results == set(order[2 * count - bound - (count - 1) :])
-        assert daemon.log().count("OUTBOX FULL") == 2 * count - bound
+        # Policy: the superseded retained rows go first (109 `latest/<bed>`, and every thumbnail/<bed> but
+        # the newest), then the oldest unsent results.
+        rows = 2 * count + thumbnails
+        results_dropped = rows - bound - (count - 1) - (thumbnails - 1)
+        assert thumbnails == count  # one per image read (the bed's picture, or an empty one to clear it)
+        assert dropped == {"latest": count - 1, "thumbnail": thumbnails - 1, "result": results_dropped}, dropped
+        assert kept_results == set(order[results_dropped:])
+        assert daemon.log().count("OUTBOX FULL") == rows - bound
         broker.start()
         got = wait_results(sub, len(kept_results), timeout=60)
         wait_until(lambda: False, 1.5)

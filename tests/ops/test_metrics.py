@@ -33,7 +33,7 @@ from tests.support.mosquitto import Broker, Subscriber, free_port
 REPO = Path(__file__).resolve().parents[2]
 DOCS = REPO / "docs"
 # Exported only where the machine has the sensors (a Jetson; not this test machine, perhaps).
-OPTIONAL = {"cxr_thermal_zone_temperature_celsius"}
+OPTIONAL = {"cxr_thermal_zone_temperature_celsius", "cxr_devfreq_clock_hertz"}
 
 Samples = dict[str, list[tuple[dict[str, str], float]]]
 
@@ -234,3 +234,16 @@ def test_the_dashboard_and_alert_rules_parse() -> None:
     rules = yaml.safe_load((DOCS / "prometheus-alerts.yml").read_text(encoding="utf-8"))
     alerts = {rule["alert"] for group in rules["groups"] for rule in group["rules"]}
     assert {"CxrCartDown", "CxrBacklogGrowing", "CxrOutboxStuck"} <= alerts
+
+
+def test_readable_devfreq_clocks_are_exported_and_the_rest_skipped(tmp_path: Path) -> None:
+    gpu = tmp_path / "17000000.ga10b"
+    gpu.mkdir()
+    (gpu / "cur_freq").write_text("306000000\n")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "cur_freq").write_text("n/a\n")
+    metrics = Metrics(AppConfig(), thermal_root=tmp_path / "none", devfreq_root=tmp_path)
+    found = samples(generate_latest(metrics.registry).decode())
+    assert found["cxr_devfreq_clock_hertz"] == [({"device": "17000000.ga10b"}, 306e6)]
+    without = Metrics(AppConfig(), devfreq_root=tmp_path / "absent")
+    assert "cxr_devfreq_clock_hertz" not in generate_latest(without.registry).decode()

@@ -1,0 +1,187 @@
+"""The processor: one image's life from the spool to done/ or quarantine/, under one error rule.
+
+claim (the daemon's loop) -> analyse -> enrich with the patient's priors -> journal -> outputs (MQTT
+result and thumbnail, DICOM SR/SC) -> done/. Order matters for "nothing lost, nothing twice": the
+journal is written first, then the durable outbox, and only then is the file moved. After a kill -9 at
+any point the spool hands the image back, the journal recognises it and the same message id is
+enqueued again (the outbox ignores an id it already holds or sent).
+
+The error rule, the same on every path: a temporary problem (storage that cannot be written, a backend
+that is down) is raised to the loop, which keeps the images and marks the cart degraded; any other
+exception counts against the one image it happened on, which is tried again until MAX_FAILURES and
+then quarantined with the reason. The process dying while an image is in processing/ counts the same
+way (the spool's recovery counts it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+
+from appliance.dicomout.writer import DicomOutWriter
+from appliance.errors import BackendUnavailable
+from appliance.ingest.spool import Spool, SpoolFull
+from appliance.interpret import thumbnail
+from appliance.interpret.priors import with_priors
+from appliance.journal import Journal
+from appliance.logs import printable
+from appliance.pipeline import Analyzer, Job
+from appliance.publish.mqtt import MqttPublisher
+from appliance.result import Result
+
+log = logging.getLogger("appliance.processor")
+
+# An image that failed this many times (the process died reading it, or a stage raised) is refused
+# instead of retried: a decoder that segfaults, a library bug on one odd file.
+MAX_FAILURES = 3
+# Storage that cannot be written (disk full, I/O error) or a backend that is down (a restarting Triton,
+# GPU out of memory): not the image's fault, so the images wait and the cart says it is degraded.
+TEMPORARY = (OSError, sqlite3.Error, SpoolFull, BackendUnavailable)
+
+# Told about every image that ended: (job, result, analysed). analysed is False for a refusal after
+# MAX_FAILURES (no reading to learn from, e.g. for the drift watch).
+Finished = Callable[[Job, Result, bool], None]
+
+
+class ImageProcessor:
+    def __init__(
+        self,
+        spool: Spool,
+        journal: Journal,
+        analyzer: Analyzer,
+        *,
+        publisher: MqttPublisher | None,
+        dicom_out: DicomOutWriter | None,
+        on_finished: Finished,
+        log_skipped_thumbnails: bool = True,
+    ) -> None:
+        self.spool = spool
+        self.journal = journal
+        self.analyzer = analyzer  # replaced by the daemon when a reload brings another model
+        self.publisher = publisher
+        self.dicom_out = dicom_out
+        self.on_finished = on_finished
+        self.log_skipped_thumbnails = log_skipped_thumbnails
+        self.processed = 0
+
+    def process(self, jobs: list[Job]) -> None:
+        fresh = []
+        for job in jobs:
+            if self.spool.crashes(job.image_id) >= MAX_FAILURES:
+                self._give_up(job)
+                continue
+            with self._counted(job, "hand-off"):
+                earlier = self._journaled(job)
+                if earlier is not None:  # crashed after the journal write: finish the hand-off only
+                    self._hand_off(job, earlier)
+                else:
+                    fresh.append(job)
+        for job, outcome in self._analyze(fresh):
+            if isinstance(outcome, Result):
+                with self._counted(job, "journal/hand-off"):
+                    self._finish(job, outcome)
+            else:
+                self._count_failure(job, "analysis", outcome)
+
+    def _journaled(self, job: Job) -> Result | None:
+        try:
+            return self.journal.result_for(job.image_id)
+        except ValueError:  # a row written by an older payload version: analyse the image again
+            log.exception("%s: stored result unreadable; analysing again", job.path.name)
+            return None
+
+    @contextlib.contextmanager
+    def _counted(self, job: Job, stage: str) -> Iterator[None]:
+        try:
+            yield
+        except TEMPORARY:
+            raise
+        except Exception as exc:
+            self._count_failure(job, stage, exc)
+
+    def _count_failure(self, job: Job, stage: str, exc: BaseException) -> None:
+        detail = printable(f"{stage}: {type(exc).__name__}: {exc}")[:300]
+        log.error("%s: %s", job.path.name, detail, exc_info=exc)
+        count = self.spool.record_failure(job.image_id, detail)
+        if count >= MAX_FAILURES:
+            self._give_up(job)
+        else:
+            log.warning("%s: failed %d of %d times; tried again", job.path.name, count, MAX_FAILURES)
+
+    def _give_up(self, job: Job) -> None:
+        """The image failed MAX_FAILURES times: the ward is told, the file goes to quarantine with why.
+        Its journal row (if any) stays: it is the record of what was read before the failure."""
+        last = self.spool.last_failure(job.image_id)
+        if last is None:
+            reason = "crashed the reader"
+            detail = f"the appliance stopped {MAX_FAILURES} times while reading {job.path.name}"
+        else:
+            reason, detail = "internal error", f"failed {MAX_FAILURES} times; last: {last}"
+        result = self.analyzer.failed(job, reason, detail)
+        try:
+            self.journal.record_result(result)
+            if self.publisher is not None:
+                self.publisher.publish_result(result)
+        except TEMPORARY:
+            raise
+        except Exception:  # the error result cannot be sent: the quarantine reason still says why
+            log.exception("%s: could not report the refusal", job.path.name)
+        self.spool.quarantine(job.image_id, reason, detail)
+        self.on_finished(job, result, False)
+
+    def _analyze(self, jobs: list[Job]) -> list[tuple[Job, Result | Exception]]:
+        """A bug or an unexpected library error on one image must not stop the cart: the batch is
+        retried image by image so the exception is counted against the image that raised it."""
+        try:
+            return list(zip(jobs, self.analyzer.analyze(jobs), strict=True))
+        except TEMPORARY:
+            raise  # not this image's fault: the loop keeps the batch and retries
+        except Exception as exc:
+            if len(jobs) == 1:
+                return [(jobs[0], exc)]
+            log.exception("internal error in a batch of %d; analysing its images one by one", len(jobs))
+            pairs: list[tuple[Job, Result | Exception]] = []
+            for job in jobs:
+                pairs += self._analyze([Job(path=job.path, image_id=job.image_id, source=job.source)])
+            return pairs
+
+    def _finish(self, job: Job, result: Result) -> None:
+        """Journal first, then the outbox, then the spool: each step repeatable after a crash."""
+        started = time.perf_counter()
+        result = with_priors(result, self.journal, self.analyzer.manifest.sequence_risk)
+        self.journal.record_result(result)
+        result.timings_ms["journal"] = round((time.perf_counter() - started) * 1000.0, 2)
+        self._hand_off(job, result)
+        self.processed += 1
+        self.on_finished(job, result, True)
+        log.info(
+            "%s %s %s",
+            job.path.name,
+            result.status,
+            result.triage or result.reason or "",
+            extra={
+                "fields": {"image_id": job.image_id[:12], "location": result.location, **result.timings_ms}
+            },
+        )
+
+    def _publish_thumbnail(self, job: Job, result: Result) -> None:
+        assert self.publisher is not None
+        reading = job.reading  # None after a crash (the result came from the journal): no picture
+        image = reading.thumbnail if reading is not None else None
+        if reading is not None and reading.thumbnail_skipped and self.log_skipped_thumbnails:
+            log.info("%s: no thumbnail: %s", job.path.name, reading.thumbnail_skipped)
+        self.publisher.publish_thumbnail(result, thumbnail.payload(result, image) if image else None)
+
+    def _hand_off(self, job: Job, result: Result) -> None:
+        if self.publisher is not None:
+            self.publisher.publish_result(result)
+            self._publish_thumbnail(job, result)
+        if self.dicom_out is not None:  # after publishing: the ward hears first, the PACS second
+            self.dicom_out.write_safely(result, job.path)
+        if result.status == "error":
+            self.spool.quarantine(job.image_id, result.reason or "error", result.text)
+        else:
+            self.spool.mark_done(job.image_id)
