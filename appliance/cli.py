@@ -154,6 +154,7 @@ def cmd_display(args: argparse.Namespace) -> int:
         # it must be the display account (read results, write acks only), never the cart's.
         password=password.get_secret_value() if password else None,
         display_name=display.name,
+        allowed_hosts=display.allowed_hosts,
     )
     return 0
 

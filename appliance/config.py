@@ -144,6 +144,14 @@ class MqttConfig(Section):
         100_000, ge=100, description="Outbox bound; beyond it the oldest unsent result is dropped and logged."
     )
     reconnect_max_seconds: float = Field(30.0, gt=0)
+    heartbeat_seconds: float = Field(
+        30.0,
+        ge=5,
+        le=3600,
+        description="The retained status is sent again this often even when nothing changed: a display"
+        " shows a cart as not reporting after three missed heartbeats (a hung cart or a cut network that"
+        " the broker's last will has not noticed yet).",
+    )
     publish_heatmap: bool = Field(True, description="Include the heatmap PNG (a few kB) in the result.")
     publish_thumbnail: bool = Field(
         True,
@@ -208,6 +216,11 @@ class DisplayConfig(Section):
     )
     password_file: Path | None = Field(
         None, description="Password of the display account (served to the page)."
+    )
+    allowed_hosts: list[str] | None = Field(
+        None,
+        description="Host names the ward page is served under (e.g. the monitor's URL name); requests"
+        " naming another host get 421 (DNS rebinding). None: loopback, this machine's names and `host`.",
     )
 
     def password(self) -> SecretStr | None:

@@ -61,6 +61,13 @@ class InputSpec(Strict):
     )
     intensity: Intensity = Field(default_factory=Intensity)
 
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """One image's tensor shape without the batch axis, in this input's layout."""
+        if self.layout == "NCHW":
+            return (self.channels, self.height, self.width)
+        return (self.height, self.width, self.channels)
+
     @model_validator(mode="after")
     def _channels_match_normalisation(self) -> InputSpec:
         for field in ("mean", "std"):

@@ -194,6 +194,13 @@ class DeviceStatus(Payload):
         description="Monitored outputs whose recent distribution has drifted from the model's validation"
         " patients (PSI above drift.psi_threshold, docs/drift.md). A warning: the cart still reads.",
     )
+    heartbeat_at: str | None = Field(
+        None,
+        description="When the cart sent this status (ISO 8601); it is sent again every heartbeat_seconds.",
+    )
+    heartbeat_seconds: float | None = Field(
+        None, description="How often the cart repeats its status; three missed heartbeats = not reporting."
+    )
     disclaimer: Literal["Not for diagnostic use"] = NOT_FOR_DIAGNOSTIC_USE
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)

@@ -68,7 +68,7 @@ trap cleanup EXIT
 
 [[ "$SITE" =~ ^[A-Za-z0-9_-]+$ ]] || die "--site '$SITE': use letters, digits, '-' and '_' only"
 [[ "$DEVICE_ID" =~ ^[A-Za-z0-9_-]+$ ]] || die "--device-id '$DEVICE_ID': use letters, digits, '-' and '_' only"
-[[ "$DEVICE_ID" != "display" ]] || die "--device-id 'display' is reserved for the display account"
+[[ "$DEVICE_ID" != display* ]] || die "--device-id '$DEVICE_ID': names starting with 'display' are reserved for display accounts"
 
 if [[ -n "$ROOT" ]]; then
   mkdir -p "$ROOT"
@@ -91,8 +91,8 @@ UNITS="$ROOT/etc/systemd/system"
 UDEV="$ROOT/etc/udev/rules.d"
 SYSUSERS="$ROOT/etc/sysusers.d"
 
-for tool in openssl mosquitto_passwd; do
-  command -v "$tool" >/dev/null || die "$tool not found: apt-get install openssl mosquitto mosquitto-clients"
+for tool in openssl; do  # broker password hashes are written by the appliance itself (no argv)
+  command -v "$tool" >/dev/null || die "$tool not found: apt-get install openssl mosquitto"
 done
 
 # --- 0. an offline bundle: check every file, then install from it as from a checkout ----------
@@ -207,6 +207,7 @@ if [[ "$(cd "$PREFIX" && pwd)" != "$REPO" ]]; then
   # Source, model folders and tools; never the developer's venv, caches or git history.
   tar -C "$REPO" --exclude=./.git --exclude=./.venv --exclude='__pycache__' --exclude=./.mypy_cache \
       --exclude=./.pytest_cache --exclude=./.ruff_cache --exclude='*.egg-info' --exclude=./build \
+      --exclude='./engines/*/cache' --exclude='./engines/*/checkpoints' --exclude=./dist --exclude=./var \
       ${COPY_EXCLUDES[@]+"${COPY_EXCLUDES[@]}"} -cf - . \
     | tar -C "$PREFIX" -xf -
 fi
@@ -224,8 +225,12 @@ if [[ $SKIP_VENV -eq 0 ]]; then
     "$PREFIX/.venv/bin/pip" install --quiet --disable-pip-version-check --no-index --find-links "$WHEELS" \
       --ignore-installed $PIP_ARGS -r "$WHEELS/requirements.txt"
   else
+    # The locked versions, every wheel checked against its sha256 in the lock, then the appliance itself
+    # without resolving again: the cart runs what the tests ran.
     # shellcheck disable=SC2086  # PIP_ARGS is a list of words on purpose
-    "$PREFIX/.venv/bin/pip" install --quiet $PIP_ARGS "$PREFIX"
+    "$PREFIX/.venv/bin/pip" install --quiet $PIP_ARGS --require-hashes -r "$PREFIX/requirements/runtime.lock"
+    # shellcheck disable=SC2086
+    "$PREFIX/.venv/bin/pip" install --quiet $PIP_ARGS --no-deps "$PREFIX"
   fi
   APP_PY="$PREFIX/.venv/bin/python"
 else
@@ -239,33 +244,41 @@ install -d -m 0755 "$MOSQ" "$MOSQ/conf.d"
 install -d -m 0750 "$MOSQ/certs"
 own "root:$MOSQ_GROUP" "$MOSQ/certs"
 PASSWD="$MOSQ/cxr.passwd"
-for account in "$DEVICE_ID" display; do
-  secret="$SECRETS/mqtt-$account.password"
-  [[ "$account" == "$DEVICE_ID" ]] && secret="$SECRETS/mqtt-cart.password"
-  created=0
-  if [[ ! -s "$secret" ]]; then
-    (umask 077 && new_password >"$secret")
-    created=1
-    say "created password for broker account '$account' in $secret"
-  fi
-  chmod 0640 "$secret"
-  own root:cxr "$secret"
-  # A new secret always goes into the password file; an existing entry is left as it is.
-  if [[ $created -eq 1 || ! -f "$PASSWD" ]] || ! grep -q "^${account}:" "$PASSWD"; then
-    [[ -f "$PASSWD" ]] || (umask 027 && : >"$PASSWD")
-    mosquitto_passwd -b "$PASSWD" "$account" "$(cat "$secret")" 2>/dev/null
-  fi
-done
-chmod 0640 "$PASSWD"
-own "root:$MOSQ_GROUP" "$PASSWD"
-
 ACL="$MOSQ/cxr.acl"
 if [[ ! -f "$ACL" ]]; then
   sed -e "s/SITE/$SITE/g" -e "s/DEVICE/$DEVICE_ID/g" "$REPO/systemd/mosquitto/cxr.acl.example" >"$ACL"
   say "wrote $ACL"
 fi
-chmod 0640 "$ACL"
-own "root:$MOSQ_GROUP" "$ACL"
+[[ -f "$PASSWD" ]] || (umask 027 && : >"$PASSWD")
+# Hashes are written by the appliance's own code, the password read from stdin: never on any argv.
+ACCOUNTS=("$APP_PY" -m appliance.cli display-account)
+CART_SECRET="$SECRETS/mqtt-cart.password"
+created=0
+if [[ ! -s "$CART_SECRET" ]]; then
+  (umask 077 && new_password >"$CART_SECRET")
+  created=1
+  say "created password for broker account '$DEVICE_ID' in $CART_SECRET"
+fi
+# A new secret always goes into the password file; an existing entry is left as it is.
+if [[ $created -eq 1 ]] || ! grep -q "^${DEVICE_ID}:" "$PASSWD"; then
+  "$APP_PY" -c 'import sys; from pathlib import Path; from appliance.display.accounts import set_password
+set_password(Path(sys.argv[1]), sys.argv[2], sys.stdin.readline().strip())' "$PASSWD" "$DEVICE_ID" <"$CART_SECRET"
+fi
+# The shared `display` account of older installs: its password was served to every browser. Gone.
+if grep -q "^display:" "$PASSWD" || grep -qx "user display" "$ACL"; then
+  "${ACCOUNTS[@]}" revoke display --passwd "$PASSWD" --acl "$ACL" >/dev/null
+  rm -f "$SECRETS/mqtt-display.password"
+  say "removed the old shared broker account 'display': give each display its own (cxr-appliance display-account add)"
+fi
+# This cart's own screen (kiosk browser) is one per-display account like any other.
+KIOSK_SECRET="$SECRETS/mqtt-display-kiosk.password"
+if [[ ! -s "$KIOSK_SECRET" ]] || ! grep -q "^display-kiosk:" "$PASSWD" || ! grep -qx "user display-kiosk" "$ACL"; then
+  "${ACCOUNTS[@]}" add kiosk --site "$SITE" --passwd "$PASSWD" --acl "$ACL" --password-file "$KIOSK_SECRET" >/dev/null
+  say "created broker account 'display-kiosk' (reads $SITE, acknowledges as itself) with its password in $KIOSK_SECRET"
+fi
+chmod 0640 "$CART_SECRET" "$KIOSK_SECRET" "$PASSWD" "$ACL"
+own root:cxr "$CART_SECRET" "$KIOSK_SECRET"
+own "root:$MOSQ_GROUP" "$PASSWD" "$ACL"
 
 # The CA key is root's alone (not in the service's secrets/): a compromised service cannot mint
 # certificates. Older installs kept it in secrets/; it moves once.
@@ -372,6 +385,10 @@ put("mqtt.username", device)
 put("mqtt.password_file", f"{etc}/secrets/mqtt-cart.password")
 put("mqtt.tls", {"ca_file": f"{etc}/ca.crt"})
 put("display.broker_ws_url", "ws://127.0.0.1:9001")
+# The cart's own screen logs in as display-kiosk (created above): its site only, acks as itself.
+put("display.site", site)
+put("display.username", "display-kiosk")
+put("display.password_file", f"{etc}/secrets/mqtt-display-kiosk.password")
 # Engines are built on the cart into its state folder: the install prefix is read-only to the services.
 put("inference.tensorrt.engine_cache", f"{state}/engines")
 model = Path(prefix) / "engines" / "cxr-lite0"

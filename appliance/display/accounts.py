@@ -153,7 +153,9 @@ def list_accounts(passwd: Path, acl: Path) -> list[DisplayAccount]:
     for user, start, end in _acl_spans(lines):
         if user != LEGACY_USER and not user.startswith(USER_PREFIX):
             continue
-        reads = [ln.split()[2] for ln in lines[start:end] if ln.startswith("topic read ") and len(ln.split()) == 3]
+        reads = [
+            ln.split()[2] for ln in lines[start:end] if ln.startswith("topic read ") and len(ln.split()) == 3
+        ]
         site = reads[0].split("/")[1] if reads and reads[0].count("/") >= 2 else None
         found.append(DisplayAccount(user, None if user == LEGACY_USER else site, user in users))
     return found
@@ -220,7 +222,9 @@ def main(args: argparse.Namespace) -> int:
         if args.password_file is not None:
             # 0600 from its first byte (mkstemp); an existing file keeps its mode and owner.
             write_atomic(args.password_file, password + "\n", mode=0o600)
-            print(f"created broker account {user} (site {args.site}); its password is in {args.password_file}")
+            print(
+                f"created broker account {user} (site {args.site}); its password is in {args.password_file}"
+            )
         else:
             print(f"created broker account {user} (site {args.site}); its password (shown only now):")
             print(password)
@@ -253,7 +257,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("name", help="the display's name; its account is display-NAME")
     p.add_argument("--site", required=True, help="the only site (ward) it may read and acknowledge")
     p.add_argument("--topic-prefix", default="cxr", help="mqtt.topic_prefix of the carts (default cxr)")
-    p.add_argument("--password-file", type=Path, help="write the password here (mode 0600) instead of printing it")
+    p.add_argument(
+        "--password-file", type=Path, help="write the password here (mode 0600) instead of printing it"
+    )
     reload(p)
     p = files(sub.add_parser("revoke", help="remove a display account ('display': the old shared one)"))
     p.add_argument("name")

@@ -45,6 +45,7 @@
     authError: null,
     lastMessageAt: null,
     carts: new Map(), // "site/device" -> DeviceStatus
+    cartHeard: new Map(), // "site/device" -> when its last status was sent (ms; the heartbeat)
     cartLastResult: new Map(), // "site/device" -> newest created_at (ms) of its results
     results: new Map(), // message_id -> Result (de-duplicates result vs latest/<bed>)
     beds: new Map(), // "site/location" -> newest Result
@@ -168,7 +169,7 @@
     if (r && r.device_id === device) state.beds.delete(key);
   }
 
-  function onMessage(topic, payload) {
+  function onMessage(topic, payload, packet) {
     const prefix = state.cfg.topic_prefix;
     const parts = topic.split("/");
     if (parts.length < 4 || parts[0] !== prefix) return;
@@ -199,10 +200,16 @@
 
     if (kind === "status" && msg.schema === SCHEMA.status) {
       state.carts.set(`${site}/${device}`, msg);
+      // A live status is heard now; a retained one (replayed at connect) when the cart sent it, never
+      // later than now (a cart clock ahead of the display's must not hide a silence).
+      const sent = Date.parse(msg.heartbeat_at);
+      const retained = Boolean(packet && packet.retain);
+      state.cartHeard.set(`${site}/${device}`, retained && Number.isFinite(sent) ? Math.min(sent, Date.now()) : Date.now());
     } else if ((kind === "result" || kind === "latest") && msg.schema === SCHEMA.result) {
       if (typeof msg.message_id === "string" && msg.image && typeof msg.location === "string") addResult(msg);
-    } else if (kind === "ack" && ACK_SCHEMAS.has(msg.schema) && rest[0] === msg.message_id && rest.length <= 2 && payload.length <= ACK_MAX_BYTES) {
-      // ack/<id>/<account> since per-display accounts; ack/<id> only from before (no account may write it now).
+    } else if (kind === "ack" && ACK_SCHEMAS.has(msg.schema) && rest[0] === msg.message_id && rest.length === 2 && payload.length <= ACK_MAX_BYTES) {
+      // Only ack/<id>/<display account>, the topic whose writer the broker's ACL names; the appliance
+      // stores nothing else either (older ack/<id> topics are ignored, as no display may write them now).
       if (!state.acks.has(msg.message_id) || state.ackTopics.get(msg.message_id) === topic) {
         state.acks.set(msg.message_id, msg);
         state.ackTopics.set(msg.message_id, topic);
@@ -287,8 +294,19 @@
     return cart ? cart.state === "offline" : false;
   }
 
+  // No status for three heartbeats: the cart hung, or its network is cut and the broker's last will
+  // has not fired yet (keepalive). Older carts send no heartbeat: never judged silent.
+  function cartSilentFor(key) {
+    const s = state.carts.get(key);
+    const every = s ? num(s.heartbeat_seconds) : null;
+    const heard = state.cartHeard.get(key);
+    if (!s || s.state === "offline" || !every || !heard || !state.connected) return null;
+    const silent = Date.now() - heard;
+    return silent > 3 * every * 1000 ? silent : null;
+  }
+
   function isStale(r) {
-    return !state.connected || cartOffline(r);
+    return !state.connected || cartOffline(r) || cartSilentFor(`${r.site}/${r.device_id}`) !== null;
   }
 
   // ---------- acknowledge ----------
@@ -586,7 +604,7 @@
   // ---------- tiles ----------
 
   // Tiles are rebuilt only when what they show changes; the age text is updated in place. So focus,
-  // and the urgent pulse, survive the 15-second refresh.
+  // and the urgent pulse, survive the 5-second refresh.
   const tileCache = new Map(); // bed key -> {sig, node}
 
   function tileSignature(r) {
@@ -1057,7 +1075,7 @@
   }
 
   // Replace a container's children only when their markup changed: banners are an assertive live
-  // region, and re-rendering an unchanged one every 15 s would be announced every 15 s.
+  // region, and re-rendering an unchanged one every 5 s would be announced every 5 s.
   const shownMarkup = new WeakMap(); // container -> markup of what it shows
   function replaceIfChanged(box, nodes) {
     const html = nodes.map((n) => n.outerHTML).join("");
@@ -1118,6 +1136,18 @@
           { class: "banner banner-offline", "data-kind": "silent" },
           el("b", {}, "NOT RECEIVING: connected, but no cart reports on this broker "),
           `(topic ${where}/…). New X-rays will not appear: check the display's site and topic prefix, and the broker's ACL.`,
+        ),
+      );
+    }
+    for (const [key, s] of [...state.carts.entries()].sort()) {
+      const silent = cartSilentFor(key);
+      if (silent === null) continue;
+      out.push(
+        el(
+          "div",
+          { class: "banner banner-offline", "data-kind": "silent-cart", "data-cart": key },
+          el("b", {}, `Cart ${s.device_id} NOT REPORTING for ${Math.round(silent / 60000)} min `),
+          `(last heard ${clockTime(state.cartHeard.get(key))}). New X-rays from this cart may not appear; its results may be out of date.`,
         ),
       );
     }
@@ -1374,7 +1404,7 @@
 
     new ResizeObserver(() => layout(false)).observe($("tiles"));
     // Ages and the clock move on even when no message arrives.
-    setInterval(scheduleRender, 15000);
+    setInterval(scheduleRender, 5000); // ages, silence and staleness move on without new messages
     fetch("config.json", { cache: "no-store" })
       .then((resp) => {
         if (!resp.ok) throw new Error(`HTTP ${resp.status}`);

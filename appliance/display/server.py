@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import socket
+import threading
 from functools import partial
 from http import HTTPStatus
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -22,6 +23,10 @@ from appliance.errors import UserError
 
 DISPLAY_DIR = Path(__file__).resolve().parent
 CONFIG_PATH = "/config.json"
+# A ward page loads a handful of files; a client that holds a connection open without sending (or a
+# flood of them) must not tie up the server: each request has this long, and this many run at once.
+REQUEST_TIMEOUT_SECONDS = 10.0
+MAX_CONCURRENT_REQUESTS = 16
 ASSET_SUFFIXES = frozenset({".html", ".js", ".css", ".svg", ".png", ".ico", ".md", ".txt", ".map"})
 
 
@@ -70,6 +75,20 @@ class DisplayHandler(SimpleHTTPRequestHandler):
 
     config_bytes: bytes = b"{}"
     csp: str = "default-src 'self'"
+    timeout = REQUEST_TIMEOUT_SECONDS  # socket timeout per request: a silent client is dropped
+    # Host names this server answers to. config.json holds the display account's password: a page
+    # from elsewhere that rebinds its own DNS name to this address (DNS rebinding) must not read it.
+    allowed_hosts: frozenset[str] = frozenset()
+
+    def parse_request(self) -> bool:
+        if not super().parse_request():
+            return False
+        host = (self.headers.get("Host") or "").strip().lower()
+        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        if self.allowed_hosts and name.strip("[]") not in self.allowed_hosts:
+            self.send_error(HTTPStatus.MISDIRECTED_REQUEST, "Unknown host name (display.allowed_hosts)")
+            return False
+        return True
 
     def end_headers(self) -> None:
         self.send_header("Cache-Control", "no-store")
@@ -106,15 +125,54 @@ class DisplayHandler(SimpleHTTPRequestHandler):
         pass  # one line per asset on every reload would drown the appliance log
 
 
+class BoundedThreadingHTTPServer(ThreadingHTTPServer):
+    """One thread per request, at most MAX_CONCURRENT_REQUESTS at once; beyond that a connection is
+    closed at once instead of spawning threads without limit."""
+
+    daemon_threads = True
+
+    def __init__(self, *args: Any, max_concurrent: int = MAX_CONCURRENT_REQUESTS, **kwargs: Any) -> None:
+        self._slots = threading.BoundedSemaphore(max_concurrent)
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+def default_allowed_hosts(host: str) -> frozenset[str]:
+    """The names a browser may use to reach this server unless configured: loopback, this machine's
+    names and the address it listens on."""
+    names = {"localhost", "127.0.0.1", "::1", socket.gethostname().lower(), socket.getfqdn().lower()}
+    if host not in ("", "0.0.0.0", "::"):
+        names.add(host.lower())
+    return frozenset(names)
+
+
 def make_server(
     host: str,
     port: int,
     broker_ws_url: str,
     directory: Path | str = DISPLAY_DIR,
+    *,
+    allowed_hosts: list[str] | None = None,
     **config: Any,
 ) -> ThreadingHTTPServer:
     """A bound, not yet running server (port 0 picks a free port: see `server.server_address`).
-    `config` goes to `page_config` (topic_prefix, site, username, password, display_name, silent_after_s)."""
+    `config` goes to `page_config` (topic_prefix, site, username, password, display_name, silent_after_s).
+    allowed_hosts: the Host names to answer (None: `default_allowed_hosts`); others get 421."""
     root = Path(directory)
     if not (root / "index.html").is_file():
         raise UserError(f"display directory {root}: no index.html there")
@@ -126,10 +184,16 @@ def make_server(
     handler = type(
         "BoundDisplayHandler",
         (DisplayHandler,),
-        {"config_bytes": json.dumps(settings, indent=2).encode("utf-8"), "csp": csp},
+        {
+            "config_bytes": json.dumps(settings, indent=2).encode("utf-8"),
+            "csp": csp,
+            "allowed_hosts": frozenset(h.lower() for h in allowed_hosts)
+            if allowed_hosts is not None
+            else default_allowed_hosts(host),
+        },
     )
     try:
-        return ThreadingHTTPServer((host, port), partial(handler, directory=str(root)))
+        return BoundedThreadingHTTPServer((host, port), partial(handler, directory=str(root)))
     except OSError as exc:
         hint = " (already in use: pick another display.port)" if exc.errno == errno.EADDRINUSE else ""
         raise UserError(f"display: cannot listen on {host}:{port}: {exc.strerror}{hint}") from exc

@@ -8,6 +8,7 @@ from __future__ import annotations
 NOT_A_FILE = "not a file"
 EMPTY_FILE = "empty file"
 UNKNOWN_FORMAT = "not a DICOM or image"
+NON_IMAGE_DICOM = "non-image DICOM"  # a report, presentation state, DICOMDIR: no pixels to read
 PERMISSION_DENIED = "permission denied"
 VANISHED = "file vanished"
 NO_SUCH_FILE = "no such file"  # named on the command line, never there

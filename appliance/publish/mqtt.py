@@ -125,6 +125,7 @@ class MqttPublisher:
         )
         self._lock = threading.Lock()  # guards _status and _status_dirty
         self._status_dirty = True
+        self._status_sent_at = -float("inf")  # monotonic time of the last status sent
         self._connected = threading.Event()
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -398,11 +399,16 @@ class MqttPublisher:
             self.outbox.mark_rejected([row_id], f"PUBACK {why} (check the broker's ACL for {self.client_id})")
 
     def _send_status_if_dirty(self) -> None:
+        """A changed status at once, an unchanged one every heartbeat (the displays' proof of life)."""
+        now = time.monotonic()
         with self._lock:
-            if not self._status_dirty:
+            due = now - self._status_sent_at >= self.config.heartbeat_seconds
+            if not (self._status_dirty or due):
                 return
             self._status_dirty = False
-        payload = self.status.model_dump_json(by_alias=True)
+            self._status_sent_at = now
+        heartbeat = {"heartbeat_at": now_iso(), "heartbeat_seconds": self.config.heartbeat_seconds}
+        payload = self.status.model_copy(update=heartbeat).model_dump_json(by_alias=True)
         self.client.publish(self.topics.status, payload, qos=1, retain=True)
 
     def _send_pending(self) -> None:

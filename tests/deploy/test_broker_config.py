@@ -29,6 +29,7 @@ from tests.support.mosquitto import MOSQUITTO, Subscriber, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 SITE, DEVICE = "ward7", "cart-3"
+KIOSK = "display-kiosk"  # the cart's own screen: the display account install.sh creates
 LOOPBACK = "127.0.0.1"
 SHIPPED_PORTS = {"8883": "tls_port", "9001": "ws_port", "9443": "wss_port"}
 
@@ -152,6 +153,12 @@ class Client:
         self.client.loop_stop()
 
 
+def denied(broker: ShippedBroker) -> str:
+    """The broker's "Denied PUBLISH" log lines (log_type all), each naming the topic in quotes."""
+    log = (broker.root / "mosquitto.log").read_text(errors="replace")
+    return "\n".join(line for line in log.splitlines() if "Denied PUBLISH" in line)
+
+
 def subscriber(broker: ShippedBroker, account: str, topic: str) -> Subscriber:
     return Subscriber(
         broker,  # type: ignore[arg-type]
@@ -173,7 +180,7 @@ def test_tls_client_with_the_right_password_connects(broker: ShippedBroker) -> N
 
 @pytest.mark.parametrize(
     ("user", "password"),
-    [(None, None), (DEVICE, "wrong-password"), ("display", "wrong-password"), ("nobody", "x")],
+    [(None, None), (DEVICE, "wrong-password"), (KIOSK, "wrong-password"), ("display", "x"), ("nobody", "x")],
 )
 def test_anonymous_and_wrong_passwords_are_refused(
     broker: ShippedBroker, user: str | None, password: str
@@ -198,29 +205,29 @@ def test_plain_text_mqtt_gets_no_session(broker: ShippedBroker) -> None:
 def test_display_reads_results_but_cannot_publish_one(broker: ShippedBroker) -> None:
     base = f"cxr/{SITE}/{DEVICE}"
     with (
-        subscriber(broker, "display", "cxr/#") as display_view,
+        subscriber(broker, KIOSK, "cxr/#") as display_view,
         subscriber(broker, DEVICE, f"{base}/#") as cart_view,
     ):
         cart = Client(broker, DEVICE, broker.secret(DEVICE))
-        display = Client(broker, "display", broker.secret("display"))
+        display = Client(broker, KIOSK, broker.secret(KIOSK))
         try:
             assert cart.accepted() and display.accepted()
             cart.publish(f"{base}/result", '{"from": "cart"}')
             assert display_view.wait_count(f"{base}/result", 1)
             # A forged result, then an acknowledgement: the ack arriving proves the result was dropped.
             display.publish(f"{base}/result", '{"from": "display"}')
-            display.publish(f"{base}/ack/m1", '{"message_id": "m1"}', retain=True)
-            assert cart_view.wait_count(f"{base}/ack/m1", 1)
+            display.publish(f"{base}/ack/m1/{KIOSK}", '{"message_id": "m1"}', retain=True)
+            assert cart_view.wait_count(f"{base}/ack/m1/{KIOSK}", 1)
             results = [m.payload for m in cart_view.on_topic(f"{base}/result")]
             assert results == [b'{"from": "cart"}']
-            display.publish(f"{base}/ack/m1", "", retain=True)  # clear it for the other tests
+            display.publish(f"{base}/ack/m1/{KIOSK}", "", retain=True)  # clear it for the other tests
         finally:
             cart.close()
             display.close()
 
 
 def test_cart_publishes_only_under_its_own_prefix(broker: ShippedBroker) -> None:
-    with subscriber(broker, "display", "cxr/#") as view:
+    with subscriber(broker, DEVICE, "cxr/#") as view:
         cart = Client(broker, DEVICE, broker.secret(DEVICE))
         try:
             assert cart.accepted()
@@ -230,13 +237,16 @@ def test_cart_publishes_only_under_its_own_prefix(broker: ShippedBroker) -> None
             cart.publish(f"cxr/{SITE}/{DEVICE}/status", "mine")
             assert view.wait_count(f"cxr/{SITE}/{DEVICE}/status", 1)
             assert [m.payload for m in view.messages if not m.retain] == [b"mine"]
+            # No account reads everything any more: the broker's log shows each forgery refused.
+            for topic in (f"cxr/{SITE}/cart-9/result", f"cxr/other-site/{DEVICE}/result", "elsewhere/x"):
+                assert f"'{topic}'" in denied(broker), topic
         finally:
             cart.close()
 
 
 def check_websockets(broker: ShippedBroker, port: int, tls: bool) -> None:
     anonymous = Client(broker, None, tls=tls, transport="websockets", port=port)
-    ws = Client(broker, "display", broker.secret("display"), tls=tls, transport="websockets", port=port)
+    ws = Client(broker, KIOSK, broker.secret(KIOSK), tls=tls, transport="websockets", port=port)
     got, subscribed = threading.Event(), threading.Event()
     ws.client.on_message = lambda _c, _u, msg: got.set()
     ws.client.on_subscribe = lambda *_a: subscribed.set()
@@ -256,7 +266,7 @@ def check_websockets(broker: ShippedBroker, port: int, tls: bool) -> None:
 
 
 def test_display_over_plain_websockets_on_loopback(broker: ShippedBroker) -> None:
-    """The cart's own screen: ws://127.0.0.1:9001, display account only."""
+    """The cart's own screen: ws://127.0.0.1:9001, its display account only."""
     check_websockets(broker, broker.ws_port, tls=False)
 
 
@@ -285,8 +295,136 @@ def test_retained_status_survives_a_broker_restart(tmp_path: Path) -> None:
         cart.close()
         b.stop()
         b.start()
-        with subscriber(b, "display", f"cxr/{SITE}/+/status") as view:
+        with subscriber(b, KIOSK, f"cxr/{SITE}/+/status") as view:
             assert view.wait_count(f"cxr/{SITE}/{DEVICE}/status", 1)
             assert view.messages[0].retain and view.messages[0].payload == b"online"
     finally:
         b.stop()
+
+
+def accounts(broker: ShippedBroker, *args: str) -> str:
+    """`cxr-appliance display-account ...` on the installed files, the broker told to re-read them."""
+    mosq = broker.root / "etc/mosquitto"
+    assert broker.proc is not None
+    files = ["--passwd", str(mosq / "cxr.passwd"), "--acl", str(mosq / "cxr.acl")]
+    if args[0] != "list":
+        files += ["--reload-pid", str(broker.proc.pid)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "appliance.cli", "display-account", *args, *files],
+        capture_output=True, text=True, timeout=60, cwd=REPO,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def test_a_display_reads_only_its_site_and_acks_only_as_itself(broker: ShippedBroker) -> None:
+    """Per-display accounts from the CLI, in the shipped broker with the generated password file and ACL."""
+    out = accounts(broker, "add", "icu", "--site", SITE, "--password-file", str(broker.root / "icu.pw"))
+    assert "SIGHUP" in out
+    accounts(broker, "add", "ward9", "--site", "ward9", "--password-file", str(broker.root / "ward9.pw"))
+    icu_pw = (broker.root / "icu.pw").read_text().strip()
+    assert icu_pw not in out and len(icu_pw) >= 24
+    # Mosquitto re-reads the files asynchronously after SIGHUP: wait until the new account logs in.
+    icu = Client(broker, "display-icu", icu_pw)
+    assert icu.accepted(timeout=10), icu.reason
+    mine, theirs = f"cxr/{SITE}/{DEVICE}", f"cxr/ward9/{DEVICE}"
+    with (
+        subscriber(broker, KIOSK, "cxr/#") as kiosk_view,
+        Subscriber(broker, "cxr/#", username="display-ward9",  # type: ignore[arg-type]
+                   password=(broker.root / "ward9.pw").read_text().strip(), use_tls=True) as ward9_view,
+    ):  # fmt: skip
+        cart = Client(broker, DEVICE, broker.secret(DEVICE))
+        kiosk = Client(broker, KIOSK, broker.secret(KIOSK))
+        try:
+            assert cart.accepted() and kiosk.accepted()
+            cart.publish(f"{mine}/result", "r")
+            icu.publish(f"{mine}/ack/m1/display-icu", "icu's ack", retain=True)
+            assert kiosk_view.wait_count(f"{mine}/ack/m1/display-icu", 1)
+            # The kiosk tries to overwrite and to clear the icu display's ack, to write the old shared
+            # shapes, and to ack on another site; then writes its own ack, which arrives after all of them.
+            for topic, payload in [
+                (f"{mine}/ack/m1/display-icu", "forged"),
+                (f"{mine}/ack/m1/display-icu", ""),
+                (f"{mine}/ack/m1", "old shape"),
+                (f"{mine}/ack", "old shape"),
+                (f"{theirs}/ack/m1/{KIOSK}", "other site"),
+                (f"{mine}/result", "forged result"),
+            ]:
+                kiosk.publish(topic, payload, retain=True)
+            kiosk.publish(f"{mine}/ack/m1/{KIOSK}", "kiosk's ack", retain=True)
+            assert kiosk_view.wait_count(f"{mine}/ack/m1/{KIOSK}", 1)
+            got = [(m.topic, m.payload) for m in kiosk_view.messages]
+            assert got == [
+                (f"{mine}/result", b"r"),
+                (f"{mine}/ack/m1/display-icu", b"icu's ack"),
+                (f"{mine}/ack/m1/{KIOSK}", b"kiosk's ack"),
+            ]
+            assert ward9_view.messages == []  # it saw nothing of ward7, and nothing reached ward9
+            assert f"'{theirs}/ack/m1/{KIOSK}'" in denied(broker)
+            # What a display loading now gets: both acks, each untouched.
+            with subscriber(broker, KIOSK, f"{mine}/ack/#") as late:
+                assert late.wait_count(f"{mine}/ack/#", 2)
+                time.sleep(0.3)
+                assert sorted((m.topic, m.payload) for m in late.messages) == [
+                    (f"{mine}/ack/m1/display-icu", b"icu's ack"),
+                    (f"{mine}/ack/m1/{KIOSK}", b"kiosk's ack"),
+                ]
+            for c, topic in ((icu, f"{mine}/ack/m1/display-icu"), (kiosk, f"{mine}/ack/m1/{KIOSK}")):
+                c.publish(topic, "", retain=True)  # clean up for the other tests
+        finally:
+            for c in (cart, kiosk, icu):
+                c.close()
+    assert "display-ward9  site ward9" in accounts(broker, "list")
+    accounts(broker, "revoke", "icu")
+    accounts(broker, "revoke", "ward9")
+
+
+def test_a_revoked_display_can_no_longer_log_in(broker: ShippedBroker) -> None:
+    accounts(broker, "add", "lobby", "--site", SITE, "--password-file", str(broker.root / "lobby.pw"))
+    password = (broker.root / "lobby.pw").read_text().strip()
+    before = Client(broker, "display-lobby", password)
+    try:
+        assert before.accepted(timeout=10), before.reason
+    finally:
+        before.close()
+    out = accounts(broker, "revoke", "lobby")
+    assert "revoked broker account display-lobby" in out and "SIGHUP" in out
+    assert "display-lobby" not in (broker.root / "etc/mosquitto/cxr.passwd").read_text()
+    assert "display-lobby" not in (broker.root / "etc/mosquitto/cxr.acl").read_text()
+    deadline = time.monotonic() + 10
+    while True:  # the reload is asynchronous: the refusal comes within moments
+        after = Client(broker, "display-lobby", password)
+        try:
+            assert after.done.wait(5), "no CONNACK"
+            if after.reason.is_failure:
+                break
+        finally:
+            after.close()
+        assert time.monotonic() < deadline, "display-lobby still logs in after revoke + SIGHUP"
+        time.sleep(0.2)
+    assert "not authori" in str(after.reason).lower()
+
+
+def test_a_1_mb_retained_ack_is_refused_by_the_broker(broker: ShippedBroker) -> None:
+    """max_packet_size: the broker drops the packet (and the client); nothing is retained or delivered."""
+    topic = f"cxr/{SITE}/{DEVICE}/ack/m-big/{KIOSK}"
+    with subscriber(broker, DEVICE, f"cxr/{SITE}/{DEVICE}/ack/#") as cart_view:
+        kiosk = Client(broker, KIOSK, broker.secret(KIOSK))
+        try:
+            assert kiosk.accepted()
+            lost = threading.Event()
+            kiosk.client.on_disconnect = lambda *_a: lost.set()
+            info = kiosk.client.publish(topic, "x" * 1_000_000, qos=1, retain=True)
+            # Either paho refuses it against the CONNACK's maximum packet size, or the broker cuts the client.
+            assert info.rc != mqtt.MQTT_ERR_SUCCESS or lost.wait(10)
+        finally:
+            kiosk.close()
+        # A small ack afterwards still works and is the only one the cart ever sees.
+        again = Client(broker, KIOSK, broker.secret(KIOSK))
+        try:
+            assert again.accepted()
+            again.publish(f"cxr/{SITE}/{DEVICE}/ack/m-small/{KIOSK}", "ok")
+            assert cart_view.wait_count(f"cxr/{SITE}/{DEVICE}/ack/m-small/{KIOSK}", 1)
+        finally:
+            again.close()
+        assert cart_view.on_topic(topic) == []

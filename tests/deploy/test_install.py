@@ -74,12 +74,22 @@ def test_creates_folders_config_and_units(root: Path) -> None:
 def test_broker_password_file_acl_and_dropin(root: Path) -> None:
     mosq = root / "etc/mosquitto"
     entries = dict(line.split(":", 1) for line in (mosq / "cxr.passwd").read_text().splitlines())
-    assert set(entries) == {DEVICE, "display"}
+    # No shared display account: the cart's own screen has its own, like every other display.
+    assert set(entries) == {DEVICE, "display-kiosk"}
     assert all(h.startswith("$7$") for h in entries.values())  # hashed, never the plain password
     assert (mosq / "cxr.passwd").stat().st_mode & 0o077 == 0o040
     acl = (mosq / "cxr.acl").read_text()
     assert f"user {DEVICE}\ntopic readwrite cxr/{SITE}/{DEVICE}/#" in acl
-    assert "user display\ntopic read cxr/#\ntopic write cxr/+/+/ack/+\n" in acl
+    assert (
+        f"user display-kiosk\ntopic read cxr/{SITE}/#\ntopic write cxr/{SITE}/+/ack/+/display-kiosk\n"
+        f"topic write cxr/{SITE}/+/history/request\n"
+    ) in acl
+    assert "\nuser display\n" not in acl and "cxr/+/+/ack" not in acl
+    config = load_config(root / "etc/cxr-appliance/config.yaml")
+    secret = config.display.password()
+    assert (config.display.site, config.display.username) == (SITE, "display-kiosk")
+    assert secret is not None and config.display.password_file is not None
+    assert config.display.password_file.stat().st_mode & 0o077 == 0o040
     dropin = (mosq / "conf.d/cxr.conf").read_text()
     assert f"password_file {mosq}/cxr.passwd" in dropin
     settings = [line for line in dropin.replace(str(mosq), "ROOT").splitlines() if not line.startswith("#")]
@@ -165,6 +175,29 @@ def test_existing_secrets_and_edited_config_are_left_alone(tmp_path: Path) -> No
     assert (tmp_path / "etc/mosquitto/certs/cxr-ca.crt").read_bytes() == ca_before
     ca = tmp_path / "etc/mosquitto/certs/cxr-ca.crt"
     assert openssl("verify", "-CAfile", str(ca), str(server)).strip().endswith("OK")
+
+
+def test_the_old_shared_display_account_is_removed(tmp_path: Path) -> None:
+    """An install from before per-display accounts: `display`, whose password every browser got."""
+    install(tmp_path)
+    mosq, secrets = tmp_path / "etc/mosquitto", tmp_path / "etc/cxr-appliance/secrets"
+    with (mosq / "cxr.passwd").open("a") as f:
+        f.write("display:$7$101$AAAAAAAAAAAAAAAA$" + "A" * 86 + "==\n")
+    with (mosq / "cxr.acl").open("a") as f:
+        f.write(
+            "\n# Ward displays: read every cart\nuser display\ntopic read cxr/#\ntopic write cxr/+/+/ack/+\n"
+        )
+    (secrets / "mqtt-display.password").write_text("old-public-password\n")
+    kiosk = (mosq / "cxr.passwd").read_text().split("display-kiosk:")[1].split("\n")[0]
+
+    proc = install(tmp_path)
+    assert "removed the old shared broker account 'display'" in proc.stdout
+    passwd, acl = (mosq / "cxr.passwd").read_text(), (mosq / "cxr.acl").read_text()
+    assert "\ndisplay:" not in "\n" + passwd and "\nuser display\n" not in acl and "cxr/+/+/ack" not in acl
+    assert f"display-kiosk:{kiosk}" in passwd  # the kiosk's account is left as it was
+    assert f"user {DEVICE}\n" in acl and "user display-kiosk\n" in acl
+    assert not (secrets / "mqtt-display.password").exists()
+    assert (mosq / "cxr.passwd").stat().st_mode & 0o777 == 0o640
 
 
 @pytest.mark.parametrize(

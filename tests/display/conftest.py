@@ -1,5 +1,6 @@
-"""Fixtures for the display tests: a real Mosquitto with a WebSockets listener, the ACL the product
-uses (the display may read everything and write only acknowledgements), the display server, Chromium."""
+"""Fixtures for the display tests: a real Mosquitto with a WebSockets listener, the password file and ACL
+as the product writes them (`cxr-appliance display-account`: the display reads its site and writes only
+its own acks and history requests), the display server, Chromium."""
 
 from __future__ import annotations
 
@@ -12,22 +13,34 @@ from typing import Any
 
 import pytest
 
+from appliance.display.accounts import add, set_password
 from appliance.display.server import make_server
 from tests.display.browser import Browser, missing_tools
 from tests.display.results import Cart
 from tests.support.mosquitto import Broker, Subscriber
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
+SITE = "ward7"
 CART_AUTH = ("cart", "cart-secret")
-DISPLAY_AUTH = ("display", "display-secret")
-ACL = """\
-user cart
-topic readwrite cxr/#
+DISPLAY_AUTH = ("display-test", "display-secret")
 
-user display
-topic read cxr/#
-topic write cxr/+/+/ack/+
-"""
+
+def ward_broker(
+    broker_factory: Callable[..., Broker],
+    folder: Path,
+    cart: tuple[str, str] = CART_AUTH,
+    cart_topic: str = "cxr/#",
+    display: tuple[str, str] = DISPLAY_AUTH,
+) -> Broker:
+    """A broker with WebSockets reading the files `display-account add` writes for `display` (site ward7),
+    beside a cart block; the display's random password is then set to the test's known one."""
+    folder.mkdir(parents=True, exist_ok=True)
+    passwd, acl = folder / "cxr.passwd", folder / "cxr.acl"
+    acl.write_text(f"user {cart[0]}\ntopic readwrite {cart_topic}\n", encoding="utf-8")
+    set_password(passwd, *cart)
+    add(display[0], SITE, passwd, acl)
+    set_password(passwd, *display)
+    return broker_factory(password_file=passwd, acl_file=acl, websockets=True)
 
 
 @contextmanager
@@ -81,8 +94,8 @@ class Ward:
 
 
 @pytest.fixture
-def ward(broker_factory: Callable[..., Broker]) -> Iterator[Ward]:
-    broker = broker_factory(users=dict([CART_AUTH, DISPLAY_AUTH]), acl=ACL, websockets=True)
+def ward(broker_factory: Callable[..., Broker], tmp_path: Path) -> Iterator[Ward]:
+    broker = ward_broker(broker_factory, tmp_path / "mosquitto-files")
     with serve_display(broker, "test-display") as url:
         w = Ward(broker, url)
         yield w

@@ -12,7 +12,7 @@ from datetime import datetime, timedelta, timezone
 from appliance.result import Acknowledgement
 from tests.display.acknowledge import acknowledge
 from tests.display.browser import Browser, Page
-from tests.display.conftest import ARTIFACTS, Ward
+from tests.display.conftest import ARTIFACTS, DISPLAY_AUTH, Ward
 from tests.display.results import make_result
 from tests.support.schemas import assert_valid
 
@@ -173,9 +173,10 @@ def test_acknowledge_publishes_and_every_display_shows_it(browser: Browser, ward
         a.fill("#user-name", "Nurse Okafor")
         acknowledge(a, f"{tile('Bay 2')} button.ack-button", "disagree", "Old scarring.")
 
-        got = acks.wait_count("cxr/ward7/cart-1/ack/+", 1)
+        got = acks.wait_count("cxr/ward7/cart-1/ack/#", 1)
         assert len(got) == 1
-        assert got[0].topic == f"cxr/ward7/cart-1/ack/{result.message_id}"
+        # Its own topic per result and display account: the ACL lets it write nowhere else.
+        assert got[0].topic == f"cxr/ward7/cart-1/ack/{result.message_id}/{DISPLAY_AUTH[0]}"
         payload = assert_valid(got[0].payload, "ack.v2.json")
         ack = Acknowledgement.model_validate(payload)
         assert (ack.message_id, ack.image_id, ack.by, ack.verdict, ack.comment) == (
@@ -196,7 +197,7 @@ def test_acknowledge_publishes_and_every_display_shows_it(browser: Browser, ward
         assert page.count(f"{tile('Bay 2')} button.ack-button") == 0
     # Retained: a subscriber arriving now still gets it.
     with ward.subscriber("cxr/+/+/ack/#") as late:
-        assert late.wait_count("cxr/ward7/cart-1/ack/+", 1)[0].retain
+        assert late.wait_count("cxr/ward7/cart-1/ack/#", 1)[0].retain
     # The name is remembered on that monitor.
     a.reload()
     a.wait("#conn[data-state=online]")

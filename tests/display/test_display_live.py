@@ -25,7 +25,7 @@ from pydicom.uid import generate_uid
 from appliance.journal import Journal
 from tests.display.acknowledge import acknowledge
 from tests.display.browser import Browser, Page
-from tests.display.conftest import ARTIFACTS, serve_display
+from tests.display.conftest import ARTIFACTS, serve_display, ward_broker
 from tests.display.results import key_sentence
 from tests.support import data
 from tests.support.daemon import DaemonProcess
@@ -36,18 +36,7 @@ REPO = Path(__file__).resolve().parents[2]
 MODEL = REPO / "engines" / "cxr-lite0" / "manifest.yaml"
 SITE, DEVICE = "ward7", "cart-1"
 CART_AUTH = (DEVICE, "cart-live-secret")
-DISPLAY_AUTH = ("display", "display-live-secret")
-# The shape of systemd/mosquitto/cxr.acl.example: the cart owns its prefix, displays read all, write acks.
-ACL = f"""\
-user {CART_AUTH[0]}
-topic readwrite cxr/{SITE}/{DEVICE}/#
-
-user {DISPLAY_AUTH[0]}
-topic read cxr/#
-topic write cxr/+/+/ack/+
-topic write cxr/+/+/ack
-topic write cxr/+/+/history/request
-"""
+DISPLAY_AUTH = ("display-live", "display-live-secret")
 RESULT_TOPIC = f"cxr/{SITE}/{DEVICE}/result"
 CART_KEY = f"{SITE}/{DEVICE}"
 WORD = {
@@ -101,7 +90,10 @@ def live_ward(broker_factory: Callable[..., Broker], tmp_path: Path) -> Iterator
     """The daemon, its broker and one display page (tests/display/test_feedback_live.py reuses it)."""
     if not MODEL.is_file():
         pytest.fail(f"bundled model {MODEL} missing: the live display test runs the real appliance on it")
-    broker = broker_factory(users=dict([CART_AUTH, DISPLAY_AUTH]), acl=ACL, websockets=True)
+    # The product's files: the cart owns its prefix (cxr.acl.example), the display its `display-account` block.
+    broker = ward_broker(
+        broker_factory, tmp_path / "mosquitto-files", CART_AUTH, f"cxr/{SITE}/{DEVICE}/#", DISPLAY_AUTH
+    )
     secret = tmp_path / "mqtt-password"
     secret.write_text(CART_AUTH[1] + "\n", encoding="utf-8")
     secret.chmod(0o600)
@@ -109,7 +101,13 @@ def live_ward(broker_factory: Callable[..., Broker], tmp_path: Path) -> Iterator
         tmp_path / "appliance",
         broker,
         MODEL,
-        device={"site": SITE, "device_id": DEVICE, "location": "Bay 2 Bed 1"},
+        device={
+            "site": SITE,
+            "device_id": DEVICE,
+            "location": "Bay 2 Bed 1",
+            # The ward's beds: a DICOM location not listed here never reaches a topic or payload.
+            "locations": {bed: bed for bed in ("Bay 1 Bed 1", "Bay 1 Bed 2", "Bay 2 Bed 1")},
+        },
         mqtt={"username": CART_AUTH[0], "password_file": str(secret)},
     )
     results = Subscriber(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.publish as mqtt_publish
@@ -21,7 +22,7 @@ import pytest
 from appliance.result import DeviceStatus
 from tests.display.acknowledge import acknowledge
 from tests.display.browser import Browser, Page
-from tests.display.conftest import ACL, ARTIFACTS, CART_AUTH, DISPLAY_AUTH, Ward, serve_display
+from tests.display.conftest import ARTIFACTS, CART_AUTH, DISPLAY_AUTH, Ward, serve_display, ward_broker
 from tests.display.results import key_sentence, make_result
 from tests.display.ward import abnormal, normal, refused, urgent, ward_results
 from tests.support.mosquitto import Broker
@@ -278,7 +279,7 @@ def ward_of_18(ward: Ward) -> Iterator[Ward]:
             "display": "other-monitor",
         }
         mqtt_publish.single(
-            f"cxr/ward7/cart-1/ack/{acked.message_id}",
+            f"cxr/ward7/cart-1/ack/{acked.message_id}/{DISPLAY_AUTH[0]}",
             json.dumps(payload),
             qos=1,
             retain=True,
@@ -286,7 +287,7 @@ def ward_of_18(ward: Ward) -> Iterator[Ward]:
             port=ward.broker.port,
             auth={"username": DISPLAY_AUTH[0], "password": DISPLAY_AUTH[1]},
         )
-        acks.wait_count("cxr/ward7/cart-1/ack/+", 1)
+        acks.wait_count("cxr/ward7/cart-1/ack/+/+", 1)
     cart2.kill()
     yield ward
 
@@ -432,9 +433,9 @@ def test_alarm_sound_is_off_by_default_and_synthesised_when_switched_on(browser:
 
 
 def test_page_says_plainly_when_it_is_not_receiving(
-    browser: Browser, broker_factory: Callable[..., Broker]
+    browser: Browser, broker_factory: Callable[..., Broker], tmp_path: Path
 ) -> None:
-    broker = broker_factory(users=dict([CART_AUTH, DISPLAY_AUTH]), acl=ACL, websockets=True)
+    broker = ward_broker(broker_factory, tmp_path / "mosquitto-files")
     with serve_display(broker, "test-display", silent_after_s=1.5) as url:
         ward = Ward(broker, url)
         try:
@@ -483,6 +484,53 @@ def test_page_says_plainly_when_it_is_not_receiving(
             broker.start()
             page.wait("#conn[data-state=online]", timeout=20)
             page.wait(".banner[data-kind=broker]", state="detached")
+        finally:
+            for c in ward.carts:
+                c.kill()
+
+
+def test_a_cart_that_stops_its_heartbeat_is_shown_not_reporting(
+    browser: Browser, broker_factory: Callable[..., Broker], tmp_path: Path
+) -> None:
+    """A hung cart (or a cut network the broker's last will has not noticed) sends no more heartbeats:
+    after three missed ones the page says so and marks its tiles stale; a heartbeat clears it."""
+    broker = ward_broker(broker_factory, tmp_path / "mosquitto-files")
+
+    def heartbeat() -> None:
+        status = DeviceStatus(
+            state="online",
+            site="ward7",
+            device_id="cart-8",
+            since=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            heartbeat_at=datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+            heartbeat_seconds=1.0,
+        )
+        mqtt_publish.single(
+            "cxr/ward7/cart-8/status",
+            status.model_dump_json(by_alias=True),
+            qos=1,
+            retain=True,
+            hostname=broker.host,
+            port=broker.port,
+            auth={"username": CART_AUTH[0], "password": CART_AUTH[1]},
+        )
+
+    with serve_display(broker, "test-display") as url:
+        ward = Ward(broker, url)
+        try:
+            cart = ward.cart(device_id="cart-8")
+            cart.publish([normal("Bay 8 Bed 1", 2, device_id="cart-8")])
+            heartbeat()
+            page = open_display(browser, ward)
+            page.wait(tile("Bay 8 Bed 1"))
+            silent = '.banner[data-kind=silent-cart][data-cart="ward7/cart-8"]'
+            assert page.attr(tile("Bay 8 Bed 1"), "data-stale") == "false"
+            page.wait(silent, timeout=15)  # 3 heartbeats of 1 s missed, seen at the next 5-s refresh
+            assert "cart-8 NOT REPORTING" in page.text(silent)
+            assert page.attr(tile("Bay 8 Bed 1"), "data-stale") == "true"
+            heartbeat()
+            page.wait(silent, state="detached", timeout=10)
+            assert page.attr(tile("Bay 8 Bed 1"), "data-stale") == "false"
         finally:
             for c in ward.carts:
                 c.kill()

@@ -22,6 +22,7 @@ from appliance.journal import FEEDBACK_COLUMNS, Journal
 from tests.display.browser import Browser
 from tests.display.conftest import serve_display
 from tests.display.test_display_live import (
+    CART_AUTH,
     DEVICE,
     DISPLAY_AUTH,
     SITE,
@@ -75,26 +76,34 @@ def test_a_disagreement_on_one_display_reaches_every_display_the_journal_and_the
         page.wait(f'{tile(bed)}[data-message-id="{target["message_id"]}"][data-needs-ack=true]', timeout=20)
 
     # A display account may write acks, so one could name a message the cart never published: the daemon
-    # receives it (its log says so) and stores nothing. Sent first, so it is handled before the real one.
+    # receives it (its log says so) and stores nothing. Then an ack of the real result on the old shared
+    # shape ack/<message_id>, which only the cart's own account may still write: the daemon ignores it.
+    # Both are sent first, so they are handled before the real one.
     bogus = str(uuid.uuid4())
-    mqtt_publish.single(
-        f"cxr/{SITE}/{DEVICE}/ack/{bogus}",
-        json.dumps(
-            {
-                "schema": "cxr-appliance/ack/v2",
-                "message_id": bogus,
-                "by": "Mallory",
-                "at": "2024-03-01T09:00:00Z",
-                "verdict": "agree",
-            }
-        ),
-        qos=1,
-        retain=True,
-        hostname=live.broker.host,
-        port=live.broker.port,
-        auth={"username": DISPLAY_AUTH[0], "password": DISPLAY_AUTH[1]},
-    )
+    base = f"cxr/{SITE}/{DEVICE}/ack"
+    for topic, message_id, auth in (
+        (f"{base}/{bogus}/{DISPLAY_AUTH[0]}", bogus, DISPLAY_AUTH),
+        (f"{base}/{target['message_id']}", target["message_id"], CART_AUTH),
+    ):
+        mqtt_publish.single(
+            topic,
+            json.dumps(
+                {
+                    "schema": "cxr-appliance/ack/v2",
+                    "message_id": message_id,
+                    "by": "Mallory",
+                    "at": "2024-03-01T09:00:00Z",
+                    "verdict": "agree",
+                }
+            ),
+            qos=1,
+            retain=True,
+            hostname=live.broker.host,
+            port=live.broker.port,
+            auth={"username": auth[0], "password": auth[1]},
+        )
     assert wait_until(lambda: f"unknown message '{bogus}'" in live.daemon.log(), 20), live.daemon.log()
+    assert wait_until(lambda: f"{base}/{target['message_id']}: not ack/" in live.daemon.log(), 20)
 
     # The bedside clinician, keyboard only: Acknowledge, arrow to "Disagree", Tab to the comment, Enter.
     bedside.fill("#user-name", "Dr Mensah")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -13,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.display.server import DISPLAY_DIR, make_server
+from appliance.display.server import DISPLAY_DIR, MAX_CONCURRENT_REQUESTS, DisplayHandler, make_server
 from appliance.errors import UserError
 
 WS = "ws://127.0.0.1:9001"
@@ -113,3 +115,60 @@ def test_missing_page_folder_and_busy_port_are_user_errors(
         make_server("127.0.0.1", 0, WS, tmp_path)
     with pytest.raises(UserError, match="already in use"):
         make_server("127.0.0.1", server.server_address[1], WS)
+
+
+def raw_get(port: int, host_header: str, path: str = "/config.json") -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+        conn.sendall(f"GET {path} HTTP/1.1\r\nHost: {host_header}\r\nConnection: close\r\n\r\n".encode())
+        chunks = []
+        while chunk := conn.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_a_request_for_another_host_name_gets_no_config(server: ThreadingHTTPServer) -> None:
+    """DNS rebinding: a hostile page whose own name now resolves to the display server must not read
+    config.json (it holds the display account's password)."""
+    port = server.server_address[1]
+    refused = raw_get(port, f"attacker.example:{port}")
+    assert refused.startswith(b"HTTP/1.0 421") and b'"password"' not in refused
+    for name in ("127.0.0.1", "localhost"):
+        assert raw_get(port, f"{name}:{port}").startswith(b"HTTP/1.0 200"), name
+
+
+def test_configured_host_names_replace_the_defaults() -> None:
+    srv = make_server("127.0.0.1", 0, WS, allowed_hosts=["ward7-monitor.hospital.example"])
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        port = srv.server_address[1]
+        assert raw_get(port, "ward7-monitor.hospital.example").startswith(b"HTTP/1.0 200")
+        assert raw_get(port, f"127.0.0.1:{port}").startswith(b"HTTP/1.0 421")
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_silent_clients_time_out_and_cannot_take_every_thread(
+    server: ThreadingHTTPServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(DisplayHandler, "timeout", 3.0)
+    port = server.server_address[1]
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(MAX_CONCURRENT_REQUESTS)]
+    try:
+        deadline = time.monotonic() + 2.5  # until the server has accepted them all (one per loop turn)
+        while server._slots._value and time.monotonic() < deadline:  # type: ignore[attr-defined]
+            time.sleep(0.05)
+        assert server._slots._value == 0  # type: ignore[attr-defined]  # every slot: a silent client
+        with pytest.raises((ConnectionError, urllib.error.URLError, TimeoutError, OSError)):
+            # One more is closed at once, not given a new thread.
+            data = raw_get(port, f"127.0.0.1:{port}")
+            if not data:
+                raise ConnectionError("closed without a reply")
+        time.sleep(3.5)  # the silent ones are dropped after the request timeout
+        assert raw_get(port, f"127.0.0.1:{port}").startswith(b"HTTP/1.0 200")
+        for conn in idle:
+            assert conn.recv(1) == b""  # closed by the server
+    finally:
+        for conn in idle:
+            conn.close()

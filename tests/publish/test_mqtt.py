@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -13,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import closing
+from datetime import datetime
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -125,6 +127,21 @@ def _read_until(proc: subprocess.Popen[str], line: str, timeout: float = 20.0) -
         if not got and proc.poll() is not None:
             break
     raise AssertionError(f"publisher process never printed {line!r}")
+
+
+def test_status_is_repeated_every_heartbeat_even_when_nothing_changes(
+    broker: Broker, publisher_factory: Factory
+) -> None:
+    with Subscriber(broker, f"{BASE}/status") as sub:
+        pub = publisher_factory(broker, heartbeat_seconds=5)
+        assert sub.wait_for(lambda ms: len(ms) >= 3, 16), [m.json() for m in sub.messages]
+    beats = [m.json() for m in sub.messages]
+    assert all(b["heartbeat_seconds"] == 5 and b["state"] == "online" for b in beats)
+    sent = [datetime.fromisoformat(b["heartbeat_at"]) for b in beats]
+    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(sent)]
+    assert all(4.5 <= g <= 7.0 for g in gaps), gaps  # about every 5 s, not more often
+    assert len({b["since"] for b in beats}) == 1  # nothing changed: the same state since the start
+    assert pub.connected
 
 
 def test_last_will_turns_status_offline_when_the_process_is_killed(
@@ -375,16 +392,18 @@ def test_acknowledgements_from_a_display_land_in_the_journal(
         message_id=result.message_id, by="RN Smith", at="2024-03-01T08:10:00Z", display="icu-1"
     )
     other = Acknowledgement(message_id=result.message_id, by="Dr Jones", at="2024-03-01T08:11:00Z")
+    # The old shared-account shapes (ack, ack/<id>): no display account may write them now, so ignored.
+    old = Acknowledgement(message_id=result.message_id, by="Old Shape", at="2024-03-01T08:09:00Z")
+    mine = f"{BASE}/ack/{result.message_id}"
     sends: list[tuple[str, str | bytes, bool]] = [
-        (f"{BASE}/ack", b"{not json", False),
-        (f"{BASE}/ack", json.dumps({"message_id": "x"}).encode(), False),  # misses by/at
-        (f"{BASE}/ack/someone-else", ack.model_dump_json(by_alias=True), False),  # topic and payload disagree
-        (
-            f"{BASE}/ack/{result.message_id}",
-            ack.model_dump_json(by_alias=True),
-            True,
-        ),  # what the display does
-        (f"{BASE}/ack", other.model_dump_json(by_alias=True), False),
+        (f"{mine}/display-a", b"{not json", False),
+        (f"{mine}/display-a", json.dumps({"message_id": "x"}).encode(), False),  # misses by/at
+        (f"{BASE}/ack/someone-else/display-a", ack.model_dump_json(by_alias=True), False),  # topic != payload
+        (f"{BASE}/ack", old.model_dump_json(by_alias=True), False),
+        (mine, old.model_dump_json(by_alias=True), True),
+        (f"{mine}/display-a/extra", old.model_dump_json(by_alias=True), True),
+        (f"{mine}/display-a", ack.model_dump_json(by_alias=True), True),  # what the display does
+        (f"{mine}/display-b", other.model_dump_json(by_alias=True), False),
     ]
     try:
         for topic, payload, retain in sends:

@@ -140,6 +140,9 @@ class Broker:
          require_client_cert makes it mutual TLS.
     websockets: also open a WebSockets listener (`ws_port`).
     autosave: save the persistence file after every change, so even SIGKILL loses (almost) nothing.
+    password_file / acl_file: use these files as they are (e.g. the ones `cxr-appliance display-account`
+         writes), instead of users/acl; `reload()` makes the broker re-read them (SIGHUP).
+    max_packet_size / max_queued_bytes: the broker's limits, as in systemd/mosquitto/cxr.conf.
     """
 
     workdir: Path
@@ -150,6 +153,10 @@ class Broker:
     require_client_cert: bool = False
     persistence: bool = True
     autosave: bool = False
+    password_file: Path | None = None
+    acl_file: Path | None = None
+    max_packet_size: int | None = None
+    max_queued_bytes: int | None = None
     host: str = LOOPBACK
     port: int = field(default_factory=free_port)
     ws_port: int | None = None
@@ -188,6 +195,10 @@ class Broker:
         ]
         if self.autosave:
             lines += ["autosave_on_changes true", "autosave_interval 1"]
+        if self.max_packet_size is not None:
+            lines.append(f"max_packet_size {self.max_packet_size}")
+        if self.max_queued_bytes is not None:
+            lines.append(f"max_queued_bytes {self.max_queued_bytes}")
         if self.websockets:
             lines += [f"listener {self.ws_port} {self.host}", "protocol websockets"]
         if self.tls:
@@ -208,9 +219,13 @@ class Broker:
                 )
             os.chmod(pwfile, 0o600)
             lines += ["allow_anonymous false", f"password_file {pwfile}"]
+        elif self.password_file is not None:
+            lines += ["allow_anonymous false", f"password_file {self.password_file}"]
         else:
             lines.append("allow_anonymous true")
-        if self.acl is not None:
+        if self.acl_file is not None:
+            lines.append(f"acl_file {self.acl_file}")
+        elif self.acl is not None:
             acl_file = self.workdir / "acl"
             acl_file.write_text(self.acl, encoding="utf-8")
             os.chmod(acl_file, 0o600)
@@ -265,6 +280,11 @@ class Broker:
             self.proc.kill()
             self.proc.wait()
         self._close_pipes()
+
+    def reload(self) -> None:
+        """SIGHUP: mosquitto re-reads its password file and ACL (what `systemctl reload mosquitto` does)."""
+        assert self.proc is not None and self.running
+        self.proc.send_signal(signal.SIGHUP)
 
     def restart(self, graceful: bool = True) -> Broker:
         self.stop() if graceful else self.kill()
