@@ -418,7 +418,9 @@
         comment ? el("q", { class: "ack-comment" }, comment) : null,
       );
     }
-    if (!needsAck(r)) return null;
+    // A tile offers it where the ward must act (urgent, abnormal); the full reading offers it for a read
+    // normal one too, so a clinician who disagrees with "normal" can say so (site recalibration counts it).
+    if (!needsAck(r) && !(withComment && r.status === "ok")) return null;
     const sending = state.pending.has(r.message_id);
     const button = el("button", { class: "ack-button", type: "button", disabled: sending }, sending ? "Sending…" : "Acknowledge");
     button.addEventListener("click", (event) => {

@@ -149,6 +149,9 @@ def test_tile_leads_with_the_key_sentence_and_the_detail_view_holds_the_whole_re
     assert "Deterioration risk" not in values and "Extent" not in values
     assert page.text("#detail .muted") == "No trend: the patient was not identified."
     assert page.count(f"{tile('Bay 2 Bed 3')} .trend-chart") == 0  # nothing to plot: no empty chart
+    # A normal reading asks for no acknowledgement on its tile, but its full reading takes feedback.
+    assert page.count(f"{tile('Bay 2 Bed 3')} .ack-button") == 0
+    assert page.count("#detail button.ack-button") == 1
     page.press("Escape")
     page.wait("#detail", state="hidden")
 
