@@ -57,7 +57,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_process(args: argparse.Namespace) -> int:
-    from appliance.runtime import build_analyzer, job_for_file
+    from appliance.assemble import build_analyzer, job_for_file
 
     config = _config(args)
     if args.model:

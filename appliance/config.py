@@ -11,11 +11,15 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, model_validator
 
-from appliance.backends.onnxruntime import OnnxRuntimeConfig
-from appliance.backends.tensorrt import TensorRTConfig
-from appliance.backends.triton import TritonConfig
+from appliance.backends.select import AutoBackendConfig
+from appliance.backends.settings import (
+    BackendConfig,
+    InferencePrecision,
+    add_older_shape_to_schema,
+    upgrade_inference,
+)
 from appliance.errors import ConfigError
 from appliance.yamlsource import validate_yaml
 
@@ -99,24 +103,35 @@ class IngestConfig(Section):
 
 class InferenceConfig(Section):
     model: Path = Field(DEFAULT_MODEL, description="Model manifest (YAML) or its folder.")
-    backend: Literal["auto", "onnxruntime", "tensorrt", "triton"] = Field(
+    backend: BackendConfig = Field(
+        default_factory=AutoBackendConfig,
+        description="A name or {type: NAME, ...settings}. auto: TensorRT when an engine for this device"
+        " exists, else ONNX Runtime (settings: tensorrt, onnxruntime); onnxruntime; tensorrt: no fallback;"
+        " triton: a Triton Inference Server (url, ...), never chosen by auto.",
+    )
+    precision: InferencePrecision = Field(
         "auto",
-        description="auto: TensorRT when an engine for this device exists, else ONNX Runtime;"
-        " triton: a Triton Inference Server (inference.triton), never chosen by auto.",
+        description="For whichever backend runs. auto: ONNX Runtime fp32, TensorRT fp16 engine; fp32: ONNX"
+        " Runtime only; fp16/int8: that ONNX (int8 if the model ships one that passed its gate) or engine;"
+        " best: TensorRT FP16+INT8 kernels (ONNX Runtime runs the int8 ONNX). Triton: the server's.",
     )
-    precision: Literal["fp32", "fp16", "int8"] = Field(
-        "fp32",
-        description="ONNX Runtime on CPU: fp32 (default) or int8 if the model ships one that passed its gate.",
+    max_batch: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="Images batched together when a backlog waits; TensorRT engines are built for 1..max_batch.",
     )
-    max_batch: int = Field(4, ge=1, le=64, description="Images batched together when a backlog waits.")
-    onnxruntime: OnnxRuntimeConfig = Field(default_factory=OnnxRuntimeConfig)
-    tensorrt: TensorRTConfig = Field(default_factory=TensorRTConfig)
-    triton: TritonConfig = Field(default_factory=TritonConfig)
     site_overlay: Path | None = Field(
         None,
         description="Site operating points from `cxr-appliance recalibrate` (YAML); replaces the manifest's"
         " thresholds. Refused at start/reload if made for another model. None: the shipped points.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _older_shape(cls, data: object, info: ValidationInfo) -> object:
+        # `backend: NAME` and the sibling onnxruntime/tensorrt/triton sections of older configs.
+        return upgrade_inference(data, info.context)
 
 
 class TlsConfig(Section):
@@ -408,4 +423,5 @@ def config_json_schema() -> dict[str, object]:
     # The bundled model's default path depends on where the appliance is installed; say so, not one path.
     inference = schema["$defs"]["InferenceConfig"]["properties"]
     inference["model"]["default"] = "<install dir>/engines/cxr-lite0/manifest.yaml"
+    add_older_shape_to_schema(inference)
     return schema

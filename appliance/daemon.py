@@ -2,7 +2,8 @@
 
 What happens to one image (analyse, priors, journal, outputs, done/quarantine, the error rule) is the
 processor's (appliance/processor.py); the sources (folder watcher, DICOM receiver) hand files to the
-spool; this module connects them and says on the status topic whether the cart accepts images.
+intake (appliance/ingest/intake.py); this module connects them and says on the status topic whether
+the cart accepts images.
 """
 
 from __future__ import annotations
@@ -14,15 +15,18 @@ import signal
 import sqlite3
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 
 from appliance import sdnotify
+from appliance.assemble import build_analyzer
 from appliance.config import AppConfig, load_config
 from appliance.dicomnet.receiver import DicomReceiver
 from appliance.dicomout.writer import DicomOutWriter
 from appliance.errors import ApplianceError, BackendUnavailable, InputRejected, UserError
-from appliance.ingest.spool import Rejected, Spool, SpoolFull
+from appliance.ingest.intake import FOLDER, Intake, Verdict
+from appliance.ingest.spool import Spool, SpoolFull
 from appliance.ingest.watcher import FolderWatcher
 from appliance.journal import Journal
 from appliance.logs import setup_logging
@@ -36,7 +40,6 @@ from appliance.publish import history
 from appliance.publish.mqtt import MqttPublisher
 from appliance.publish.outbox import Outbox
 from appliance.result import Acknowledgement, Result
-from appliance.runtime import build_analyzer
 
 log = logging.getLogger("appliance.daemon")
 
@@ -104,6 +107,16 @@ class Daemon:
         self.spool = Spool(
             ingest.spool, min_free_mb=ingest.min_free_mb, id_secret=image_id_secret(self.config)
         )
+        # Every source hands its files to this one intake (appliance/ingest/intake.py): one gate, one
+        # size limit, one quarantine, counted once. A full spool found by any source stops accepting.
+        self.intake = Intake.from_config(
+            self.config,
+            self.spool,
+            not_accepting=self._not_accepting,
+            metrics=self.metrics,
+            on_spool_full=lambda why: self._set_fault("disk", f"spool disk full: {why}"),
+        )
+        self._folder_rules = replace(FOLDER, move=ingest.delete_from_watch)
         recovered = self.spool.recover()
         if recovered:
             log.warning("recovered %d image(s) left in processing after an unclean stop", recovered)
@@ -147,7 +160,7 @@ class Daemon:
         self.receiver: DicomReceiver | None = None
         if self.config.dicom_net.enabled:
             self.receiver = DicomReceiver.from_config(
-                self.config, self.spool, on_accepted=self.wake.set, accepting=lambda: self.accepting
+                self.config, self.intake, on_accepted=self.wake.set
             ).start()
         self.processor = ImageProcessor(
             self.spool,
@@ -262,41 +275,22 @@ class Daemon:
 
     # --- ingest side (watcher thread) ----------------------------------------------------------------
 
+    def _not_accepting(self) -> str | None:
+        """The intake's gate: why the cart takes no image now, None when it does."""
+        with self._state_lock:  # faults change from other threads while this one reads them
+            return "; ".join(self._faults.values()) or None
+
     def _accept(self, path: Path, source: str) -> None:
         """Called by the watcher thread. Raising SpoolFull leaves the file where it is: the watcher
-        offers it again later, so nothing dropped while the disk is full is lost or quarantined."""
-        if self._faults:
-            raise SpoolFull("; ".join(self._faults.values()))
-        ingest = self.config.ingest
-        try:
-            size_mb = path.stat().st_size / 2**20
-        except OSError:
-            size_mb = 0.0  # gone or unreadable: the spool names the reason
-        if size_mb > ingest.max_file_mb:
-            detail = f"{path.name}: {size_mb:.0f} MB is over ingest.max_file_mb ({ingest.max_file_mb:g} MB)"
-            self.spool.quarantine_file(path, "file too large", detail, source, move=ingest.delete_from_watch)
-            self.metrics.quarantined("file too large")
-            log.warning("%s: quarantined unread: %s", path, detail)
-            return
-        try:
-            outcome = self.spool.accept(path, source, move=ingest.delete_from_watch)
-        except SpoolFull as exc:
-            self._set_fault("disk", f"spool disk full: {exc}")
-            raise
-        except OSError as exc:
-            log.error("%s: not accepted: %s; offered again shortly", path, exc.strerror or exc)
-            raise  # the watcher keeps the file and retries it
-        if isinstance(outcome, Rejected):
-            self.metrics.quarantined(outcome.reason)
-            log.warning("%s: quarantined: %s (%s)", path, outcome.reason, outcome.detail)
+        offers it again later, so nothing dropped while the cart is not accepting is lost or quarantined."""
+        outcome = self.intake.offer(path, source, self._folder_rules)
+        if outcome.verdict is Verdict.DEFERRED:
+            raise SpoolFull(outcome.reason)
         self.wake.set()
 
     def _rejected(self, path: Path, source: str, exc: InputRejected) -> None:
         """The watcher gave up on a file (never completed, unreadable): quarantine it with the reason."""
-        self.spool.quarantine_file(
-            path, exc.reason, exc.detail, source, move=self.config.ingest.delete_from_watch
-        )
-        self.metrics.quarantined(exc.reason)
+        self.intake.refuse(path, source, self._folder_rules, exc)
 
     def _on_ack(self, ack: Acknowledgement) -> None:
         # The journal drops (and logs) acks of messages it does not know.

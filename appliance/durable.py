@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -61,3 +62,18 @@ def copy_atomically(
         return _atomically(dest, lambda fout: shutil.copyfileobj(src, fout, chunk), tmp_dir=tmp_dir)
     with open(src, "rb") as fin:
         return _atomically(dest, lambda fout: shutil.copyfileobj(fin, fout, chunk), tmp_dir=tmp_dir)
+
+
+def link_or_copy(src: Path, dest: Path) -> bool:
+    """dest names src's content durably: a hard link (no copy, atomic), or on another filesystem a
+    durable copy. False when dest already exists (the same item again after a crash)."""
+    try:
+        os.link(src, dest)
+        fsync_dir(dest.parent)
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+            raise
+        copy_atomically(src, dest)
+    return True

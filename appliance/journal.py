@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from appliance.clock import now_iso
 from appliance.config import JournalConfig
 from appliance.result import Acknowledgement, Result
 from appliance.sqlitedb import Transaction, open_sqlite
@@ -93,10 +94,6 @@ def to_timestamp(value: str | datetime | None) -> float | None:
     return value.timestamp()
 
 
-def _now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-
-
 class Journal:
     """Thread-safe (one connection behind a lock): the pipeline writes results, MQTT writes acks."""
 
@@ -117,28 +114,6 @@ class Journal:
     @classmethod
     def from_config(cls, config: JournalConfig) -> Journal:
         return cls(config.path, retention_days=config.retention_days, retention_count=config.retention_count)
-
-    # -- images --------------------------------------------------------------------------------
-    def record_image(
-        self, image_id: str, source: str, state: str = "accepted", reason: str | None = None
-    ) -> None:
-        """Insert the image or move it to a new state (accepted, processing, done, quarantined, ...)."""
-        with self._lock, Transaction(self._db):
-            self._db.execute(
-                "INSERT INTO images (image_id, source, accepted_at, state, reason, updated_ts)"
-                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(image_id) DO UPDATE SET"
-                " state = excluded.state, reason = excluded.reason, updated_ts = excluded.updated_ts",
-                (image_id, source, _now_iso(), state, reason, time.time()),
-            )
-
-    def image(self, image_id: str) -> dict[str, Any] | None:
-        with self._lock:
-            cur = self._db.execute(
-                "SELECT image_id, source, accepted_at, state, reason FROM images WHERE image_id = ?",
-                (image_id,),
-            )
-            row = cur.fetchone()
-            return dict(zip([c[0] for c in cur.description], row, strict=True)) if row else None
 
     # -- results -------------------------------------------------------------------------------
     def record_result(self, result: Result) -> bool:
@@ -171,7 +146,7 @@ class Journal:
                     "INSERT INTO images (image_id, source, accepted_at, state, reason, updated_ts)"
                     " VALUES (?, ?, ?, 'done', ?, ?) ON CONFLICT(image_id) DO UPDATE SET"
                     " state = 'done', reason = excluded.reason, updated_ts = excluded.updated_ts",
-                    (image_id, result.image.source, _now_iso(), result.reason, time.time()),
+                    (image_id, result.image.source, now_iso(), result.reason, time.time()),
                 )
         if not added:
             log.debug("journal already holds a result for image %s", image_id)
@@ -276,7 +251,7 @@ class Journal:
             cur = self._db.execute(
                 "INSERT OR IGNORE INTO acknowledgements"
                 " (message_id, by, at, display, received_at, verdict, comment) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (ack.message_id, ack.by, ack.at, ack.display, _now_iso(), ack.verdict, ack.comment),
+                (ack.message_id, ack.by, ack.at, ack.display, now_iso(), ack.verdict, ack.comment),
             )
         return cur.rowcount == 1
 
@@ -303,7 +278,7 @@ class Journal:
             ts = to_timestamp(since)
             if ts is None:
                 raise ValueError(f"since {since!r} is not an ISO 8601 time")
-            # received_at is always UTC in one format (_now_iso), so text order is time order.
+            # received_at is always UTC in one format (now_iso), so text order is time order.
             where = " WHERE a.received_at >= ?"
             params.append(datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds"))
         sql = (

@@ -7,7 +7,6 @@ role, labels, activation and operating points). A new model is a new folder, not
 
 from __future__ import annotations
 
-import hashlib
 from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
@@ -15,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from appliance.errors import ManifestError
+from appliance.hashing import sha256_file
 from appliance.yamlsource import validate_yaml
 
 
@@ -284,14 +284,6 @@ class Manifest(Strict):
                 " (the file was changed; re-export or update the manifest)"
             )
         return digest
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_manifest(path: Path) -> Manifest:

@@ -14,13 +14,13 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 from appliance import __version__
 from appliance.backends.base import Backend
+from appliance.clock import now_iso
 from appliance.config import AppConfig
 from appliance.errors import InputRejected
 from appliance.image import DecodedImage, ImageMeta
@@ -41,10 +41,6 @@ MESSAGE_NAMESPACE = uuid.UUID("5b0c7f0e-3c1a-4b7e-9d51-2f4c8a6e1d90")
 # once gained under 10 % on 2 cores (pydicom and GDCM hold the GIL) for ~50 MB more peak memory.
 # Shared by every Analyzer of the process (a SIGHUP reload makes a new one); it starts on first use.
 _PREFETCH = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
-
-
-def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
 @dataclass

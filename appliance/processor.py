@@ -1,16 +1,24 @@
 """The processor: one image's life from the spool to done/ or quarantine/, under one error rule.
 
-claim (the daemon's loop) -> analyse -> enrich with the patient's priors -> journal -> outputs (MQTT
-result and thumbnail, DICOM SR/SC) -> done/. Order matters for "nothing lost, nothing twice": the
-journal is written first, then the durable outbox, and only then is the file moved. After a kill -9 at
-any point the spool hands the image back, the journal recognises it and the same message id is
-enqueued again (the outbox ignores an id it already holds or sent).
+claim (the daemon's loop) -> analyse -> enrich with the patient's priors -> DICOM job -> journal ->
+outputs (MQTT result and thumbnail) -> done/. Order matters for "nothing lost, nothing twice": the
+DICOM job is filed in its durable queue first (it needs the analysis in memory: the decoded pixels and
+the full heatmap), then the journal is written, then the durable outbox, and only then is the file
+moved. After a kill -9 at any point the spool hands the image back: before the journal, the image is
+analysed again and its DICOM job filed again under the same name; after it, the journal recognises it,
+the same message id is enqueued again (the outbox ignores an id it already holds or sent) and the DICOM
+job is already queued or done. The SR and SC are rendered by the worker of that queue
+(appliance/dicomout/queue.py), in the background: the loop does not wait 220-470 ms per image for them.
 
 The error rule, the same on every path: a temporary problem (storage that cannot be written, a backend
 that is down) is raised to the loop, which keeps the images and marks the cart degraded; any other
 exception counts against the one image it happened on, which is tried again until MAX_FAILURES and
 then quarantined with the reason. The process dying while an image is in processing/ counts the same
-way (the spool's recovery counts it).
+way (the spool's recovery counts it). The DICOM worker applies the same rule after the image is done:
+an exception while rendering its SR/SC (or the process dying meanwhile) counts against the image
+(`_dicom_failed`, logged as "DICOM hand-off: ..."), the job is tried again, and at MAX_FAILURES the image
+goes from done/ to quarantine/ with the reason (its MQTT result, already sent, stands) and the job is
+kept in the queue's failed/. A temporary problem there (disk full) waits, uncounted.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator
 
+from appliance.dicomout import DicomJob
 from appliance.dicomout.writer import DicomOutWriter
 from appliance.errors import BackendUnavailable
 from appliance.ingest.spool import Spool, SpoolFull
@@ -66,6 +75,8 @@ class ImageProcessor:
         self.on_finished = on_finished
         self.log_skipped_thumbnails = log_skipped_thumbnails
         self.processed = 0
+        if dicom_out is not None:
+            dicom_out.start_worker(self._dicom_failed)
 
     def process(self, jobs: list[Job]) -> None:
         fresh = []
@@ -102,14 +113,29 @@ class ImageProcessor:
         except Exception as exc:
             self._count_failure(job, stage, exc)
 
-    def _count_failure(self, job: Job, stage: str, exc: BaseException) -> None:
+    def _counted_failure(self, image_id: str, name: str, stage: str, exc: BaseException) -> int:
+        """Log why and count it against the image; returns its failures so far."""
         detail = printable(f"{stage}: {type(exc).__name__}: {exc}")[:300]
-        log.error("%s: %s", job.path.name, detail, exc_info=exc)
-        count = self.spool.record_failure(job.image_id, detail)
-        if count >= MAX_FAILURES:
+        log.error("%s: %s", name, detail, exc_info=exc)
+        count = self.spool.record_failure(image_id, detail)
+        if count < MAX_FAILURES:
+            log.warning("%s: failed %d of %d times; tried again", name, count, MAX_FAILURES)
+        return count
+
+    def _count_failure(self, job: Job, stage: str, exc: BaseException) -> None:
+        if self._counted_failure(job.image_id, job.path.name, stage, exc) >= MAX_FAILURES:
             self._give_up(job)
-        else:
-            log.warning("%s: failed %d of %d times; tried again", job.path.name, count, MAX_FAILURES)
+
+    def _dicom_failed(self, image_id: str, name: str, exc: BaseException) -> bool:
+        """The DICOM worker's failures (its thread; the spool locks): True when it should give up.
+
+        The image's MQTT result was sent and its journal row stays; at the limit only the file moves to
+        quarantine/ with the reason (an error result under the same message id would not be sent)."""
+        if self._counted_failure(image_id, name, "DICOM hand-off", exc) < MAX_FAILURES:
+            return False
+        last = self.spool.last_failure(image_id)
+        self.spool.quarantine(image_id, "internal error", f"failed {MAX_FAILURES} times; last: {last}")
+        return True
 
     def _give_up(self, job: Job) -> None:
         """The image failed MAX_FAILURES times: the ward is told, the file goes to quarantine with why.
@@ -152,8 +178,9 @@ class ImageProcessor:
         """Journal first, then the outbox, then the spool: each step repeatable after a crash."""
         started = time.perf_counter()
         result = with_priors(result, self.journal, self.analyzer.manifest.sequence_risk)
+        queued = self._file_dicom_job(job, result)
         self.journal.record_result(result)
-        result.timings_ms["journal"] = round((time.perf_counter() - started) * 1000.0, 2)
+        result.timings_ms["journal"] = round((time.perf_counter() - started - queued) * 1000.0, 2)
         self._hand_off(job, result)
         self.processed += 1
         self.on_finished(job, result, True)
@@ -166,6 +193,26 @@ class ImageProcessor:
                 "fields": {"image_id": job.image_id[:12], "location": result.location, **result.timings_ms}
             },
         )
+
+    def _file_dicom_job(self, job: Job, result: Result) -> float:
+        """File the SR/SC job with the analysis it is rendered from; returns the seconds it took."""
+        if self.dicom_out is None or job.image is None or job.reading is None:
+            return 0.0
+        started = time.perf_counter()
+        filed = self.dicom_out.submit(
+            DicomJob(
+                result=result,
+                source=job.path,
+                name=job.path.name,
+                pixels=job.image.pixels,
+                heat=job.reading.heat,
+                heat_label=job.reading.heat_label,
+            )
+        )
+        seconds = time.perf_counter() - started
+        if filed:
+            result.timings_ms["dicom_queue"] = round(seconds * 1000.0, 2)
+        return seconds
 
     def _publish_thumbnail(self, job: Job, result: Result) -> None:
         assert self.publisher is not None
@@ -180,7 +227,7 @@ class ImageProcessor:
             self.publisher.publish_result(result)
             self._publish_thumbnail(job, result)
         if self.dicom_out is not None:  # after publishing: the ward hears first, the PACS second
-            self.dicom_out.write_safely(result, job.path)
+            self.dicom_out.wake()
         if result.status == "error":
             self.spool.quarantine(job.image_id, result.reason or "error", result.text)
         else:

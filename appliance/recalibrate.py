@@ -178,7 +178,7 @@ def cases_from_labels(
     results: list[tuple[LabelRow, Result | None]] = []
     files = [row for row in rows if row.file is not None]
     if files:
-        from appliance.runtime import build_analyzer, job_for_file
+        from appliance.assemble import build_analyzer, job_for_file
 
         # The shipped points: an overlay in force must neither change nor block the scores.
         plain = config.model_copy(

@@ -2,14 +2,15 @@
 
 The stick is walked recursively; a DICOMDIR, when present, is read with pydicom to skip non-image
 records (reports, presentation states) and to report files it lists that are missing. Nothing on
-the stick is ever written or deleted: each image goes to `Spool.accept(path, source, move=False)`,
-which copies it into the spool's incoming side and de-duplicates (SOPInstanceUID + content hash,
-remembered across imports, so re-inserting a stick is harmless).
+the stick is ever written or deleted: each file goes to the intake (appliance/ingest/intake.py) under
+its USB rules, which copies it into the spool's incoming side and de-duplicates (SOPInstanceUID +
+content hash, remembered across imports, so re-inserting a stick is harmless).
 
 Hostile media are expected: DICOMDIR file ids with `..` or absolute parts, symlinks leading off
 the stick, FIFOs and device nodes, odd file names. Those are refused with a reason, logged, counted
 and reported; the import carries on with the rest. Files that are not images at all (README.TXT,
-autorun.inf) are skipped rather than quarantined.
+autorun.inf, reports) are skipped rather than quarantined; the intake's other refusals (too large,
+unreadable) are quarantined as from any source and reported as skipped.
 
 Progress and the final counts go to the log and over MQTT (QoS 1) to
 `<prefix>/<site>/<device_id>/usb_import`. MQTT gets counts only (refusals counted by reason): file
@@ -31,10 +32,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from appliance.config import AppConfig
-from appliance.errors import InputRejected, UserError
+from appliance.errors import UserError
+
+if TYPE_CHECKING:  # imported when used: the CLI imports this module to build its parser
+    from appliance.ingest.intake import Intake
+    from appliance.ingest.spool import Spool
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +47,6 @@ PROGRESS_SCHEMA = "cxr-appliance/usb-import/v1"
 MAX_LOGGED_PATH = 160
 _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
 WAIT_MOUNT_ENV = "CXR_USB_WAIT_MOUNT"
-
-
-class Acceptor(Protocol):
-    """What the importer needs from appliance.ingest.spool.Spool."""
-
-    def accept(self, path: Path, source: str, *, move: bool = True) -> object: ...
 
 
 ProgressSink = Callable[[dict[str, Any]], None]
@@ -65,7 +64,7 @@ class ImportReport:
     found: int = 0
     imported: int = 0
     duplicates: int = 0
-    skipped: list[Refusal] = field(default_factory=list)  # not images, too large, unreadable, rejected
+    skipped: list[Refusal] = field(default_factory=list)  # not images, or quarantined by the intake
     refused: list[Refusal] = field(default_factory=list)  # escapes the stick, not a regular file
     missing: list[str] = field(default_factory=list)  # listed in the DICOMDIR but absent
 
@@ -202,37 +201,24 @@ def _walk(root: Path, report: ImportReport) -> Iterator[Path]:
             yield entry
 
 
-def _dicom_non_image(path: Path) -> str | None:
-    """The SOP class name when the file is a known non-image DICOM (DICOMDIR, SR, ...), else None."""
-    from pydicom.filereader import read_file_meta_info
-    from pydicom.uid import UID
-
-    try:
-        sop = read_file_meta_info(path).get("MediaStorageSOPClassUID")
-    except Exception:
-        return None  # the pipeline judges it and quarantines it with its own reason
-    if sop is None:
-        return None
-    name = UID(str(sop)).name
-    return name if name != str(sop) and "Image Storage" not in name else None
-
-
 # --- the import -------------------------------------------------------------------------------
 
 
 def import_tree(
     root: Path,
-    spool: Acceptor,
+    spool: Intake | Spool,
     *,
-    max_file_mb: float = 512,
     source: str | None = None,
     progress: ProgressSink | None = None,
     progress_every_s: float = 2.0,
 ) -> ImportReport:
-    """Hand every image under `root` to `spool.accept(..., move=False)`; never modify `root`."""
-    from appliance.ingest import sniff
-    from appliance.ingest.spool import Accepted, Duplicate, Rejected, SpoolFull
+    """Offer every file under `root` to the intake under USB rules; never modify `root`.
 
+    A bare Spool gets an Intake with the default limits (the CLI passes one built from the config)."""
+    from appliance.ingest import reasons
+    from appliance.ingest.intake import USB, Verdict, as_intake
+
+    intake = as_intake(spool)
     root = Path(root).resolve()
     if not root.is_dir():
         raise UserError(f"USB import: {root} is not a folder (is the stick mounted?)")
@@ -264,35 +250,25 @@ def import_tree(
         rel = _rel(path, root)
         resolved = path.resolve()
         if path.name.upper() == "DICOMDIR" or (resolved in view.listed and resolved not in view.images):
-            report.skipped.append(Refusal(rel, "DICOMDIR or a non-image DICOMDIR record"))
+            # The stick's own index says so: skipped without reading it.
+            report.skipped.append(Refusal(rel, reasons.NON_IMAGE_DICOM))
             continue
-        try:
-            kind = sniff(path)
-        except InputRejected as exc:
-            report.skipped.append(Refusal(rel, f"not an image: {exc.reason}"))
-            continue
-        if kind == "dicom" and (non_image := _dicom_non_image(path)):
-            report.skipped.append(Refusal(rel, f"DICOM {non_image}, not an image"))
+        # A link to another file on the stick (checked by _walk) goes in as its target: the spool
+        # refuses links, which in a watched folder could be swapped to point anywhere.
+        outcome = intake.offer(resolved if path.is_symlink() else path, source, USB)
+        if outcome.verdict is Verdict.SKIPPED:
+            report.skipped.append(Refusal(rel, outcome.reason))
             continue
         report.found += 1
-        if path.stat().st_size > max_file_mb * 1024 * 1024:
-            report.skipped.append(Refusal(rel, f"larger than {max_file_mb:g} MB"))
-            continue
-        try:
-            # A link to another file on the stick (checked by _walk) goes in as its target: the spool
-            # refuses links, which in a watched folder could be swapped to point anywhere.
-            outcome = spool.accept(resolved if path.is_symlink() else path, source, move=False)
-        except SpoolFull as exc:
-            emit(event("failed", error=f"spool full: {exc}"))
-            raise UserError(
-                f"USB import stopped at {rel}: the spool is full ({exc}); nothing was deleted"
-            ) from exc
-        if isinstance(outcome, Accepted):
+        if outcome.verdict is Verdict.DEFERRED:
+            emit(event("failed", error=outcome.reason))
+            raise UserError(f"USB import stopped at {rel}: {outcome.reason}; nothing was deleted")
+        if outcome.verdict is Verdict.ACCEPTED:
             report.imported += 1
-        elif isinstance(outcome, Duplicate):
+        elif outcome.verdict is Verdict.DUPLICATE:
             report.duplicates += 1
-        elif isinstance(outcome, Rejected):
-            report.skipped.append(Refusal(rel, f"rejected by the spool: {outcome.reason}"))
+        else:
+            report.skipped.append(Refusal(rel, outcome.reason))
         if time.monotonic() - last >= progress_every_s:
             last = time.monotonic()
             emit(event("progress"))
@@ -409,6 +385,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace, cfg: AppConfig) -> int:
     """`cxr-appliance usb-import MOUNT`: exit 0 when the walk finished, even if some files were refused."""
+    from appliance.ingest.intake import Intake
     from appliance.ingest.spool import Spool
     from appliance.pseudonym import image_id_secret
 
@@ -424,7 +401,8 @@ def main(args: argparse.Namespace, cfg: AppConfig) -> int:
     # The daemon's image-id key: an image imported here gets the id the daemon would give it.
     spool = Spool(cfg.ingest.spool, min_free_mb=cfg.ingest.min_free_mb, id_secret=image_id_secret(cfg))
     try:
-        report = import_tree(root, spool, max_file_mb=cfg.ingest.max_file_mb, progress=sink)
+        # No gate and no metrics: this is a process of its own; the spool's disk reserve still applies.
+        report = import_tree(root, Intake.from_config(cfg, spool), progress=sink)
     finally:
         close()
         spool.close()

@@ -6,6 +6,8 @@ path back into `FILE:LINE`, so an engineer fixing a config on a cart sees where 
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -48,7 +50,25 @@ def load_yaml_with_lines(path: Path) -> tuple[Any, dict[Location, int]]:
     return data if data is not None else {}, lines
 
 
-def _nearest_line(loc: Location, lines: dict[Location, int]) -> int | None:
+def written_path(loc: Location, lines: Mapping[Location, int]) -> Location:
+    """The key path as written in the YAML for a validation location.
+
+    A discriminated union adds its tag to the location (`inference.backend.tensorrt.workspace_mb`
+    for `backend: {type: tensorrt, workspace_mb: ...}`), and an upgraded old form moves a section
+    (`inference.tensorrt` into `inference.backend`): dropping one or two inner parts finds the key
+    the user wrote. Without such a match the location itself is returned.
+    """
+    if loc in lines or len(loc) < 3:
+        return loc
+    inner = range(1, len(loc) - 1)
+    for dropped in (*itertools.combinations(inner, 1), *itertools.combinations(inner, 2)):
+        candidate = tuple(part for i, part in enumerate(loc) if i not in dropped)
+        if candidate in lines:
+            return candidate
+    return loc
+
+
+def nearest_line(loc: Location, lines: Mapping[Location, int]) -> int | None:
     # An unknown or missing key has no line of its own: fall back to its parent's.
     for cut in range(len(loc), -1, -1):
         if loc[:cut] in lines:
@@ -56,12 +76,18 @@ def _nearest_line(loc: Location, lines: dict[Location, int]) -> int | None:
     return None
 
 
+def where(source: Path | None, loc: Location, lines: Mapping[Location, int]) -> str:
+    """`FILE:LINE` of a key path (as much of it as is known)."""
+    line = nearest_line(loc, lines)
+    return f"{source}:{line}" if source and line else str(source or "config")
+
+
 def format_validation_error(exc: ValidationError, source: Path, lines: dict[Location, int]) -> str:
     messages = []
     for error in exc.errors():
-        loc: Location = tuple(error["loc"])
+        loc: Location = written_path(tuple(error["loc"]), lines)
         key = ".".join(str(part) for part in loc) or "(top level)"
-        line = _nearest_line(loc, lines)
+        line = nearest_line(loc, lines)
         where = f"{source}:{line}" if line else str(source)
         message = error["msg"]
         if error["type"] == "extra_forbidden":
@@ -76,6 +102,8 @@ def validate_yaml(model: type[ModelT], path: Path, error_class: type[UserError] 
     """Load `path` and validate it as `model`; errors name the key and the YAML line."""
     data, lines = load_yaml_with_lines(path)
     try:
-        return model.model_validate(data, context={"source_dir": path.parent})
+        # lines/source let a validator that reads an older config shape name where it was written.
+        context = {"source_dir": path.parent, "source": path, "lines": lines}
+        return model.model_validate(data, context=context)
     except ValidationError as exc:
         raise error_class(format_validation_error(exc, path, lines)) from None

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from appliance.ingest.spool import Spool
 from tests.support import tiny_models
 from tests.support.daemon import DaemonProcess
 from tests.support.mosquitto import MOSQUITTO, Broker, Subscriber
@@ -85,3 +86,11 @@ def daemons(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
     for daemon in made:
         if daemon.proc is not None and daemon.proc.poll() is None:
             daemon.stop()
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Iterator[Spool]:
+    """A real spool in the test's folder (ingest, receiver, USB import and intake tests share it)."""
+    s = Spool(tmp_path / "spool")
+    yield s
+    s.close()

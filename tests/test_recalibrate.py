@@ -22,13 +22,13 @@ import numpy as np
 import pytest
 import yaml
 
+from appliance.assemble import build_analyzer, job_for_file
 from appliance.config import DEFAULT_MODEL, AppConfig
 from appliance.journal import Journal
 from appliance.manifest import load_manifest, sha256_file
 from appliance.overlay import OverlayError, SiteOverlay, read_overlay, write_overlay
 from appliance.recalibrate import MIN_CASES
 from appliance.result import Acknowledgement, Result
-from appliance.runtime import build_analyzer, job_for_file
 from tests.support import data
 from tests.support.daemon import REPO, RESULT_TOPIC, DaemonProcess, wait_results, wait_until
 from tests.support.mosquitto import Broker, Subscriber

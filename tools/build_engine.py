@@ -22,14 +22,16 @@ import functools
 import shlex
 import sys
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from appliance.backends.select import parity_refusal
+from appliance.backends.select import parity_refusal, tensorrt_settings
 from appliance.backends.tensorrt import (
+    OPT_BATCH,
     EnginePlan,
     TensorRTConfig,
     build_engine,
@@ -39,7 +41,7 @@ from appliance.backends.tensorrt import (
     plan_engine,
     trtexec_command,
 )
-from appliance.config import load_config
+from appliance.config import InferenceConfig, load_config
 from appliance.engine_cache import DeviceIdentity, EngineMismatch, find_engine, read_l4t_release
 from appliance.errors import ApplianceError, BackendUnavailable, UserError
 from appliance.ingest import read_image
@@ -55,12 +57,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--config", help="appliance config YAML: model and inference.tensorrt settings")
+    parser.add_argument(
+        "--config", help="appliance config YAML: model, inference.precision/max_batch and TensorRT settings"
+    )
     parser.add_argument("--model", help="model manifest or its folder (overrides the config's)")
-    parser.add_argument("--precision", choices=["fp16", "int8", "best"])
+    parser.add_argument("--precision", choices=["auto", "fp16", "int8", "best"], help="auto = fp16")
     parser.add_argument("--workspace-mb", type=int)
-    parser.add_argument("--opt-batch", type=int)
-    parser.add_argument("--max-batch", type=int)
+    parser.add_argument(
+        "--max-batch", type=int, help="the profile is 1 / 1 / max batch (inference.max_batch)"
+    )
+    parser.add_argument("--opt-batch", type=int, help=argparse.SUPPRESS)  # gone: refused below, by name
     parser.add_argument("--dla-core", type=int, help="build for this DLA core (GPU fallback on)")
     parser.add_argument("--cache", help="engine cache folder (default: the config's, else <model>/cache)")
     parser.add_argument(
@@ -82,18 +88,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load_target(args: argparse.Namespace) -> tuple[Manifest, TensorRTConfig]:
-    config = TensorRTConfig()
-    model = Path(args.model) if args.model else DEFAULT_MODEL
-    if args.config:
-        inference = load_config(Path(args.config)).inference
-        config = inference.tensorrt
-        model = Path(args.model) if args.model else inference.model
+@dataclass(frozen=True)
+class Target:
+    manifest: Manifest
+    config: TensorRTConfig
+    precision: str  # inference.precision (auto = fp16 engine)
+    max_batch: int  # inference.max_batch: the profile's max
+
+
+def load_target(args: argparse.Namespace) -> Target:
+    if args.opt_batch is not None and args.opt_batch != OPT_BATCH:
+        raise UserError(
+            f"--opt-batch {args.opt_batch}: the engine profile's optimum is always {OPT_BATCH} now;"
+            " one batch setting, --max-batch (inference.max_batch), sets its max"
+        )
+    inference = load_config(Path(args.config)).inference if args.config else InferenceConfig()
+    model = Path(args.model) if args.model else (inference.model if args.config else DEFAULT_MODEL)
+    config = tensorrt_settings(inference)
     overrides = {
-        "precision": args.precision,
         "workspace_mb": args.workspace_mb,
-        "opt_batch": args.opt_batch,
-        "max_batch": args.max_batch,
         "dla_core": args.dla_core,
         "engine_cache": Path(args.cache) if args.cache else None,
     }
@@ -102,7 +115,9 @@ def load_target(args: argparse.Namespace) -> tuple[Manifest, TensorRTConfig]:
         config = TensorRTConfig.model_validate(values)
     except ValueError as exc:
         raise UserError(f"invalid engine settings: {exc}") from exc
-    return load_manifest(model), config
+    precision = args.precision or inference.precision
+    max_batch = inference.max_batch if args.max_batch is None else args.max_batch
+    return Target(load_manifest(model), config, precision, max_batch)
 
 
 def this_device(args: argparse.Namespace) -> DeviceIdentity:
@@ -171,18 +186,22 @@ def calibration_batches(files: list[Path], manifest: Manifest, batch: int) -> It
             samples = []
 
 
-def run_parity(args: argparse.Namespace, model: Path) -> bool:
+def run_parity(args: argparse.Namespace, model: Path, plan: EnginePlan) -> bool:
     argv = ["--model", str(model), "--candidate", "tensorrt", "--record"]
     argv += ["--config", args.config] if args.config else []
     argv += ["--cache", args.cache] if args.cache else []
     argv += ["--data", args.parity_data] if args.parity_data else []
+    argv += ["--precision", plan.spec.precision, "--max-batch", str(plan.spec.max_batch)]
     return check_parity.check(check_parity.parse_args(argv)).passed
 
 
 def build(args: argparse.Namespace) -> int:
-    manifest, config = load_target(args)
+    target = load_target(args)
+    manifest, config = target.manifest, target.config
     device = this_device(args)
-    plan = plan_engine(manifest, config, device, int8_source=args.int8_source)
+    plan = plan_engine(
+        manifest, config, device, target.precision, target.max_batch, int8_source=args.int8_source
+    )
     show_plan(plan)
     if args.dry_run:
         return 0
@@ -200,7 +219,7 @@ def build(args: argparse.Namespace) -> int:
                 say(f"error: {refusal}", file=sys.stderr)
                 return 1
             say("engine present but not parity-checked yet")
-            return 0 if run_parity(args, manifest.folder) else 1
+            return 0 if run_parity(args, manifest.folder, plan) else 1
     batches, calibration_id = None, None
     if plan.calibration_cache is not None and not plan.calibration_cache.is_file():
         files = calibration_files(args)
@@ -208,7 +227,7 @@ def build(args: argparse.Namespace) -> int:
         calibration_id = calibration_id_for(files)
         batches = calibration_batches(files, manifest, 8)
     build_engine(plan, progress=say, calibration_batches=batches, calibration_id=calibration_id)
-    if args.check_parity and not run_parity(args, manifest.folder):
+    if args.check_parity and not run_parity(args, manifest.folder, plan):
         say("error: the engine FAILED the parity gate; it is recorded as refused and will not be loaded")
         return 1
     return 0

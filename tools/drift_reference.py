@@ -24,10 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tqdm import tqdm
 
+from appliance.assemble import job_for_file
 from appliance.errors import UserError
 from appliance.manifest import DriftReference, load_manifest
 from appliance.ops.drift import SMOOTHING, Observation, observations, reference_quantity
-from appliance.runtime import job_for_file
 from tools import cxrdata as data
 from tools.evaluate import choose_records, make_analyzer
 

@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from PIL import Image
 from tqdm import tqdm
 
+from appliance.assemble import build_analyzer, job_for_file
 from appliance.config import AppConfig
 from appliance.errors import InputRejected, UserError
 from appliance.ingest import read_image
@@ -47,7 +48,6 @@ from appliance.interpret.zones import dominant_side
 from appliance.manifest import Precision, Role, load_manifest
 from appliance.pipeline import Analyzer
 from appliance.result import Result
-from appliance.runtime import build_analyzer, job_for_file
 from tools import cxrdata as data
 from tools import cxrmetrics as metrics
 

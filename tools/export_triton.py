@@ -37,7 +37,6 @@ from onnx import TensorProto, shape_inference
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from appliance.backends.tensorrt import sample_shape
 from appliance.backends.triton import (
     PARAM_MODEL,
     PARAM_ONNX_PRECISION,
@@ -217,7 +216,7 @@ def check_against_manifest(
     names = [t.name for t in inputs]
     if names != [manifest.input.name]:
         raise UserError(f"{path}: inputs {names}, the manifest expects exactly [{manifest.input.name!r}]")
-    want = sample_shape(manifest)
+    want = manifest.input.sample_shape
     have = inputs[0].dims
     if len(have) != len(want) or any(h not in (w, -1) for h, w in zip(have, want, strict=False)):
         raise UserError(f"{path}: input {names[0]!r} has dims {list(have)}, the manifest says {list(want)}")

@@ -390,7 +390,7 @@ put("display.site", site)
 put("display.username", "display-kiosk")
 put("display.password_file", f"{etc}/secrets/mqtt-display-kiosk.password")
 # Engines are built on the cart into its state folder: the install prefix is read-only to the services.
-put("inference.tensorrt.engine_cache", f"{state}/engines")
+put("inference.backend.tensorrt.engine_cache", f"{state}/engines")
 model = Path(prefix) / "engines" / "cxr-lite0"
 if model.is_dir():
     put("inference.model", str(model))

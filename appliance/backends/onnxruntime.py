@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from appliance.backends.ort_lowering import LoweringReport, load_lowered
 from appliance.errors import BackendUnavailable
 from appliance.manifest import Manifest, Precision
 
@@ -28,6 +30,19 @@ class OnnxRuntimeConfig(BaseModel):
         1, ge=1, description="Operators run in parallel; 1 because the graph is a chain."
     )
     graph_optimization: str = Field("all", pattern="^(disable|basic|extended|all)$")
+    int8_cpu_lowering: bool = Field(
+        True,
+        description=(
+            "INT8 only: rewrite the TensorRT-form Q/DQ model (symmetric INT8) in memory into the UINT8 form"
+            " ONNX Runtime's CPU provider fuses (appliance.backends.ort_lowering); the file is not changed."
+        ),
+    )
+
+
+class OnnxRuntimeBackendConfig(OnnxRuntimeConfig):
+    """`inference.backend: {type: onnxruntime, ...}`: ONNX Runtime only."""
+
+    type: Literal["onnxruntime"] = "onnxruntime"
 
 
 _OPT_LEVELS = {
@@ -65,8 +80,24 @@ class OnnxRuntimeBackend:
         if not providers:
             raise BackendUnavailable(f"none of the configured providers {config.providers} is available")
         path = manifest.onnx_path(precision)
+        self.lowering: LoweringReport | None = None
+        model: str | bytes = os.fspath(path)
         try:
-            self.session = ort.InferenceSession(os.fspath(path), sess_options=options, providers=providers)
+            if (
+                precision is Precision.int8
+                and config.int8_cpu_lowering
+                and providers[0] == "CPUExecutionProvider"
+            ):
+                model, self.lowering = load_lowered(path)
+                log.info(
+                    "%s: INT8 lowered for the CPU in memory (%d ReLU Q/DQ to uint8, %d signed Q/DQ to uint8"
+                    " zero point 128, %d pre-activation pairs removed)",
+                    path.name,
+                    self.lowering.relu_to_uint8,
+                    self.lowering.signed_to_uint8,
+                    self.lowering.pre_activation_pairs_removed,
+                )
+            self.session = ort.InferenceSession(model, sess_options=options, providers=providers)
         except Exception as exc:  # ORT raises its own untyped errors for broken graphs
             raise BackendUnavailable(f"{path}: ONNX Runtime cannot load it: {exc}") from exc
         self.output_names = [o.name for o in self.session.get_outputs()]

@@ -22,7 +22,6 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from appliance.backends.tensorrt import sample_shape
 from appliance.errors import BackendUnavailable
 from appliance.manifest import Manifest, Precision
 
@@ -83,6 +82,12 @@ class TritonConfig(BaseModel):
         return self
 
 
+class TritonBackendConfig(TritonConfig):
+    """`inference.backend: {type: triton, url: ...}`: only when named, never chosen by auto."""
+
+    type: Literal["triton"] = "triton"
+
+
 def import_client(protocol: str) -> ModuleType:
     """tritonclient.http or tritonclient.grpc, or BackendUnavailable saying what to install."""
     try:
@@ -139,7 +144,7 @@ def metadata_problems(manifest: Manifest, metadata: Mapping[str, Any], max_batch
     else:
         tensor = inputs[expected_input]
         shape = tensor["shape"][1:] if batched else tensor["shape"]
-        want = list(sample_shape(manifest))
+        want = list(manifest.input.sample_shape)
         if len(shape) != len(want) or any(
             have not in (want_d, -1) for have, want_d in zip(shape, want, strict=True)
         ):

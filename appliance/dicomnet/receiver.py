@@ -6,11 +6,11 @@ when dicom_net.tls is given.
 
 pynetdicom streams each dataset to a temporary file (never into memory); past ingest.max_file_mb the
 association is aborted. The instance is then copied as sent (no re-encoding) into a receive folder with
-temp + fsync + rename, checked the way the reader checks a file before decoding it, and handed to
-`Spool.accept(..., source="dicom-net")`: the same spool, quarantine and de-duplication as folder and
-USB input. The C-STORE response is sent only after the spool holds the file, so a "Success" the unit
-sees is never lost, and never given for a file the reader would refuse unread. Files a crash left in
-the receive folder are offered to the spool again at start.
+temp + fsync + rename, and handed to the intake (appliance/ingest/intake.py) under its NETWORK rules:
+the same gate, size limit, quarantine, metrics and de-duplication as folder and USB input, plus the
+check the reader makes before decoding. The C-STORE response is sent only after the spool holds the
+file, so a "Success" the unit sees is never lost, and never given for a file the reader would refuse
+unread. Files a crash left in the receive folder are offered to the intake again at start.
 
 Only the image storage SOP classes the reader handles are taken; any other object (a dose report, a
 presentation state) is refused with "SOP Class not supported" without its data being parsed. Deflated
@@ -47,10 +47,9 @@ from pynetdicom.transport import ThreadedAssociationServer
 from appliance.config import AppConfig, DicomNetConfig
 from appliance.dicomnet import quiet_pynetdicom, safe_uid_name, server_tls_context
 from appliance.durable import copy_atomically
-from appliance.errors import InputRejected, UserError
-from appliance.ingest import reasons
-from appliance.ingest.dicom import check_dicom
-from appliance.ingest.spool import Accepted, Duplicate, Rejected, Spool, SpoolFull
+from appliance.errors import UserError
+from appliance.ingest.intake import NETWORK, Intake, Outcome, Verdict, as_intake
+from appliance.ingest.spool import Spool
 from appliance.logs import printable
 
 log = logging.getLogger(__name__)
@@ -83,37 +82,45 @@ _DEFLATED = {
     UID("1.2.840.10008.1.2.8.1"),  # Deflated Image Frame Compression
 }
 TRANSFER_SYNTAXES = [ts for ts in ALL_TRANSFER_SYNTAXES if ts not in _DEFLATED]
+# The answer to each intake outcome. SKIPPED cannot happen under NETWORK rules (non-images are
+# quarantined); it is here so that every outcome has an answer.
+STATUS = {
+    Verdict.ACCEPTED: SUCCESS,
+    Verdict.DUPLICATE: SUCCESS,  # a unit retrying: it has been delivered
+    Verdict.QUARANTINED: CANNOT_UNDERSTAND,
+    Verdict.SKIPPED: CANNOT_UNDERSTAND,
+    Verdict.DEFERRED: OUT_OF_RESOURCES,  # the unit sends it again later
+}
 
 
 class DicomReceiver:
     def __init__(
         self,
         config: DicomNetConfig,
-        spool: Spool,
+        intake: Intake | Spool,
         receive_dir: Path,
         *,
         on_accepted: Callable[[], None] | None = None,
-        accepting: Callable[[], bool] = lambda: True,
-        max_bytes: int = 512 * 2**20,  # ingest.max_file_mb
-        max_pixels: int = 60_000_000,  # ingest.max_pixels
     ) -> None:
+        """`intake` brings the gate and the limits (ingest.max_file_mb caps the stream too); a bare
+        Spool gets an Intake with the default limits."""
         self.config = config
-        self.spool = spool
+        self.intake = as_intake(intake)
         self.receive_dir = Path(receive_dir)
         self.on_accepted = on_accepted
-        self.accepting = accepting
-        self.max_bytes = max_bytes
-        self.max_pixels = max_pixels
         self._server: ThreadedAssociationServer | None = None
         self._lock = threading.Lock()
         self._arriving: dict[Association, int] = {}  # dataset bytes of the C-STORE in transfer
         self.received = 0
 
     @classmethod
-    def from_config(cls, config: AppConfig, spool: Spool, **kwargs: object) -> DicomReceiver:
+    def from_config(
+        cls, config: AppConfig, intake: Intake | Spool, *, on_accepted: Callable[[], None] | None = None
+    ) -> DicomReceiver:
         receive_dir = config.dicom_net.receive_dir or config.ingest.spool / "dicom-in"
-        limits = {"max_bytes": int(config.ingest.max_file_mb * 2**20), "max_pixels": config.ingest.max_pixels}
-        return cls(config.dicom_net, spool, receive_dir, **{**limits, **kwargs})  # type: ignore[arg-type]
+        if isinstance(intake, Spool):
+            intake = Intake.from_config(config, intake)
+        return cls(config.dicom_net, intake, receive_dir, on_accepted=on_accepted)
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
@@ -227,14 +234,15 @@ class DicomReceiver:
             else:
                 total += max(0, len(value) - 1)  # less the message control header
         self._arriving[assoc] = total
-        if total > self.max_bytes >= before:
+        max_bytes = self.intake.max_bytes  # the intake's size limit, applied while the data streams in
+        if total > max_bytes >= before:
             requestor = assoc.requestor
             log.error(
                 "C-STORE from %s (%s:%s) aborted: the dataset is over %g MB (ingest.max_file_mb)",
                 requestor.ae_title.strip(),
                 requestor.address,
                 requestor.port,
-                self.max_bytes / 2**20,
+                max_bytes / 2**20,
             )
             assoc.abort(block=False)  # this is the reader thread: a blocking abort would wait on itself
 
@@ -263,8 +271,12 @@ class DicomReceiver:
                 sop_class.name or "(no SOP class)",
             )
             return SOP_CLASS_NOT_SUPPORTED
-        if not self.accepting():
-            log.error("C-STORE %s from %s refused: the cart is not accepting images (disk)", sop_uid, calling)
+        # The intake's gate, asked before the dataset is written: while the disk is full, not a byte more.
+        why = self.intake.not_accepting()
+        if why:
+            log.error(
+                "C-STORE %s from %s refused: the cart is not accepting images (%s)", sop_uid, calling, why
+            )
             return OUT_OF_RESOURCES
         name = safe_uid_name(sop_uid) or f"noname-{time.time_ns()}.dcm"
         path = self.receive_dir / name
@@ -273,59 +285,33 @@ class DicomReceiver:
         except OSError as exc:
             log.error("C-STORE %s from %s: cannot write %s: %s", sop_uid, calling, path, exc.strerror or exc)
             return OUT_OF_RESOURCES
-        refused = self._refuse_unreadable(path, calling)
-        if refused is not None:
-            return refused
-        status = self._hand_to_spool(path, calling)
+        status = self._answer(self._offer(path), path, calling)
         log.debug(
             "C-STORE %s from %s stored in %.1f ms", sop_uid, calling, (time.perf_counter() - started) * 1e3
         )
         return status
 
-    # --- spool hand-off ------------------------------------------------------------------------------
+    # --- intake hand-off -----------------------------------------------------------------------------
 
-    def _refuse_unreadable(self, path: Path, calling: str) -> int | None:
-        """What the reader would refuse before decoding is refused now (and quarantined), not after a
-        Success the unit takes as "delivered"."""
-        try:
-            check_dicom(path, max_pixels=self.max_pixels)
-            return None
-        except InputRejected as exc:
-            reason, detail = exc.reason, exc.detail
-        except Exception as exc:  # a parser bug must not become a Success, nor a file left behind
-            log.exception("C-STORE from %s: checking %s failed", calling, path.name)
-            reason, detail = reasons.INVALID_DICOM, f"{path.name}: {type(exc).__name__}: {exc}"
-        try:
-            self.spool.quarantine_file(path, reason, detail, SOURCE)
-        except (OSError, SpoolFull) as exc:  # the unit may send it again later
-            log.error("C-STORE from %s: cannot quarantine %s: %s", calling, path.name, exc)
+    def _offer(self, path: Path) -> Outcome:
+        with self._lock:  # one hand-off at a time: two copies of one instance share a receive file name
+            return self.intake.offer(path, SOURCE, NETWORK)
+
+    def _answer(self, outcome: Outcome, path: Path, calling: str) -> int:
+        if outcome.verdict is Verdict.DEFERRED:
+            # The unit is told to send it again: keep nothing it believes was not delivered.
             with contextlib.suppress(OSError):
                 path.unlink()
-            return OUT_OF_RESOURCES
-        log.warning("C-STORE from %s refused: %s (%s)", calling, reason, detail)
-        return CANNOT_UNDERSTAND
-
-    def _hand_to_spool(self, path: Path, calling: str) -> int:
-        with self._lock:  # one rename at a time keeps the duplicate check simple for the spool
-            try:
-                outcome = self.spool.accept(path, SOURCE, move=True)
-            except SpoolFull as exc:
-                log.error("C-STORE from %s refused: %s", calling, exc)
-                with contextlib.suppress(OSError):
-                    path.unlink()
-                return OUT_OF_RESOURCES
-            except OSError as exc:
-                log.error("C-STORE from %s: spool failed on %s: %s", calling, path.name, exc.strerror or exc)
-                return OUT_OF_RESOURCES
-        if isinstance(outcome, Rejected):
-            log.warning("C-STORE from %s quarantined: %s (%s)", calling, outcome.reason, outcome.detail)
-            return CANNOT_UNDERSTAND
-        self.received += 1
-        if isinstance(outcome, Accepted) and self.on_accepted is not None:
-            self.on_accepted()
-        elif isinstance(outcome, Duplicate):
-            log.info("C-STORE from %s: already have %s", calling, outcome.key)
-        return SUCCESS
+            log.error("C-STORE from %s refused: %s", calling, outcome.reason)
+        elif outcome.verdict in (Verdict.QUARANTINED, Verdict.SKIPPED):
+            log.warning("C-STORE from %s refused: %s (%s)", calling, outcome.reason, outcome.detail)
+        else:
+            self.received += 1
+            if outcome.verdict is Verdict.ACCEPTED and self.on_accepted is not None:
+                self.on_accepted()
+            elif outcome.verdict is Verdict.DUPLICATE:
+                log.info("C-STORE from %s: already have %s", calling, outcome.key)
+        return STATUS[outcome.verdict]
 
     def _recover(self) -> None:
         for leftover in sorted(self.receive_dir.iterdir()):
@@ -334,4 +320,5 @@ class DicomReceiver:
                     leftover.unlink()
             elif leftover.is_file():
                 log.warning("DICOM receiver: %s was received before a stop; spooling it now", leftover.name)
-                self._hand_to_spool(leftover, "")
+                # Never answered: on DEFERRED it stays here for the next start (the unit may not resend).
+                self._offer(leftover)

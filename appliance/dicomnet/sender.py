@@ -19,7 +19,6 @@ copy: the same instance (same SOP Instance UID), pixels decoded from the JPEG, s
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import os
@@ -37,7 +36,7 @@ from pynetdicom.association import Association
 
 from appliance.config import AppConfig, PacsConfig
 from appliance.dicomnet import client_tls_context, quiet_pynetdicom
-from appliance.durable import fsync_dir, write_atomically
+from appliance.durable import fsync_dir, link_or_copy, write_atomically
 from appliance.errors import ApplianceError
 
 log = logging.getLogger(__name__)
@@ -112,15 +111,7 @@ class DicomSender:
     def enqueue(self, path: Path) -> Path:
         """Queue a complete, fsynced file for the PACS (a hard link: no copy, and atomic)."""
         dest = self.queue_dir / path.name
-        try:
-            os.link(path, dest)
-            fsync_dir(self.queue_dir)
-        except FileExistsError:
-            pass  # already queued (the same result written again after a crash)
-        except OSError as exc:
-            if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
-                raise
-            write_atomically(dest, path.read_bytes())  # another filesystem: a durable copy
+        link_or_copy(path, dest)  # False: already queued (the same result written again after a crash)
         self._wake.set()
         return dest
 

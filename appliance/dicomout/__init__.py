@@ -6,14 +6,19 @@ Device UID, which changes whenever the model file does) and say "Not for diagnos
 series description. Instance UIDs derive from the result's message id, so writing the same result
 again (after a crash) gives the same objects, which a PACS treats as one. Both are UTF-8 (ISO_IR 192):
 the result's text holds characters such as "→" that ISO_IR 100 (Latin-1) cannot carry.
+
+Both are renderings of one analysis (a DicomJob), as the MQTT payload is: no MQTT option changes them.
 """
 
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final
 
 import highdicom as hd
+import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
@@ -25,6 +30,19 @@ UID_NAMESPACE: Final = uuid.UUID("6f4b7c1e-3c55-4d0e-9a0b-2f6d3f6f0c21")
 SR_SERIES_NUMBER: Final = 9901
 SC_SERIES_NUMBER: Final = 9902
 SPECIFIC_CHARACTER_SET: Final = "ISO_IR 192"  # UTF-8, whatever the source's character set was
+
+
+@dataclass(frozen=True)
+class DicomJob:
+    """What the SR and the SC are rendered from: the result and the analysis behind it."""
+
+    result: Result
+    source: Path  # the DICOM input: its header is copied, its pixels are not decoded again
+    name: str  # the input's name in the spool, for the log
+    pixels: np.ndarray  # float [0, 1], as the reader decoded it for the model (VOI, MONOCHROME1 applied)
+    # The full float heatmap over the image, only when the reading may show one (docs/reading.md).
+    heat: np.ndarray | None = None
+    heat_label: str | None = None
 
 
 class DicomOutError(ApplianceError):

@@ -1,7 +1,10 @@
 """A Secondary Capture of the image with the heatmap drawn over it (DERIVED\\SECONDARY).
 
-The picture is the same grey image the model saw (VOI/window and MONOCHROME1 already applied by the
-reader), with the heatmap in warm colours where it is high, and "NOT FOR DIAGNOSTIC USE" burned in.
+The picture is the same grey image the model saw, as the reader decoded it once (VOI/window and
+MONOCHROME1 applied; a decoder may have reduced its resolution to what the model needs), brought to the
+source's size (at most MAX_SIDE), with the full float heatmap in warm colours where it is high (not the
+64-px PNG of the MQTT payload, and only when the reading may show one), and "NOT FOR DIAGNOSTIC USE"
+burned in.
 It carries no pixel spacing on purpose: nobody should measure on it. It joins the source's study,
 references the source image and names the algorithm like the SR does. It carries the source's Body
 Part Examined (CHEST where the source has none: the appliance reads chest radiographs only), without
@@ -12,10 +15,7 @@ It is JPEG Baseline; the sender makes an uncompressed copy for a PACS that takes
 
 from __future__ import annotations
 
-import base64
-import io
 import re
-from pathlib import Path
 from typing import Final
 
 import numpy as np
@@ -27,14 +27,12 @@ from pydicom.uid import JPEGBaseline8Bit
 from appliance import NOT_FOR_DIAGNOSTIC_USE
 from appliance.dicomout import (
     SC_SERIES_NUMBER,
+    DicomJob,
     DicomOutError,
     add_device_uid,
     common_kwargs,
     series_description,
 )
-from appliance.errors import InputRejected
-from appliance.ingest import read_image
-from appliance.result import Heatmap, Result
 
 MAX_SIDE: Final = 2048  # a review picture; larger images are scaled down
 HOT_FROM: Final = 0.35  # heatmap values below this stay grey (it is normalised to [0, 1] per image)
@@ -45,10 +43,12 @@ DEFAULT_BODY_PART: Final = "CHEST"
 _CODE_STRING = re.compile(r"[A-Z0-9 _]{1,16}")  # VR CS
 
 
-def heatmap_array(heatmap: Heatmap, size: tuple[int, int]) -> np.ndarray:
-    """The heatmap PNG as float [0, 1], resized to (width, height)."""
-    grey = Image.open(io.BytesIO(base64.b64decode(heatmap.png_base64))).convert("L")
-    return np.asarray(grey.resize(size, Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
+def resized(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A float map resized to (width, height), bilinear."""
+    if values.shape == (size[1], size[0]):
+        return np.asarray(values, dtype=np.float32)
+    image = Image.fromarray(np.asarray(values, dtype=np.float32), mode="F")
+    return np.asarray(image.resize(size, Image.Resampling.BILINEAR), dtype=np.float32)
 
 
 def overlay(grey: np.ndarray, heat: np.ndarray | None) -> np.ndarray:
@@ -73,22 +73,15 @@ def burn_in(rgb: np.ndarray, text: str) -> np.ndarray:
     return np.asarray(image)
 
 
-def picture(result: Result, source_path: Path) -> np.ndarray:
-    try:
-        decoded = read_image(source_path, target_size=MAX_SIDE)
-    except InputRejected as exc:
-        raise DicomOutError(f"{source_path.name}: cannot read the source image again: {exc}") from exc
-    pixels = decoded.pixels
-    if max(pixels.shape) > MAX_SIDE:
-        scale = MAX_SIDE / max(pixels.shape)
-        size = (max(1, round(pixels.shape[1] * scale)), max(1, round(pixels.shape[0] * scale)))
-        pixels = np.asarray(Image.fromarray(pixels, mode="F").resize(size, Image.Resampling.BILINEAR))
-    height, width = pixels.shape
-    heat = heatmap_array(result.heatmap, (width, height)) if result.heatmap is not None else None
-    label = f"{NOT_FOR_DIAGNOSTIC_USE.upper()} - {result.provenance.model} {result.provenance.model_version}"
-    if result.heatmap is not None:
-        label += f" - heatmap: {result.heatmap.label}"
-    return burn_in(overlay(np.clip(pixels, 0.0, 1.0), heat), label)
+def picture(job: DicomJob, rows: int, columns: int) -> np.ndarray:
+    """The image as decoded for the model, at the source's size (at most MAX_SIDE), with the heatmap."""
+    scale = min(1.0, MAX_SIDE / max(rows, columns))
+    size = (max(1, round(columns * scale)), max(1, round(rows * scale)))
+    heat = resized(job.heat, size) if job.heat is not None else None
+    label = f"{NOT_FOR_DIAGNOSTIC_USE.upper()} - {job.result.provenance.model} {job.result.provenance.model_version}"
+    if job.heat is not None:
+        label += f" - heatmap: {job.heat_label}"
+    return burn_in(overlay(np.clip(resized(job.pixels, size), 0.0, 1.0), heat), label)
 
 
 def body_part(source: Dataset) -> str:
@@ -97,9 +90,11 @@ def body_part(source: Dataset) -> str:
     return value if _CODE_STRING.fullmatch(value) else DEFAULT_BODY_PART
 
 
-def build_sc(result: Result, source: Dataset, source_path: Path, *, manufacturer: str) -> SCImage:
-    """The heatmap Secondary Capture; `source` is the header of the image at `source_path`."""
-    rgb = picture(result, source_path)
+def build_sc(job: DicomJob, source: Dataset, *, manufacturer: str) -> SCImage:
+    """The heatmap Secondary Capture; `source` is the header of `job.source`."""
+    result = job.result
+    rows, columns = job.pixels.shape
+    rgb = picture(job, int(source.get("Rows") or rows), int(source.get("Columns") or columns))
     orientation = tuple(str(v) for v in source.get("PatientOrientation", []) or ()) or DEFAULT_ORIENTATION
     laterality = str(source.get("Laterality", "") or "").strip().upper()
     try:
@@ -125,8 +120,8 @@ def build_sc(result: Result, source: Dataset, source_path: Path, *, manufacturer
     reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
     sc.SourceImageSequence = [reference]
     sc.DerivationDescription = (
-        f"Heatmap of '{result.heatmap.label}' by {result.provenance.model} {result.provenance.model_version}"
-        if result.heatmap is not None
+        f"Heatmap of '{job.heat_label}' by {result.provenance.model} {result.provenance.model_version}"
+        if job.heat is not None
         else f"No heatmap from {result.provenance.model} {result.provenance.model_version}"
     )[:1024]
     sc.BodyPartExamined = body_part(source)

@@ -1,5 +1,8 @@
 """For each result of a DICOM input: build the SR and the SC, write them to the outbox, queue them.
 
+The processing loop only files a DicomJob (`submit`); the worker of appliance/dicomout/queue.py builds
+and writes the objects in the background, behind that durable queue, so the ward never waits for them.
+
 Files are written atomically as <outbox>/<image_id>.sr.dcm and <image_id>.sc.dcm; with a PACS
 configured they are also hard-linked into <outbox>/queue/ for the sender. Writing the same result
 again (the daemon re-hands a result after a crash) rewrites the same names with the same UIDs.
@@ -27,7 +30,8 @@ from pydicom.errors import InvalidDicomError
 
 from appliance.config import AppConfig, DicomOutConfig
 from appliance.dicomnet.sender import DicomSender
-from appliance.dicomout import DicomOutError
+from appliance.dicomout import DicomJob, DicomOutError
+from appliance.dicomout.queue import JOB_SUFFIX, CountFailure, DicomJobQueue
 from appliance.dicomout.sc import build_sc
 from appliance.dicomout.sr import build_sr
 from appliance.durable import write_atomically
@@ -79,8 +83,9 @@ def check_patient_age(source: Dataset, name: str) -> None:
 def warnings_logged(image_id: str) -> Iterator[None]:
     """Log the Python warnings of the block (each text once) instead of printing them to stderr.
 
-    warnings.catch_warnings swaps process-wide state, so a warning another thread raises meanwhile is
-    logged here too (harmless: it is logged, not lost); the daemon writes DICOM results one at a time."""
+    warnings.catch_warnings swaps process-wide state, so a warning another thread (the processing loop)
+    raises meanwhile is logged here too (harmless: it is logged, not lost); the daemon writes DICOM
+    results one at a time, on the worker of its DICOM job queue."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -88,6 +93,11 @@ def warnings_logged(image_id: str) -> Iterator[None]:
         finally:
             for text in dict.fromkeys(str(w.message) for w in caught):
                 log.info("DICOM results for %s: %s", image_id[:12], text)
+
+
+def wanted(result: Result) -> bool:
+    """DICOM results are made for finished DICOM inputs only (not for refused or errored images)."""
+    return result.image.format == "dicom" and result.status == "ok"
 
 
 class DicomOutWriter:
@@ -98,6 +108,7 @@ class DicomOutWriter:
             config.outbox.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise UserError(f"dicom_out.outbox {config.outbox}: cannot create: {exc.strerror}") from exc
+        self.jobs = DicomJobQueue(config.outbox / "jobs", self.write)
 
     @classmethod
     def from_config(cls, config: AppConfig) -> DicomOutWriter:
@@ -108,7 +119,23 @@ class DicomOutWriter:
             self.sender.start()
         return self
 
+    def start_worker(self, count_failure: CountFailure) -> DicomOutWriter:
+        """Render the queued jobs in the background; `count_failure` applies the error rule."""
+        self.jobs.start(count_failure)
+        return self
+
+    def submit(self, job: DicomJob) -> bool:
+        """File a job for the worker (durable when this returns); False when none is wanted."""
+        if not wanted(job.result):
+            return False
+        self.jobs.submit(job)
+        return True
+
+    def wake(self) -> None:
+        self.jobs.wake()
+
     def close(self) -> None:
+        self.jobs.stop()  # first: its last job may still queue files for the sender
         if self.sender is not None:
             self.sender.stop()
 
@@ -123,9 +150,9 @@ class DicomOutWriter:
 
         removed = purge_older(outbox, self.config.keep_days * 86400, keep=unsent)
         limit = self.config.keep_unsent_days * 86400
-        dropped = [*purge_older(queue, limit), *purge_older(failed, limit)]
+        dropped = [*purge_older(queue, limit), *purge_older(failed, limit), *self.jobs.purge_failed(limit)]
         for path in dropped:
-            if path.name.endswith(".dcm"):
+            if path.name.endswith((".dcm", JOB_SUFFIX)):
                 log.error(
                     "DICOM result %s deleted unsent after %g days (dicom_out.keep_unsent_days)",
                     path.name,
@@ -133,15 +160,16 @@ class DicomOutWriter:
                 )
         return len(removed) + len(dropped)
 
-    def write(self, result: Result, source_path: Path) -> list[Path]:
+    def write(self, job: DicomJob) -> list[Path]:
         """SR (+ SC) for a finished DICOM result; [] for other inputs and for refused/errored images.
 
         Raises DicomOutError when the source cannot be read or highdicom refuses an object."""
-        if result.image.format != "dicom" or result.status != "ok":
+        result = job.result
+        if not wanted(result):
             return []
         started = time.perf_counter()
         with warnings_logged(result.image.image_id):
-            written = self._write(result, source_path)
+            written = self._write(job)
         if self.sender is not None:
             for path in written:
                 self.sender.enqueue(path)
@@ -154,34 +182,34 @@ class DicomOutWriter:
         )
         return written
 
-    def write_safely(self, result: Result, source_path: Path) -> list[Path]:
-        """write(), but a failure is logged and never stops the pipeline (the MQTT result is sent)."""
+    def write_safely(self, job: DicomJob) -> list[Path]:
+        """write(), but a failure is logged and never raised (a one-off write outside the queue)."""
+        image_id = job.result.image.image_id[:12]
         try:
-            return self.write(result, source_path)
+            return self.write(job)
         except DicomOutError as exc:
-            log.error("no DICOM results for %s: %s", result.image.image_id[:12], exc)
+            log.error("no DICOM results for %s: %s", image_id, exc)
         except OSError as exc:
-            log.error(
-                "no DICOM results for %s: %s: %s", result.image.image_id[:12], exc.filename, exc.strerror
-            )
+            log.error("no DICOM results for %s: %s: %s", image_id, exc.filename, exc.strerror)
         return []
 
-    def _write(self, result: Result, source_path: Path) -> list[Path]:
+    def _write(self, job: DicomJob) -> list[Path]:
+        result, source_path = job.result, job.source
         try:
             source = pydicom.dcmread(source_path, stop_before_pixels=True)
         except (OSError, InvalidDicomError) as exc:
-            raise DicomOutError(f"{source_path}: cannot read the source DICOM: {exc}") from exc
+            raise DicomOutError(f"{job.name}: cannot read the source DICOM: {exc}") from exc
         missing = [key for key in REQUIRED if not str(source.get(key, "") or "").strip()]
         if missing:
-            raise DicomOutError(f"{source_path}: the source DICOM lacks {', '.join(missing)}")
+            raise DicomOutError(f"{job.name}: the source DICOM lacks {', '.join(missing)}")
         for key in TYPE2:
             if key not in source:
                 setattr(source, key, "")
-        check_patient_age(source, source_path.name)
+        check_patient_age(source, job.name)
         manufacturer = self.config.manufacturer
         objects: list[tuple[str, Dataset]] = [("sr", build_sr(result, source, manufacturer=manufacturer))]
         if self.config.secondary_capture:
-            objects.append(("sc", build_sc(result, source, source_path, manufacturer=manufacturer)))
+            objects.append(("sc", build_sc(job, source, manufacturer=manufacturer)))
         return [self._save(ds, f"{result.image.image_id}.{kind}.dcm") for kind, ds in objects]
 
     def _save(self, ds: Dataset, name: str) -> Path:

@@ -29,8 +29,10 @@ from typing import BinaryIO
 
 import pydicom
 
+from appliance.clock import now_iso
 from appliance.durable import copy_atomically, fsync_dir, write_atomically
 from appliance.errors import ApplianceError, InputRejected
+from appliance.hashing import sha256_stream
 from appliance.ingest import reasons, sniff
 from appliance.ingest.bounded import BoundedFile
 from appliance.ingest.dicom import refuse_deflate_bomb
@@ -90,22 +92,15 @@ class SpoolItem:
     key: str
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-
-
 def _open_nofollow(path: Path) -> BinaryIO:
     """Open for reading without following a symlink swapped in after the checks (ELOOP instead)."""
     return os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "rb")
 
 
 def _content_sha256(path: Path, start: int = 0) -> str:
-    digest = hashlib.sha256()
     with _open_nofollow(path) as fh:
         fh.seek(start)
-        for block in iter(lambda: fh.read(_COPY_CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return sha256_stream(fh)
 
 
 def _dataset_start(path: Path) -> int:
@@ -298,7 +293,7 @@ class Spool:
                 )
                 return Duplicate(row[2], key, row[0], removed)
             name = f"{image_id}.{_EXT[kind]}"
-            accepted_at = _now()
+            accepted_at = now_iso()
             self._write_json(
                 self._dir("meta") / f"{image_id}.json",
                 {
@@ -413,8 +408,10 @@ class Spool:
         return None if row is None else (row[0], row[1], row[2] or "", row[3] or "")
 
     def _move(self, name: str, to_state: str) -> bool:
-        """Move `name` from whichever live state holds it to `to_state`; False if it is not there."""
-        for state in ("processing", "incoming"):
+        """Move `name` from whichever live state holds it to `to_state`; False if it is not there.
+
+        done/ too: the DICOM outputs of a done image can still fail it (appliance/processor.py)."""
+        for state in ("processing", "incoming", "done"):
             src = self._dir(state) / name
             try:
                 os.rename(src, self._dir(to_state) / name)
@@ -500,7 +497,9 @@ class Spool:
         # One field a line: a newline in a file name must not forge one ("reason: ok"), and the
         # undecodable bytes of a name must not make the UTF-8 write fail.
         reason, detail, source, original = map(printable, (reason, detail, source, original))
-        text = f"reason: {reason}\ndetail: {detail}\nsource: {source}\noriginal: {original}\ntime: {_now()}\n"
+        text = (
+            f"reason: {reason}\ndetail: {detail}\nsource: {source}\noriginal: {original}\ntime: {now_iso()}\n"
+        )
         write_atomically(dest.with_name(dest.name + ".reason.txt"), text.encode(), tmp_dir=self._dir("tmp"))
 
     # -- start-up and housekeeping -------------------------------------------------------------
@@ -547,7 +546,7 @@ class Spool:
                 "key": f"sha256:{_content_sha256(file)}",
                 "source": "",
                 "original": "",
-                "accepted_at": _now(),
+                "accepted_at": now_iso(),
             }
         with self._tx() as db:
             # A retry whose row was never written: the failed attempt's row still holds the key.

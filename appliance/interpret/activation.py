@@ -7,11 +7,16 @@ import numpy as np
 from appliance.manifest import OutputSpec
 
 
+def sigmoid(values: np.ndarray) -> np.ndarray:
+    """Logits to probabilities; clipped so an extreme logit cannot overflow exp()."""
+    return np.asarray(1.0 / (1.0 + np.exp(-np.clip(values, -60.0, 60.0))))
+
+
 def activate(spec: OutputSpec, values: np.ndarray) -> np.ndarray:
     """Return probabilities/values for one output of a whole batch (first axis = batch)."""
     values = np.asarray(values, dtype=np.float32)
     if spec.activation == "sigmoid":
-        return (1.0 / (1.0 + np.exp(-np.clip(values, -60, 60)))).astype(np.float32)
+        return sigmoid(values).astype(np.float32)
     if spec.activation == "softmax":
         shifted = values - values.max(axis=-1, keepdims=True)
         exp = np.exp(shifted)

@@ -11,7 +11,7 @@ from PIL import Image
 
 from appliance.image import ImageMeta
 from appliance.interpret import decisions, text
-from appliance.interpret.activation import columns
+from appliance.interpret.activation import columns, sigmoid
 from appliance.interpret.cardiac import cardiothoracic_ratio
 from appliance.interpret.gate import Refusal
 from appliance.interpret.thumbnail import ThumbnailImage, render, thorax_box
@@ -47,19 +47,23 @@ class Reading:
     severity: Severity | None = None
     risk: Risk | None = None
     zones: list[Zone] = field(default_factory=list)
-    heatmap: Heatmap | None = None
+    heatmap: Heatmap | None = None  # the 64-px PNG: MQTT's rendering of `heat`, when it publishes one
     cardiac: CardiacSize | None = None
     not_assessed: list[str] = field(default_factory=list)
     sentences: list[Sentence] = field(default_factory=list)
     # Published on its own retained topic, never inside the Result (see interpret/thumbnail.py).
     thumbnail: ThumbnailImage | None = None
     thumbnail_skipped: str | None = None  # why there is none, for the log
+    # The full float heatmap (image content region, [0, 1]) whenever it may be shown at all (validated
+    # localisation, a reading that is not normal), whatever MQTT publishes: the DICOM SC draws this one.
+    heat: np.ndarray | None = None
+    heat_label: str | None = None
 
     def payload_fields(self) -> dict[str, object]:
         return {name: getattr(self, name) for name in self.__dataclass_fields__ if name not in _NOT_IN_RESULT}
 
 
-_NOT_IN_RESULT = frozenset({"thumbnail", "thumbnail_skipped"})
+_NOT_IN_RESULT = frozenset({"thumbnail", "thumbnail_skipped", "heat", "heat_label"})
 
 
 def refused(
@@ -211,7 +215,7 @@ def _map(
     values = outputs[spec.name]
     values = values.reshape(values.shape[-2:])
     if spec.activation == "sigmoid":
-        values = 1.0 / (1.0 + np.exp(-np.clip(values, -60, 60)))
+        values = sigmoid(values)
     return unfit(values.astype(np.float32), geometry, manifest.input)
 
 
@@ -265,6 +269,8 @@ def read_outputs(
 ) -> Reading:
     """Interpret one image's outputs (batch axis already removed). Only published outputs survive.
 
+    `with_heatmap`: also render the heatmap as the small PNG of the MQTT payload (`heat` is kept either way).
+
     `pixels` (the decoded image, float in [0, 1]): also make the thorax-cropped thumbnail."""
     view, view_refusal = _view(manifest, outputs)
     ood, ood_refusal = _ood(manifest, outputs)
@@ -306,12 +312,11 @@ def read_outputs(
         decisions.UrgentPoints(policy.urgent_threshold, policy.urgent_extent, policy.urgent_risk),
     )
     validated = decisions.for_level(validated, level)
-    # The PNG only for a reading that shows it: a normal reading publishes no localisation.
-    heatmap = (
-        heatmap_png(heat, manifest.heatmap_label or "abnormal")
-        if heat is not None and with_heatmap and level != "normal"
-        else None
-    )
+    # Shown only by a reading that may show it: a normal reading publishes no localisation.
+    shown = heat if level != "normal" else None
+    heat_label = (manifest.heatmap_label or "abnormal") if shown is not None else None
+    # MQTT's option decides only MQTT's rendering (the PNG); the DICOM outputs use `shown` itself.
+    heatmap = heatmap_png(shown, heat_label) if shown is not None and heat_label and with_heatmap else None
     thumbnail, skipped = None, None
     if pixels is not None:
         mask_spec = manifest.output(Role.lung_mask)
@@ -351,4 +356,6 @@ def read_outputs(
         sentences=sentences,
         thumbnail=thumbnail,
         thumbnail_skipped=skipped,
+        heat=shown,
+        heat_label=heat_label,
     )

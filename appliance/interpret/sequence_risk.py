@@ -13,6 +13,7 @@ from typing import get_args
 
 import numpy as np
 
+from appliance.interpret.activation import sigmoid
 from appliance.interpret.decisions import risk_sentence
 from appliance.interpret.text import join
 from appliance.journal import to_timestamp
@@ -83,7 +84,7 @@ def probability(x: np.ndarray, model: SequenceRisk) -> np.ndarray:
     """Sigmoid of the standardised linear score; x is (n_features,) or (n, n_features)."""
     z = (x - np.asarray(model.mean)) / np.asarray(model.scale)
     linear = z @ np.asarray(model.coefficients) + model.intercept
-    return np.asarray(1.0 / (1.0 + np.exp(-np.clip(linear, -60.0, 60.0))))
+    return sigmoid(np.asarray(linear))
 
 
 def sequence_risk(current: Result, prior: Result, model: SequenceRisk) -> Risk | None:

@@ -23,7 +23,6 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
 from typing import Any, Literal
 
 import paho.mqtt.client as mqtt
@@ -33,6 +32,7 @@ from paho.mqtt.properties import Properties
 from pydantic import ValidationError
 
 from appliance import __version__
+from appliance.clock import now_iso
 from appliance.config import DeviceConfig, MqttConfig
 from appliance.errors import ConfigError
 from appliance.publish.outbox import Outbox
@@ -60,10 +60,6 @@ MAX_ACK_BYTES = 4096
 MAX_HISTORY_REQUEST_BYTES = 1024
 
 StatusState = Literal["online", "degraded"]
-
-
-def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
 def tls_context(config: MqttConfig) -> ssl.SSLContext | None:

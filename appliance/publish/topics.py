@@ -63,8 +63,3 @@ class Topics:
     @property
     def history(self) -> str:
         return f"{self.base}/history/response"
-
-    @property
-    def site_filter(self) -> str:
-        """Everything from every cart of this site (what a ward display subscribes to)."""
-        return f"{self.prefix.strip('/')}/{self.site}/#"

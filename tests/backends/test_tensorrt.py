@@ -61,10 +61,10 @@ def test_module_imports_without_tensorrt_and_says_why() -> None:
 
 def test_fp16_plan_builds_from_the_fp32_onnx(tiny_model: Path) -> None:
     manifest = load_manifest(tiny_model)
-    plan = plan_engine(manifest, TensorRTConfig(opt_batch=2, max_batch=8), ORIN)
+    plan = plan_engine(manifest, TensorRTConfig(), ORIN, precision="auto", max_batch=8)
     assert plan.onnx_path == manifest.onnx_path(Precision.fp32)
     assert plan.spec.onnx_sha256 == manifest.onnx[Precision.fp32].sha256
-    assert (plan.spec.min_batch, plan.spec.opt_batch, plan.spec.max_batch) == (1, 2, 8)
+    assert (plan.spec.min_batch, plan.spec.opt_batch, plan.spec.max_batch) == (1, 1, 8)
     assert plan.spec.input_shape == (1, 64, 64)
     assert plan.flags == ["FP16"] and plan.calibration_cache is None
     assert plan.engine_path.parent == manifest.folder / "cache"
@@ -73,29 +73,32 @@ def test_fp16_plan_builds_from_the_fp32_onnx(tiny_model: Path) -> None:
 
 def test_int8_on_tensorrt10_uses_the_qdq_onnx(with_int8: Path) -> None:
     manifest = load_manifest(with_int8)
-    plan = plan_engine(manifest, TensorRTConfig(precision="int8"), ORIN)
+    plan = plan_engine(manifest, TensorRTConfig(), ORIN, precision="int8")
     assert plan.onnx_path.name == "model.int8.onnx"
     assert plan.spec.int8_source == "qdq" and plan.calibration_cache is None
     assert plan.spec.onnx_sha256 == manifest.onnx[Precision.int8].sha256
-    best = plan_engine(manifest, TensorRTConfig(precision="best"), ORIN)
+    best = plan_engine(manifest, TensorRTConfig(), ORIN, precision="best")
     assert best.flags == ["FP16", "INT8"] and best.key != plan.key
 
 
 def test_int8_on_tensorrt10_without_qdq_onnx_names_the_fix(tiny_model: Path) -> None:
     with pytest.raises(ManifestError, match=r"has no int8 ONNX.*tools/quantize\.py"):
-        plan_engine(load_manifest(tiny_model), TensorRTConfig(precision="int8"), ORIN)
+        plan_engine(load_manifest(tiny_model), TensorRTConfig(), ORIN, precision="int8")
 
 
 def test_int8_on_tensorrt8_calibrates_the_fp32_onnx(tiny_model: Path) -> None:
-    plan = plan_engine(load_manifest(tiny_model), TensorRTConfig(precision="int8"), XAVIER_JP5)
+    plan = plan_engine(load_manifest(tiny_model), TensorRTConfig(), XAVIER_JP5, precision="int8")
     assert major_version(XAVIER_JP5.tensorrt_version) == 8
     assert plan.onnx_path.name == "model.onnx" and plan.spec.int8_source == "calibration"
     assert plan.calibration_cache == plan.engine_path.with_suffix(".calib")
 
 
-def test_bad_batch_profile_is_a_user_error(tiny_model: Path) -> None:
-    with pytest.raises(UserError, match=r"opt_batch 8 is larger than tensorrt\.max_batch 4"):
-        plan_engine(load_manifest(tiny_model), TensorRTConfig(opt_batch=8, max_batch=4), ORIN)
+def test_bad_batch_or_precision_is_a_user_error(tiny_model: Path) -> None:
+    # One batch setting now: the profile is 1 / OPT_BATCH / max_batch, so only max_batch can be wrong.
+    with pytest.raises(UserError, match=r"inference\.max_batch 0: an engine needs at least 1"):
+        plan_engine(load_manifest(tiny_model), TensorRTConfig(), ORIN, max_batch=0)
+    with pytest.raises(UserError, match=r"inference\.precision fp32: TensorRT engines are built as fp16"):
+        plan_engine(load_manifest(tiny_model), TensorRTConfig(), ORIN, precision="fp32")
 
 
 def test_changed_onnx_is_refused_before_planning(tiny_model: Path) -> None:
@@ -106,16 +109,14 @@ def test_changed_onnx_is_refused_before_planning(tiny_model: Path) -> None:
 
 def test_trtexec_command_text(tiny_model: Path, tmp_path: Path) -> None:
     manifest = load_manifest(tiny_model)
-    config = TensorRTConfig(
-        opt_batch=2, max_batch=4, workspace_mb=512, dla_core=1, engine_cache=tmp_path / "c"
-    )
-    plan = plan_engine(manifest, config, ORIN)
+    config = TensorRTConfig(workspace_mb=512, dla_core=1, engine_cache=tmp_path / "c")
+    plan = plan_engine(manifest, config, ORIN, max_batch=4)
     assert trtexec_command(plan) == [
         "trtexec",
         f"--onnx={manifest.folder / 'model.onnx'}",
         f"--saveEngine={plan.engine_path}",
         "--minShapes=image:1x1x64x64",
-        "--optShapes=image:2x1x64x64",
+        "--optShapes=image:1x1x64x64",
         "--maxShapes=image:4x1x64x64",
         "--memPoolSize=workspace:512",
         f"--timingCacheFile={tmp_path / 'c' / 'Orin-sm8.7-trt10.3.0.timing.cache'}",
@@ -123,7 +124,7 @@ def test_trtexec_command_text(tiny_model: Path, tmp_path: Path) -> None:
         "--useDLACore=1",
         "--allowGPUFallback",
     ]
-    calibrated = plan_engine(manifest, TensorRTConfig(precision="best"), XAVIER_JP5)
+    calibrated = plan_engine(manifest, TensorRTConfig(), XAVIER_JP5, precision="best")
     command = trtexec_command(calibrated)
     assert command[-3:] == ["--fp16", "--int8", f"--calib={calibrated.calibration_cache}"]
 
@@ -140,14 +141,14 @@ def _parity_inputs(manifest_path: Path) -> tuple[np.ndarray, list[cxrdata.Record
 @pytest.mark.skipif(NO_TENSORRT is not None, reason=f"TensorRT not installed: {NO_TENSORRT}")
 def test_engine_builds_runs_and_matches_onnxruntime(with_int8: Path, precision: str) -> None:
     manifest = load_manifest(with_int8)
-    config = TensorRTConfig(precision=precision, max_batch=4, require_parity=False)
+    config = TensorRTConfig(require_parity=False)
     device = current_device()
-    plan = plan_engine(manifest, config, device)
+    plan = plan_engine(manifest, config, device, precision, max_batch=4)
     record = build_engine(plan, progress=print)
     assert plan.timing_cache.is_file() and plan.sidecar_path.is_file()
     path, found = find_engine(plan.engine_path.parent, plan.spec, device)
     assert found == record and path == plan.engine_path
-    engine = open_tensorrt(manifest, config)
+    engine = open_tensorrt(manifest, config, precision, max_batch=4)
     assert isinstance(engine, TensorRTBackend) and engine.precision == precision
     reference = OnnxRuntimeBackend(manifest, Precision.fp32, OnnxRuntimeConfig(), 4)
     inputs, records = _parity_inputs(with_int8)

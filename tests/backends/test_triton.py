@@ -27,6 +27,7 @@ from appliance.backends.onnxruntime import OnnxRuntimeBackend, OnnxRuntimeConfig
 from appliance.backends.select import TritonUnavailable, create_backend
 from appliance.backends.triton import (
     TritonBackend,
+    TritonBackendConfig,
     TritonConfig,
     build_inputs,
     collect_outputs,
@@ -89,7 +90,12 @@ def test_config_validation() -> None:
     inference = InferenceConfig.model_validate(
         {"backend": "triton", "triton": {"url": "t:8001", "protocol": "grpc"}}
     )
-    assert (inference.backend, inference.triton.protocol) == ("triton", "grpc")
+    assert isinstance(inference.backend, TritonConfig)  # the older shape moves into inference.backend
+    assert (inference.backend.type, inference.backend.protocol) == ("triton", "grpc")
+    mapping = InferenceConfig.model_validate(
+        {"backend": {"type": "triton", "url": "t:8001", "protocol": "grpc"}}
+    )
+    assert mapping == inference
 
 
 def test_split_batch_keeps_order_and_bounds() -> None:
@@ -208,7 +214,7 @@ def _closed_port() -> int:
 def test_no_server_is_a_plain_error_naming_the_url(bundled: Manifest, protocol: str) -> None:
     url = f"127.0.0.1:{_closed_port()}"
     inference = InferenceConfig(
-        model=BUNDLED, backend="triton", triton=TritonConfig(url=url, protocol=protocol, timeout_s=5)
+        model=BUNDLED, backend=TritonBackendConfig(url=url, protocol=protocol, timeout_s=5)
     )
     with pytest.raises(TritonUnavailable) as caught:
         create_backend(bundled, inference)
@@ -258,7 +264,7 @@ def test_served_model_matches_onnxruntime(
     server, _ = local_server
     url = server.http_url if protocol == "http" else server.grpc_url
     inference = InferenceConfig(
-        model=BUNDLED, backend="triton", max_batch=8, triton=TritonConfig(url=url, protocol=protocol)
+        model=BUNDLED, backend=TritonBackendConfig(url=url, protocol=protocol), max_batch=8
     )
     backend = create_backend(bundled, inference)
     assert isinstance(backend, TritonBackend)

@@ -170,13 +170,6 @@ def build_stick(root: Path, hostile: bool = True) -> Stick:
     return stick
 
 
-@pytest.fixture
-def spool(tmp_path: Path) -> Iterator[Spool]:
-    s = Spool(tmp_path / "spool")
-    yield s
-    s.close()
-
-
 def incoming(spool: Spool) -> dict[str, Path]:
     return {sha(p): p for p in (spool.root / "incoming").iterdir()}
 

@@ -1,3 +1,3 @@
 """The sender tests send the SR/SC of real pipeline results: the same fixture as tests/dicomout."""
 
-from tests.dicomout.conftest import analyzed  # noqa: F401
+from tests.dicomout.conftest import analyzed, dicom_job  # noqa: F401

@@ -28,6 +28,7 @@ from appliance.dicomnet.receiver import (
 )
 from appliance.errors import UserError
 from appliance.ingest import reasons
+from appliance.ingest.intake import Intake
 from appliance.ingest.spool import Spool
 from tests.dicomnet import scu
 from tests.faults.mutate import deflate_bomb
@@ -44,24 +45,23 @@ def real(name: str) -> Path:
 
 
 @pytest.fixture
-def spool(tmp_path: Path) -> Iterator[Spool]:
-    s = Spool(tmp_path / "spool")
-    yield s
-    s.close()
-
-
-@pytest.fixture
 def receivers(spool: Spool, tmp_path: Path) -> Iterator[Callable[..., DicomReceiver]]:
     made: list[DicomReceiver] = []
 
     def make(**options: object) -> DicomReceiver:
-        hooks = {
-            k: options.pop(k) for k in ("on_accepted", "accepting", "max_bytes", "max_pixels") if k in options
-        }
+        # The gate and the limits belong to the intake the receiver hands files to.
+        limits = {k: options.pop(k) for k in ("max_bytes", "max_pixels") if k in options}
+        accepting = options.pop("accepting", lambda: True)
+        intake = Intake(
+            spool,
+            not_accepting=lambda: None if accepting() else "disk full",  # type: ignore[operator]
+            **limits,  # type: ignore[arg-type]
+        )
+        on_accepted = options.pop("on_accepted", None)
         config = DicomNetConfig.model_validate(
             {"bind": "127.0.0.1", "port": free_port(), "allowed_calling_ae": ["XRAY_UNIT"], **options}
         )
-        r = DicomReceiver(config, spool, tmp_path / "spool" / "dicom-in", **hooks)  # type: ignore[arg-type]
+        r = DicomReceiver(config, intake, tmp_path / "spool" / "dicom-in", on_accepted=on_accepted)  # type: ignore[arg-type]
         made.append(r.start())
         return r
 

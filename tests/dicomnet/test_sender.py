@@ -20,6 +20,7 @@ from appliance.dicomnet.sender import DicomSender, PacsUnavailable
 from appliance.dicomout.writer import DicomOutWriter
 from appliance.result import Result
 from tests.dicomnet.pacs import Pacs
+from tests.dicomout.conftest import MakeJob
 from tests.support.dciodvfy import DCIODVFY, assert_valid
 from tests.support.mosquitto import LOOPBACK
 
@@ -67,11 +68,11 @@ def wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> bool:
 
 
 def test_the_pacs_gets_the_sr_and_the_sc(
-    pacs: Pacs, make_writer: MakeWriter, analyzed: list[tuple[Result, Path]]
+    dicom_job: MakeJob, pacs: Pacs, make_writer: MakeWriter, analyzed: list[tuple[Result, Path]]
 ) -> None:
     writer = make_writer(pacs)
     result, source_path = analyzed[0]
-    written = writer.write(result, source_path)
+    written = writer.write(dicom_job(result, source_path))
     assert writer.sender is not None
     report = writer.sender.send_pending()
     assert sorted(report.sent) == sorted(p.name for p in written) and report.waiting == 0
@@ -87,6 +88,7 @@ def test_the_pacs_gets_the_sr_and_the_sc(
 
 
 def test_pacs_down_then_up_loses_nothing(
+    dicom_job: MakeJob,
     pacs: Pacs,
     make_writer: MakeWriter,
     analyzed: list[tuple[Result, Path]],
@@ -95,13 +97,13 @@ def test_pacs_down_then_up_loses_nothing(
     pacs.stop()
     writer = make_writer(pacs)
     assert writer.sender is not None
-    writer.write(*analyzed[0])
+    writer.write(dicom_job(*analyzed[0]))
     with pytest.raises(PacsUnavailable, match="not reachable"):
         writer.sender.send_pending()
     with caplog.at_level(logging.WARNING, logger="appliance.dicomnet.sender"):
         writer.start()  # the background thread retries with backoff
         for result, source_path in analyzed[1:]:
-            writer.write(result, source_path)
+            writer.write(dicom_job(result, source_path))
         assert wait_for(lambda: "next try in" in caplog.text, 5)
     assert writer.sender.depth() == 6 and pacs.received() == []
 
@@ -114,12 +116,12 @@ def test_pacs_down_then_up_loses_nothing(
 
 
 def test_a_permanent_refusal_goes_to_failed_with_the_reason(
-    tmp_path: Path, make_writer: MakeWriter, analyzed: list[tuple[Result, Path]]
+    dicom_job: MakeJob, tmp_path: Path, make_writer: MakeWriter, analyzed: list[tuple[Result, Path]]
 ) -> None:
     refusing = Pacs(tmp_path / "refusing", status=0xA900).start()  # "dataset does not match SOP class"
     try:
         writer = make_writer(refusing)
-        written = writer.write(*analyzed[0])
+        written = writer.write(dicom_job(*analyzed[0]))
         assert writer.sender is not None
         report = writer.sender.send_pending()
         assert sorted(report.failed) == sorted(p.name for p in written) and writer.sender.depth() == 0
@@ -130,12 +132,12 @@ def test_a_permanent_refusal_goes_to_failed_with_the_reason(
 
 
 def test_out_of_resources_keeps_the_files_queued(
-    tmp_path: Path, make_writer: MakeWriter, analyzed: list[tuple[Result, Path]]
+    dicom_job: MakeJob, tmp_path: Path, make_writer: MakeWriter, analyzed: list[tuple[Result, Path]]
 ) -> None:
     busy = Pacs(tmp_path / "busy", status=0xA700).start()
     try:
         writer = make_writer(busy)
-        writer.write(*analyzed[0])
+        writer.write(dicom_job(*analyzed[0]))
         assert writer.sender is not None
         with pytest.raises(PacsUnavailable, match="0xA700"):
             writer.sender.send_pending()
@@ -159,6 +161,7 @@ def next_tries(sender: DicomSender) -> list[float]:
     ids=["explicit-or-implicit", "implicit-only"],
 )
 def test_a_pacs_that_takes_only_uncompressed_gets_an_uncompressed_sc(
+    dicom_job: MakeJob,
     tmp_path: Path,
     make_writer: MakeWriter,
     analyzed: list[tuple[Result, Path]],
@@ -167,7 +170,7 @@ def test_a_pacs_that_takes_only_uncompressed_gets_an_uncompressed_sc(
     plain = Pacs(tmp_path / "plain", transfer_syntaxes=syntaxes).start()
     try:
         writer = make_writer(plain)
-        written = writer.write(*analyzed[0])
+        written = writer.write(dicom_job(*analyzed[0]))
         assert writer.sender is not None
         report = writer.sender.send_pending()
         assert sorted(report.sent) == sorted(p.name for p in written), report
@@ -187,6 +190,7 @@ def test_a_pacs_that_takes_only_uncompressed_gets_an_uncompressed_sc(
 
 
 def test_a_refused_file_is_sent_again_once_the_pacs_takes_it(
+    dicom_job: MakeJob,
     tmp_path: Path,
     make_writer: MakeWriter,
     analyzed: list[tuple[Result, Path]],
@@ -199,7 +203,7 @@ def test_a_refused_file_is_sent_again_once_the_pacs_takes_it(
         sender = writer.sender
         with caplog.at_level(logging.INFO, logger="appliance.dicomnet.sender"):
             writer.start()  # the background thread
-            written = writer.write(*analyzed[0])
+            written = writer.write(dicom_job(*analyzed[0]))
             assert wait_for(lambda: len(failed_files(sender)) == 2)
             reason = (sender.failed_dir / f"{written[0].name}.reason.txt").read_text()
             assert "0xA900" in reason and "tried again in" in reason
@@ -212,14 +216,14 @@ def test_a_refused_file_is_sent_again_once_the_pacs_takes_it(
 
 
 def test_a_refused_file_is_tried_with_backoff_and_then_stays_in_failed(
-    tmp_path: Path, make_writer: MakeWriter, analyzed: list[tuple[Result, Path]]
+    dicom_job: MakeJob, tmp_path: Path, make_writer: MakeWriter, analyzed: list[tuple[Result, Path]]
 ) -> None:
     refusing = Pacs(tmp_path / "refusing", status=0xA900).start()
     try:
         writer = make_writer(refusing, failed_retries=2, failed_retry_seconds=0.1)
         assert writer.sender is not None
         sender = writer.sender
-        written = writer.write(*analyzed[0])
+        written = writer.write(dicom_job(*analyzed[0]))
         name = written[0].name
         waits = []
         for attempt in (1, 2, 3):  # the first try and two retries
@@ -241,12 +245,12 @@ def test_a_refused_file_is_tried_with_backoff_and_then_stays_in_failed(
 
 
 def test_a_file_put_back_into_failed_without_a_retry_state_is_sent(
-    pacs: Pacs, make_writer: MakeWriter, analyzed: list[tuple[Result, Path]]
+    dicom_job: MakeJob, pacs: Pacs, make_writer: MakeWriter, analyzed: list[tuple[Result, Path]]
 ) -> None:
     """As a file parked before retries existed: it is due at once."""
     writer = make_writer(pacs)
     assert writer.sender is not None
-    written = writer.write(*analyzed[0])
+    written = writer.write(dicom_job(*analyzed[0]))
     for path in writer.sender.pending():
         shutil.move(path, writer.sender.failed_dir / path.name)
     report = writer.sender.send_pending()

@@ -20,6 +20,7 @@ from appliance.dicomout import DicomOutError
 from appliance.dicomout.sr import ABNORMAL, PRIVATE, concept_for
 from appliance.dicomout.writer import DicomOutWriter, repaired_age
 from appliance.result import Result, Severity
+from tests.dicomout.conftest import MakeJob
 from tests.support.dciodvfy import DCIODVFY, MISSING, assert_valid, errors
 
 
@@ -59,11 +60,11 @@ def by_kind(paths: list[Path]) -> dict[str, pydicom.Dataset]:
 
 
 def test_sr_is_a_tid1500_report_of_the_result(
-    writer: DicomOutWriter, analyzed: list[tuple[Result, Path]]
+    dicom_job: MakeJob, writer: DicomOutWriter, analyzed: list[tuple[Result, Path]]
 ) -> None:
     for result, source_path in analyzed:
         source = pydicom.dcmread(source_path, stop_before_pixels=True)
-        written = writer.write(result, source_path)
+        written = writer.write(dicom_job(result, source_path))
         assert [p.name for p in written] == [
             f"{result.image.image_id}.sr.dcm",
             f"{result.image.image_id}.sc.dcm",
@@ -104,11 +105,11 @@ def test_sr_is_a_tid1500_report_of_the_result(
 
 
 def test_sc_is_a_derived_overlay_of_the_source(
-    writer: DicomOutWriter, analyzed: list[tuple[Result, Path]]
+    dicom_job: MakeJob, writer: DicomOutWriter, analyzed: list[tuple[Result, Path]]
 ) -> None:
     result, source_path = analyzed[0]
     source = pydicom.dcmread(source_path, stop_before_pixels=True)
-    ds = by_kind(writer.write(result, source_path))["sc"]
+    ds = by_kind(writer.write(dicom_job(result, source_path)))["sc"]
     assert ds.SOPClassUID == SecondaryCaptureImageStorage
     assert list(ds.ImageType[:2]) == ["DERIVED", "SECONDARY"]
     assert "Not for diagnostic use" in ds.SeriesDescription
@@ -126,11 +127,11 @@ def test_sc_is_a_derived_overlay_of_the_source(
 
 
 def test_writing_again_gives_the_same_objects_and_a_new_model_a_new_device_uid(
-    writer: DicomOutWriter, analyzed: list[tuple[Result, Path]]
+    dicom_job: MakeJob, writer: DicomOutWriter, analyzed: list[tuple[Result, Path]]
 ) -> None:
     result, source_path = analyzed[1]
-    first = by_kind(writer.write(result, source_path))
-    again = by_kind(writer.write(result, source_path))
+    first = by_kind(writer.write(dicom_job(result, source_path)))
+    again = by_kind(writer.write(dicom_job(result, source_path)))
     assert {k: d.SOPInstanceUID for k, d in first.items()} == {k: d.SOPInstanceUID for k, d in again.items()}
     other_model = result.model_copy(
         update={
@@ -138,24 +139,24 @@ def test_writing_again_gives_the_same_objects_and_a_new_model_a_new_device_uid(
             "provenance": result.provenance.model_copy(update={"device_uid": "2.25.987654321"}),
         }
     )
-    changed = by_kind(writer.write(other_model, source_path))
+    changed = by_kind(writer.write(dicom_job(other_model, source_path)))
     assert changed["sr"].DeviceUID == changed["sc"].DeviceUID == "2.25.987654321"
     assert changed["sr"].SOPInstanceUID != first["sr"].SOPInstanceUID
 
 
 def test_highdicom_refuses_a_non_finite_measurement_and_nothing_is_written(
-    writer: DicomOutWriter, analyzed: list[tuple[Result, Path]]
+    dicom_job: MakeJob, writer: DicomOutWriter, analyzed: list[tuple[Result, Path]]
 ) -> None:
     result, source_path = analyzed[0]
     broken = result.model_copy(update={"severity": Severity(extent=float("nan"), opacity=1.0)})
     with pytest.raises(DicomOutError, match="non-finite"):
-        writer.write(broken, source_path)
+        writer.write(dicom_job(broken, source_path))
     assert list(writer.config.outbox.iterdir()) == []
-    assert writer.write_safely(broken, source_path) == []  # what the daemon calls: logged, not raised
+    assert writer.write_safely(dicom_job(broken, source_path)) == []  # logged, not raised
 
 
 def test_a_source_without_uids_is_refused_naming_the_file(
-    writer: DicomOutWriter, analyzed: list[tuple[Result, Path]], tmp_path: Path
+    dicom_job: MakeJob, writer: DicomOutWriter, analyzed: list[tuple[Result, Path]], tmp_path: Path
 ) -> None:
     result, source_path = analyzed[2]
     ds = pydicom.dcmread(source_path)
@@ -163,16 +164,19 @@ def test_a_source_without_uids_is_refused_naming_the_file(
     damaged = tmp_path / "damaged.dcm"
     ds.save_as(damaged)
     with pytest.raises(DicomOutError, match=r"damaged\.dcm.*lacks StudyInstanceUID"):
-        writer.write(result, damaged)
+        writer.write(dicom_job(result, damaged))
 
 
 def test_non_dicom_and_refused_results_get_no_dicom_objects(
-    writer: DicomOutWriter, analyzed: list[tuple[Result, Path]]
+    dicom_job: MakeJob, writer: DicomOutWriter, analyzed: list[tuple[Result, Path]]
 ) -> None:
     result, source_path = analyzed[0]
     png = result.model_copy(update={"image": result.image.model_copy(update={"format": "png"})})
     refused = result.model_copy(update={"status": "refused", "reason": "not a chest X-ray"})
-    assert writer.write(png, source_path) == [] and writer.write(refused, source_path) == []
+    assert (
+        writer.write(dicom_job(png, source_path)) == []
+        and writer.write(dicom_job(refused, source_path)) == []
+    )
 
 
 @pytest.mark.parametrize(
@@ -212,14 +216,14 @@ def test_the_dictionary_codes_used_are_the_ones_named() -> None:
 
 
 def test_text_with_characters_beyond_latin_1_round_trips(
-    writer: DicomOutWriter, analyzed: list[tuple[Result, Path]], tmp_path: Path
+    dicom_job: MakeJob, writer: DicomOutWriter, analyzed: list[tuple[Result, Path]], tmp_path: Path
 ) -> None:
     result, source_path = analyzed[0]
     assert pydicom.dcmread(source_path, stop_before_pixels=True).SpecificCharacterSet == "ISO_IR 100"
     source = a_source_like(source_path, tmp_path / "source", PatientName="Müller^Jörg")
     text = "Opacity right mid zone → lower zone (≥ 2 zones, 50 %). Not for diagnostic use."
     arrows = result.model_copy(update={"text": text})
-    written = by_kind(writer.write(arrows, source))
+    written = by_kind(writer.write(dicom_job(arrows, source)))
     for ds in written.values():
         assert ds.SpecificCharacterSet == "ISO_IR 192"
         assert str(ds.PatientName) == "Müller^Jörg"  # from a Latin-1 source, carried into UTF-8
@@ -243,6 +247,7 @@ def test_text_with_characters_beyond_latin_1_round_trips(
     ],
 )
 def test_patient_age_in_the_sr_is_repaired_or_left_out(
+    dicom_job: MakeJob,
     writer: DicomOutWriter,
     analyzed: list[tuple[Result, Path]],
     tmp_path: Path,
@@ -251,7 +256,7 @@ def test_patient_age_in_the_sr_is_repaired_or_left_out(
 ) -> None:
     result, source_path = analyzed[0]
     source = a_source_like(source_path, tmp_path / "source", PatientAge=given)
-    sr = by_kind(writer.write(result, source))["sr"]
+    sr = by_kind(writer.write(dicom_job(result, source)))["sr"]
     assert sr.get("PatientAge") == expected
     assert pydicom.dcmread(source).PatientAge == given.strip()  # the source file is left as it was
 
@@ -262,23 +267,26 @@ def test_repaired_age_takes_only_strings_with_a_unit() -> None:
 
 
 def test_sc_carries_the_body_part_so_laterality_is_not_required(
-    writer: DicomOutWriter, analyzed: list[tuple[Result, Path]]
+    dicom_job: MakeJob, writer: DicomOutWriter, analyzed: list[tuple[Result, Path]]
 ) -> None:
     for result, source_path in analyzed:
         source = pydicom.dcmread(source_path, stop_before_pixels=True)
-        sc = by_kind(writer.write(result, source_path))["sc"]
+        sc = by_kind(writer.write(dicom_job(result, source_path)))["sc"]
         assert sc.BodyPartExamined == source.get("BodyPartExamined", "CHEST") == "CHEST"
         assert sc.LossyImageCompressionMethod == "ISO_10918_1"
     assert "BodyPartExamined" not in pydicom.dcmread(analyzed[1][1], stop_before_pixels=True)
 
 
 def test_warnings_from_highdicom_go_to_the_log_not_to_stderr(
-    writer: DicomOutWriter, analyzed: list[tuple[Result, Path]], caplog: pytest.LogCaptureFixture
+    dicom_job: MakeJob,
+    writer: DicomOutWriter,
+    analyzed: list[tuple[Result, Path]],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     result, source_path = analyzed[1]  # its Patient's Name "Covid0000" has one component
     with warnings.catch_warnings(), caplog.at_level(logging.INFO, logger="appliance.dicomout.writer"):
         warnings.simplefilter("error")  # a warning that escaped would raise here
-        writer.write(result, source_path)
+        writer.write(dicom_job(result, source_path))
     lines = [
         r.getMessage()
         for r in caplog.records
@@ -288,11 +296,13 @@ def test_warnings_from_highdicom_go_to_the_log_not_to_stderr(
 
 
 def test_dciodvfy_finds_no_error_in_any_sr_or_sc(
-    writer: DicomOutWriter, analyzed: list[tuple[Result, Path]], tmp_path: Path
+    dicom_job: MakeJob, writer: DicomOutWriter, analyzed: list[tuple[Result, Path]], tmp_path: Path
 ) -> None:
     if DCIODVFY is None:
         pytest.skip(MISSING)
-    written = [path for result, source_path in analyzed for path in writer.write(result, source_path)]
+    written = [
+        path for result, source_path in analyzed for path in writer.write(dicom_job(result, source_path))
+    ]
     assert len(written) == 2 * len(analyzed)
     assert_valid(written)
     # The validator does see errors: the SR as it was before Patient's Age was checked.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import shutil
 import subprocess
 import threading
@@ -176,13 +177,22 @@ class Page:
     def logs(self) -> list[str]:
         return list(self._call("logs"))
 
-    def errors(self) -> list[str]:
-        """Page errors, console errors and any request leaving loopback."""
+    def errors(self, *, broker_was_down: bool = False) -> list[str]:
+        """Page errors, console errors and any request leaving loopback. broker_was_down: the browser's
+        own "WebSocket connection … refused" lines while a test had stopped the broker are expected
+        (mqtt.js retries every 2 s), not the page's fault."""
+        refused = re.compile(
+            r"^console\.error: WebSocket connection to 'ws://127\.0\.0\.1:\d+/' failed: .*REFUSED$"
+        )
         return [
             line
             for line in self.logs()
             if line.startswith(("pageerror", "console.error", "external-request"))
+            and not (broker_was_down and refused.match(line))
         ]
+
+    def assert_clean(self, *, broker_was_down: bool = False) -> None:
+        assert self.errors(broker_was_down=broker_was_down) == [], self.logs()
 
     def close(self) -> None:
         self._call("closePage")

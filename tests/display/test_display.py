@@ -28,7 +28,7 @@ def open_display(browser: Browser, ward: Ward, name: str = "a") -> Page:
 
 
 def assert_clean(page: Page) -> None:
-    assert page.errors() == [], page.logs()
+    page.assert_clean()
 
 
 def test_tile_shows_triage_text_and_measures(browser: Browser, ward: Ward) -> None:

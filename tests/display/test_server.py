@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from email.message import Message
 from http.server import ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -103,7 +104,7 @@ def test_no_listing_and_no_escape_from_the_folder(server: ThreadingHTTPServer) -
         ({"broker_ws_url": WS, "silent_after_s": 0}, "silent_after_s"),
     ],
 )
-def test_bad_settings_are_user_errors(kwargs: dict[str, str], message: str) -> None:
+def test_bad_settings_are_user_errors(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(UserError, match=message):
         make_server("127.0.0.1", 0, **kwargs)
 

@@ -115,7 +115,9 @@ def test_outbox_stays_within_its_bound_during_a_long_outage(
         rows = 2 * count + thumbnails
         results_dropped = rows - bound - (count - 1) - (thumbnails - 1)
         assert thumbnails == count  # one per image read (the bed's picture, or an empty one to clear it)
-        assert dropped == {"latest": count - 1, "thumbnail": thumbnails - 1, "result": results_dropped}, dropped
+        assert dropped == {"latest": count - 1, "thumbnail": thumbnails - 1, "result": results_dropped}, (
+            dropped
+        )
         assert kept_results == set(order[results_dropped:])
         assert daemon.log().count("OUTBOX FULL") == rows - bound
         broker.start()

@@ -254,3 +254,19 @@ def test_unvalidated_localisation_and_measures_are_not_published() -> None:
     assert "zone" not in text and "extent" not in text and "risk" not in text
     assert "Lung involvement: opacity 3.2 of 6." in text
     assert "localisation" in text
+
+
+def test_the_full_heatmap_is_kept_whatever_mqtt_publishes_and_only_where_it_may_be_shown() -> None:
+    """The DICOM SC draws `heat`: no MQTT option changes it, and it follows the publication rule."""
+    sick = outputs([5, 0, 0], abn_logit=1.0)
+    with_png = read_outputs(manifest(), sick, GEOMETRY, META, with_heatmap=True)
+    without_png = read_outputs(manifest(), sick, GEOMETRY, META, with_heatmap=False)
+    assert with_png.heatmap is not None and without_png.heatmap is None
+    assert with_png.heat is not None and without_png.heat is not None
+    np.testing.assert_array_equal(with_png.heat, without_png.heat)
+    assert with_png.heat_label == without_png.heat_label == with_png.heatmap.label
+    assert "heat" not in with_png.payload_fields() and "heat_label" not in with_png.payload_fields()
+    quiet = outputs([5, 0, 0], abn_logit=-4.0, find=(3.0, 0.0, 0.0))
+    assert read_outputs(manifest(), quiet, GEOMETRY, META, with_heatmap=True).heat is None  # normal
+    unvalidated = restricted(heatmap=[], severity=["opacity"], risk=[])
+    assert read_outputs(unvalidated, sick, GEOMETRY, META, with_heatmap=True).heat is None

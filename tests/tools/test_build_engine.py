@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.backends.tensorrt import TensorRTConfig, sample_shape
+from appliance.backends.tensorrt import TensorRTConfig
 from appliance.engine_cache import BuildSpec, DeviceIdentity, cache_key, find_engine
 from appliance.manifest import Precision, load_manifest
 from tests.backends import tiny_conv
@@ -45,7 +45,7 @@ def model(tmp_path: Path) -> Path:
 
 @pytest.mark.skipif(NO_TENSORRT is None, reason="TensorRT is installed here: the dry run would plan for it")
 def test_dry_run_prints_plan_key_and_trtexec(model: Path) -> None:
-    done = build_engine("--model", str(model), "--max-batch", "8", "--opt-batch", "2", "--dry-run", *TARGET)
+    done = build_engine("--model", str(model), "--max-batch", "8", "--dry-run", *TARGET)
     assert done.returncode == 0, done.stderr
     manifest = load_manifest(model)
     # The key printed must be the one the appliance will look for on that device.
@@ -54,8 +54,8 @@ def test_dry_run_prints_plan_key_and_trtexec(model: Path) -> None:
         onnx_sha256=manifest.onnx[Precision.fp32].sha256,
         precision="fp16",
         input_name="image",
-        input_shape=sample_shape(manifest),
-        opt_batch=2,
+        input_shape=manifest.input.sample_shape,
+        opt_batch=1,  # derived: one batch setting, the profile's optimum is always 1
         max_batch=8,
         workspace_mb=TensorRTConfig().workspace_mb,
     )
@@ -67,7 +67,7 @@ def test_dry_run_prints_plan_key_and_trtexec(model: Path) -> None:
     assert "note: TensorRT Python package not importable" in done.stdout
     trtexec = next(line for line in done.stdout.splitlines() if line.startswith("trtexec"))
     assert f"--saveEngine={model.parent / 'cache' / f'tiny-conv.fp16.{key[:16]}.engine'}" in trtexec
-    assert "--minShapes=image:1x1x64x64 --optShapes=image:2x1x64x64 --maxShapes=image:8x1x64x64" in trtexec
+    assert "--minShapes=image:1x1x64x64 --optShapes=image:1x1x64x64 --maxShapes=image:8x1x64x64" in trtexec
     assert trtexec.endswith("--fp16")
     assert not (model.parent / "cache").exists()  # a dry run writes nothing
 
@@ -89,7 +89,8 @@ def test_int8_without_qdq_onnx_names_the_missing_file(model: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--opt-batch", "8", "--max-batch", "2"], "opt_batch 8 is larger than tensorrt.max_batch 2"),
+        (["--opt-batch", "8", "--max-batch", "2"], "--opt-batch 8: the engine profile's optimum is always 1"),
+        (["--max-batch", "0"], "inference.max_batch 0: an engine needs at least 1"),
         (["--workspace-mb", "1"], "invalid engine settings"),
     ],
 )

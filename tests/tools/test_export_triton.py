@@ -19,7 +19,6 @@ import pytest
 import yaml
 
 from appliance.backends.onnxruntime import OnnxRuntimeBackend, OnnxRuntimeConfig
-from appliance.backends.tensorrt import sample_shape
 from appliance.engine_cache import BuildSpec, DeviceIdentity, ParityRecord, record_parity, store_engine
 from appliance.manifest import Manifest, Precision, load_manifest, sha256_file
 from tests.backends import tiny_conv
@@ -46,7 +45,7 @@ def parse_config(path: Path) -> Any:
 def real_output_shapes(manifest: Manifest) -> dict[str, tuple[int, ...]]:
     """Per-sample output shapes as ONNX Runtime computes them on a batch of 2."""
     backend = OnnxRuntimeBackend(manifest, Precision.fp32, OnnxRuntimeConfig())
-    outputs = backend.run(np.zeros((2, *sample_shape(manifest)), np.float32))
+    outputs = backend.run(np.zeros((2, *manifest.input.sample_shape), np.float32))
     backend.close()
     return {name: value.shape[1:] for name, value in outputs.items()}
 
@@ -174,7 +173,7 @@ def cached_engine(tmp_path: Path) -> tuple[Path, Path]:
         onnx_sha256=manifest.onnx[Precision.fp32].sha256,
         precision="fp16",
         input_name="image",
-        input_shape=sample_shape(manifest),
+        input_shape=manifest.input.sample_shape,
         opt_batch=2,
         max_batch=4,
         workspace_mb=1024,

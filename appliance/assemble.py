@@ -9,6 +9,7 @@ from pathlib import Path
 
 from appliance.backends.select import create_backend
 from appliance.config import AppConfig
+from appliance.hashing import sha256_file
 from appliance.image import ImageMeta
 from appliance.ingest import reasons
 from appliance.interpret.reading import errored
@@ -54,17 +55,16 @@ def build_analyzer(config: AppConfig, *, salt_required: bool = True, create_salt
 
 def job_for_file(path: Path, source: str) -> Job:
     """A job for a file outside the spool (the `process` command): id from the content hash."""
-    digest = hashlib.sha256()
+    # Without content to hash (missing, unreadable), the id comes from the path: never the hash of
+    # nothing, which every such file would share.
+    by_path = hashlib.sha256(os.fsencode(path)).hexdigest()[:32]
     try:
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
+        image_id = sha256_file(path)[:32]
     except FileNotFoundError:
-        # A typo or a dangling link on the command line: not a file that "vanished" while being read,
-        # and not the hash of nothing (every missing file would share that id).
-        job = Job(path=path, image_id=hashlib.sha256(os.fsencode(path)).hexdigest()[:32], source=source)
+        # A typo or a dangling link on the command line: not a file that "vanished" while being read.
+        job = Job(path=path, image_id=by_path, source=source)
         job.reading = errored(reasons.NO_SUCH_FILE, str(path))
         return job
     except OSError:
-        pass  # read() will report the real reason for this file
-    return Job(path=path, image_id=digest.hexdigest()[:32], source=source)
+        image_id = by_path  # read() will report the real reason for this file
+    return Job(path=path, image_id=image_id, source=source)
