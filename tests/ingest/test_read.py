@@ -529,7 +529,7 @@ def test_unreadable_file(real_png: Path) -> None:
 def test_acquisition_time_keeps_the_time_zone(tags: dict[str, str], expected: str) -> None:
     from pydicom.dataset import Dataset
 
-    from appliance.ingest.dicom import acquisition_time
+    from appliance.ingest.dicom_meta import acquisition_time
 
     ds = Dataset()
     for key, value in tags.items():

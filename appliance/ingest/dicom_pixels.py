@@ -1,0 +1,337 @@
+"""Decoding the first frame of a DICOM to float32 [0, 1]: the fast paths (block means straight from
+native files, GDCM for JPEG lossless, reduced-resolution JPEG 2000/JPEG decodes), then Modality LUT,
+VOI LUT/window and MONOCHROME1 inversion."""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from PIL import Image
+from pydicom.dataset import Dataset
+from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
+from pydicom.uid import (
+    HTJ2K,
+    JPEG2000,
+    UID,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+)
+
+from appliance.errors import InputRejected
+
+try:  # optional: the JPEG lossless fast path (the pydicom plugins remain the fallback)
+    import gdcm
+except ImportError:  # pragma: no cover - python-gdcm is a dependency, but a missing one is survivable
+    gdcm = None
+from appliance.ingest import reasons
+from appliance.ingest.dicom_checks import frame_count
+
+_J2K = (JPEG2000, JPEG2000Lossless)
+_STREAM_BLOCK_ROWS = 16  # block rows per read: ~0.7 MB of a 2.5k-wide 16-bit image
+# Which installed plugin decodes which syntax first (all permissively licensed); pydicom's automatic
+# choice is the fallback. pylibjpeg's JPEG plugin needs the GPL libjpeg and is never named here.
+_PREFERRED_PLUGIN: dict[str, str] = {
+    JPEGBaseline8Bit: "pillow",
+    JPEGExtended12Bit: "gdcm",
+    JPEGLossless: "gdcm",
+    JPEGLosslessSV1: "gdcm",
+    JPEGLSLossless: "gdcm",
+    JPEGLSNearLossless: "gdcm",
+    JPEG2000: "pylibjpeg",
+    JPEG2000Lossless: "pylibjpeg",
+    HTJ2K: "pylibjpeg",
+    HTJ2KLossless: "pylibjpeg",
+    HTJ2KLosslessRPCL: "pylibjpeg",
+}
+
+
+def decode_first_frame(ds: Dataset, name: str, ts: str, target_size: int | None) -> tuple[np.ndarray, float]:
+    if target_size and ds.get("PixelRepresentation", 0) == 0 and (ts == JPEGBaseline8Bit or ts in _J2K):
+        reduced = _decode_reduced(ds, ts, target_size)
+        if reduced is not None:
+            return reduced
+    plugin = _PREFERRED_PLUGIN.get(ts, "")
+    if plugin and plugin not in get_decoder(UID(ts)).available_plugins:
+        plugin = ""
+    try:
+        try:
+            arr = pydicom.pixels.pixel_array(ds, index=0, decoding_plugin=plugin)
+        except Exception:
+            if not plugin:
+                raise
+            arr = pydicom.pixels.pixel_array(ds, index=0)  # any other installed plugin
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise InputRejected(reasons.DECODE_FAILED, f"{name}: {type(exc).__name__}: {exc}") from exc
+    return arr, 1.0
+
+
+def decode_jpeg_lossless(path: Path, ds: Dataset) -> np.ndarray | None:
+    """First frame straight into a numpy array with GDCM's region reader (about 3x faster than the
+    pydicom plugin, which takes the pixels through a Python str and back); None -> the usual path."""
+    if gdcm is None or ds.get("PixelRepresentation", 0) != 0 or ds.get("BitsAllocated") not in (8, 16):
+        return None
+    try:
+        reader = gdcm.ImageRegionReader()
+        reader.SetFileName(os.fspath(path))
+        if not reader.ReadInformation():
+            return None
+        image = reader.GetImage()
+        cols, rows = image.GetDimension(0), image.GetDimension(1)
+        samples = image.GetPixelFormat().GetSamplesPerPixel()
+        if (rows, cols) != (int(ds.Rows), int(ds.Columns)) or samples != 1:
+            return None
+        box = gdcm.BoxRegion()
+        box.SetDomain(0, cols - 1, 0, rows - 1, 0, 0)  # the first frame
+        reader.SetRegion(box)
+        out = np.empty((rows, cols), dtype=np.uint16 if ds.BitsAllocated == 16 else np.uint8)
+        if reader.ComputeBufferLength() != out.nbytes or not reader.ReadIntoBuffer(out):
+            return None
+    except Exception:
+        return None
+    return out
+
+
+def _decode_reduced(ds: Dataset, ts: str, target_size: int) -> tuple[np.ndarray, float] | None:
+    """Decode at 1/2^k size with Pillow (libjpeg DCT scaling, OpenJPEG resolution levels).
+
+    Returns None whenever anything is unusual, so the full-size path decides."""
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    levels = math.floor(math.log2(min(rows, cols) / target_size)) if min(rows, cols) > target_size else 0
+    if levels <= 0:
+        return None
+    try:
+        frame = pydicom.encaps.get_frame(ds.PixelData, 0, number_of_frames=frame_count(ds))
+    except Exception:
+        return None
+    # Pillow rounds a reduced JPEG 2000 size to nearest, OpenJPEG up: where they differ (2467 px by 8:
+    # 308 vs 309) the decode fails ("broken data stream"). Take the deepest level where they agree,
+    # and still fall back one level at a time should OpenJPEG refuse for another reason.
+    wanted: tuple[int, ...] = (levels,)
+    if ts in _J2K:
+        wanted = tuple(
+            n for n in range(min(levels, 5), 0, -1) if _same_rounding(rows, n) and _same_rounding(cols, n)
+        )
+    for level in wanted:
+        try:
+            img = Image.open(io.BytesIO(frame))
+            if ts == JPEGBaseline8Bit:
+                img.draft("L", (cols >> level, rows >> level))
+            else:
+                img.reduce = level  # type: ignore[assignment,method-assign]
+            img.load()
+            if img.mode not in ("L", "I;16", "I"):
+                return None
+            arr = np.asarray(img)
+            break
+        except Exception:
+            continue
+    else:
+        return None
+    if arr.ndim != 2 or arr.shape[1] == 0:
+        return None
+    if arr.dtype == np.int32:
+        arr = arr.astype(np.uint16)
+    if ts in _J2K and arr.dtype == np.uint16:
+        # Pillow scales 9-15 bit JPEG 2000 samples up to the full 16 bits; the windows and LUTs
+        # expect the stored values, so shift back by what the codestream declares.
+        precision = _j2k_precision(frame)
+        if precision is None:
+            return None
+        arr = arr >> np.uint16(16 - precision) if precision < 16 else arr
+    return arr, cols / arr.shape[1]
+
+
+def _same_rounding(size: int, level: int) -> bool:
+    """Pillow's reduced size ((size + 2^level / 2) // 2^level) equals OpenJPEG's (ceil(size / 2^level))."""
+    power = 1 << level
+    return (size + power // 2) // power == -(-size // power)
+
+
+def _j2k_precision(frame: bytes) -> int | None:
+    """Bits of the first component from the codestream's SIZ marker; None if absent or signed."""
+    at = frame.find(b"\xff\x51", 0, 4096)  # SIZ follows SOC (J2K) or sits early in the jp2c box (JP2)
+    if at < 0 or len(frame) <= at + 40:
+        return None
+    ssiz = frame[at + 40]  # FF51 Lsiz Rsiz Xsiz Ysiz XOsiz YOsiz XTsiz YTsiz XTOsiz YTOsiz Csiz, then Ssiz
+    return None if ssiz & 0x80 else (ssiz & 0x7F) + 1
+
+
+def pool_factor(ds: Dataset, target_size: int | None) -> int:
+    """k for averaging k x k blocks of stored values before any float maths (k = the largest factor
+    that keeps both sides >= target_size), or 0 where that would not match the full-size path: a
+    Modality or VOI LUT or a sigmoid VOI (not linear, so averaging first would change the values).
+
+    Linear windows commute with averaging except in blocks that straddle a clipping bound (a tiny,
+    smoothing-sized difference, the same kind the reduced JPEG 2000 / JPEG decodes make). A remainder
+    of fewer than k rows/columns at the bottom/right edge is left out of the means."""
+    if not target_size or "ModalityLUTSequence" in ds or "VOILUTSequence" in ds:
+        return 0
+    if str(ds.get("VOILUTFunction", "") or "").upper() == "SIGMOID":
+        return 0
+    factor = min(min(int(ds.Rows), int(ds.Columns)) // target_size, 64)
+    return factor if factor >= 2 else 0
+
+
+def poolable(raw: np.ndarray) -> bool:
+    return raw.ndim == 2 and np.issubdtype(raw.dtype, np.integer) and raw.dtype.itemsize <= 2
+
+
+def acc_type(dtype: np.dtype[Any]) -> type[np.integer[Any]]:
+    # uint32 cannot overflow: 64 x 64 x 65535 < 2^32; int64 for signed data.
+    return np.int64 if np.issubdtype(dtype, np.signedinteger) else np.uint32
+
+
+def pool_rows(
+    chunks: Iterable[np.ndarray], factor: int, out_w: int, acc_type: type[np.integer[Any]]
+) -> tuple[np.ndarray, tuple[float, float]]:
+    """Block means of an image given as consecutive row chunks (each a multiple of `factor` rows, but
+    the last), and the (min, max) stored values of ALL its pixels: the auto-window needs the extremes
+    of the full image, not of the means. Integer sums, rows first as k whole-row adds over contiguous
+    memory (which numpy vectorises well), then the columns of the k-times smaller result."""
+    sums: list[np.ndarray] = []
+    low, high = math.inf, -math.inf
+    for chunk in chunks:
+        low, high = min(low, float(chunk.min())), max(high, float(chunk.max()))
+        n = chunk.shape[0] // factor
+        if n == 0:
+            continue
+        blocks = chunk[: n * factor, : out_w * factor].reshape(n, factor, out_w * factor)
+        acc = blocks[:, 0, :].astype(acc_type)
+        for i in range(1, factor):
+            np.add(acc, blocks[:, i, :], out=acc)
+        sums.append(acc.reshape(n, out_w, factor).sum(axis=2, dtype=acc_type))
+    means = np.concatenate(sums).astype(np.float32)
+    means *= np.float32(1 / (factor * factor))
+    return means, (low, high)
+
+
+def stream_block_mean(path: Path, ds: Dataset, factor: int) -> tuple[np.ndarray, tuple[float, float]] | None:
+    """Native little-endian unsigned first frame, pooled while it is read: the full-size image is
+    never in memory (a 2.5k x 3k 16-bit frame is 15 MB; pydicom would hold it twice). None when the
+    layout is anything else, so pydicom decides."""
+    bits_alloc, bits_stored = int(ds.BitsAllocated), int(ds.BitsStored)
+    if ds.get("PixelRepresentation", 0) != 0 or bits_alloc not in (8, 16):
+        return None
+    elem: Any = ds.get_item("PixelData", keep_deferred=True)
+    offset = getattr(elem, "value_tell", None)
+    if getattr(elem, "value", None) is not None or offset is None:
+        return None  # read into memory already (small), or not from this file
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    dtype = np.dtype("<u2") if bits_alloc == 16 else np.dtype(np.uint8)
+    # Bits above Bits Stored may hold overlays or garbage; pydicom masks them off, and so do we.
+    mask = (1 << bits_stored) - 1 if bits_stored < bits_alloc else None
+    step = factor * _STREAM_BLOCK_ROWS
+
+    def chunks(fh: Any) -> Iterator[np.ndarray]:
+        for start in range(0, rows, step):
+            count = min(step, rows - start) * cols
+            chunk = np.fromfile(fh, dtype=dtype, count=count)
+            if chunk.size != count:
+                raise EOFError("Pixel Data shorter than declared")
+            if mask is not None:
+                np.bitwise_and(chunk, dtype.type(mask), out=chunk)
+            yield chunk.reshape(-1, cols)
+
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(int(offset))
+            return pool_rows(chunks(fh), factor, cols // factor, np.uint32)
+    except (OSError, EOFError, ValueError):
+        return None
+
+
+def to_unit(
+    raw: np.ndarray, ds: Dataset, name: str, *, extremes: tuple[float, float] | None = None
+) -> np.ndarray:
+    """Stored values -> float32 [0, 1], 0 black. In-place float32 maths: no float64 full-size copies.
+
+    `extremes`: (min, max) stored values when `raw` holds block means (_block_mean) of an integer image."""
+    if raw.ndim != 2:
+        raise InputRejected(reasons.UNSUPPORTED_PIXEL_FORMAT, f"{name}: decoded shape {raw.shape}")
+    arr: np.ndarray = raw
+    rescaled = False
+    if "ModalityLUTSequence" in ds:
+        arr = apply_modality_lut(arr, ds)  # a lookup table: integer output
+    else:
+        slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
+        if (slope, intercept) != (1.0, 0.0):
+            arr = arr.astype(np.float32)
+            arr *= np.float32(slope)
+            arr += np.float32(intercept)
+            rescaled = True
+            if extremes is not None:
+                ends = sorted(v * slope + intercept for v in extremes)
+                extremes = (ends[0], ends[1])
+    out = _voi(arr, ds, rescaled, extremes)
+    if ds.get("PhotometricInterpretation") == "MONOCHROME1":
+        np.subtract(np.float32(1), out, out=out)
+    return out
+
+
+def _voi(
+    arr: np.ndarray, ds: Dataset, rescaled: bool, extremes: tuple[float, float] | None = None
+) -> np.ndarray:
+    if "VOILUTSequence" in ds and np.issubdtype(arr.dtype, np.integer):
+        lut_bits = int(ds.VOILUTSequence[0].LUTDescriptor[2]) or 16
+        out = apply_voi_lut(arr, ds, index=0, prefer_lut=True).astype(np.float32)
+        out *= np.float32(1 / ((1 << lut_bits) - 1))
+        return np.clip(out, 0, 1, out=out)
+    center, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
+    # The decoded frame is ours alone, so float32 maths may work in place on it.
+    out = arr if arr.dtype == np.float32 else arr.astype(np.float32)
+    if center is not None and width is not None and width > 0:
+        function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
+        if function == "SIGMOID":
+            out -= np.float32(center)
+            out *= np.float32(-4 / width)
+            np.exp(out, out=out)
+            out += np.float32(1)
+            np.reciprocal(out, out=out)
+            return out
+        if function == "LINEAR_EXACT":
+            out -= np.float32(center - width / 2)
+            out *= np.float32(1 / width)
+        else:  # LINEAR, PS3.3 C.11.2.1.2.1
+            span = max(width - 1, 1e-6)
+            out -= np.float32(center - 0.5)
+            out *= np.float32(1 / span)
+            out += np.float32(0.5)
+        return np.clip(out, 0, 1, out=out)
+    bits = int(ds.get("BitsStored") or 8)
+    integer = np.issubdtype(arr.dtype, np.integer) or extremes is not None  # block means of integers
+    if not rescaled and bits <= 8 and integer and ds.get("PixelRepresentation", 0) == 0:
+        # 8-bit with no window: the full range is the display range, as for an 8-bit PNG.
+        out *= np.float32(1 / ((1 << bits) - 1))
+        return np.clip(out, 0, 1, out=out)
+    # No window given: stretch the values present (what viewers do for "auto window").
+    low, high = extremes if extremes is not None else (float(out.min()), float(out.max()))
+    out -= np.float32(low)
+    out *= np.float32(1 / max(high - low, 1e-6))
+    return out
+
+
+def _first(value: Any) -> float | None:
+    if value is None or value == "":
+        return None
+    try:
+        if isinstance(value, pydicom.multival.MultiValue | list | tuple):
+            value = value[0]
+        return float(value)
+    except (TypeError, ValueError, IndexError):
+        return None
