@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pydicom
 
-from appliance.ingest.spool import dedup_key
+from appliance.ingest.identity import dedup_key
 from appliance.pseudonym import PatientKeys
 from tests.support import data
 from tests.support.daemon import RESULT_TOPIC, DaemonProcess, wait_results

@@ -22,7 +22,7 @@ import pytest
 from appliance.errors import InputRejected
 from appliance.ingest import read_image, reasons
 from appliance.ingest.complete import incomplete_reason
-from appliance.ingest.spool import dedup_key
+from appliance.ingest.identity import dedup_key
 from tests.faults.mutate import GENERIC, Mutator, deflate_bomb, png_bomb
 from tests.support.data import cxr_data
 from tools.fuzz import NATIVE_DX, run_fuzz, seed_corpus

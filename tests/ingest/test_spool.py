@@ -359,7 +359,7 @@ def test_a_resend_after_quarantine_is_analysed_again(tmp_path: Path) -> None:
 def test_image_ids_are_keyed_per_cart_and_dedup_still_holds(tmp_path: Path) -> None:
     import hashlib
 
-    from appliance.ingest.spool import dedup_key
+    from appliance.ingest.identity import dedup_key
 
     source = real_dicoms()[0]
     ids = []

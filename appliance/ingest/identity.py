@@ -1,0 +1,89 @@
+"""Who a file is, before the spool takes it: the de-duplication key (SOP Instance UID + dataset hash, or
+content hash), the keyed image id, and the refusal of links. Read with O_NOFOLLOW, bounded, never
+inflating a deflated dataset whole."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import stat
+import struct
+from pathlib import Path
+from typing import BinaryIO
+
+import pydicom
+
+from appliance.errors import InputRejected
+from appliance.hashing import sha256_stream
+from appliance.ingest import reasons
+from appliance.ingest.bounded import BoundedFile
+from appliance.ingest.dicom import refuse_deflate_bomb
+
+log = logging.getLogger(__name__)
+
+
+def open_nofollow(path: Path) -> BinaryIO:
+    """Open for reading without following a symlink swapped in after the checks (ELOOP instead)."""
+    return os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "rb")
+
+
+def content_sha256(path: Path, start: int = 0) -> str:
+    with open_nofollow(path) as fh:
+        fh.seek(start)
+        return sha256_stream(fh)
+
+
+def _dataset_start(path: Path) -> int:
+    """Where the dataset begins after preamble and File Meta (0: no File Meta to skip). Each writer fills
+    the File Meta its own way, so the same instance from a folder and over the network differs only there."""
+    with open(path, "rb") as fh:
+        head = fh.read(144)
+        size = os.fstat(fh.fileno()).st_size
+    if len(head) == 144 and head[128:132] == b"DICM" and head[132:138] == b"\x02\x00\x00\x00UL":
+        start = 144 + int(struct.unpack_from("<I", head, 140)[0])  # (0002,0000) gives the meta length
+        if start <= size:
+            return start
+    return 0
+
+
+def dedup_key(path: Path, kind: str) -> str:
+    """'sop:<SOPInstanceUID>/sha256:<dataset hash>' for a DICOM that names one, else 'sha256:<content hash>'.
+
+    The UID alone would drop a corrected re-send (same UID, new content) and let any sender pre-empt
+    a UID; the same instance sent twice is still one key."""
+    if kind == "dicom":
+        try:
+            refuse_deflate_bomb(path)  # pydicom would inflate a deflated dataset whole just to find the UID
+            with BoundedFile(path) as fh:  # a corrupt length must not become a 1 GB read
+                ds = pydicom.dcmread(
+                    fh, stop_before_pixels=True, force=True, specific_tags=["SOPInstanceUID"]
+                )
+            uid = str(ds.get("SOPInstanceUID", "") or "").strip()
+            if uid:
+                return f"sop:{uid}/sha256:{content_sha256(path, _dataset_start(path))}"
+        except Exception as exc:  # unreadable header: the reader will say why later; hash the bytes
+            log.debug("no SOPInstanceUID in %s: %s", path, exc)
+    return f"sha256:{content_sha256(path)}"
+
+
+def image_id_for(key: str, secret: bytes) -> str:
+    """The image id: HMAC-SHA256 of the de-duplication key under the cart's secret. The same image gets
+    the same id on this cart, but nobody with the image (or its SOP Instance UID from the PACS) can
+    compute it and link a published result to a patient."""
+    return hmac.new(secret, key.encode(), hashlib.sha256).hexdigest()
+
+
+def plain_file_refusal(path: Path) -> InputRejected | None:
+    """A symlink (swapped in after the watcher looked) or a hard link (a second name for a file that
+    may belong to someone else, or change under us) is never taken as an image."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None  # sniff() names the reason
+    if stat.S_ISLNK(st.st_mode):
+        return InputRejected(reasons.NOT_A_FILE, f"{path.name}: a symbolic link")
+    if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+        return InputRejected(reasons.HARD_LINK, f"{path.name}: {st.st_nlink} hard links")
+    return None
