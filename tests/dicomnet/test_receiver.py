@@ -32,7 +32,7 @@ from appliance.ingest.intake import Intake
 from appliance.ingest.spool import Spool
 from tests.dicomnet import scu
 from tests.faults.mutate import deflate_bomb
-from tests.support.data import cxr_data
+from tests.support.data import cxr_data, dicom_with
 from tests.support.mosquitto import free_port, make_certificates
 
 JPEG_CR = "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
@@ -280,14 +280,7 @@ def test_what_the_reader_would_refuse_is_refused_now_not_after_success(
     change: dict[str, object],
     reason: str,
 ) -> None:
-    ds = pydicom.dcmread(real(NATIVE_DX))
-    for keyword, value in change.items():
-        if value is None:
-            delattr(ds, keyword)
-        else:
-            setattr(ds, keyword, value)
-    path = tmp_path / "bad.dcm"
-    ds.save_as(path)
+    path = dicom_with(real(NATIVE_DX), tmp_path / "bad.dcm", change)
     receiver = receivers()
     assert scu.store(receiver.address[1], [path]) == [CANNOT_UNDERSTAND]
     assert spooled(spool) == [] and list(receiver.receive_dir.iterdir()) == []

@@ -7,7 +7,6 @@ import hashlib
 from dataclasses import replace
 from pathlib import Path
 
-import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
@@ -17,6 +16,7 @@ from appliance.ingest import reasons
 from appliance.ingest.intake import FOLDER, NETWORK, USB, Intake, Outcome, Verdict
 from appliance.ingest.spool import Spool
 from tests.ingest.conftest import JPEG_BASELINE, NATIVE_DX, copy_to, real
+from tests.support.data import dicom_with
 
 
 class Counted:
@@ -182,13 +182,7 @@ def test_a_non_image_is_quarantined_from_folder_and_network_and_skipped_from_usb
 def test_only_network_rules_refuse_before_accepting_what_the_reader_would_refuse(
     intake: Intake, spool: Spool, counted: Counted, src: Path, change: dict[str, object], reason: str
 ) -> None:
-    ds = pydicom.dcmread(real(NATIVE_DX))
-    for keyword, value in change.items():
-        if value is None:
-            delattr(ds, keyword)
-        else:
-            setattr(ds, keyword, value)
-    ds.save_as(src / "bad.dcm")
+    dicom_with(real(NATIVE_DX), src / "bad.dcm", change)
     got = intake.offer(copy_to(src / "bad.dcm", src, "net.dcm"), "dicom-net", NETWORK)
     assert got.verdict is Verdict.QUARANTINED and got.reason == reason
     assert counted.reasons == [reason] and not (src / "net.dcm").exists()

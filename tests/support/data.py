@@ -29,3 +29,17 @@ def first(**where: str) -> Path:
 
 def real_dicoms() -> list[Path]:
     return sorted((cxr_data() / "dicom").glob("*.dcm"))
+
+
+def dicom_with(source: Path, target: Path, change: dict[str, object]) -> Path:
+    """A copy of a real DICOM with some tags changed (None: the element removed), written to target."""
+    import pydicom
+
+    ds = pydicom.dcmread(source)
+    for keyword, value in change.items():
+        if value is None:
+            delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    ds.save_as(target)
+    return target
