@@ -13,8 +13,13 @@ calibrated on TRAINING patients through the appliance's own reading and preproce
 backbone blocks stay float is chosen on other training images (`--float-blocks auto`): the fewest for
 which the candidate passes the gate's label-free checks there (no flip outside the band, deviation within
 0.8 of its limit); the validation set is only used for the verdict. The heads, the in-graph CAM, the OOD
-distance and the mask decoder stay float; the pre-ReLU6 Q takes the post-ReLU6 scale. Each report also
-has the CPU latency of fp32 / int8 / fp16 at batch 1 and 4 (ONNX Runtime, one process, interleaved).
+distance and the mask decoder stay float; the pre-ReLU6 Q takes the post-ReLU6 scale.
+
+The appliance's ONNX Runtime backend runs the INT8 file lowered in memory for the CPU (UINT8 activations,
+appliance.backends.ort_lowering; the file stays what TensorRT reads). INT8 passes only when both forms
+pass the gate: the file as it is and the lowered form (also in the float-block selection). Each report
+also has the CPU latency of fp32 / int8 (lowered: int8_cpu, and as it is) / fp16 at batch 1 and 4 (ONNX
+Runtime, one process, interleaved).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from onnxruntime.quantization import (
 )
 from tqdm import tqdm
 
+from appliance.backends.ort_lowering import load_lowered
 from appliance.errors import UserError
 from appliance.manifest import Manifest, Precision, load_manifest, sha256_file
 from tools import cxrdata as data
@@ -268,8 +274,72 @@ def check_tensorrt_qdq(model: onnx.ModelProto) -> dict[str, Any]:
     return {"problems": problems, "quantised_op_types": quantised, "float_readers_of_int8": float_readers}
 
 
+def correct_biases(
+    reference: onnx.ModelProto, model: onnx.ModelProto, calibration: np.ndarray, input_name: str
+) -> list[str]:
+    """Empirical bias correction: for each convolution that reads INT8 (graph order), add to its float
+    bias the per-channel mean of (fp32 output - INT8 model output) on the calibration images, with every
+    earlier correction already in place. `reference` is the BatchNorm-folded fp32 model the quantiser
+    started from (same conv names and output tensors).
+
+    Rounding weights and activations shifts each output channel's mean (a systematic error the next
+    layers amplify); the bias stays float (TensorRT refuses an INT32 DequantizeLinear), so the shift can
+    be taken out there and the graph stays what TensorRT reads: no Q/DQ, scale or zero point changes.
+    Returns the corrected convs' names."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    in_reference = {o for n in reference.graph.node for o in n.output}
+    convs = [
+        n
+        for n in model.graph.node
+        if n.op_type == "Conv"
+        and len(n.input) > 2
+        and n.input[0] in producer
+        and producer[n.input[0]].op_type == "DequantizeLinear"
+        and n.output[0] in in_reference
+    ]
+    init = {i.name: i for i in model.graph.initializer}
+
+    def channel_means(graph: onnx.ModelProto, names: list[str]) -> dict[str, np.ndarray]:
+        probe = onnx.ModelProto()
+        probe.CopyFrom(graph)
+        present = {o.name for o in probe.graph.output}
+        probe.graph.output.extend(
+            onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
+            for n in names
+            if n not in present
+        )
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        sess = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        sums: dict[str, np.ndarray] = {}
+        counts: dict[str, int] = {}
+        for start in range(0, len(calibration), 16):
+            for name, value in zip(
+                names, sess.run(names, {input_name: calibration[start : start + 16]}), strict=True
+            ):
+                value = np.asarray(value, dtype=np.float64)
+                sums[name] = sums.get(name, 0) + value.sum(axis=(0, 2, 3))
+                counts[name] = counts.get(name, 0) + value.shape[0] * value.shape[2] * value.shape[3]
+        return {n: sums[n] / counts[n] for n in names}
+
+    target = channel_means(reference, [c.output[0] for c in convs])
+    for conv in convs:
+        shift = target[conv.output[0]] - channel_means(model, [conv.output[0]])[conv.output[0]]
+        bias = init[conv.input[2]]
+        value = numpy_helper.to_array(bias).astype(np.float64) + shift
+        bias.CopyFrom(numpy_helper.from_array(value.astype(np.float32), bias.name))
+    return [c.name for c in convs]
+
+
 def make_int8(
-    fp32: Path, out: Path, calibration: np.ndarray, input_name: str, method: str, float_blocks: int
+    fp32: Path,
+    out: Path,
+    calibration: np.ndarray,
+    input_name: str,
+    method: str,
+    float_blocks: int,
+    bias_correction: bool = False,
 ) -> dict[str, Any]:
     # Fold BatchNorm into Conv first: Q/DQ on a raw conv output, before BN rescales each channel,
     # would put per-channel ranges that differ by orders of magnitude into one per-tensor scale.
@@ -290,10 +360,11 @@ def make_int8(
         # TensorRT: symmetric (zero point 0) and no INT32 bias DequantizeLinear.
         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False},
     )
-    prepared.unlink()
     quantised = onnx.load(str(out))
     dropped = dequantize_float_outputs(quantised, set(keep_float))
     fixed = activation_scales_follow_clip(quantised)
+    corrected = correct_biases(model, quantised, calibration, input_name) if bias_correction else []
+    prepared.unlink()
     onnx.save(quantised, str(out))
     onnx.checker.check_model(onnx.load(str(out)))
     check = check_tensorrt_qdq(quantised)
@@ -303,6 +374,7 @@ def make_int8(
         "float_blocks": float_blocks,
         "clip_scales": fixed,
         "float_output_pairs_dropped": dropped,
+        "bias_corrected_convs": len(corrected),
         **check,
     }
 
@@ -316,6 +388,7 @@ def select_float_blocks(
     bands: dict[str, dict[str, Any]],
     method: str,
     threads: int,
+    bias_correction: bool = False,
 ) -> tuple[int, list[dict[str, Any]]]:
     """The fewest float leading blocks for which INT8 passes the gate's label-free checks on training
     images that were not used for calibration: no decision flip outside the band, and the deviation within
@@ -326,14 +399,16 @@ def select_float_blocks(
     tried: dict[int, dict[str, Any]] = {}
 
     def within(n: int) -> bool:
-        make_int8(fp32, out, calibration, name, method, n)
-        candidate = run(out, selection, name, threads=threads)
-        verdict = parity_gate.judge(manifest, reference, candidate, {"bands": bands})
-        worst = [
-            c
-            for c in verdict["checks"]
-            if not c["ok"] or ("|Δ|" in c["check"] and c["value"] > SELECTION_MARGIN * c["limit"])
-        ]
+        make_int8(fp32, out, calibration, name, method, n, bias_correction)
+        worst = []
+        for lower in (False, True):  # the file TensorRT reads, and the CPU lowering of it
+            candidate = run(out, selection, name, threads=threads, lower=lower)
+            verdict = parity_gate.judge(manifest, reference, candidate, {"bands": bands})
+            worst += [
+                c
+                for c in verdict["checks"]
+                if not c["ok"] or ("|Δ|" in c["check"] and c["value"] > SELECTION_MARGIN * c["limit"])
+            ]
         tried[n] = {"float_blocks": n, "ok": not worst, "exceeded": [c["check"] for c in worst]}
         print(f"  float blocks {n}: {'within' if not worst else 'exceeds'} the limits on training images")
         return not worst
@@ -391,17 +466,20 @@ def make_fp16(fp32: Path, out: Path) -> dict[str, Any]:
 # --- running and timing ------------------------------------------------------------------------------
 
 
-def session(path: Path, threads: int = 1) -> ort.InferenceSession:
+def session(path: Path, threads: int = 1, lower: bool = False) -> ort.InferenceSession:
+    """`lower`: the INT8 file as the appliance's ONNX Runtime backend runs it on the CPU (rewritten in
+    memory by appliance.backends.ort_lowering); else the file as it is (what TensorRT reads)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    model: str | bytes = load_lowered(path)[0] if lower else str(path)
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
 def run(
-    path: Path, x: np.ndarray, input_name: str, batch: int = 16, threads: int = 1
+    path: Path, x: np.ndarray, input_name: str, batch: int = 16, threads: int = 1, lower: bool = False
 ) -> dict[str, np.ndarray]:
-    sess = session(path, threads)
+    sess = session(path, threads, lower)
     names = [o.name for o in sess.get_outputs()]
     parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
     for start in range(0, len(x), batch):
@@ -413,8 +491,9 @@ def run(
 def timings(
     files: dict[str, Path], x: np.ndarray, input_name: str, repeats: int, threads: int
 ) -> dict[str, Any]:
-    """Median latency per file at batch 1 and 4, interleaved in one process so load changes hit all."""
-    sessions = {k: session(p, threads) for k, p in files.items()}
+    """Median latency per file at batch 1 and 4, interleaved in one process so load changes hit all.
+    A key ending in "_cpu" runs its file lowered for the CPU (as the appliance's backend does)."""
+    sessions = {k: session(p, threads, lower=k.endswith("_cpu")) for k, p in files.items()}
     samples: dict[str, list[float]] = {f"{k}.b{b}": [] for k in files for b in (1, 4)}
     for _ in range(3):
         for s in sessions.values():
@@ -442,6 +521,13 @@ def write_report(
     stem = f"parity_{precision}"
     (folder / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
     text = parity_gate.markdown(report, f"Parity gate: {precision} vs fp32", noise)
+    if report.get("cpu_lowered"):
+        cpu = parity_gate.markdown(report["cpu_lowered"], f"{precision} lowered for the CPU vs fp32")
+        text += (
+            "\nThe table above judges the file as TensorRT reads it. The appliance's ONNX Runtime backend runs"
+            " it lowered in memory for the CPU (UINT8 activations, appliance.backends.ort_lowering); the"
+            " verdict above requires that form to pass too:\n\n" + "#" + cpu
+        )
     extra = [f"- {k}: {v}" for k, v in report.get("build", {}).items()]
     if extra:
         text += "\n## How it was built\n\n" + "\n".join(extra) + "\n"
@@ -494,6 +580,11 @@ def main(argv: list[str] | None = None) -> int:
         default=FLOAT_BLOCKS,
         help="'auto' (default), or keep the stem and this many first blocks float (0: quantise all)",
     )
+    parser.add_argument(
+        "--bias-correction",
+        action="store_true",
+        help="INT8: correct each INT8 conv's float bias by its mean output shift on the calibration images",
+    )
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads (default 1)")
     parser.add_argument("--bench-repeats", type=int, default=30, help="latency repeats per model (0: skip)")
     args = parser.parse_args(argv)
@@ -542,15 +633,24 @@ def quantize(args: argparse.Namespace, manifest: Manifest) -> int:
             tried: list[dict[str, Any]] = []
             if args.float_blocks == "auto":
                 blocks, tried = select_float_blocks(
-                    fp32, target, calibration, selection, manifest, noise["bands"], args.method, args.threads
+                    fp32,
+                    target,
+                    calibration,
+                    selection,
+                    manifest,
+                    noise["bands"],
+                    args.method,
+                    args.threads,
+                    args.bias_correction,
                 )
             else:
                 blocks = int(args.float_blocks)
-            build = make_int8(fp32, target, calibration, name, args.method, blocks)
+            build = make_int8(fp32, target, calibration, name, args.method, blocks, args.bias_correction)
             build.update(
                 {
                     "calibration_images": len(calibration),
                     "calibration_method": args.method,
+                    "bias_correction": args.bias_correction,
                     "selection_images": len(selection) if tried else 0,
                     "selection_margin": SELECTION_MARGIN if tried else None,
                     "selection": tried,
@@ -577,6 +677,15 @@ def quantize(args: argparse.Namespace, manifest: Manifest) -> int:
                 "float_blocks": build.get("float_blocks"),
             }
         )
+        if precision == "int8":
+            # The appliance's ONNX Runtime backend runs this file lowered for the CPU (UINT8 activations,
+            # appliance.backends.ort_lowering): that form must pass the same gate.
+            cpu = parity_gate.judge(
+                manifest, reference, run(target, val, name, threads=args.threads, lower=True), noise, known
+            )
+            report["cpu_lowered"] = cpu
+            report["passed"] = report["passed"] and cpu["passed"]
+            files["int8_cpu"] = target
         reports[precision] = report
         files[precision] = target
         entries[precision] = (
