@@ -574,6 +574,14 @@ def markdown(r: dict[str, Any]) -> str:
         ("daemon crashes (exits we did not cause)", r["daemon_crashes"]),
         ("fuzz cases through read_image / crashes", f"{r['fuzz_cases']} / {r['fuzz_crashes']}"),
         ("fuzz files through the daemon", r["daemon_fuzz_files"]),
+        (
+            "images sent by C-STORE (retries while the cart was down)",
+            f"{r.get('cstore_images', 0)} ({r.get('cstore_retries', 0)})",
+        ),
+        (
+            "hostile codestreams by C-STORE / answered Success",
+            f"{r.get('cstore_hostile', 0)} / {r.get('cstore_hostile_accepted', 0)}",
+        ),
         ("quarantined", r["quarantined"]),
         ("payloads scanned for PHI / leaks", f"{r['payloads_scanned']} / {len(r['phi_leaks'])}"),
         ("journal / spool / outbox integrity", " / ".join(r["integrity"].values())),
