@@ -147,10 +147,13 @@ class ImageProcessor:
         else:
             reason, detail = "internal error", f"failed {MAX_FAILURES} times; last: {last}"
         result = self.analyzer.failed(job, reason, detail)
+        if self.dicom_out is not None:  # a job filed on an earlier try: no SR/SC for a refused image
+            self.dicom_out.cancel(job.image_id)
         try:
             self.journal.record_result(result)
             if self.publisher is not None:
                 self.publisher.publish_result(result)
+                self.publisher.publish_thumbnail(result, None)  # the bed's picture is not this reading's
         except TEMPORARY:
             raise
         except Exception:  # the error result cannot be sent: the quarantine reason still says why

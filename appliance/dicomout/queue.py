@@ -150,6 +150,17 @@ class DicomJobQueue:
         fsync_dir(self.folder)
         self._due.pop(image_id, None)
 
+    def cancel(self, image_id: str) -> bool:
+        """Forget a queued job (its image was refused after all): no SR/SC for a quarantined image. A
+        render already under way finishes. False when no such job waits."""
+        if not (self.folder / (image_id + JOB_SUFFIX)).exists():
+            return False
+        if (self.folder / (image_id + RUNNING_SUFFIX)).exists():
+            return False  # the worker has it: removing its files under it would only turn into an error
+        self._drop(image_id)
+        log.info("DICOM outputs for %s cancelled: the image was refused", image_id[:12])
+        return True
+
     def _park(self, image_id: str, name: str, reason: str) -> None:
         """Keep a job given up on in failed/, with why: a person can move it back to jobs/."""
         self.failed_dir.mkdir(exist_ok=True)

@@ -134,6 +134,9 @@ class DicomOutWriter:
     def wake(self) -> None:
         self.jobs.wake()
 
+    def cancel(self, image_id: str) -> bool:
+        return self.jobs.cancel(image_id)
+
     def close(self) -> None:
         self.jobs.stop()  # first: its last job may still queue files for the sender
         if self.sender is not None:

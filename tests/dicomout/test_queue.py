@@ -133,3 +133,22 @@ def test_the_process_dying_while_rendering_counts_once_and_the_job_runs_again(
         writer.close()
     assert [(i, type(e)) for i, _, e in counter.seen] == [(image_id, DicomOutInterrupted)]
     assert len(config_outbox_dcm(writer)) == 2
+
+
+def test_a_cancelled_job_writes_nothing(
+    dicom_job: MakeJob, analyzed: list[tuple[Result, Path]], tmp_path: Path
+) -> None:
+    """An image refused after its job was filed (its MQTT hand-off kept failing) gets no SR/SC."""
+    result, source_path = analyzed[0]
+    config = DicomOutConfig(enabled=True, outbox=tmp_path / "dicom-out")
+    writer = DicomOutWriter(config)
+    assert writer.submit(dicom_job(result, source_path))
+    assert writer.cancel(result.image.image_id) and writer.jobs.depth() == 0
+    assert not writer.cancel(result.image.image_id)  # nothing left to cancel
+    writer.start_worker(Counter())
+    try:
+        time.sleep(1.0)  # the worker had its chance
+    finally:
+        writer.close()
+    assert config_outbox_dcm(writer) == []
+    assert list(config.outbox.glob("jobs/*")) == []
