@@ -772,7 +772,43 @@ def assemble(raw: dict[str, Any]) -> dict[str, Any]:
         "throughput_ratio_vs_baseline >= 3": (out["throughput_ratio_vs_baseline"] or 0) >= 3.0,
         "peak_rss_mb <= 400": _met(out["peak_rss_mb"], 400.0),
     }
+    out["architecture_v2"] = architecture_v2(out)
     return out | {k: v for k, v in raw.items() if k not in ("baseline",)} | {"baseline_detail": base}
+
+
+def architecture_v2(out: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The "Architecture v2" issue's targets, as ratios from this one run: the time spent between the
+    stages (end to end over the in-process stage sum), backlog and JPEG-lossless speed against the naive
+    baseline, peak memory and start-up."""
+    stages = out["stages_ms"].get("uncompressed", {})
+    stage_sum = sum(v for v in stages.values() if isinstance(v, (int, float))) or None
+    figures: dict[str, tuple[float | None, str, bool | None]] = {}
+
+    def over(value: float | None, base: float | None) -> float | None:
+        return round(value / base, 2) if value is not None and base else None
+
+    median_ratio = over(out["e2e_median_ms"].get("uncompressed"), stage_sum)
+    p95_ratio = over(out["e2e_p95_ms"].get("uncompressed"), stage_sum)
+    lossless = ratio(
+        out["baseline"]["e2e_median_ms"].get("jpeg_lossless"), out["e2e_median_ms"].get("jpeg_lossless")
+    )
+    figures["e2e median / stage sum, uncompressed"] = (median_ratio, "<= 1.25", _met(median_ratio, 1.25))
+    figures["e2e p95 / stage sum, uncompressed"] = (p95_ratio, "<= 1.5", _met(p95_ratio, 1.5))
+    backlog = out["throughput_ratio_vs_baseline"]
+    figures["backlog vs baseline"] = (backlog, ">= 5", None if backlog is None else backlog >= 5.0)
+    figures["jpeg_lossless e2e median vs baseline"] = (
+        lossless,
+        ">= 4",
+        None if lossless is None else lossless >= 4.0,
+    )
+    figures["peak RSS MB (daemon)"] = (out["peak_rss_mb"], "<= 300", _met(out["peak_rss_mb"], 300.0))
+    startup = out["startup_to_ready_ms"].get("median")
+    figures["start-up to READY s"] = (
+        None if startup is None else round(startup / 1000, 2),
+        "<= 1.5",
+        None if startup is None else startup <= 1500.0,
+    )
+    return {name: {"value": v, "target": t, "met": m} for name, (v, t, m) in figures.items()}
 
 
 def _met(value: float | None, limit: float) -> bool | None:
@@ -812,6 +848,15 @@ def markdown(report: dict[str, Any]) -> str:
         f"| peak RSS MB (daemon) | {report['peak_rss_mb']} | | | <= 400 | {_yes(report['targets']['peak_rss_mb <= 400'])} |"
     )
     lines.append(f"| start-up to READY ms | {report['startup_to_ready_ms'].get('median')} | | | | |")
+    lines += [
+        "",
+        "Architecture v2 targets (ratios from this run):",
+        "",
+        "| figure | value | target | met |",
+        "|---|---|---|---|",
+    ]
+    for name, figure in report.get("architecture_v2", {}).items():
+        lines.append(f"| {name} | {figure['value']} | {figure['target']} | {_yes(figure['met'])} |")
     lines += ["", "Per-stage medians (ms, in process; read = header parse, decode = pixels to float):", ""]
     stage_names = ["detect", "read", "decode", "preprocess", "infer", "interpret", "publish"]
     lines.append("| input | " + " | ".join(stage_names) + " |")

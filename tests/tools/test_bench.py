@@ -68,6 +68,10 @@ def test_required_figures_are_measured(report: tuple[dict[str, Any], Path]) -> N
         assert isinstance(value, int | float) and value > 0, (key, value)
     assert data["quick"] is True
     assert set(data["targets"]) >= {"e2e_p95_ms.uncompressed <= 150", "peak_rss_mb <= 400"}
+    # The Architecture v2 ratios are computed from this run's own figures (quick: not judged).
+    v2 = data["architecture_v2"]
+    assert v2["e2e median / stage sum, uncompressed"]["value"] > 0.5
+    assert v2["peak RSS MB (daemon)"]["value"] == data["peak_rss_mb"]
 
 
 def test_every_input_has_every_stage(report: tuple[dict[str, Any], Path]) -> None:
