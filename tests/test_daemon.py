@@ -13,8 +13,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from tests.support import data, tiny_models
-from tests.support.daemon import RESULT_TOPIC, DaemonProcess, wait_results, wait_until
+from tests.support.daemon import REPO, RESULT_TOPIC, DaemonProcess, wait_results, wait_until
 from tests.support.mosquitto import Broker, Subscriber, unique_by_message_id
 from tests.support.schemas import assert_valid
 
@@ -317,3 +319,26 @@ def test_an_exception_in_the_dicom_outputs_counts_against_the_image_not_the_cart
     # The next image is read and its DICOM outputs written as usual (just after its MQTT result).
     assert {r["status"] for r in got} == {"ok"}
     assert wait_until(lambda: len(list((model.parent / "dicom-out").glob("*.sr.dcm"))) == 1, 10)
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp16"])
+def test_the_bundled_int8_and_fp16_models_run_end_to_end_through_the_daemon(
+    broker: Broker, daemons: Callable[..., DaemonProcess], precision: str
+) -> None:
+    """inference.precision selects the manifest's gated file; its sha256 is named in every result."""
+    import yaml
+
+    bundled = REPO / "engines" / "cxr-lite0" / "manifest.yaml"
+    listed = yaml.safe_load(bundled.read_text())["onnx"][precision]
+    daemon = daemons(broker, bundled, inference={"precision": precision, "max_batch": 2})
+    with Subscriber(broker, "cxr/#") as sub:
+        daemon.start(timeout=120)
+        for index, image in enumerate(real_images(3)):
+            shutil.copyfile(image, daemon.inbox / f"p{index}{image.suffix}")
+        got = wait_results(sub, 3, timeout=60)
+    for payload in got:
+        assert_valid(payload, "result.v2.json")
+        assert payload["provenance"]["precision"] == precision
+        assert payload["provenance"]["onnx_sha256"] == listed["sha256"]
+        assert payload["provenance"]["backend"] == "onnxruntime"
+    assert [p["status"] for p in got].count("ok") >= 2  # real frontal X-rays are read, not refused
