@@ -46,6 +46,8 @@ log = logging.getLogger("appliance.daemon")
 HOUSEKEEPING_SECONDS = 600.0
 # Sections bound to open files, sockets or threads at start: a SIGHUP cannot swap them in place.
 RETRY_SECONDS = 5.0
+# Stored results read back per drift-window slot at start (see _rebuild_drift).
+REBUILD_RESULTS_PER_WINDOW = 5
 RESTART_SECTIONS = ("ingest", "mqtt", "journal", "privacy", "dicom_net", "dicom_out", "metrics")
 
 
@@ -405,7 +407,12 @@ class Daemon:
             log.info("drift watch off for %s: %s", manifest.name, why)
         else:
             try:
-                stored = self.journal.recent(self.config.drift.window, self.analyzer.backend.model_sha256)
+                # Each quantity's window holds its last `window` observations, and most quantities are
+                # not observed on every image (scores only when read, severity only with a named finding):
+                # the last `window` results would leave those windows short and skewed to the latest images.
+                stored = self.journal.recent(
+                    REBUILD_RESULTS_PER_WINDOW * self.config.drift.window, self.analyzer.backend.model_sha256
+                )
             except sqlite3.Error:
                 log.exception("drift watch: journal not readable; windows start empty")
                 stored = []
