@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from appliance.config import IngestConfig
 from appliance.errors import InputRejected
 from appliance.ingest import reasons, sniff
 from appliance.ingest.dicom import check_dicom
@@ -40,8 +41,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_BYTES = 512 * 2**20  # ingest.max_file_mb's default
-DEFAULT_MAX_PIXELS = 60_000_000  # ingest.max_pixels' default
+# The limits a bare Intake (tools, tests) applies: the config's own defaults, stated once there.
+DEFAULT_MAX_BYTES = int(IngestConfig.model_fields["max_file_mb"].default * 2**20)
+DEFAULT_MAX_PIXELS = int(IngestConfig.model_fields["max_pixels"].default)
 
 # What "not an image" means, for every source: skipped or quarantined as its rules say. Anything else
 # refused (unreadable, vanished, a link) is always quarantined: it may be an image that went wrong.
