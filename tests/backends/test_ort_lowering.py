@@ -10,7 +10,6 @@ into QLinearConv, and the lowered model is at least as close to FP32 as the Tens
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +17,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
 from appliance.backends.ort_lowering import load_lowered, lower_int8_for_cpu
+from tests.support.quant import quantize_for_tensorrt
 from tools.quantize import activation_scales_follow_clip, check_tensorrt_qdq
 
 CHANNELS, EXPANDED, SIDE = 8, 32, 16
@@ -71,31 +70,13 @@ def _inputs(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).uniform(-2, 2, (n, CHANNELS, SIDE, SIDE)).astype(np.float32)
 
 
-class _Reader(CalibrationDataReader):
-    def __init__(self, x: np.ndarray) -> None:
-        self.items: Iterator[np.ndarray] = iter(x)
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        item = next(self.items, None)
-        return None if item is None else {"image": item[None]}
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(fp32, TensorRT-form int8) files, quantised with tools/quantize.py's settings."""
     folder = tmp_path_factory.mktemp("lowering")
     fp32, int8 = folder / "block.onnx", folder / "block.int8.onnx"
     _block(fp32)
-    quantize_static(
-        str(fp32),
-        str(int8),
-        _Reader(_inputs(16, 1)),
-        quant_format=QuantFormat.QDQ,
-        per_channel=True,
-        activation_type=QuantType.QInt8,
-        weight_type=QuantType.QInt8,
-        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False},
-    )
+    quantize_for_tensorrt(fp32, int8, _inputs(16, 1))
     model = onnx.load(int8)
     assert activation_scales_follow_clip(model) == 2
     onnx.save(model, int8)

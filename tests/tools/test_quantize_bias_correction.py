@@ -3,15 +3,14 @@ rounding causes, and nothing TensorRT reads changes (Q/DQ, scales, zero points, 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
-from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
+from tests.support.quant import quantize_for_tensorrt
 from tools.quantize import activation_scales_follow_clip, check_tensorrt_qdq, correct_biases
 
 C, E, SIDE = 8, 32, 12
@@ -49,15 +48,6 @@ def _model(path: Path) -> None:
     onnx.save(model, path)
 
 
-class _Reader(CalibrationDataReader):
-    def __init__(self, x: np.ndarray) -> None:
-        self.items: Iterator[np.ndarray] = iter(x)
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        item = next(self.items, None)
-        return None if item is None else {"image": item[None]}
-
-
 def _out(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return sess.run(["out"], {"image": x})[0]
@@ -68,16 +58,7 @@ def test_bias_correction_removes_the_mean_shift_and_keeps_the_tensorrt_form(tmp_
     _model(fp32_path)
     # Calibrated on small inputs, used on shifted ones: a coarse step with a systematic error.
     x = np.random.default_rng(0).uniform(0, 2, (32, C, SIDE, SIDE)).astype(np.float32)
-    quantize_static(
-        str(fp32_path),
-        str(int8_path),
-        _Reader(x[:8]),
-        quant_format=QuantFormat.QDQ,
-        per_channel=True,
-        activation_type=QuantType.QInt8,
-        weight_type=QuantType.QInt8,
-        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False},
-    )
+    quantize_for_tensorrt(fp32_path, int8_path, x[:8])
     fp32, int8 = onnx.load(fp32_path), onnx.load(int8_path)
     activation_scales_follow_clip(int8)
     before = onnx.ModelProto()
