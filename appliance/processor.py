@@ -133,19 +133,20 @@ class ImageProcessor:
         quarantine/ with the reason (an error result under the same message id would not be sent)."""
         if self._counted_failure(image_id, name, "DICOM hand-off", exc) < MAX_FAILURES:
             return False
-        last = self.spool.last_failure(image_id)
-        self.spool.quarantine(image_id, "internal error", f"failed {MAX_FAILURES} times; last: {last}")
+        self.spool.quarantine(image_id, *self._refusal(image_id, name))
         return True
+
+    def _refusal(self, image_id: str, name: str) -> tuple[str, str]:
+        """Reason and detail for an image refused at MAX_FAILURES, from the last failure recorded."""
+        last = self.spool.last_failure(image_id)
+        if last is None:  # every failure was the process dying while it read this image
+            return "crashed the reader", f"the appliance stopped {MAX_FAILURES} times while reading {name}"
+        return "internal error", f"failed {MAX_FAILURES} times; last: {last}"
 
     def _give_up(self, job: Job) -> None:
         """The image failed MAX_FAILURES times: the ward is told, the file goes to quarantine with why.
         Its journal row (if any) stays: it is the record of what was read before the failure."""
-        last = self.spool.last_failure(job.image_id)
-        if last is None:
-            reason = "crashed the reader"
-            detail = f"the appliance stopped {MAX_FAILURES} times while reading {job.path.name}"
-        else:
-            reason, detail = "internal error", f"failed {MAX_FAILURES} times; last: {last}"
+        reason, detail = self._refusal(job.image_id, job.path.name)
         result = self.analyzer.failed(job, reason, detail)
         if self.dicom_out is not None:  # a job filed on an earlier try: no SR/SC for a refused image
             self.dicom_out.cancel(job.image_id)

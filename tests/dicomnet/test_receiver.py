@@ -32,6 +32,7 @@ from appliance.ingest.intake import Intake
 from appliance.ingest.spool import Spool
 from tests.dicomnet import scu
 from tests.faults.mutate import deflate_bomb
+from tests.support.daemon import wait_until
 from tests.support.data import cxr_data, dicom_with
 from tests.support.mosquitto import free_port, make_certificates
 
@@ -131,9 +132,7 @@ def test_a_calling_ae_title_not_allowed_is_refused_at_association(
     port = receiver.address[1]
     with caplog.at_level(logging.WARNING, logger="appliance.dicomnet.receiver"):
         assert scu.store(port, [real(NATIVE_DX)], calling="INTRUDER") == []
-        deadline = time.monotonic() + 5
-        while "INTRUDER" not in caplog.text and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: "INTRUDER" in caplog.text, 5, step=0.05)  # logged by the receiver's thread
     assert "'INTRUDER' is not in dicom_net.allowed_calling_ae (XRAY_UNIT, XRAY_2)" in caplog.text
     assert spooled(spool) == []
     assert scu.echo(port, calling="INTRUDER") is None
@@ -148,9 +147,7 @@ def test_an_association_calling_another_ae_title_is_refused(
     port = receiver.address[1]
     with caplog.at_level(logging.WARNING, logger="appliance.dicomnet.receiver"):
         assert scu.store(port, [real(NATIVE_DX)], called="MAIN_PACS") == []
-        deadline = time.monotonic() + 5
-        while "MAIN_PACS" not in caplog.text and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: "MAIN_PACS" in caplog.text, 5, step=0.05)  # logged by the receiver's thread
     assert "called AE title 'MAIN_PACS' is not ours (CXR_APPLIANCE)" in caplog.text
     assert scu.echo(port, called="MAIN_PACS") is None
     assert spooled(spool) == []

@@ -4,7 +4,6 @@ count against the image under the processor's error rule."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ from appliance.dicomout.queue import JOB_SUFFIX, REASON_SUFFIX, RUNNING_SUFFIX, 
 from appliance.dicomout.writer import DicomOutWriter
 from appliance.result import Result
 from tests.dicomout.conftest import MakeJob
+from tests.support.daemon import wait_until
 
 
 class Counter:
@@ -27,13 +27,6 @@ class Counter:
     def __call__(self, image_id: str, name: str, exc: BaseException) -> bool:
         self.seen.append((image_id, name, exc))
         return sum(1 for i, _, _ in self.seen if i == image_id) >= 3
-
-
-def wait_until(check: Callable[[], bool], timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not check() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return check()
 
 
 def config_outbox_dcm(writer: DicomOutWriter) -> list[Path]:
@@ -54,7 +47,7 @@ def test_a_filed_job_survives_a_restart_and_gives_the_same_objects_again(
     assert writer.jobs.depth() == 1
     writer.start_worker(counter)
     try:
-        assert wait_until(lambda: writer.jobs.depth() == 0)
+        assert wait_until(lambda: writer.jobs.depth() == 0, 20, step=0.05)
     finally:
         writer.close()
     names = sorted(p.name for p in config.outbox.glob("*.dcm"))
@@ -105,7 +98,7 @@ def test_a_failing_job_is_retried_counted_and_parked_at_the_limit(
     writer.wake()
     writer.start_worker(counter)
     try:
-        assert wait_until(lambda: writer.jobs.depth() == 0)
+        assert wait_until(lambda: writer.jobs.depth() == 0, 20, step=0.05)
     finally:
         writer.close()
     image_id = result.image.image_id
@@ -128,7 +121,7 @@ def test_the_process_dying_while_rendering_counts_once_and_the_job_runs_again(
     counter = Counter()
     writer.start_worker(counter)
     try:
-        assert wait_until(lambda: writer.jobs.depth() == 0)
+        assert wait_until(lambda: writer.jobs.depth() == 0, 20, step=0.05)
     finally:
         writer.close()
     assert [(i, type(e)) for i, _, e in counter.seen] == [(image_id, DicomOutInterrupted)]
