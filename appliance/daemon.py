@@ -18,15 +18,15 @@ import time
 from dataclasses import replace
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from appliance import sdnotify
 from appliance.assemble import build_analyzer
 from appliance.config import AppConfig, load_config
-from appliance.dicomnet.receiver import DicomReceiver
-from appliance.dicomout.writer import DicomOutWriter
 from appliance.errors import ApplianceError, BackendUnavailable, InputRejected, UserError
 from appliance.ingest.intake import FOLDER, Intake, Verdict
-from appliance.ingest.spool import Spool, SpoolFull
+from appliance.ingest.spool import Spool
+from appliance.ingest.spool_records import SpoolFull
 from appliance.ingest.watcher import FolderWatcher
 from appliance.journal import Journal
 from appliance.logs import setup_logging
@@ -35,11 +35,15 @@ from appliance.ops.metrics import Metrics
 from appliance.overlay import stated_id
 from appliance.pipeline import Analyzer, Job
 from appliance.processor import TEMPORARY, ImageProcessor
-from appliance.pseudonym import image_id_secret
 from appliance.publish import history
 from appliance.publish.mqtt import MqttPublisher
-from appliance.publish.outbox import Outbox
+from appliance.publish.outbox import LEGACY_OUTBOX, Outbox
 from appliance.result import Acknowledgement, Result
+from appliance.store import Store
+
+if TYPE_CHECKING:  # loaded when enabled: pynetdicom and highdicom cost start-up time and memory
+    from appliance.dicomnet.receiver import DicomReceiver
+    from appliance.dicomout.writer import DicomOutWriter
 
 log = logging.getLogger("appliance.daemon")
 
@@ -106,9 +110,9 @@ class Daemon:
                 folder.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise UserError(f"{folder}: cannot create: {exc.strerror}") from exc
-        self.spool = Spool(
-            ingest.spool, min_free_mb=ingest.min_free_mb, id_secret=image_id_secret(self.config)
-        )
+        # One database for spool state, journal and outbox (appliance/store.py), at journal.path.
+        self.store = Store(self.config.journal.path, "appliance database")
+        self.spool = Spool.from_config(self.config, self.store)
         # Every source hands its files to this one intake (appliance/ingest/intake.py): one gate, one
         # size limit, one quarantine, counted once. A full spool found by any source stops accepting.
         self.intake = Intake.from_config(
@@ -122,13 +126,14 @@ class Daemon:
         recovered = self.spool.recover()
         if recovered:
             log.warning("recovered %d image(s) left in processing after an unclean stop", recovered)
-        self.journal = Journal.from_config(self.config.journal)
+        self.journal = Journal.from_config(self.config.journal, self.store)
         # Load the model before connecting, so `online` is only ever said by a cart that can read.
         self.analyzer: Analyzer = build_analyzer(self.config)
         self._rebuild_drift()
         self.publisher: MqttPublisher | None = None
         if self.config.mqtt.enabled:
-            self.outbox = Outbox.from_config(ingest.spool / "outbox.sqlite3", self.config.mqtt)
+            self.outbox = Outbox.from_config(self.store, self.config.mqtt)
+            self.outbox.adopt(ingest.spool / LEGACY_OUTBOX)
             backend = self.analyzer.backend
             self.publisher = MqttPublisher(
                 self.config.mqtt,
@@ -158,13 +163,18 @@ class Daemon:
         self.watcher.start()
         self.dicom_out: DicomOutWriter | None = None
         if self.config.dicom_out.enabled:
+            from appliance.dicomout.writer import DicomOutWriter
+
             self.dicom_out = DicomOutWriter.from_config(self.config).start()
         self.receiver: DicomReceiver | None = None
         if self.config.dicom_net.enabled:
+            from appliance.dicomnet.receiver import DicomReceiver
+
             self.receiver = DicomReceiver.from_config(
                 self.config, self.intake, on_accepted=self.wake.set
             ).start()
         self.processor = ImageProcessor(
+            self.store,
             self.spool,
             self.journal,
             self.analyzer,
@@ -187,10 +197,8 @@ class Daemon:
             if not self.publisher.flush(timeout=10.0):
                 log.warning("outbox not empty at shutdown (%d left); sent at next start", self.outbox.depth())
             self.publisher.close()  # publishes the retained `offline` itself
-            self.outbox.close()
         self.analyzer.backend.close()
-        self.journal.close()
-        self.spool.close()
+        self.store.close()
         log.info("stopped after %d image(s)", self.processor.processed)
 
     def reload(self) -> None:

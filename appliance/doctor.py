@@ -185,7 +185,7 @@ def check_broker(config: AppConfig) -> Iterator[Check]:
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
-    from appliance.publish.mqtt import tls_context
+    from appliance.publish.credentials import apply_credentials
 
     target = f"{mqtt_config.host}:{mqtt_config.port}"
     try:
@@ -195,12 +195,7 @@ def check_broker(config: AppConfig) -> Iterator[Check]:
         return
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"cxr-doctor-{os.getpid()}")
     try:
-        password = mqtt_config.password()
-        if mqtt_config.username:
-            client.username_pw_set(mqtt_config.username, password.get_secret_value() if password else None)
-        context = tls_context(mqtt_config)
-        if context is not None:
-            client.tls_set_context(context)
+        apply_credentials(client, mqtt_config)
         outcome: list[str] = []
         client.on_connect = lambda c, u, f, reason, p: outcome.append(str(reason))
         client.connect(mqtt_config.host, mqtt_config.port, keepalive=10)

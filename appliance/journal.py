@@ -12,7 +12,6 @@ known only by their salted pseudonymous key; the journal holds no name or patien
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 from appliance.clock import now_iso
 from appliance.config import JournalConfig
 from appliance.result import Acknowledgement, Result
-from appliance.sqlitedb import Transaction, open_sqlite
+from appliance.store import Store, store_at
 
 log = logging.getLogger(__name__)
 
@@ -97,12 +96,16 @@ def to_timestamp(value: str | datetime | None) -> float | None:
 class Journal:
     """Thread-safe (one connection behind a lock): the pipeline writes results, MQTT writes acks."""
 
-    def __init__(self, path: Path, *, retention_days: float = 90, retention_count: int = 100_000) -> None:
-        self.path = Path(path)
+    def __init__(
+        self, store: Store | Path, *, retention_days: float = 90, retention_count: int = 100_000
+    ) -> None:
+        """`store`: the daemon's Store, or the path of the database to open (then closed with the journal)."""
+        self.store, self._owns_store = store_at(store, "journal")
+        self.path = self.store.path
         self.retention_days = retention_days
         self.retention_count = retention_count
-        self._lock = threading.RLock()
-        self._db = open_sqlite(self.path, "journal")
+        self._lock = self.store.lock
+        self._db = self.store.db
         with self._lock:
             self._db.executescript(_SCHEMA)
             # Journals from before clinician feedback: add its columns (NULL for the old acks).
@@ -112,8 +115,10 @@ class Journal:
                     self._db.execute(f"ALTER TABLE acknowledgements ADD COLUMN {column} TEXT")
 
     @classmethod
-    def from_config(cls, config: JournalConfig) -> Journal:
-        return cls(config.path, retention_days=config.retention_days, retention_count=config.retention_count)
+    def from_config(cls, config: JournalConfig, store: Store | None = None) -> Journal:
+        return cls(
+            store or config.path, retention_days=config.retention_days, retention_count=config.retention_count
+        )
 
     # -- results -------------------------------------------------------------------------------
     def record_result(self, result: Result) -> bool:
@@ -121,7 +126,7 @@ class Journal:
         image_id = result.image.image_id
         created_ts = to_timestamp(result.created_at) or time.time()
         acquired_ts = to_timestamp(result.image.acquired_at) or created_ts
-        with self._lock, Transaction(self._db):
+        with self.store.transaction():
             cur = self._db.execute(
                 "INSERT OR IGNORE INTO results (message_id, image_id, patient_key, location, acquired_at,"
                 " acquired_ts, triage, status, payload, created_at, created_ts)"
@@ -236,7 +241,7 @@ class Journal:
         """Store a display's acknowledgement; the same one delivered twice is stored once. Dropped (False,
         logged) when the journal holds no result with that message id, or already holds
         MAX_ACKS_PER_RESULT acks of it: displays may write acks, so they are not trusted to name real ones."""
-        with self._lock, Transaction(self._db):
+        with self.store.transaction():
             known = self._db.execute(
                 "SELECT (SELECT count(*) FROM results WHERE message_id = ?),"
                 " (SELECT count(*) FROM acknowledgements WHERE message_id = ?)",
@@ -298,7 +303,7 @@ class Journal:
     def prune(self, now: float | None = None) -> int:
         """Drop results older than retention_days and beyond the newest retention_count. Returns count."""
         cutoff = (now if now is not None else time.time()) - self.retention_days * 86400
-        with self._lock, Transaction(self._db):
+        with self.store.transaction():
             doomed = (
                 "SELECT message_id FROM results WHERE created_ts < ? UNION SELECT message_id FROM results"
             )
@@ -321,10 +326,7 @@ class Journal:
         return removed
 
     def integrity_check(self) -> list[str]:
-        """PRAGMA integrity_check: [] when the database is sound, else SQLite's complaints."""
-        with self._lock:
-            rows = [str(r[0]) for r in self._db.execute("PRAGMA integrity_check").fetchall()]
-        return [] if rows == ["ok"] else rows
+        return self.store.integrity_check()
 
     def counts(self) -> dict[str, int]:
         with self._lock:
@@ -334,5 +336,5 @@ class Journal:
             }
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        if self._owns_store:
+            self.store.close()

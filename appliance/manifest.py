@@ -162,7 +162,7 @@ SequenceFeature = Literal["risk_logit", "risk_logit_change", "extent", "extent_c
 
 
 class SequenceRisk(Strict):
-    """A small logistic model on one patient's current and prior results (tools/train_sequence_risk.py).
+    """A small logistic model on one patient's current and prior results (tools/training/train_sequence_risk.py).
 
     Probability = sigmoid(intercept + sum(coefficients * (features - mean) / scale)); each feature is
     computed from the two Results by appliance/interpret/sequence_risk.py, so no extra model file."""
@@ -216,7 +216,7 @@ class DriftQuantity(Strict):
 
 
 class DriftReference(Strict):
-    """Reference distributions for the drift watch, written by tools/drift_reference.py."""
+    """Reference distributions for the drift watch, written by tools/training/drift_reference.py."""
 
     source: str = Field(description="What the reference was computed on (split, data, precision).")
     images: int = Field(ge=1)

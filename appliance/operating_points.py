@@ -1,7 +1,7 @@
 """Operating points and their intervals (numpy only), shared by the runtime and tools/.
 
 The appliance's `recalibrate` command and the training tools choose operating points the same way;
-the runtime must not import tools/, so the functions live here and tools/cxrmetrics.py re-exports them.
+the runtime must not import tools/, so the functions live here and tools/training/metrics.py re-exports them.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The stages wired together: read -> gate -> preprocess -> infer -> interpret -> Result.
 
 `Analyzer` is the pure part (files in, Results out), shared by `cxr-appliance process`, the daemon,
-tools/evaluate.py and tools/bench.py. The daemon (appliance/daemon.py) adds the watcher, spool,
+tools/training/evaluate.py and tools/quality/bench.py. The daemon (appliance/daemon.py) adds the watcher, spool,
 journal and MQTT around it. The pipeline imports the stages; no stage imports the pipeline.
 """
 

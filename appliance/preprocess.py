@@ -1,6 +1,6 @@
 """Manifest-driven image -> tensor. Nothing here knows about a particular model.
 
-The same functions are used by training (tools/train.py) and by the appliance, so the model sees
+The same functions are used by training (tools/training/train.py) and by the appliance, so the model sees
 identical pixels in both places.
 """
 

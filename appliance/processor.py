@@ -3,11 +3,13 @@
 claim (the daemon's loop) -> analyse -> enrich with the patient's priors -> DICOM job -> journal ->
 outputs (MQTT result and thumbnail) -> done/. Order matters for "nothing lost, nothing twice": the
 DICOM job is filed in its durable queue first (it needs the analysis in memory: the decoded pixels and
-the full heatmap), then the journal is written, then the durable outbox, and only then is the file
-moved. After a kill -9 at any point the spool hands the image back: before the journal, the image is
-analysed again and its DICOM job filed again under the same name; after it, the journal recognises it,
-the same message id is enqueued again (the outbox ignores an id it already holds or sent) and the DICOM
-job is already queued or done. The SR and SC are rendered by the worker of that queue
+the full heatmap); then the journal row, the outbox messages and the spool state are written in ONE
+transaction of the appliance's store (one fsync), and the file moves to done/ after it commits. After a
+kill -9 before that commit the spool hands the image back and it is analysed again (its DICOM job filed
+again under the same name); after it, the row says done and the spool's recovery only finishes the move.
+An image whose journal row exists but whose hand-off did not finish (an older version wrote them apart)
+is recognised by the journal and handed off again under the same message id (the outbox ignores an id
+it already holds or sent). The SR and SC are rendered by the worker of that queue
 (appliance/dicomout/queue.py), in the background: the loop does not wait 220-470 ms per image for them.
 
 The error rule, the same on every path: a temporary problem (storage that cannot be written, a backend
@@ -28,11 +30,12 @@ import logging
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from appliance.dicomout import DicomJob
-from appliance.dicomout.writer import DicomOutWriter
 from appliance.errors import BackendUnavailable
-from appliance.ingest.spool import Spool, SpoolFull
+from appliance.ingest.spool import Spool
+from appliance.ingest.spool_records import SpoolFull
 from appliance.interpret import thumbnail
 from appliance.interpret.priors import with_priors
 from appliance.journal import Journal
@@ -40,6 +43,10 @@ from appliance.logs import printable
 from appliance.pipeline import Analyzer, Job
 from appliance.publish.mqtt import MqttPublisher
 from appliance.result import Result
+from appliance.store import Store
+
+if TYPE_CHECKING:  # the writer (highdicom) is loaded only on carts with DICOM outputs
+    from appliance.dicomout.writer import DicomOutWriter
 
 log = logging.getLogger("appliance.processor")
 
@@ -58,6 +65,7 @@ Finished = Callable[[Job, Result, bool], None]
 class ImageProcessor:
     def __init__(
         self,
+        store: Store,
         spool: Spool,
         journal: Journal,
         analyzer: Analyzer,
@@ -67,6 +75,7 @@ class ImageProcessor:
         on_finished: Finished,
         log_skipped_thumbnails: bool = True,
     ) -> None:
+        self.store = store  # the spool's, journal's and outbox's: one image's end is one transaction
         self.spool = spool
         self.journal = journal
         self.analyzer = analyzer  # replaced by the daemon when a reload brings another model
@@ -150,16 +159,17 @@ class ImageProcessor:
         result = self.analyzer.failed(job, reason, detail)
         if self.dicom_out is not None:  # a job filed on an earlier try: no SR/SC for a refused image
             self.dicom_out.cancel(job.image_id)
-        try:
-            self.journal.record_result(result)
-            if self.publisher is not None:
-                self.publisher.publish_result(result)
-                self.publisher.publish_thumbnail(result, None)  # the bed's picture is not this reading's
-        except TEMPORARY:
-            raise
-        except Exception:  # the error result cannot be sent: the quarantine reason still says why
-            log.exception("%s: could not report the refusal", job.path.name)
-        self.spool.quarantine(job.image_id, reason, detail)
+        with self.store.transaction():
+            try:
+                self.journal.record_result(result)
+                if self.publisher is not None:
+                    self.publisher.publish_result(result)
+                    self.publisher.publish_thumbnail(result, None)  # the bed's picture is not this reading's
+            except TEMPORARY:
+                raise
+            except Exception:  # the error result cannot be sent: the quarantine reason still says why
+                log.exception("%s: could not report the refusal", job.path.name)
+            self.spool.quarantine(job.image_id, reason, detail)
         self.on_finished(job, result, False)
 
     def _analyze(self, jobs: list[Job]) -> list[tuple[Job, Result | Exception]]:
@@ -183,9 +193,10 @@ class ImageProcessor:
         started = time.perf_counter()
         result = with_priors(result, self.journal, self.analyzer.manifest.sequence_risk)
         queued = self._file_dicom_job(job, result)
-        self.journal.record_result(result)
-        result.timings_ms["journal"] = round((time.perf_counter() - started - queued) * 1000.0, 2)
-        self._hand_off(job, result)
+        with self.store.transaction():  # journal row, outbox messages, spool state: one commit
+            self.journal.record_result(result)
+            result.timings_ms["journal"] = round((time.perf_counter() - started - queued) * 1000.0, 2)
+            self._hand_off(job, result)
         self.processed += 1
         self.on_finished(job, result, True)
         log.info(
@@ -231,7 +242,7 @@ class ImageProcessor:
             self.publisher.publish_result(result)
             self._publish_thumbnail(job, result)
         if self.dicom_out is not None:  # after publishing: the ward hears first, the PACS second
-            self.dicom_out.wake()
+            self.store.after_commit(self.dicom_out.wake)
         if result.status == "error":
             self.spool.quarantine(job.image_id, result.reason or "error", result.text)
         else:

@@ -6,11 +6,11 @@ the stick is ever written or deleted: each file goes to the intake (appliance/in
 its USB rules, which copies it into the spool's incoming side and de-duplicates (SOPInstanceUID +
 content hash, remembered across imports, so re-inserting a stick is harmless).
 
-Hostile media are expected: DICOMDIR file ids with `..` or absolute parts, symlinks leading off
-the stick, FIFOs and device nodes, odd file names. Those are refused with a reason, logged, counted
-and reported; the import carries on with the rest. Files that are not images at all (README.TXT,
-autorun.inf, reports) are skipped rather than quarantined; the intake's other refusals (too large,
-unreadable) are quarantined as from any source and reported as skipped.
+Hostile media are expected (usb_stick.py reads the stick without trusting it): entries that escape
+the stick or are no regular files are refused with a reason, logged, counted and reported; the import
+carries on with the rest. Files that are not images at all (README.TXT, autorun.inf, reports) are
+skipped rather than quarantined; the intake's other refusals (too large, unreadable) are quarantined as
+from any source and reported as skipped.
 
 Progress and the final counts go to the log and over MQTT (QoS 1) to
 `<prefix>/<site>/<device_id>/usb_import`. MQTT gets counts only (refusals counted by reason): file
@@ -25,17 +25,15 @@ import contextlib
 import json
 import logging
 import os
-import re
-import stat
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from appliance.config import AppConfig
 from appliance.errors import UserError
+from appliance.usb_stick import ImportReport, Refusal, count_by_reason, resolve_mountpoint, shown_path, survey
 
 if TYPE_CHECKING:  # imported when used: the CLI imports this module to build its parser
     from appliance.ingest.intake import Intake
@@ -44,164 +42,10 @@ if TYPE_CHECKING:  # imported when used: the CLI imports this module to build it
 log = logging.getLogger(__name__)
 
 PROGRESS_SCHEMA = "cxr-appliance/usb-import/v1"
-MAX_LOGGED_PATH = 160
-_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
 WAIT_MOUNT_ENV = "CXR_USB_WAIT_MOUNT"
 
 
 ProgressSink = Callable[[dict[str, Any]], None]
-
-
-@dataclass
-class Refusal:
-    path: str  # relative to the stick's root, control characters escaped
-    reason: str
-
-
-@dataclass
-class ImportReport:
-    root: str
-    found: int = 0
-    imported: int = 0
-    duplicates: int = 0
-    skipped: list[Refusal] = field(default_factory=list)  # not images, or quarantined by the intake
-    refused: list[Refusal] = field(default_factory=list)  # escapes the stick, not a regular file
-    missing: list[str] = field(default_factory=list)  # listed in the DICOMDIR but absent
-
-    def counts(self) -> dict[str, int]:
-        return {
-            "found": self.found,
-            "imported": self.imported,
-            "duplicates": self.duplicates,
-            "skipped": len(self.skipped),
-            "refused": len(self.refused),
-            "missing": len(self.missing),
-        }
-
-
-# --- finding the files ------------------------------------------------------------------------
-
-
-def _inside(path: Path, root: Path) -> bool:
-    return path == root or path.is_relative_to(root)
-
-
-def _rel(path: Path, root: Path) -> str:
-    try:
-        text = str(path.relative_to(root))
-    except ValueError:
-        text = str(path)
-    text = repr(text)[1:-1]  # a newline in a file name must not forge a log line
-    return text if len(text) <= MAX_LOGGED_PATH else text[: MAX_LOGGED_PATH - 3] + "..."
-
-
-def _by_reason(refusals: list[Refusal]) -> dict[str, int]:
-    """Counts per reason, without the details (an error text or a quoted file id may hold a name)."""
-    counts: dict[str, int] = {}
-    for item in refusals:
-        reason = _QUOTED.sub("'...'", item.reason.split(" (", 1)[0])
-        counts[reason] = counts.get(reason, 0) + 1
-    return counts
-
-
-def _unsafe_file_id(parts: list[str]) -> str | None:
-    """Why a DICOMDIR ReferencedFileID is unsafe, or None when it is a plain relative path."""
-    if not parts:
-        return "empty file id"
-    for part in parts:
-        if part in ("", ".", ".."):
-            return f"file id component {part!r}"
-        if "/" in part or "\\" in part or "\0" in part:
-            return f"file id component {part!r} holds a separator"
-    if len(parts[0]) >= 2 and parts[0][1] == ":":
-        return "absolute file id"
-    return None
-
-
-@dataclass
-class _DicomDirView:
-    listed: set[Path] = field(default_factory=set)  # every file a record references (resolved)
-    images: set[Path] = field(default_factory=set)  # those referenced by IMAGE records
-
-
-def _read_dicomdir(dicomdir: Path, root: Path, report: ImportReport) -> _DicomDirView:
-    """Resolve the DICOMDIR's file references, refusing any that would leave the stick."""
-    import pydicom
-
-    view = _DicomDirView()
-    try:
-        ds = pydicom.dcmread(dicomdir)
-        records = list(ds.get("DirectoryRecordSequence", []))
-    except Exception as exc:  # a broken DICOMDIR must not stop the plain walk
-        report.skipped.append(Refusal(_rel(dicomdir, root), f"unreadable DICOMDIR ({exc})"))
-        log.warning("USB import: cannot read DICOMDIR %s: %s", dicomdir, exc)
-        return view
-    base = dicomdir.parent
-    for record in records:
-        file_id = record.get("ReferencedFileID")
-        if file_id is None:
-            continue
-        parts = (
-            [str(p) for p in file_id]
-            if isinstance(file_id, list | pydicom.multival.MultiValue)
-            else [str(file_id)]
-        )
-        shown = "\\".join(parts)
-        why = _unsafe_file_id(parts)
-        target = base.joinpath(*parts) if why is None else base
-        if why is None:
-            try:
-                resolved = target.resolve()
-            except (OSError, RuntimeError) as exc:
-                why = f"cannot resolve ({exc})"
-            else:
-                if not _inside(resolved, root):
-                    why = "points outside the stick"
-        if why is not None:
-            report.refused.append(Refusal(f"DICOMDIR:{shown}", why))
-            continue
-        if not resolved.exists():
-            report.missing.append(_rel(target, root))
-            continue
-        view.listed.add(resolved)
-        if str(record.get("DirectoryRecordType", "")).strip().upper() == "IMAGE":
-            view.images.add(resolved)
-    return view
-
-
-def _walk(root: Path, report: ImportReport) -> Iterator[Path]:
-    """Regular files under root, symlinks only when they stay on the stick; sorted for a stable order."""
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        here = Path(dirpath)
-        dirnames.sort()
-        for name in list(dirnames):
-            entry = here / name
-            if entry.is_symlink():
-                # Never descend through links (loops, escapes); report those that leave the stick.
-                dirnames.remove(name)
-                if not _inside(entry.resolve(), root):
-                    report.refused.append(Refusal(_rel(entry, root), "symlink points outside the stick"))
-        for name in sorted(filenames):
-            entry = here / name
-            try:
-                st = entry.lstat()
-                if stat.S_ISLNK(st.st_mode):
-                    target = entry.resolve(strict=True)
-                    if not _inside(target, root):
-                        report.refused.append(Refusal(_rel(entry, root), "symlink points outside the stick"))
-                        continue
-                    st = target.stat()
-            except (OSError, RuntimeError) as exc:
-                report.refused.append(Refusal(_rel(entry, root), f"broken or looping symlink ({exc})"))
-                continue
-            if not stat.S_ISREG(st.st_mode):
-                # Reading a FIFO would block; device nodes have no business on a stick.
-                report.refused.append(Refusal(_rel(entry, root), "not a regular file"))
-                continue
-            yield entry
-
-
-# --- the import -------------------------------------------------------------------------------
 
 
 def import_tree(
@@ -238,22 +82,17 @@ def import_tree(
 
     emit(event("started"))
     log.info("USB import from %s started", root)
-    files = list(_walk(root, report))
-    view = _DicomDirView()
-    for dicomdir in (p for p in files if p.name.upper() == "DICOMDIR"):
-        one = _read_dicomdir(dicomdir, root, report)
-        view.listed |= one.listed
-        view.images |= one.images
+    files, view = survey(root, report)
 
     last = time.monotonic()
     for path in files:
-        rel = _rel(path, root)
+        rel = shown_path(path, root)
         resolved = path.resolve()
         if path.name.upper() == "DICOMDIR" or (resolved in view.listed and resolved not in view.images):
             # The stick's own index says so: skipped without reading it.
             report.skipped.append(Refusal(rel, reasons.NON_IMAGE_DICOM))
             continue
-        # A link to another file on the stick (checked by _walk) goes in as its target: the spool
+        # A link to another file on the stick (checked by walk_stick) goes in as its target: the spool
         # refuses links, which in a watched folder could be swapped to point anywhere.
         outcome = intake.offer(resolved if path.is_symlink() else path, source, USB)
         if outcome.verdict is Verdict.SKIPPED:
@@ -282,49 +121,13 @@ def import_tree(
         log.warning("USB import: DICOMDIR lists %s, which is not on the stick", missing)
     emit(
         event(
-            "done", refused_by_reason=_by_reason(report.refused), skipped_by_reason=_by_reason(report.skipped)
+            "done",
+            refused_by_reason=count_by_reason(report.refused),
+            skipped_by_reason=count_by_reason(report.skipped),
         )
     )
     log.info("USB import from %s done: %s", root, report.counts())
     return report
-
-
-# --- mount point, MQTT, command line --------------------------------------------------------
-
-
-def _mountpoint_of_device(device: Path) -> Path | None:
-    rdev = device.stat().st_rdev
-    wanted = f"{os.major(rdev)}:{os.minor(rdev)}"
-    with open("/proc/self/mountinfo") as fh:
-        for line in fh:
-            fields = line.split()
-            if fields[2] == wanted:
-                # mountinfo escapes spaces etc. as octal (\040).
-                return Path(fields[4].encode().decode("unicode_escape"))
-    return None
-
-
-def resolve_mountpoint(target: Path, wait_s: float = 0.0, poll_s: float = 0.5) -> Path:
-    """The folder to import from: `target` itself, or where the block device `target` is mounted.
-
-    With wait_s > 0 wait that long for the mount (systemd-mount --no-block returns before it).
-    """
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            mode = target.stat().st_mode
-        except FileNotFoundError:
-            mode = 0
-        if stat.S_ISBLK(mode):
-            found = _mountpoint_of_device(target)
-            if found is not None:
-                return found
-        elif stat.S_ISDIR(mode) and (wait_s <= 0 or os.path.ismount(target)):
-            return target
-        if time.monotonic() >= deadline:
-            what = "not mounted" if mode else "does not exist"
-            raise UserError(f"USB import: {target} {what}" + (f" after {wait_s:g} s" if wait_s > 0 else ""))
-        time.sleep(poll_s)
 
 
 def mqtt_progress(cfg: AppConfig) -> tuple[ProgressSink, Callable[[], None]]:
@@ -335,18 +138,13 @@ def mqtt_progress(cfg: AppConfig) -> tuple[ProgressSink, Callable[[], None]]:
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
-    from appliance.publish.mqtt import tls_context
+    from appliance.publish.credentials import apply_credentials
     from appliance.publish.topics import Topics
 
     m = cfg.mqtt
     base = m.client_id or f"cxr-{cfg.device.site}-{cfg.device.device_id}"
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{base}-usb", protocol=mqtt.MQTTv311)
-    if m.username:
-        password = m.password()
-        client.username_pw_set(m.username, password.get_secret_value() if password else None)
-    ctx = tls_context(m)
-    if ctx is not None:
-        client.tls_set_context(ctx)
+    apply_credentials(client, m)
     topic = f"{Topics(m.topic_prefix, cfg.device.site, cfg.device.device_id).base}/usb_import"
     pending: list[mqtt.MQTTMessageInfo] = []
     try:
@@ -387,7 +185,7 @@ def main(args: argparse.Namespace, cfg: AppConfig) -> int:
     """`cxr-appliance usb-import MOUNT`: exit 0 when the walk finished, even if some files were refused."""
     from appliance.ingest.intake import Intake
     from appliance.ingest.spool import Spool
-    from appliance.pseudonym import image_id_secret
+    from appliance.store import Store
 
     wait = getattr(args, "wait_mount", None)
     if wait is None:
@@ -399,12 +197,13 @@ def main(args: argparse.Namespace, cfg: AppConfig) -> int:
     if cfg.mqtt.enabled and not getattr(args, "no_mqtt", False):
         sink, close = mqtt_progress(cfg)
     # The daemon's image-id key: an image imported here gets the id the daemon would give it.
-    spool = Spool(cfg.ingest.spool, min_free_mb=cfg.ingest.min_free_mb, id_secret=image_id_secret(cfg))
+    store = Store(cfg.journal.path, "appliance database")  # the daemon's: its spool rows live there
+    spool = Spool.from_config(cfg, store)
     try:
         # No gate and no metrics: this is a process of its own; the spool's disk reserve still applies.
         report = import_tree(root, Intake.from_config(cfg, spool), progress=sink)
     finally:
         close()
-        spool.close()
+        store.close()
     print(json.dumps({"root": report.root, **report.counts()}))
     return 0

@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 
 from appliance.ingest.spool import Spool
-from tests.support import tiny_models
-from tests.support.daemon import DaemonProcess
-from tests.support.mosquitto import MOSQUITTO, Broker, Subscriber
+from testsupport import tiny_models
+from testsupport.daemon import DaemonProcess
+from testsupport.mosquitto import MOSQUITTO, Broker, Subscriber
 
 
 @pytest.fixture(scope="session")
@@ -68,7 +68,7 @@ def subscriber_factory(broker: Broker) -> Iterator[Callable[..., Subscriber]]:
 
 @pytest.fixture
 def model(tmp_path: Path) -> Path:
-    """A tiny real ONNX model (tests/support/tiny_models.py): fast, for daemon mechanics."""
+    """A tiny real ONNX model (testsupport/tiny_models.py): fast, for daemon mechanics."""
     return tiny_models.xrv_like(tmp_path / "model")
 
 

@@ -10,10 +10,10 @@ import yaml
 
 from appliance.cli import main
 from appliance.journal import Journal
-from tests.support import data, tiny_models
-from tests.support.mosquitto import Broker
-from tests.support.results import make_result
-from tests.support.schemas import assert_valid
+from testsupport import data, tiny_models
+from testsupport.mosquitto import Broker
+from testsupport.results import make_result
+from testsupport.schemas import assert_valid
 
 
 def config_file(tmp_path: Path, broker: Broker | None = None) -> Path:

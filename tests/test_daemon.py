@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import data, tiny_models
-from tests.support.daemon import REPO, RESULT_TOPIC, DaemonProcess, wait_results, wait_until
-from tests.support.mosquitto import Broker, Subscriber, unique_by_message_id
-from tests.support.schemas import assert_valid
+from testsupport import data, tiny_models
+from testsupport.daemon import REPO, RESULT_TOPIC, DaemonProcess, wait_results, wait_until
+from testsupport.mosquitto import Broker, Subscriber, unique_by_message_id
+from testsupport.schemas import assert_valid
 
 # Copies into the inbox use shutil.copyfile, not shutil.copy: copy() chmods the file after closing it,
 # and by then the daemon may already have moved it (a real race, not a daemon bug).
@@ -240,7 +240,8 @@ def test_a_file_over_max_file_mb_is_quarantined_unread(
 def test_an_image_that_keeps_killing_the_daemon_is_refused_not_retried_forever(
     broker: Broker, model: Path, daemons: Callable[..., DaemonProcess]
 ) -> None:
-    from appliance.ingest.spool import Accepted, Spool
+    from appliance.ingest.spool import Spool
+    from appliance.ingest.spool_records import Accepted
 
     daemon = daemons(broker, model)
     daemon.inbox.mkdir(parents=True)

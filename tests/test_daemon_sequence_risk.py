@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.support import data
-from tests.support.daemon import DaemonProcess
-from tests.support.mosquitto import Broker, Received, Subscriber, unique_by_message_id
+from testsupport import data
+from testsupport.daemon import DaemonProcess
+from testsupport.mosquitto import Broker, Received, Subscriber, unique_by_message_id
 
 RESULT_TOPIC = "cxr/ward-7/cart-1/result"
 BUNDLED = Path(__file__).resolve().parent.parent / "engines" / "cxr-lite0"

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import yaml
 
-from tests.support.daemon import RESULT_TOPIC, DaemonProcess, wait_results
-from tests.support.mosquitto import Broker, Subscriber, unique_by_message_id
 from tests.test_daemon import real_images
+from testsupport.daemon import RESULT_TOPIC, DaemonProcess, wait_results
+from testsupport.mosquitto import Broker, Subscriber, unique_by_message_id
 
 
 def test_sigterm_with_a_backlog_exits_cleanly_and_the_rest_follows_after_restart(

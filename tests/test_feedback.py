@@ -17,8 +17,8 @@ from pydantic import ValidationError
 from appliance.cli import main
 from appliance.journal import FEEDBACK_COLUMNS, MAX_ACKS_PER_RESULT, Journal
 from appliance.result import Acknowledgement, Result, Score, parse_ack
-from tests.support.results import make_result
-from tests.support.schemas import assert_valid
+from testsupport.results import make_result
+from testsupport.schemas import assert_valid
 
 AT = "2024-03-01T09:00:00Z"
 

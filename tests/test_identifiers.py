@@ -17,9 +17,9 @@ import pydicom
 
 from appliance.ingest.identity import dedup_key
 from appliance.pseudonym import PatientKeys
-from tests.support import data
-from tests.support.daemon import RESULT_TOPIC, DaemonProcess, wait_results
-from tests.support.mosquitto import Broker, Subscriber
+from testsupport import data
+from testsupport.daemon import RESULT_TOPIC, DaemonProcess, wait_results
+from testsupport.mosquitto import Broker, Subscriber
 
 NAME = "Jane Doe"
 

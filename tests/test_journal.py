@@ -11,7 +11,7 @@ import pytest
 
 from appliance.journal import Journal
 from appliance.result import Acknowledgement
-from tests.support.results import T0, make_result
+from testsupport.results import T0, make_result
 
 
 def image_state(path: Path, image_id: str) -> str | None:

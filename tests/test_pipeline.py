@@ -13,8 +13,8 @@ from appliance.ingest import read_image
 from appliance.manifest import Precision, load_manifest
 from appliance.pipeline import Analyzer, Job
 from appliance.preprocess import preprocess
-from tests.support import data, tiny_models
-from tests.support.schemas import assert_valid
+from testsupport import data, tiny_models
+from testsupport.schemas import assert_valid
 
 
 def analyzer_for(manifest_path: Path) -> Analyzer:

@@ -9,7 +9,7 @@ from appliance.backends.onnxruntime import OnnxRuntimeBackend, OnnxRuntimeConfig
 from appliance.config import AppConfig
 from appliance.manifest import Precision, load_manifest
 from appliance.pipeline import Analyzer, Job
-from tests.support import data, tiny_models
+from testsupport import data, tiny_models
 
 
 def test_prefetched_batches_match_one_at_a_time(tmp_path: Path) -> None:

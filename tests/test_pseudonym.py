@@ -62,7 +62,7 @@ def test_the_issuer_of_patient_id_is_read_from_the_dicom(tmp_path: Path) -> None
     import pydicom
 
     from appliance.ingest import read_image
-    from tests.support.data import real_dicoms
+    from testsupport.data import real_dicoms
 
     ds = pydicom.dcmread(real_dicoms()[0])
     ds.IssuerOfPatientID = "HOSP-A"

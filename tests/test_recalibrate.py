@@ -29,9 +29,9 @@ from appliance.manifest import load_manifest, sha256_file
 from appliance.overlay import OverlayError, SiteOverlay, read_overlay, write_overlay
 from appliance.recalibrate import MIN_CASES
 from appliance.result import Acknowledgement, Result
-from tests.support import data
-from tests.support.daemon import REPO, RESULT_TOPIC, DaemonProcess, wait_results, wait_until
-from tests.support.mosquitto import Broker, Subscriber
+from testsupport import data
+from testsupport.daemon import REPO, RESULT_TOPIC, DaemonProcess, wait_results, wait_until
+from testsupport.mosquitto import Broker, Subscriber
 
 SHIPPED = load_manifest(DEFAULT_MODEL)
 assert SHIPPED.triage.abnormal_threshold is not None, "the bundled model has a triage point"

@@ -3,16 +3,17 @@ as the loop starts): quarantine/, the spool's records of where files came from, 
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from appliance.ingest.spool import Accepted, Spool
-from tests.support import data
-from tests.support.daemon import DaemonProcess, wait_until
+from appliance.ingest.spool import Spool
+from appliance.ingest.spool_records import Accepted
+from testsupport import data
+from testsupport.daemon import DaemonProcess, wait_until
 
 DAY = 86400.0
 
@@ -46,8 +47,13 @@ def test_housekeeping_purges_quarantine_records_and_dicom_out_but_keeps_what_the
     assert item is not None and spool.mark_done(item.image_id)
     spool.close()
     assert isinstance(accepted, Accepted)
-    meta = daemon.spool / "meta" / f"{accepted.image_id}.json"
-    assert "DOE_JANE" in json.loads(meta.read_text())["original"]
+    store = daemon.workdir / "journal.sqlite3"  # the appliance's database: the spool's rows move there
+
+    def originals(path: Path) -> list[str | None]:
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            return [row[0] for row in db.execute("SELECT original FROM items")]
+
+    assert "DOE_JANE" in str(originals(daemon.spool / "spool.db"))
 
     old_refused = aged(daemon.spool / "quarantine" / "20240101T000000Z-x.dcm", 31)
     old_reason = aged(daemon.spool / "quarantine" / "20240101T000000Z-x.dcm.reason.txt", 31)
@@ -61,14 +67,14 @@ def test_housekeeping_purges_quarantine_records_and_dicom_out_but_keeps_what_the
 
     daemon.start()
     assert wait_until(lambda: not old_refused.exists(), 20), daemon.log()
-    assert wait_until(lambda: not meta.exists(), 20), daemon.log()
+    assert wait_until(lambda: store.exists() and originals(store) == [None], 20), daemon.log()
     daemon.stop()
 
     assert not old_reason.exists() and new_refused.exists()
-    with sqlite3.connect(daemon.spool / "spool.db") as db:
+    with contextlib.closing(sqlite3.connect(store)) as db:
         rows = db.execute("SELECT original, key FROM items").fetchall()
     assert rows and all(original is None and key for original, key in rows)
-    assert b"DOE_JANE" not in (daemon.spool / "spool.db").read_bytes()
+    assert b"DOE_JANE" not in store.read_bytes() and not (daemon.spool / "spool.db").exists()
     assert not written_old.exists() and written_new.exists()
     assert queued.exists() and (outbox / "queue" / "c.sr.dcm").exists()  # the PACS has not had it yet
     assert not forgotten.exists()

@@ -3,7 +3,7 @@
 # existing configuration, passwords, keys and certificates are never overwritten.
 #
 #   sudo tools/install.sh [--site WARD] [--device-id CART] [--broker-name HOST]...
-#   sudo tools/install.sh --offline cxr-appliance-VERSION-bundle.tar.gz ...   (no network: tools/bundle.py)
+#   sudo tools/install.sh --offline cxr-appliance-VERSION-bundle.tar.gz ...   (no network: tools/deploy/bundle.py)
 #
 # For CI and staging, --root DIR installs everything below DIR (etc/, var/lib/, opt/) with paths
 # pointing into DIR, creates no system user and changes no ownership; --no-systemctl leaves
@@ -21,7 +21,7 @@ Usage: tools/install.sh [options]
   --python PY         interpreter for the venv (default: python3)
   --skip-venv         do not create the venv / pip install (the app must already be importable by --python)
   --pip-args ARGS     extra arguments for pip install (e.g. "--no-index --find-links /media/wheels")
-  --offline BUNDLE    install from a bundle written by tools/bundle.py, with no network: every file's
+  --offline BUNDLE    install from a bundle written by tools/deploy/bundle.py, with no network: every file's
                       sha256 is checked first, then the venv gets the bundle's wheels for this machine
   --no-systemctl      do not run systemctl, udevadm or systemd-sysusers
   --skip-doctor       do not run `cxr-appliance doctor` at the end
@@ -169,7 +169,7 @@ else:
     have = ", ".join(f"{t['machine']} with Python {t['python']}" for t in targets.values())
     refuse(
         f"no wheels for this machine: {machine} with Python {python} ({sys.executable}); the bundle has {have}."
-        " Use --python for another interpreter, or build a bundle for this machine with tools/bundle.py"
+        " Use --python for another interpreter, or build a bundle for this machine with tools/deploy/bundle.py"
     )
 PY
 )" || die "the bundle was refused, nothing was installed"

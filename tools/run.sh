@@ -5,4 +5,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tools/setup.sh
-exec .venv/bin/python tools/demo.py "$@"
+exec .venv/bin/python -m tools.deploy.demo "$@"

@@ -6,8 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 tools/setup.sh --dev
 echo "==> ruff"
-.venv/bin/ruff check appliance tools tests
-.venv/bin/ruff format --check appliance tools tests
+.venv/bin/ruff check appliance tools testsupport tests
+.venv/bin/ruff format --check appliance tools testsupport tests
 echo "==> mypy"
 .venv/bin/mypy
 echo "==> pytest"

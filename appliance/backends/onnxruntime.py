@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from appliance.backends.ort_lowering import LoweringReport, load_lowered
 from appliance.errors import BackendUnavailable
 from appliance.manifest import Manifest, Precision
+
+if TYPE_CHECKING:
+    from appliance.backends.ort_lowering import LoweringReport
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +26,12 @@ class OnnxRuntimeConfig(BaseModel):
         description="Execution providers in order of preference; unavailable ones are skipped with a warning.",
     )
     intra_op_threads: int = Field(
-        0, ge=0, description="Threads inside one operator; 0 = one per physical core (ORT's choice)."
+        0,
+        ge=0,
+        description=(
+            "Threads inside one operator; 0 = every core this process may use but one (at least one): the"
+            " spare core reads the next image while the model runs."
+        ),
     )
     inter_op_threads: int = Field(
         1, ge=1, description="Operators run in parallel; 1 because the graph is a chain."
@@ -53,6 +60,15 @@ _OPT_LEVELS = {
 }
 
 
+def intra_op_threads(configured: int) -> int:
+    """The thread count ONNX Runtime gets: as configured, or for 0 all usable cores but one. ORT's own
+    choice (one per core) makes its threads compete with the decoder for every core while a backlog
+    waits, and its idle threads spin between runs, taking time from the thread reading the next image."""
+    if configured:
+        return configured
+    return max(1, len(os.sched_getaffinity(0)) - 1)
+
+
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
@@ -70,7 +86,7 @@ class OnnxRuntimeBackend:
         options.graph_optimization_level = getattr(
             ort.GraphOptimizationLevel, _OPT_LEVELS[config.graph_optimization]
         )
-        options.intra_op_num_threads = config.intra_op_threads
+        options.intra_op_num_threads = intra_op_threads(config.intra_op_threads)
         options.inter_op_num_threads = config.inter_op_threads
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         available = set(ort.get_available_providers())
@@ -88,6 +104,8 @@ class OnnxRuntimeBackend:
                 and config.int8_cpu_lowering
                 and providers[0] == "CPUExecutionProvider"
             ):
+                from appliance.backends.ort_lowering import load_lowered  # onnx: only for INT8 here
+
                 model, self.lowering = load_lowered(path)
                 log.info(
                     "%s: INT8 lowered for the CPU in memory (%d ReLU Q/DQ to uint8, %d signed Q/DQ to uint8"

@@ -18,7 +18,7 @@ The rewrite, per activation QuantizeLinear with INT8 zero point 0 and a per-tens
   half is removed by the Clip anyway), the step is finer (s' <= s / 2), so the result is at least as
   close to FP32 as the INT8 graph. ONNX Runtime then removes the Clip and fuses the Conv.
   If that Clip reads a DQ whose Q has the same scale and no other reader (the pre-activation Q/DQ pair
-  `tools/quantize.py` leaves in front of every ReLU6), that pair is removed first: with the same scale and
+  `tools/engines/quantize.py` leaves in front of every ReLU6), that pair is removed first: with the same scale and
   the Clip after it, it only rounds a second time.
 - otherwise (signed data: residual stream, projection outputs): UINT8 with zero point 128 and the same
   scale, which represents exactly the same values [-128 s, 127 s]: no numerical change.

@@ -31,8 +31,8 @@ from appliance.backends.triton import TritonBackend, TritonConfig
 from appliance.errors import BackendUnavailable, UserError
 from appliance.manifest import Manifest, Precision
 
-if TYPE_CHECKING:  # config.py imports this module for AutoBackendConfig
-    from appliance.config import InferenceConfig
+if TYPE_CHECKING:  # config_cart.py imports this module for AutoBackendConfig
+    from appliance.config_cart import InferenceConfig
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ Older shape, as written by every installed cart's config (from config/example.ya
 The sibling sections still work next to a plain `backend: NAME` and move into the backend mapping.
 The two TensorRT-only keys are read with a deprecation warning naming their line where the one
 setting keeps the old behaviour: opt_batch (the profile's optimum is now always 1) and max_batch (the
-engine's max is now inference.max_batch; a different value means tools/build_engine.py --if-needed
+engine's max is now inference.max_batch; a different value means tools/engines/build_engine.py --if-needed
 builds a new engine, as the boot-time build unit does). tensorrt.precision is read the same way when
 inference.precision says the same thing (fp32 + fp16 was `auto`); where the two disagree (TensorRT
 int8, ONNX Runtime fp32) no single value keeps both, and choosing one would silently change which

@@ -1,6 +1,6 @@
 """Triton backend: the same model served by NVIDIA Triton Inference Server when a site outgrows one cart.
 
-The model repository comes from tools/export_triton.py, which writes the model's provenance into
+The model repository comes from tools/engines/export_triton.py, which writes the model's provenance into
 config.pbtxt `parameters` (model_sha256, precision, onnx_precision, manifest name/version). At start
 the backend reads the server's model metadata and config back and refuses a model that does not
 match the local manifest (input name and shape, output names, ONNX sha256): a result must never
@@ -27,7 +27,7 @@ from appliance.manifest import Manifest, Precision
 
 log = logging.getLogger(__name__)
 
-# Keys tools/export_triton.py writes into config.pbtxt `parameters`; read back here.
+# Keys tools/engines/export_triton.py writes into config.pbtxt `parameters`; read back here.
 PARAM_SHA256 = "model_sha256"
 PARAM_PRECISION = "precision"
 PARAM_ONNX_PRECISION = "onnx_precision"
@@ -160,7 +160,7 @@ def metadata_problems(manifest: Manifest, metadata: Mapping[str, Any], max_batch
         problems.append(f"lacks outputs named in the manifest: {missing}")
     if not batched:
         problems.append(
-            "max_batch_size is 0 (no batch axis); export it with tools/export_triton.py --max-batch N"
+            "max_batch_size is 0 (no batch axis); export it with tools/engines/export_triton.py --max-batch N"
         )
     return problems
 
@@ -168,7 +168,7 @@ def metadata_problems(manifest: Manifest, metadata: Mapping[str, Any], max_batch
 def served_provenance(manifest: Manifest, parameters: Mapping[str, str]) -> tuple[str, str]:
     """(precision, ONNX sha256) the server says it runs, checked against the local manifest.
 
-    Raises BackendUnavailable for a repository not written by tools/export_triton.py or exported
+    Raises BackendUnavailable for a repository not written by tools/engines/export_triton.py or exported
     from another model/version of the ONNX than the one this appliance's manifest names.
     """
     sha = parameters.get(PARAM_SHA256, "")
@@ -177,7 +177,7 @@ def served_provenance(manifest: Manifest, parameters: Mapping[str, str]) -> tupl
     if not sha or not onnx_precision:
         raise BackendUnavailable(
             f"model config has no {PARAM_SHA256}/{PARAM_ONNX_PRECISION} parameters: the repository was"
-            " not written by tools/export_triton.py, so its provenance is unknown; re-export it"
+            " not written by tools/engines/export_triton.py, so its provenance is unknown; re-export it"
         )
     try:
         entry = manifest.onnx[Precision(onnx_precision)]
@@ -192,7 +192,7 @@ def served_provenance(manifest: Manifest, parameters: Mapping[str, str]) -> tupl
         raise BackendUnavailable(
             f"served model ({served_as}) was exported from ONNX sha256 {sha[:12]}…, but manifest"
             f" {manifest.name} {manifest.version} lists {entry.sha256[:12]}… for {onnx_precision}:"
-            " the server runs another model; re-export it with tools/export_triton.py"
+            " the server runs another model; re-export it with tools/engines/export_triton.py"
         )
     return precision, sha
 

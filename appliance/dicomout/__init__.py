@@ -17,10 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.sr.codedict import codes
 
 from appliance import NOT_FOR_DIAGNOSTIC_USE, __version__
 from appliance.errors import ApplianceError
@@ -64,6 +62,11 @@ def software_versions(result: Result) -> list[str]:
 
 def common_kwargs(result: Result, kind: str, manufacturer: str) -> dict[str, Any]:
     """Series and General Equipment attributes shared by the SR and the SC (highdicom keywords)."""
+    # highdicom (and pydicom's code dictionary) load only when an output is built: a cart without
+    # DICOM outputs does not pay their start-up time and memory.
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
     return {
         "series_instance_uid": derived_uid(result, f"{kind}-series"),
         "sop_instance_uid": derived_uid(result, kind),

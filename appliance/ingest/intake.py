@@ -34,7 +34,8 @@ from appliance.config import IngestConfig
 from appliance.errors import InputRejected
 from appliance.ingest import reasons, sniff
 from appliance.ingest.dicom import check_dicom
-from appliance.ingest.spool import Accepted, Duplicate, Rejected, Spool, SpoolFull
+from appliance.ingest.spool import Spool
+from appliance.ingest.spool_records import Accepted, Duplicate, Rejected, SpoolFull
 
 if TYPE_CHECKING:
     from appliance.config import AppConfig

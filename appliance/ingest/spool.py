@@ -1,177 +1,110 @@
 """A durable spool: incoming/ -> processing/ -> done/ | quarantine/, one stable image id per file.
 
-Every state change is one atomic rename inside the spool's filesystem; files from elsewhere are first
-copied to tmp/ and fsynced. The directory a file sits in is the truth about its state; a SQLite
-table (WAL) remembers every key ever accepted (SOPInstanceUID + content hash, or content hash) for
-de-duplication and the order of arrival. `recover()` (call it at start) puts whatever a killed process
-left in processing/ back into incoming/ and re-registers files whose database row was never committed.
+The `items` table of the appliance's store (appliance/store.py) is the truth about an image's state and
+remembers every key ever accepted (SOPInstanceUID + dataset hash, or content hash) for de-duplication
+and the order of arrival; the folder a file lies in follows it. Files move by atomic renames inside the
+spool's filesystem (files from elsewhere are first copied to tmp/ and fsynced); a move to done/ or
+quarantine/ happens after the transaction that decided it committed (with the image's journal row and
+outbox messages, when the processor wraps them in one). `recover()` (call it at start) puts what a killed
+process left in processing/ back into incoming/ (counted against the image), finishes moves a crash cut
+short and registers files whose row was never committed.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import json
 import logging
 import os
 import sqlite3
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 from appliance.clock import now_iso
-from appliance.durable import copy_atomically, fsync_dir, write_atomically
-from appliance.errors import ApplianceError, InputRejected
+from appliance.config import AppConfig
+from appliance.durable import fsync_dir
+from appliance.errors import InputRejected
 from appliance.ingest import reasons, sniff
 from appliance.ingest.identity import (
-    content_sha256,
     dedup_key,
     image_id_for,
-    open_nofollow,
     plain_file_refusal,
 )
-from appliance.logs import printable
-from appliance.pseudonym import load_or_create_salt
-from appliance.retention import purge_older
+from appliance.ingest.spool_files import SpoolFolders
+from appliance.ingest.spool_records import (
+    ADDED_COLUMNS,
+    EXTENSIONS,
+    LEGACY_DB,
+    RETRY_STATES,
+    SCHEMA,
+    Accepted,
+    Duplicate,
+    Rejected,
+    SpoolFull,
+    SpoolItem,
+)
+from appliance.pseudonym import image_id_secret, load_or_create_salt
+from appliance.store import Store, store_at
 
 log = logging.getLogger(__name__)
 
-STATES = ("incoming", "processing", "done", "quarantine")
-_EXT = {"dicom": "dcm", "png": "png", "jpeg": "jpg"}
-_COPY_CHUNK = 1 << 20
-# An image sent again while its row is in one of these states was never analysed: it gets another go.
-_RETRY_STATES = ("quarantine", "lost")
-
-
-# A refused file on read-only media is copied into quarantine only up to this size (a 2 GB file
-# copied on every restart would fill the spool disk it is meant to protect).
-QUARANTINE_COPY_MAX_BYTES = 64 * 2**20
-
-
-class SpoolFull(ApplianceError):
-    """The spool's disk is full (or below the configured reserve): stop accepting, keep the sources."""
-
-    errno = errno.ENOSPC
-
-
-@dataclass(frozen=True)
-class Accepted:
-    image_id: str
-    path: Path  # where the file now lies in incoming/
-    key: str
-
-
-@dataclass(frozen=True)
-class Duplicate:
-    image_id: str
-    key: str
-    first_source: str
-    source_removed: bool
-
-
-@dataclass(frozen=True)
-class Rejected:
-    reason: str
-    detail: str
-    quarantined: Path | None
-
-
-@dataclass(frozen=True)
-class SpoolItem:
-    image_id: str
-    path: Path  # in processing/
-    source: str
-    original: str
-    accepted_at: str
-    key: str
-
 
 class Spool:
-    def __init__(self, root: Path, *, min_free_mb: float = 0.0, id_secret: bytes | None = None) -> None:
-        """`id_secret`: the key of the image ids (PatientKeys.image_id_secret(), from the site salt). A
+    def __init__(
+        self,
+        root: Path,
+        *,
+        store: Store | None = None,
+        min_free_mb: float = 0.0,
+        id_secret: bytes | None = None,
+    ) -> None:
+        """`store`: the daemon's Store; without one (tools, tests) the spool keeps its own spool.db.
+
+        `id_secret`: the key of the image ids (PatientKeys.image_id_secret(), from the site salt). A
         spool opened without one (tools, tests) keys them with a secret file of its own, never unkeyed."""
         self.root = Path(root)
-        self.min_free_mb = min_free_mb
-        self._lock = threading.RLock()
-        for sub in (*STATES, "meta", "tmp"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self.files = SpoolFolders(self.root, min_free_mb)
         self._id_secret = id_secret or load_or_create_salt(self.root / "image-id.key", what="spool id key")
-        self._db = sqlite3.connect(self.root / "spool.db", check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA secure_delete=ON")  # a scrubbed original path is overwritten, not freed
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS items (seq INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT UNIQUE NOT NULL,"
-            " image_id TEXT UNIQUE NOT NULL, name TEXT NOT NULL, state TEXT NOT NULL, source TEXT,"
-            " original TEXT, accepted_at TEXT)"
+        self.store, self._owns_store = store_at(store or self.root / LEGACY_DB, "spool")
+        self._lock = self.store.lock
+        self._db = self.store.db
+        with self._lock:
+            self._db.executescript(SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(items)")}
+            for column, kind in ADDED_COLUMNS.items():
+                if column not in columns:
+                    self._db.execute(f"ALTER TABLE items ADD COLUMN {column} {kind}")
+
+    @classmethod
+    def from_config(cls, config: AppConfig, store: Store) -> Spool:
+        """The appliance's spool (the daemon's, and the USB import's in a process of its own): rows in the
+        appliance's store, the disk reserve, image ids keyed from the site salt; an older version's
+        spool.db adopted."""
+        ingest = config.ingest
+        spool = cls(
+            ingest.spool, store=store, min_free_mb=ingest.min_free_mb, id_secret=image_id_secret(config)
         )
-        # How often processing this image failed: found in processing/ after the process died (a
-        # decoder segfault) or an exception in any stage. One that keeps failing must be quarantined,
-        # not retried forever in a restart loop. `last_failure` says why, for the quarantine reason.
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(items)")}
-        if "crashes" not in columns:
-            self._db.execute("ALTER TABLE items ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0")
-        if "last_failure" not in columns:
-            self._db.execute("ALTER TABLE items ADD COLUMN last_failure TEXT")
+        spool.adopt(ingest.spool / LEGACY_DB)
+        return spool
 
     # -- helpers -------------------------------------------------------------------------------
-    def _dir(self, state: str) -> Path:
-        return self.root / state
-
-    @contextlib.contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-            self._db.execute("COMMIT")
-        except BaseException as exc:
-            with contextlib.suppress(sqlite3.Error):
-                self._db.execute("ROLLBACK")
-            if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc):
-                raise SpoolFull(f"spool {self.root}: disk full writing the database (ENOSPC: {exc})") from exc
-            raise
+    @property
+    def min_free_mb(self) -> float:
+        return self.files.min_free_mb
 
     def free_mb(self) -> float:
-        st = os.statvfs(self.root)
-        return st.f_bavail * st.f_frsize / 1e6
-
-    def _check_space(self, needed_bytes: int) -> None:
-        free = self.free_mb()
-        if free - needed_bytes / 1e6 < self.min_free_mb:
-            raise SpoolFull(
-                f"spool {self.root}: {free:.0f} MB free, {needed_bytes / 1e6:.1f} MB needed, "
-                f"reserve {self.min_free_mb:.0f} MB; not accepting"
-            )
-
-    def _place(self, src: Path, dest: Path, *, move: bool) -> bool:
-        """Put src at dest atomically. Returns True when src is gone (it was renamed)."""
-        if move:
-            try:
-                os.rename(src, dest)
-                fsync_dir(dest.parent)
-                return True
-            except OSError as exc:
-                if exc.errno != errno.EXDEV:
-                    raise
-        with self._disk_full_is_spool_full(f"copying {src.name}"), open_nofollow(src) as fin:
-            copy_atomically(fin, dest, tmp_dir=self._dir("tmp"), chunk=_COPY_CHUNK)
-        return False
+        return self.files.free_mb()
 
     @contextlib.contextmanager
-    def _disk_full_is_spool_full(self, doing: str) -> Iterator[None]:
+    def _tx(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
         try:
-            yield
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise SpoolFull(f"spool {self.root}: disk full {doing} (ENOSPC)") from exc
+            with self.store.transaction(durable=durable) as db:
+                yield db
+        except sqlite3.OperationalError as exc:
+            if "full" in str(exc):
+                raise SpoolFull(f"spool {self.root}: disk full writing the database (ENOSPC: {exc})") from exc
             raise
-
-    def _write_json(self, dest: Path, data: dict[str, str]) -> None:
-        with self._disk_full_is_spool_full(f"writing {dest.name}"):
-            write_atomically(dest, json.dumps(data, indent=1).encode(), tmp_dir=self._dir("tmp"))
 
     # -- accepting -----------------------------------------------------------------------------
     def accept(self, path: Path, source: str, *, move: bool = True) -> Accepted | Duplicate | Rejected:
@@ -188,7 +121,7 @@ class Spool:
         except InputRejected as exc:
             where = self.quarantine_file(path, exc.reason, exc.detail, source, move=move)
             return Rejected(exc.reason, exc.detail, where)
-        self._check_space(size)
+        self.files.check_space(size)
         try:
             key = dedup_key(path, kind)
         except PermissionError as exc:
@@ -198,13 +131,34 @@ class Spool:
                 detail,
                 self.quarantine_file(path, reasons.PERMISSION_DENIED, detail, source, move=move),
             )
+        staged = None
+        if not move and self._known(key) is None:
+            # Read-only media: the slow copy happens before the store's lock is taken (the loop and the
+            # sender share it), and only for a file the spool does not already hold.
+            staged = self.files.copy_to_tmp(path)
+        try:
+            return self._admit(path, source, kind, key, move=move, staged=staged)
+        finally:
+            if staged is not None:  # not taken (a duplicate after all, or an error)
+                with contextlib.suppress(FileNotFoundError):
+                    staged.unlink()
+
+    def _known(self, key: str) -> str | None:
+        """The state of the live row holding `key` (None: new, or only a retry state holds it)."""
+        with self._lock:
+            row = self._db.execute("SELECT state FROM items WHERE key = ?", (key,)).fetchone()
+        return None if row is None or row[0] in RETRY_STATES else str(row[0])
+
+    def _admit(
+        self, path: Path, source: str, kind: str, key: str, *, move: bool, staged: Path | None
+    ) -> Accepted | Duplicate:
         image_id = image_id_for(key, self._id_secret)
         with self._lock:
             row = self._db.execute(
                 "SELECT source, state, image_id FROM items WHERE key = ?", (key,)
             ).fetchone()
             retried = None
-            if row is not None and row[1] in _RETRY_STATES:
+            if row is not None and row[1] in RETRY_STATES:
                 # Sent again after it was quarantined (or vanished): analysed again, under a new id (the
                 # journal keeps the first result per id). The old row keeps its file in quarantine/.
                 retried, image_id = row[2], image_id_for(f"{key}#{row[2]}", self._id_secret)
@@ -224,43 +178,33 @@ class Spool:
                     "removed" if removed else "left in place",
                 )
                 return Duplicate(row[2], key, row[0], removed)
-            name = f"{image_id}.{_EXT[kind]}"
-            accepted_at = now_iso()
-            self._write_json(
-                self._dir("meta") / f"{image_id}.json",
-                {
-                    "image_id": image_id,
-                    "key": key,
-                    "name": name,
-                    "original": str(path),
-                    "source": source,
-                    "accepted_at": accepted_at,
-                },
-            )
-            dest = self._dir("incoming") / name
+            name = f"{image_id}.{EXTENSIONS[kind]}"
+            dest = self.files.dir("incoming") / name
+            # The file first, then its row: a crash between the two leaves a file that recover()
+            # registers (its key is computed again from its content), never a row without a file.
+            if staged is not None:
+                os.rename(staged, dest)
+                fsync_dir(dest.parent)
+                renamed = False
+            else:
+                renamed = self.files.place(path, dest, move=move)
             try:
-                renamed = self._place(path, dest, move=move)
-                try:
-                    with self._tx() as db:
-                        if retried is not None:  # the key is unique: the old row's is kept, made its own
-                            db.execute(
-                                "UPDATE items SET key = key || '#' || image_id WHERE image_id = ?", (retried,)
-                            )
+                with self._tx() as db:
+                    if retried is not None:  # the key is unique: the old row's is kept, made its own
                         db.execute(
-                            "INSERT INTO items (key, image_id, name, state, source, original, accepted_at)"
-                            " VALUES (?, ?, ?, 'incoming', ?, ?, ?)",
-                            (key, image_id, name, source, str(path), accepted_at),
+                            "UPDATE items SET key = key || '#' || image_id WHERE image_id = ?", (retried,)
                         )
-                except SpoolFull:
-                    # Undo, so the source is offered again once there is room (nothing half-accepted).
-                    if renamed:
-                        os.rename(dest, path)
-                    else:
-                        dest.unlink()
-                    raise
+                    db.execute(
+                        "INSERT INTO items (key, image_id, name, state, source, original, accepted_at)"
+                        " VALUES (?, ?, ?, 'incoming', ?, ?, ?)",
+                        (key, image_id, name, source, str(path), now_iso()),
+                    )
             except SpoolFull:
-                with contextlib.suppress(OSError):
-                    (self._dir("meta") / f"{image_id}.json").unlink()
+                # Undo, so the source is offered again once there is room (nothing half-accepted).
+                if renamed:
+                    os.rename(dest, path)
+                else:
+                    dest.unlink()
                 raise
             if move and not renamed:
                 # Copied from another filesystem: the spool copy is durable, now the original may go.
@@ -273,7 +217,9 @@ class Spool:
     def claim(self, n: int = 1) -> list[SpoolItem]:
         """Up to `n` of the oldest waiting files (a batch for the backend), each moved to processing/."""
         items: list[SpoolItem] = []
-        with self._lock:
+        # Not waited for on disk: a claim lost in a power cut leaves the file in processing/, which
+        # recover() hands back like any other interrupted image.
+        with self._tx(durable=False):
             while len(items) < n:
                 item = self.claim_next()
                 if item is None:
@@ -283,7 +229,7 @@ class Spool:
 
     def claim_next(self) -> SpoolItem | None:
         """Oldest file in incoming/ -> processing/; None when nothing waits."""
-        with self._lock:
+        with self._tx(durable=False):
             while True:
                 row = self._db.execute(
                     "SELECT image_id, name, source, original, accepted_at, key FROM items"
@@ -292,9 +238,9 @@ class Spool:
                 if row is None:
                     return None
                 image_id, name = row[0], row[1]
-                dest = self._dir("processing") / name
+                dest = self.files.dir("processing") / name
                 try:
-                    os.rename(self._dir("incoming") / name, dest)
+                    os.rename(self.files.dir("incoming") / name, dest)
                 except FileNotFoundError:
                     log.warning("spool: %s vanished from incoming/; forgetting it", name)
                     self._set_state(image_id, "lost")
@@ -302,8 +248,8 @@ class Spool:
                 self._set_state(image_id, "processing")
                 return SpoolItem(image_id, dest, row[2] or "", row[3] or "", row[4] or "", row[5])
 
-    def _set_state(self, image_id: str, state: str) -> None:
-        with self._tx() as db:
+    def _set_state(self, image_id: str, state: str, *, durable: bool = True) -> None:
+        with self._tx(durable=durable) as db:
             db.execute("UPDATE items SET state = ? WHERE image_id = ?", (state, image_id))
 
     def crashes(self, image_id: str) -> int:
@@ -324,12 +270,11 @@ class Spool:
         """A stage raised on this image: count it, keep why, and put the image back to be tried again.
 
         Returns the failure count so far (the caller quarantines at its limit)."""
-        with self._lock:
-            with self._tx() as db:
-                db.execute(
-                    "UPDATE items SET crashes = crashes + 1, last_failure = ? WHERE image_id = ?",
-                    (detail, image_id),
-                )
+        with self._tx() as db:
+            db.execute(
+                "UPDATE items SET crashes = crashes + 1, last_failure = ? WHERE image_id = ?",
+                (detail, image_id),
+            )
             self.release(image_id)
             return self.crashes(image_id)
 
@@ -339,35 +284,18 @@ class Spool:
         ).fetchone()
         return None if row is None else (row[0], row[1], row[2] or "", row[3] or "")
 
-    def _move(self, name: str, to_state: str) -> bool:
-        """Move `name` from whichever live state holds it to `to_state`; False if it is not there.
-
-        done/ too: the DICOM outputs of a done image can still fail it (appliance/processor.py)."""
-        for state in ("processing", "incoming", "done"):
-            src = self._dir(state) / name
-            try:
-                os.rename(src, self._dir(to_state) / name)
-                fsync_dir(self._dir(to_state))
-                return True
-            except FileNotFoundError:
-                continue
-        return False
-
     def mark_done(self, image_id: str) -> bool:
-        """processing/ -> done/. Idempotent: calling it again (e.g. after a crash) is harmless.
+        """processing/ -> done/, once the transaction saying so commits (the processor's, with the
+        journal row and the outbox messages, when it holds one open). Idempotent.
 
         Returns False only when the spool has never seen this id."""
-        with self._lock:
+        with self._tx() as db:
             row = self._row(image_id)
             if row is None:
                 return False
-            name, state = row[0], row[1]
-            if state != "done":
-                if self._move(name, "done"):
-                    # rename keeps the source's mtime; purge_done counts from the end of processing
-                    with contextlib.suppress(OSError):
-                        os.utime(self._dir("done") / name)
-                self._set_state(image_id, "done")
+            if row[1] != "done":
+                db.execute("UPDATE items SET state = 'done' WHERE image_id = ?", (image_id,))
+                self.store.after_commit(lambda: self.files.file_done(row[0]))
             return True
 
     def release(self, image_id: str) -> None:
@@ -376,130 +304,46 @@ class Spool:
             row = self._row(image_id)
             if row is not None and row[1] == "processing":
                 with contextlib.suppress(FileNotFoundError):
-                    os.rename(self._dir("processing") / row[0], self._dir("incoming") / row[0])
-                self._set_state(image_id, "incoming")
+                    os.rename(self.files.dir("processing") / row[0], self.files.dir("incoming") / row[0])
+                self._set_state(image_id, "incoming", durable=False)
 
     def quarantine(self, image_id: str, reason: str, detail: str = "") -> Path | None:
-        """A spooled image that cannot be processed: file + <name>.reason.txt into quarantine/."""
-        with self._lock:
+        """A spooled image that cannot be processed: file + <name>.reason.txt into quarantine/ (after
+        the transaction saying so commits; the reason is kept in its row for recover())."""
+        with self._tx() as db:
             row = self._row(image_id)
             if row is None:
                 return None
-            name, state, source, original = row
-            dest = self._dir("quarantine") / name
-            if state != "quarantine":
-                self._move(name, "quarantine")
-                self._set_state(image_id, "quarantine")
-            self._write_reason(dest, reason, detail, original or name, source)
-            log.warning("quarantined %s (%s): %s %s", original or name, image_id, reason, detail)
-            return dest
+            name, _, source, original = row
+            refusal = f"{reason}\n{detail}"
+            db.execute(
+                "UPDATE items SET state = 'quarantine', refusal = ? WHERE image_id = ?", (refusal, image_id)
+            )
+            self.store.after_commit(lambda: self.files.file_refused(name, refusal, original or name, source))
+        log.warning("quarantined %s (%s): %s %s", original or name, image_id, reason, detail)
+        return self.files.dir("quarantine") / name
 
     def quarantine_file(
         self, path: Path, reason: str, detail: str, source: str, *, move: bool = True
     ) -> Path:
-        """A file refused before it got an id (empty, not an image, unreadable, symlink loop...).
-
-        It is moved (or copied, when `move` is False or it is on another filesystem) into quarantine/
-        under a time-stamped name; when it cannot be moved or read, only the reason file is written."""
-        path = Path(path)
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-        dest = self._dir("quarantine") / f"{stamp}-{path.name}"
-        with self._lock:
-            try:
-                if path.is_symlink() or not move:
-                    if move:
-                        os.rename(path, dest)  # the link itself, never its target
-                    elif path.is_file() and path.stat().st_size <= QUARANTINE_COPY_MAX_BYTES:
-                        self._place(path, dest, move=False)
-                    elif path.is_file():  # a huge file on read-only media: its reason, not a copy
-                        detail = (
-                            f"{detail} (not copied: {path.stat().st_size / 2**20:.0f} MB; left at source)"
-                        )
-                else:
-                    self._place(path, dest, move=True)
-            except SpoolFull:
-                raise
-            except OSError as exc:
-                detail = f"{detail} (file left at source: {exc.strerror or exc})"
-            self._write_reason(dest, reason, detail, str(path), source)
-        log.warning("quarantined %s from %s: %s %s", path, source, reason, detail)
-        return dest
-
-    def _write_reason(self, dest: Path, reason: str, detail: str, original: str, source: str) -> None:
-        # One field a line: a newline in a file name must not forge one ("reason: ok"), and the
-        # undecodable bytes of a name must not make the UTF-8 write fail.
-        reason, detail, source, original = map(printable, (reason, detail, source, original))
-        text = (
-            f"reason: {reason}\ndetail: {detail}\nsource: {source}\noriginal: {original}\ntime: {now_iso()}\n"
-        )
-        write_atomically(dest.with_name(dest.name + ".reason.txt"), text.encode(), tmp_dir=self._dir("tmp"))
+        """A file refused before it got an id: into quarantine/ with its reason (SpoolFolders.refuse)."""
+        return self.files.refuse(path, reason, detail, source, move=move)
 
     # -- start-up and housekeeping -------------------------------------------------------------
     def recover(self) -> int:
-        """After a crash: processing/ -> incoming/, and register files whose row was never committed.
+        """After a crash: the folders made to agree with the rows again (appliance/ingest/spool_recovery.py).
 
-        Returns how many images were put back into incoming/."""
-        back: list[str] = []
+        Returns how many images were put back into incoming/ from processing/."""
+        from appliance.ingest.spool_recovery import recover
+
         with self._lock:
-            for leftover in self._dir("tmp").iterdir():
-                with contextlib.suppress(OSError):
-                    leftover.unlink()
-            for state in ("incoming", "processing", "done", "quarantine"):
-                for file in sorted(self._dir(state).iterdir()):
-                    image_id = file.name.split(".", 1)[0]
-                    row = self._row(image_id)
-                    if state == "quarantine" and (row is None or file.name.endswith(".reason.txt")):
-                        continue  # reason files and files refused before they had an id
-                    if row is None:
-                        self._register_orphan(file, image_id, state)
-                    if state == "processing":
-                        os.rename(file, self._dir("incoming") / file.name)
-                        self._set_state(image_id, "incoming")
-                        with self._tx() as db:
-                            db.execute(
-                                "UPDATE items SET crashes = crashes + 1 WHERE image_id = ?", (image_id,)
-                            )
-                        back.append(image_id)
-                    elif row is not None and row[1] != state:
-                        self._set_state(image_id, state)
-            if back:
-                fsync_dir(self._dir("incoming"))
-        if back:
-            log.warning("spool recovery: %d image(s) back from processing/ to incoming/", len(back))
-        return len(back)
+            return recover(self)
 
-    def _register_orphan(self, file: Path, image_id: str, state: str) -> None:
-        """A file renamed into the spool just before a crash, before its row was written."""
-        meta_path = self._dir("meta") / f"{image_id}.json"
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            meta = {
-                "key": f"sha256:{content_sha256(file)}",
-                "source": "",
-                "original": "",
-                "accepted_at": now_iso(),
-            }
-        with self._tx() as db:
-            # A retry whose row was never written: the failed attempt's row still holds the key.
-            db.execute(
-                "UPDATE items SET key = key || '#' || image_id WHERE key = ? AND image_id != ?"
-                f" AND state IN {_RETRY_STATES}",
-                (meta["key"], image_id),
-            )
-            db.execute(
-                "INSERT OR IGNORE INTO items (key, image_id, name, state, source, original, accepted_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    meta["key"],
-                    image_id,
-                    file.name,
-                    state,
-                    meta.get("source"),
-                    meta.get("original"),
-                    meta.get("accepted_at"),
-                ),
-            )
+    def adopt(self, legacy: Path) -> int:
+        """The rows of the spool.db an older version kept in the spool folder, moved into the store."""
+        from appliance.ingest.spool_recovery import adopt
+
+        return adopt(self, legacy)
 
     def pending_count(self) -> int:
         """Images accepted and not yet finished (incoming + processing)."""
@@ -509,50 +353,35 @@ class Spool:
             ).fetchone()
             return int(row[0])
 
-    def sidecar(self, image_id: str) -> dict[str, str] | None:
-        try:
-            data: dict[str, str] = json.loads((self._dir("meta") / f"{image_id}.json").read_text("utf-8"))
-            return data
-        except (OSError, ValueError):
-            return None
+    def accepted_at(self, image_id: str) -> str | None:
+        """When the spool accepted this image (ISO 8601, UTC); None when it does not know it."""
+        with self._lock:
+            row = self._db.execute("SELECT accepted_at FROM items WHERE image_id = ?", (image_id,)).fetchone()
+        return row[0] if row else None
 
     def purge_quarantine(self, older_than_s: float) -> int:
         """Delete refused files and their reason files older than `older_than_s`. A key whose file
         is gone stays a retry state: the image sent again is analysed again."""
-        with self._lock:
-            return len(purge_older(self._dir("quarantine"), older_than_s))
+        return self.files.purge_quarantine(older_than_s)
 
     def scrub_records(self, older_than_s: float) -> int:
-        """Forget where finished images came from (their original path, which may name the patient)
-        and delete their meta files; only the de-duplication key and the id stay. Returns how many."""
+        """Forget where finished images came from (their original path, which may name the patient);
+        only the de-duplication key and the id stay. Returns how many."""
         cutoff = datetime.fromtimestamp(time.time() - older_than_s, timezone.utc).isoformat(
             timespec="milliseconds"
         )
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT image_id FROM items WHERE state NOT IN ('incoming', 'processing')"
+        with self._tx() as db:
+            scrubbed = db.execute(
+                "UPDATE items SET original = NULL WHERE state NOT IN ('incoming', 'processing')"
                 " AND accepted_at < ? AND original IS NOT NULL",
                 (cutoff,),
-            ).fetchall()
-            for (image_id,) in rows:
-                with contextlib.suppress(FileNotFoundError):
-                    (self._dir("meta") / f"{image_id}.json").unlink()
-            with self._tx() as db:
-                db.executemany("UPDATE items SET original = NULL WHERE image_id = ?", rows)
-        return len(rows)
+            ).rowcount
+        return int(scrubbed)
 
     def purge_done(self, older_than_s: float) -> int:
         """Delete processed files older than `older_than_s` (their key stays: a re-send is still a duplicate)."""
-        cutoff = datetime.now().timestamp() - older_than_s
-        removed = 0
-        with self._lock:
-            for file in self._dir("done").iterdir():
-                with contextlib.suppress(OSError):
-                    if file.stat().st_mtime < cutoff:
-                        file.unlink()
-                        removed += 1
-        return removed
+        return self.files.purge_done(older_than_s)
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        if self._owns_store:
+            self.store.close()

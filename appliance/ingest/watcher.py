@@ -25,7 +25,7 @@ from pathlib import Path
 from appliance.errors import InputRejected
 from appliance.ingest import reasons
 from appliance.ingest.complete import incomplete_reason
-from appliance.ingest.spool import SpoolFull
+from appliance.ingest.spool_records import SpoolFull
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ This module is the only place that decides what a reading says; docs/reading.md 
 prose. Every sentence names the one output it comes from (`Sentence.source`), quotes the value the
 payload carries beside it, and exists only because that value crossed its operating point, so the
 text cannot contradict the fields. `audit` checks exactly that and is run over every validation image
-and over generated score combinations (tests/interpret/test_decisions.py, tools/evaluate.py).
+and over generated score combinations (tests/interpret/test_decisions.py, tools/training/evaluate.py).
 
 | rule | when | says |
 |------|------|------|

@@ -1,7 +1,7 @@
 """Deterioration risk from a patient's current and prior image (method "sequence").
 
 Pure and numpy-only: the daemon finds the prior in the journal; the model is a handful of logistic
-coefficients in the manifest (`sequence_risk`), fitted by tools/train_sequence_risk.py with this very
+coefficients in the manifest (`sequence_risk`), fitted by tools/training/train_sequence_risk.py with this very
 feature code, so training and the appliance cannot drift apart.
 """
 

@@ -123,7 +123,9 @@ def render(
         rgb = base * (1 - alpha) + _colour(heat_small) * alpha
         picture = Image.fromarray(rgb.round().astype(np.uint8), mode="RGB")
     buffer = io.BytesIO()
-    picture.save(buffer, format="PNG", optimize=True)
+    # zlib level 3: ~1 ms instead of ~5-10 ms with optimize=True, for ~12 % more bytes (~2 KB) — on
+    # the ward's critical path for every image, where a few kilobytes on the network cost nothing.
+    picture.save(buffer, format="PNG", compress_level=3)
     return ThumbnailImage(
         png=buffer.getvalue(),
         width=size[0],

@@ -1,6 +1,6 @@
 """The drift watch: are this cart's recent images and scores distributed as on the validation patients?
 
-The manifest's `drift:` section (tools/drift_reference.py) holds, per monitored quantity, fixed bins
+The manifest's `drift:` section (tools/training/drift_reference.py) holds, per monitored quantity, fixed bins
 and the proportion of the validation patients' observations in each: every published score, the
 out-of-distribution score, the gate outcome (read, refused and why, error: the view mix) and two
 statistics of the decoded input (mean intensity, contrast = standard deviation). The daemon keeps the

@@ -5,37 +5,29 @@ rest is read when Prometheus scrapes: spool backlog, outbox depth and age, disk 
 temperatures (prometheus_client's process collector adds the resident memory). Every metric and the
 alerts built on them are described in docs/metrics.md.
 
-The HTTP server is one thread serving one request at a time with a socket timeout: a scrape never
-runs on the processing loop, and a stalled or hostile client cannot pile up threads. Labels only take
-values from small fixed sets (stage names, refusal reasons, the configured sources), never file
-names or patient data.
+The HTTP server (metrics_http.py) is one thread serving one request at a time; what is read at
+scrape time is metrics_scrape.py. Labels only take values from small fixed sets (stage names, refusal
+reasons, the configured sources), never file names or patient data.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
-import hmac
 import logging
-import os
-import socket
-import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from typing import TYPE_CHECKING
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, make_wsgi_app
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.metrics_core import Metric
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from appliance import __version__
 from appliance.config import AppConfig, MetricsConfig
+from appliance.ops.metrics_http import basic_auth, serve
+from appliance.ops.metrics_scrape import DEVFREQ_ROOT, THERMAL_ROOT, StateCollector
 
 if TYPE_CHECKING:  # type hints only: the daemon hands these in, metrics never builds them
     from appliance.ingest.spool import Spool
@@ -53,13 +45,6 @@ FAULT_CAUSES = ("disk", "storage", "backend")
 STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 # From acceptance to hand-off: seconds when idle, minutes behind a backlog or after an outage.
 END_TO_END_BUCKETS = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0, 3600.0)
-THERMAL_ROOT = Path("/sys/class/thermal")
-# Jetson GPU (and on some modules NVDLA/EMC) clocks: the kernel's devfreq devices, cur_freq in Hz.
-DEVFREQ_ROOT = Path("/sys/class/devfreq")
-REQUEST_TIMEOUT_SECONDS = 10.0
-REALM = "cxr-appliance metrics"
-
-WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 
 class Metrics:
@@ -160,7 +145,7 @@ class Metrics:
         self.accepting_gauge.set(1)
         ProcessCollector(registry=r)  # process_resident_memory_bytes, cpu seconds, open fds (Linux)
         PlatformCollector(registry=r)  # python_info
-        r.register(_StateCollector(self))
+        r.register(StateCollector(self))
 
     # --- called by the daemon ----------------------------------------------------------------------
 
@@ -175,9 +160,9 @@ class Metrics:
             return
         app = make_wsgi_app(self.registry)
         if self.config.username and self._password is not None:
-            app = _basic_auth(app, self.config.username, self._password.get_secret_value())
+            app = basic_auth(app, self.config.username, self._password.get_secret_value())
         try:
-            self._server = _serve(self.config.host, self.config.port, app)
+            self._server = serve(self.config.host, self.config.port, app)
         except OSError as exc:
             log.error(
                 "metrics: cannot listen on %s:%d (%s); running without the metrics endpoint",
@@ -267,162 +252,11 @@ class Metrics:
     # --- helpers -----------------------------------------------------------------------------------
 
     def _accepted_at(self, image_id: str) -> datetime | None:
-        """The spool's acceptance time (its sidecar survives restarts, so a backlog's wait counts)."""
+        """The spool's acceptance time (its row survives restarts, so a backlog's wait counts)."""
         if self.spool is None:
             return None
-        sidecar = self.spool.sidecar(image_id) or {}
         try:
-            accepted = datetime.fromisoformat(sidecar["accepted_at"])
-        except (KeyError, TypeError, ValueError):
+            accepted = datetime.fromisoformat(self.spool.accepted_at(image_id) or "")
+        except ValueError:
             return None
         return accepted if accepted.tzinfo else accepted.replace(tzinfo=timezone.utc)
-
-
-class _StateCollector:
-    """Values read at scrape time, on the HTTP thread: the spool, the outbox, the disk, the sensors.
-
-    Spool and outbox are thread-safe; while the daemon closes them (shutdown) a scrape may find a
-    closed database, and then that metric is left out of this one scrape."""
-
-    def __init__(self, metrics: Metrics) -> None:
-        self.metrics = metrics
-
-    def collect(self) -> Iterator[Metric]:
-        spool, publisher = self.metrics.spool, self.metrics.publisher
-        if spool is not None:
-            with _skip_closed():
-                backlog = spool.pending_count()
-                yield GaugeMetricFamily(
-                    "cxr_spool_backlog_images",
-                    "Images accepted and not yet finished (waiting in incoming/ or in processing/).",
-                    value=backlog,
-                )
-            with _skip_closed():
-                st = os.statvfs(spool.root)
-                yield GaugeMetricFamily(
-                    "cxr_spool_filesystem_free_bytes",
-                    "Free space on the spool's filesystem (available to the daemon's user).",
-                    value=st.f_bavail * st.f_frsize,
-                )
-            yield GaugeMetricFamily(
-                "cxr_spool_filesystem_reserve_bytes",
-                "ingest.min_free_mb: below this much free space the cart stops accepting images.",
-                value=spool.min_free_mb * 1e6,  # the spool's own rule counts MB as 10^6 bytes
-            )
-        if publisher is not None:
-            outbox = publisher.outbox
-            with _skip_closed():
-                depth, age, dropped = outbox.depth(), outbox.oldest_pending_age(), outbox.dropped
-                yield GaugeMetricFamily(
-                    "cxr_outbox_depth_messages",
-                    "MQTT messages stored and not yet acknowledged by the broker.",
-                    value=depth,
-                )
-                yield GaugeMetricFamily(
-                    "cxr_outbox_oldest_pending_age_seconds",
-                    "How long the oldest unacknowledged MQTT message has waited (0: none waits).",
-                    value=age,
-                )
-                yield CounterMetricFamily(
-                    "cxr_outbox_dropped",
-                    "MQTT messages dropped because the outbox reached mqtt.outbox_max (kept across restarts).",
-                    value=dropped,
-                )
-            yield GaugeMetricFamily(
-                "cxr_mqtt_connected",
-                "1 while connected to the broker, else 0.",
-                value=int(publisher.connected),
-            )
-        for family in (self._temperatures(), self._clocks()):
-            if family.samples:  # absent, not zero, where the machine has no such sensor
-                yield family
-
-    def _clocks(self) -> GaugeMetricFamily:
-        """/sys/class/devfreq (a Jetson's GPU clock, throttled when hot); unreadable devices are skipped."""
-        family = GaugeMetricFamily(
-            "cxr_devfreq_clock_hertz",
-            "Current clock of each readable devfreq device (on a Jetson: the GPU).",
-            labels=["device"],
-        )
-        with contextlib.suppress(OSError):
-            for device in sorted(self.metrics.devfreq_root.iterdir()):
-                try:
-                    hertz = int((device / "cur_freq").read_text().strip())
-                except (OSError, ValueError):
-                    continue
-                family.add_metric([device.name], float(hertz))
-        return family
-
-    def _temperatures(self) -> GaugeMetricFamily:
-        """/sys/class/thermal (a Jetson's CPU/GPU/SoC sensors); zones that cannot be read are skipped."""
-        family = GaugeMetricFamily(
-            "cxr_thermal_zone_temperature_celsius",
-            "Temperature of each readable thermal zone (on a Jetson: CPU, GPU, SoC).",
-            labels=["zone", "type"],
-        )
-        with contextlib.suppress(OSError):
-            for zone in sorted(self.metrics.thermal_root.glob("thermal_zone*")):
-                try:
-                    millidegrees = int((zone / "temp").read_text().strip())
-                    kind = (zone / "type").read_text().strip()
-                except (OSError, ValueError):
-                    continue  # a sensor that is off or asleep answers EIO/ENODATA: not an error of ours
-                family.add_metric([zone.name, kind], millidegrees / 1000.0)
-        return family
-
-
-@contextlib.contextmanager
-def _skip_closed() -> Iterator[None]:
-    try:
-        yield
-    except (sqlite3.Error, OSError) as exc:
-        log.debug("metrics: value left out of this scrape: %s", exc)
-
-
-def _basic_auth(app: WsgiApp, username: str, password: str) -> WsgiApp:
-    """HTTP basic auth in front of `app`; compared in constant time, 401 with a challenge otherwise."""
-    expected_user, expected_password = username.encode(), password.encode()
-
-    def authorised(header: str) -> bool:
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "basic":
-            return False
-        try:
-            user, colon, given = base64.b64decode(token.strip(), validate=True).partition(b":")
-        except (binascii.Error, ValueError):
-            return False
-        # Both compared every time, so the answer's timing does not tell a right user from a wrong one.
-        user_ok = hmac.compare_digest(user, expected_user)
-        password_ok = hmac.compare_digest(given, expected_password)
-        return bool(colon) and user_ok and password_ok
-
-    def guarded(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        if authorised(environ.get("HTTP_AUTHORIZATION", "")):
-            return app(environ, start_response)
-        start_response(
-            "401 Unauthorized",
-            [("WWW-Authenticate", f'Basic realm="{REALM}", charset="UTF-8"'), ("Content-Type", "text/plain")],
-        )
-        return [b"authentication required\n"]
-
-    return guarded
-
-
-class _QuietHandler(WSGIRequestHandler):
-    timeout = REQUEST_TIMEOUT_SECONDS  # a client that stops sending frees the one server thread
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """Scrapes every 15 s would flood the journal; failures show up in Prometheus instead."""
-
-
-class _Server(WSGIServer):
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # A client that timed out or hung up: not worth a traceback in the cart's log.
-        log.debug("metrics: request from %s failed", client_address, exc_info=True)
-
-
-def _serve(host: str, port: int, app: WsgiApp) -> WSGIServer:
-    """A single-threaded WSGI server on host:port (IPv4 or IPv6, whichever the address is)."""
-    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
-    server_class = type("_MetricsServer", (_Server,), {"address_family": family})
-    return make_server(host, port, app, server_class=server_class, handler_class=_QuietHandler)

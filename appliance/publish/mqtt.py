@@ -11,15 +11,15 @@ subscribers de-duplicate on the payload's message_id.
 
 Topics (see topics.py): `status` retained, with a retained `offline` last will and `online`
 re-published on every connect; `result` QoS 1 not retained; `latest/<bed>` retained;
-`ack/<message_id>/<display account>` subscribed: acknowledgements from displays, validated and handed
-to `on_ack`.
+`ack/<message_id>/<display account>` subscribed: acknowledgements from displays, validated
+(inbound.py) and handed to `on_ack`.
+
+The drain thread's outbox bookkeeping is sender.py; logging in to the broker is credentials.py.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
-import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -29,23 +29,16 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from pydantic import ValidationError
 
 from appliance import __version__
 from appliance.clock import now_iso
 from appliance.config import DeviceConfig, MqttConfig
-from appliance.errors import ConfigError
+from appliance.publish.credentials import apply_credentials
+from appliance.publish.inbound import read_ack, read_history_request
 from appliance.publish.outbox import Outbox
+from appliance.publish.sender import OutboxSender
 from appliance.publish.topics import Topics
-from appliance.result import (
-    Acknowledgement,
-    DeviceStatus,
-    History,
-    HistoryRequest,
-    Result,
-    Thumbnail,
-    parse_ack,
-)
+from appliance.result import Acknowledgement, DeviceStatus, History, HistoryRequest, Result, Thumbnail
 
 log = logging.getLogger(__name__)
 
@@ -53,35 +46,8 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_INFLIGHT = 16
 # The broker keeps our session (and the display acks sent to us) this long while we are away.
 SESSION_EXPIRY_SECONDS = 7 * 86400
-# A valid acknowledgement is well under 1 KiB; anything far larger is refused before it is parsed.
-MAX_ACK_BYTES = 4096
-# Mosquitto limits sizes per packet only (max_packet_size), not per topic: what displays may write is
-# limited here, per message class, before it is parsed. A history request is a few ids.
-MAX_HISTORY_REQUEST_BYTES = 1024
 
 StatusState = Literal["online", "degraded"]
-
-
-def tls_context(config: MqttConfig) -> ssl.SSLContext | None:
-    tls = config.tls
-    if tls is None:
-        return None
-    try:
-        ctx = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"mqtt.tls.ca_file {tls.ca_file}: cannot load: {exc}") from exc
-    if tls.cert_file or tls.key_file:
-        if not tls.cert_file:
-            raise ConfigError("mqtt.tls.key_file needs mqtt.tls.cert_file")
-        try:
-            ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file) if tls.key_file else None)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"mqtt.tls.cert_file {tls.cert_file}: cannot load: {exc}") from exc
-    if tls.insecure_skip_verify:
-        log.warning("mqtt.tls.insecure_skip_verify is on: the broker's certificate is NOT checked")
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    return ctx
 
 
 class MqttPublisher:
@@ -125,27 +91,17 @@ class MqttPublisher:
         self._connected = threading.Event()
         self._stop = threading.Event()
         self._wake = threading.Event()
-        self._acks: queue.SimpleQueue[tuple[int, mqtt.ReasonCode | None]] = queue.SimpleQueue()
-        self._inflight: dict[int, int] = {}  # paho mid -> outbox row id; drain thread only
-        self._last_handed = 0  # highest outbox row id handed to paho; drain thread only
-        self._unconfirmed_qos0: dict[int, int] = {}  # QoS 0 handed to paho, not yet written; drain thread
-        self._connects_seen = 0  # `connects` when the drain thread last looked; a change = reconnected
         self._last_problem: str | None = None
         self.connects = 0
-        self.acks_received = 0
         self._drain: threading.Thread | None = None
         self.client = self._make_client()
+        self._sender = OutboxSender(self.client, outbox, max_inflight, self.client_id)
         outbox.add_listener(self._wake.set)
 
     # -- set-up --------------------------------------------------------------------------------
     def _make_client(self) -> mqtt.Client:
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5)
-        password = self.config.password()
-        if self.config.username:
-            client.username_pw_set(self.config.username, password.get_secret_value() if password else None)
-        ctx = tls_context(self.config)
-        if ctx is not None:
-            client.tls_set_context(ctx)
+        apply_credentials(client, self.config)
         client.will_set(
             self.topics.status, self._status_payload("offline", "connection lost"), qos=1, retain=True
         )
@@ -191,6 +147,11 @@ class MqttPublisher:
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
+
+    @property
+    def acks_received(self) -> int:
+        """PUBACKs for outbox rows so far (status messages not counted)."""
+        return self._sender.acks_received
 
     def publish_result(self, result: Result) -> bool:
         """Put the result on `result` and `latest/<bed>` (one transaction). False if already queued/sent."""
@@ -293,37 +254,15 @@ class MqttPublisher:
             )
 
     def _on_publish(self, _c: mqtt.Client, _u: Any, mid: int, reason: mqtt.ReasonCode, _p: Any) -> None:
-        self._acks.put((mid, reason))
+        self._sender.acks.put((mid, reason))
         self._wake.set()
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         if msg.topic == self.topics.history_request:
             self._answer_history(msg)
             return
-        if not mqtt.topic_matches_sub(self.topics.ack_filter, msg.topic) or not msg.payload:
-            return  # an empty payload clears a retained ack: nothing to store
-        if len(msg.payload) > MAX_ACK_BYTES:
-            log.warning("ignored an acknowledgement on %s: %d bytes", msg.topic, len(msg.payload))
-            return
-        try:
-            ack = parse_ack(msg.payload)  # ack/v1 (older displays) or ack/v2
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "payload"
-            log.warning("ignored an invalid acknowledgement on %s: %s: %s", msg.topic, where, first["msg"])
-            return
-        # Only ack/<message_id>/<display account>: the ACL lets each display account write there and
-        # nowhere else, so the topic (unlike the payload) says which account sent it. The older
-        # ack and ack/<message_id> are writable by no display account any more: ignored.
-        levels = msg.topic[len(self.topics.ack) + 1 :].split("/")
-        if len(levels) != 2 or not levels[1]:
-            log.warning("ignored an acknowledgement on %s: not ack/<message_id>/<display account>", msg.topic)
-            return
-        if levels[0] != ack.message_id:
-            log.warning("ignored an acknowledgement on %s: it names message %s", msg.topic, ack.message_id)
-            return
-        log.info("acknowledgement of %s by %s (account %s)", ack.message_id, ack.by, levels[1])
-        if self.on_ack is not None:
+        ack = read_ack(self.topics, msg)
+        if ack is not None and self.on_ack is not None:
             try:
                 self.on_ack(ack)
             except Exception:
@@ -332,17 +271,10 @@ class MqttPublisher:
     def _answer_history(self, msg: mqtt.MQTTMessage) -> None:
         """A display's question about one patient: answered at once, not retained, not via the outbox
         (a lost answer is asked again when the display reconnects)."""
-        if self.on_history is None or not msg.payload:
+        if self.on_history is None:
             return
-        if len(msg.payload) > MAX_HISTORY_REQUEST_BYTES:
-            log.warning("ignored a history request: %d bytes", len(msg.payload))
-            return
-        try:
-            request = HistoryRequest.model_validate_json(msg.payload)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "payload"
-            log.warning("ignored an invalid history request: %s: %s", where, first["msg"])
+        request = read_history_request(msg)
+        if request is None:
             return
         try:
             history = self.on_history(request)
@@ -363,36 +295,15 @@ class MqttPublisher:
             self._wake.wait(0.5)
             self._wake.clear()
             try:
-                self._handle_acks()
+                self._sender.handle_acks()
                 if self.connected:
                     self._send_status_if_dirty()
-                    self._send_pending()
+                    self._sender.send_pending(self.connects)
             except Exception:
                 # A bug or a disk error must not kill the sender silently; retry after a pause.
                 log.exception("mqtt drain step failed; retrying")
                 time.sleep(1.0)
-        self._handle_acks()
-
-    def _handle_acks(self) -> None:
-        acked: list[int] = []
-        rejected: list[tuple[int, str]] = []
-        while True:
-            try:
-                mid, reason = self._acks.get_nowait()
-            except queue.Empty:
-                break
-            row_id = self._inflight.pop(mid, None)
-            self._unconfirmed_qos0.pop(mid, None)
-            if row_id is None:
-                continue  # a status message
-            self.acks_received += 1
-            if reason is not None and reason.is_failure:
-                rejected.append((row_id, str(reason)))
-            else:
-                acked.append(row_id)
-        self.outbox.mark_acked(acked)
-        for row_id, why in rejected:
-            self.outbox.mark_rejected([row_id], f"PUBACK {why} (check the broker's ACL for {self.client_id})")
+        self._sender.handle_acks()
 
     def _send_status_if_dirty(self) -> None:
         """A changed status at once, an unchanged one every heartbeat (the displays' proof of life)."""
@@ -406,43 +317,6 @@ class MqttPublisher:
         heartbeat = {"heartbeat_at": now_iso(), "heartbeat_seconds": self.config.heartbeat_seconds}
         payload = self.status.model_copy(update=heartbeat).model_dump_json(by_alias=True)
         self.client.publish(self.topics.status, payload, qos=1, retain=True)
-
-    def _send_pending(self) -> None:
-        if self._connects_seen != self.connects:
-            self._connects_seen = self.connects
-            self._resend_lost_qos0()
-        room = self.max_inflight - len(self._inflight)
-        if room <= 0:
-            return
-        handed = set(self._inflight.values())
-        for row in self.outbox.pending(after_id=self._last_handed, limit=room + len(handed)):
-            if row.id in handed:
-                continue  # still in flight at QoS 1/2 (a rewind for lost QoS 0 rows passed over it)
-            if len(self._inflight) >= self.max_inflight:
-                return
-            info = self.client.publish(row.topic, row.payload, qos=row.qos, retain=row.retain)
-            if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
-                # Not queued by paho (e.g. queue full): try again from this row next time.
-                log.warning("mqtt publish of %s deferred: %s", row.message_id, mqtt.error_string(info.rc))
-                return
-            if row.qos == 0 and info.rc == mqtt.MQTT_ERR_NO_CONN:
-                return  # paho drops a QoS 0 message it cannot write: it stays in the outbox for later
-            # NO_CONN at QoS 1/2: paho keeps the message and sends it after reconnecting. QoS 0 is
-            # marked sent only when paho reports it written to the socket (on_publish), never before.
-            self._inflight[info.mid] = row.id
-            if row.qos == 0:
-                self._unconfirmed_qos0[info.mid] = row.id
-            self._last_handed = row.id
-
-    def _resend_lost_qos0(self) -> None:
-        """After a reconnect: QoS 0 messages paho had not written when the connection dropped are gone
-        from its queue (it keeps only QoS 1/2 for the session); hand them over again."""
-        if not self._unconfirmed_qos0:
-            return
-        for mid in self._unconfirmed_qos0:
-            self._inflight.pop(mid, None)
-        self._last_handed = min(self._unconfirmed_qos0.values()) - 1
-        self._unconfirmed_qos0.clear()
 
     def _status_payload(self, state: Literal["online", "offline", "degraded"], reason: str | None) -> str:
         with self._lock:

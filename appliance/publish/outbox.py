@@ -18,6 +18,7 @@ Each drop is logged at ERROR with its topic and message_id and counted (persiste
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.config import MqttConfig
-from appliance.sqlitedb import Transaction, open_sqlite
+from appliance.store import Store, store_at
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,11 @@ CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NU
 """
 
 
+# Where an older version kept the outbox, a database of its own in the spool folder (see `adopt`).
+LEGACY_OUTBOX = "outbox.sqlite3"
+_ROW = "topic, message_id, payload, qos, retain, created_at, state, done_at"
+
+
 @dataclass(frozen=True)
 class OutboxRow:
     id: int
@@ -65,14 +71,18 @@ class OutboxRow:
 class Outbox:
     """Thread-safe: the pipeline puts, the publisher's drain thread reads and acks."""
 
-    def __init__(self, path: Path, max_pending: int = 100_000, keep_sent_seconds: float = 7 * 86400) -> None:
+    def __init__(
+        self, store: Store | Path, max_pending: int = 100_000, keep_sent_seconds: float = 7 * 86400
+    ) -> None:
+        """`store`: the daemon's Store, or the path of a database to open (then closed with the outbox)."""
         if max_pending < 1:
             raise ValueError("max_pending must be >= 1")
-        self.path = Path(path)
+        self.store, self._owns_store = store_at(store, "outbox")
+        self.path = self.store.path
         self.max_pending = max_pending
         self.keep_sent_seconds = keep_sent_seconds
-        self._lock = threading.RLock()
-        self._db = open_sqlite(self.path, "outbox")
+        self._lock = self.store.lock
+        self._db = self.store.db
         with self._lock:
             self._db.executescript(_SCHEMA)
         self._listeners: list[Callable[[], None]] = []
@@ -80,9 +90,9 @@ class Outbox:
         self.prune_sent()
 
     @classmethod
-    def from_config(cls, path: Path, config: MqttConfig) -> Outbox:
+    def from_config(cls, store: Store | Path, config: MqttConfig) -> Outbox:
         """The daemon's outbox: bounded by mqtt.outbox_max."""
-        return cls(path, max_pending=config.outbox_max)
+        return cls(store, max_pending=config.outbox_max)
 
     # -- writing -------------------------------------------------------------------------------
     def put(
@@ -90,7 +100,7 @@ class Outbox:
     ) -> bool:
         """Store a message for sending. False if (topic, message_id) was already stored (or sent)."""
         data = payload.encode("utf-8") if isinstance(payload, str) else bytes(payload)
-        with self._lock, self._tx():
+        with self.store.transaction():
             cur = self._db.execute(
                 "INSERT OR IGNORE INTO outbox (topic, message_id, payload, qos, retain, created_at)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
@@ -99,15 +109,14 @@ class Outbox:
             added = cur.rowcount == 1
             if added:
                 self._enforce_bound()
-        if added:
-            self._notify()
+                self.store.after_commit(self._notify)
         return added
 
     def put_many(self, messages: Iterable[tuple[str, bytes | str, int, bool, str]]) -> int:
         """Several (topic, payload, qos, retain, message_id) in one transaction: all or none on disk."""
         now = time.time()
         added = 0
-        with self._lock, self._tx():
+        with self.store.transaction():
             for topic, payload, qos, retain, message_id in messages:
                 data = payload.encode("utf-8") if isinstance(payload, str) else bytes(payload)
                 cur = self._db.execute(
@@ -118,8 +127,7 @@ class Outbox:
                 added += cur.rowcount
             if added:
                 self._enforce_bound()
-        if added:
-            self._notify()
+                self.store.after_commit(self._notify)
         return added
 
     def _enforce_bound(self) -> None:
@@ -182,7 +190,9 @@ class Outbox:
         ids = [(state, time.time(), i) for i in row_ids]
         if not ids:
             return
-        with self._lock, self._tx():
+        # Not waited for on disk: an ack lost in a power cut means the message is sent again, which
+        # subscribers already expect (at least once; they de-duplicate on the message id).
+        with self.store.transaction(durable=False):
             self._db.executemany(
                 "UPDATE outbox SET state = ?, payload = NULL, done_at = ? WHERE id = ? AND state = 'pending'",
                 ids,
@@ -239,25 +249,39 @@ class Outbox:
 
     def prune_sent(self) -> int:
         """Forget tombstones of sent/dropped rows older than keep_sent_seconds."""
-        with self._lock, self._tx():
+        with self.store.transaction():
             cur = self._db.execute(
                 "DELETE FROM outbox WHERE state != 'pending' AND done_at < ?",
                 (time.time() - self.keep_sent_seconds,),
             )
         return cur.rowcount
 
+    def adopt(self, legacy: Path) -> int:
+        """The rows of the outbox.sqlite3 an older version kept in the spool folder, moved into the store:
+        messages not yet acknowledged are still sent, tombstones still make `put` idempotent."""
+
+        def copy(db: sqlite3.Connection) -> int:
+            if not db.execute("SELECT 1 FROM legacy.sqlite_master WHERE name = 'outbox'").fetchone():
+                return 0
+            copied = db.execute(
+                f"INSERT OR IGNORE INTO outbox ({_ROW}) SELECT {_ROW} FROM legacy.outbox ORDER BY id"
+            ).rowcount
+            if db.execute("SELECT 1 FROM legacy.sqlite_master WHERE name = 'counters'").fetchone():
+                for name, value in db.execute("SELECT name, value FROM legacy.counters").fetchall():
+                    self._bump(name, int(value))
+            return int(copied)
+
+        return self.store.adopt(legacy, copy)
+
     def add_listener(self, callback: Callable[[], None]) -> None:
         """Called (without locks held) after rows were added or finished: wakes the sender."""
         self._listeners.append(callback)
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        if self._owns_store:
+            self.store.close()
 
     # -- helpers -------------------------------------------------------------------------------
-    def _tx(self) -> Transaction:
-        return Transaction(self._db)
-
     def _bump(self, name: str, by: int) -> None:
         if by:
             self._db.execute(

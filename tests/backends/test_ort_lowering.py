@@ -1,7 +1,7 @@
 """The in-memory CPU lowering of a TensorRT-form INT8 Q/DQ model (appliance.backends.ort_lowering).
 
 A real small graph (1x1 expand + ReLU6, depthwise 3x3 + ReLU6, 1x1 project, residual Add: one
-inverted-residual block as in EfficientNet-Lite) is quantised the way tools/quantize.py does it
+inverted-residual block as in EfficientNet-Lite) is quantised the way tools/engines/quantize.py does it
 (ONNX Runtime quantize_static, symmetric INT8, per-channel weights, float biases, post-ReLU6 scales),
 checked as TensorRT-form, lowered, and run in ONNX Runtime: the Clips disappear, the convolutions fuse
 into QLinearConv, and the lowered model is at least as close to FP32 as the TensorRT-form file.
@@ -19,8 +19,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from appliance.backends.ort_lowering import load_lowered, lower_int8_for_cpu
-from tests.support.quant import quantize_for_tensorrt
-from tools.quantize import activation_scales_follow_clip, check_tensorrt_qdq
+from testsupport.quant import quantize_for_tensorrt
+from tools.engines.quantize import activation_scales_follow_clip, check_tensorrt_qdq
 
 CHANNELS, EXPANDED, SIDE = 8, 32, 16
 
@@ -72,7 +72,7 @@ def _inputs(n: int, seed: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(fp32, TensorRT-form int8) files, quantised with tools/quantize.py's settings."""
+    """(fp32, TensorRT-form int8) files, quantised with tools/engines/quantize.py's settings."""
     folder = tmp_path_factory.mktemp("lowering")
     fp32, int8 = folder / "block.onnx", folder / "block.int8.onnx"
     _block(fp32)

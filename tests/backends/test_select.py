@@ -19,7 +19,7 @@ from appliance.manifest import load_manifest
 from appliance.preprocess import preprocess
 from tests.backends.conftest import tensorrt_missing
 from tests.backends.engine_records import ORIN, SPEC
-from tests.support.data import first
+from testsupport.data import first
 
 NO_TENSORRT = tensorrt_missing()
 needs_no_tensorrt = pytest.mark.skipif(

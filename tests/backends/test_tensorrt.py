@@ -29,9 +29,9 @@ from appliance.errors import BackendUnavailable, ManifestError, UserError
 from appliance.manifest import Precision, load_manifest
 from tests.backends import tiny_conv
 from tests.backends.conftest import tensorrt_missing
-from tools import cxrdata
-from tools.check_parity import compare_backends, load_inputs
-from tools.cxrdata import data_dir
+from tools.engines.check_parity import compare_backends, load_inputs
+from tools.training import dataset
+from tools.training.dataset import data_dir
 
 ORIN = DeviceIdentity(
     gpu_name="Orin", compute_capability="8.7", tensorrt_version="10.3.0", l4t_release="R36.4.3"
@@ -82,7 +82,7 @@ def test_int8_on_tensorrt10_uses_the_qdq_onnx(with_int8: Path) -> None:
 
 
 def test_int8_on_tensorrt10_without_qdq_onnx_names_the_fix(tiny_model: Path) -> None:
-    with pytest.raises(ManifestError, match=r"has no int8 ONNX.*tools/quantize\.py"):
+    with pytest.raises(ManifestError, match=r"has no int8 ONNX.*tools/engines/quantize\.py"):
         plan_engine(load_manifest(tiny_model), TensorRTConfig(), ORIN, precision="int8")
 
 
@@ -132,7 +132,7 @@ def test_trtexec_command_text(tiny_model: Path, tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- real TensorRT only
 
 
-def _parity_inputs(manifest_path: Path) -> tuple[np.ndarray, list[cxrdata.Record]]:
+def _parity_inputs(manifest_path: Path) -> tuple[np.ndarray, list[dataset.Record]]:
     return load_inputs(load_manifest(manifest_path), data_dir(None), 64)
 
 

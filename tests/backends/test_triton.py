@@ -45,8 +45,8 @@ from appliance.manifest import Manifest, Precision, load_manifest
 from appliance.preprocess import preprocess
 from tests.backends import tiny_conv
 from tests.backends.triton_server import TritonServer, find_tritonserver, python_backend_repository
-from tests.support.data import cxr_data, rows
-from tools import export_triton
+from testsupport.data import cxr_data, rows
+from tools.engines import export_triton
 
 http = pytest.importorskip("tritonclient.http", reason="tritonclient[http] not installed")
 grpc = pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] not installed")
@@ -191,7 +191,7 @@ def test_served_provenance(bundled: Manifest) -> None:
     assert served_provenance(bundled, grpc_style["parameters"]) == ("fp32", sha)
     plan = {**exported, "precision": "fp16"}
     assert served_provenance(bundled, plan) == ("fp16", sha)
-    with pytest.raises(BackendUnavailable, match=r"not written by tools/export_triton\.py"):
+    with pytest.raises(BackendUnavailable, match=r"not written by tools/engines/export_triton\.py"):
         served_provenance(bundled, {})
     fp32_only = bundled.model_copy(update={"onnx": {Precision.fp32: bundled.onnx[Precision.fp32]}})
     with pytest.raises(

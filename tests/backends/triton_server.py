@@ -3,7 +3,7 @@
 Where: $TRITONSERVER_BIN, `tritonserver` on PATH, or the server bundled in the nvidia-pytriton
 wheel (Apache-2.0; `pip install --no-deps nvidia-pytriton`: only its binary is used, never its
 Python API). That bundle carries Triton's Python backend only, not ONNX Runtime or TensorRT, so
-`python_backend_repository` turns a repository written by tools/export_triton.py into one whose
+`python_backend_repository` turns a repository written by tools/engines/export_triton.py into one whose
 models run the SAME exported model.onnx with ONNX Runtime inside Triton's Python backend. Only
 `backend`, `platform` and `default_model_filename` change: inputs, outputs, dims, batching,
 instance groups and the provenance parameters are the exported ones, loaded by the real server.

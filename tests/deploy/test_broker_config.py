@@ -25,7 +25,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.support.mosquitto import MOSQUITTO, Subscriber, free_port
+from testsupport.mosquitto import MOSQUITTO, Subscriber, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 SITE, DEVICE = "ward7", "cart-3"
@@ -36,7 +36,7 @@ SHIPPED_PORTS = {"8883": "tls_port", "9001": "ws_port", "9443": "wss_port"}
 
 @dataclass
 class ShippedBroker:
-    """The installed tree plus one mosquitto process; quacks like tests.support.mosquitto.Broker."""
+    """The installed tree plus one mosquitto process; quacks like testsupport.mosquitto.Broker."""
 
     root: Path
     host: str = LOOPBACK

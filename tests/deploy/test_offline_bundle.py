@@ -1,4 +1,4 @@
-"""An offline field install: tools/bundle.py writes one archive; tools/install.sh --offline installs it
+"""An offline field install: tools/deploy/bundle.py writes one archive; tools/install.sh --offline installs it
 inside a network namespace with no network; then the real `doctor` (with the installed broker
 configuration on a real Mosquitto) and one real DICOM through ONNX Runtime.
 
@@ -21,9 +21,9 @@ from typing import Any
 
 import pytest
 
-from tests.support.data import real_dicoms
-from tests.support.mosquitto import MOSQUITTO
-from tools.bundle import TARGETS, missing_requirements, sha256
+from testsupport.data import real_dicoms
+from testsupport.mosquitto import MOSQUITTO
+from tools.deploy.bundle import TARGETS, missing_requirements, sha256
 
 REPO = Path(__file__).resolve().parents[2]
 SITE, DEVICE = "ward7", "cart-3"
@@ -39,7 +39,7 @@ def bundle(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequ
     assert cache is not None
     env = {**os.environ, "PIP_CACHE_DIR": str(cache.mkdir("offline-bundle-pip"))}
     proc = subprocess.run(
-        [sys.executable, str(REPO / "tools/bundle.py"), "--out", str(out)],
+        [sys.executable, "-m", "tools.deploy.bundle", "--out", str(out)],
         capture_output=True, text=True, timeout=1200, env=env,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

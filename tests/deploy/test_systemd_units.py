@@ -167,10 +167,13 @@ def test_engine_build_is_a_oneshot_before_the_appliance() -> None:
     assert one(unit, "Service.Type") == "oneshot"
     assert one(unit, "Unit.Before") == "cxr-appliance.service"
     assert one(unit, "Service.ExecStart") == (
-        "/opt/cxr-appliance/.venv/bin/python /opt/cxr-appliance/tools/build_engine.py"
+        "/opt/cxr-appliance/.venv/bin/python -m tools.engines.build_engine"
         " --config /etc/cxr-appliance/config.yaml --if-needed"
         " --check-parity --parity-data /var/lib/cxr-appliance/parity"
     )
+    # `-m` finds the `tools` package in the application folder, not in the venv.
+    assert one(unit, "Service.WorkingDirectory") == "/opt/cxr-appliance"
+    assert (REPO / "tools" / "engines" / "build_engine.py").is_file()
     assert "Service.PrivateDevices" not in unit
 
 

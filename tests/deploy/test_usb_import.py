@@ -23,11 +23,11 @@ from pydicom.fileset import FileSet
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 from appliance import usb_import
-from appliance.config import AppConfig, IngestConfig, MqttConfig, PrivacyConfig
+from appliance.config import AppConfig, IngestConfig, JournalConfig, MqttConfig, PrivacyConfig
 from appliance.errors import UserError
 from appliance.ingest.spool import Spool
-from tests.support.data import cxr_data, real_dicoms
-from tests.support.mosquitto import Broker, Subscriber
+from testsupport.data import cxr_data, real_dicoms
+from testsupport.mosquitto import Broker, Subscriber
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -268,6 +268,7 @@ def test_cli_reports_progress_and_count_over_mqtt(
             {
                 "device": {"site": "ward7", "device_id": "cart-3"},
                 "ingest": {"spool": str(tmp_path / "spool")},
+                "journal": {"path": str(tmp_path / "appliance.sqlite3")},  # the daemon's database
                 "mqtt": {"host": broker.host, "port": broker.port},
                 "privacy": {"salt_file": str(tmp_path / "salt")},
             }
@@ -296,6 +297,7 @@ def test_main_without_broker_still_imports(tmp_path: Path) -> None:
     stick = build_stick(tmp_path / "stick", hostile=False)
     cfg = AppConfig(
         ingest=IngestConfig(spool=tmp_path / "spool"),
+        journal=JournalConfig(path=tmp_path / "appliance.sqlite3"),
         mqtt=MqttConfig(host="127.0.0.1", port=1),
         privacy=PrivacyConfig(salt_file=tmp_path / "salt"),
     )

@@ -13,7 +13,7 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.events import Event
 from pynetdicom.transport import ThreadedAssociationServer
 
-from tests.support.mosquitto import LOOPBACK, free_port
+from testsupport.mosquitto import LOOPBACK, free_port
 
 
 class Pacs:

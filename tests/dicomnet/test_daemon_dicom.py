@@ -11,13 +11,12 @@ import pydicom
 import pytest
 
 from appliance.dicomnet.receiver import SUCCESS
-from tests.dicomnet import scu
 from tests.dicomnet.pacs import Pacs
-from tests.support import tiny_models
-from tests.support.daemon import REPO, DaemonProcess
-from tests.support.data import real_dicoms
-from tests.support.mosquitto import LOOPBACK, Broker, Subscriber, free_port, unique_by_message_id
-from tests.support.schemas import assert_valid
+from testsupport import dicom_scu, tiny_models
+from testsupport.daemon import REPO, DaemonProcess
+from testsupport.data import real_dicoms
+from testsupport.mosquitto import LOOPBACK, Broker, Subscriber, free_port, unique_by_message_id
+from testsupport.schemas import assert_valid
 
 RESULT_TOPIC = "cxr/ward-7/cart-1/result"
 
@@ -58,10 +57,10 @@ def test_c_store_to_the_cart_gives_a_result_on_mqtt_and_sr_sc_on_the_pacs(
     with Subscriber(broker, "cxr/#") as sub:
         daemon.start()
         try:
-            assert scu.echo(port) == SUCCESS
-            assert scu.store(port, sent, calling="STRANGER") == []
+            assert dicom_scu.echo(port) == SUCCESS
+            assert dicom_scu.store(port, sent, calling="STRANGER") == []
             started = time.perf_counter()
-            assert scu.store(port, sent) == [SUCCESS, SUCCESS]
+            assert dicom_scu.store(port, sent) == [SUCCESS, SUCCESS]
             assert sub.wait_for(
                 lambda msgs: len(unique_by_message_id(m for m in msgs if m.topic == RESULT_TOPIC)) >= 2, 60
             ), daemon.log()

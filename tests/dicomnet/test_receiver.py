@@ -30,11 +30,11 @@ from appliance.errors import UserError
 from appliance.ingest import reasons
 from appliance.ingest.intake import Intake
 from appliance.ingest.spool import Spool
-from tests.dicomnet import scu
-from tests.faults.mutate import deflate_bomb
-from tests.support.daemon import wait_until
-from tests.support.data import cxr_data, dicom_with
-from tests.support.mosquitto import free_port, make_certificates
+from testsupport import dicom_scu
+from testsupport.daemon import wait_until
+from testsupport.data import cxr_data, dicom_with
+from testsupport.mosquitto import free_port, make_certificates
+from testsupport.mutate import deflate_bomb
 
 JPEG_CR = "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
 MONOCHROME1 = "Fake_MONOHR1.dcm"
@@ -81,7 +81,7 @@ def quarantined(spool: Spool) -> list[Path]:
 
 def test_c_echo_answers_success(receivers: Callable[..., DicomReceiver]) -> None:
     receiver = receivers()
-    assert scu.echo(receiver.address[1]) == SUCCESS
+    assert dicom_scu.echo(receiver.address[1]) == SUCCESS
 
 
 def test_a_real_cr_lands_in_the_spool_unchanged_and_a_resend_is_a_duplicate(
@@ -91,7 +91,7 @@ def test_a_real_cr_lands_in_the_spool_unchanged_and_a_resend_is_a_duplicate(
     receiver = receivers(on_accepted=lambda: woken.append(1))
     port = receiver.address[1]
     started = time.perf_counter()
-    assert scu.store(port, [real(JPEG_CR)]) == [SUCCESS]
+    assert dicom_scu.store(port, [real(JPEG_CR)]) == [SUCCESS]
     elapsed_ms = (time.perf_counter() - started) * 1000
     # The response comes after the spool holds the file: no waiting needed here.
     files = spooled(spool)
@@ -105,7 +105,7 @@ def test_a_real_cr_lands_in_the_spool_unchanged_and_a_resend_is_a_duplicate(
     print(f"C-STORE association + store -> spool incoming/: {elapsed_ms:.1f} ms")
 
     # The same instance again (a unit retrying) is acknowledged and not spooled twice.
-    assert scu.store(port, [real(JPEG_CR)]) == [SUCCESS]
+    assert dicom_scu.store(port, [real(JPEG_CR)]) == [SUCCESS]
     assert spool.pending_count() == 1
     assert list(receiver.receive_dir.iterdir()) == []
 
@@ -114,7 +114,7 @@ def test_several_instances_in_one_association(receivers: Callable[..., DicomRece
     receiver = receivers()
     # Fake_MONOHR1 carries the same SOPInstanceUID as the CR with other content: a corrected re-send is
     # analysed too (de-duplication is on UID + content); the CR sent again is not.
-    statuses = scu.store(
+    statuses = dicom_scu.store(
         receiver.address[1], [real(NATIVE_DX), real(JPEG_CR), real(MONOCHROME1), real(JPEG_CR)]
     )
     assert statuses == [SUCCESS] * 4
@@ -131,12 +131,12 @@ def test_a_calling_ae_title_not_allowed_is_refused_at_association(
     receiver = receivers(allowed_calling_ae=["XRAY_UNIT", "XRAY_2"])
     port = receiver.address[1]
     with caplog.at_level(logging.WARNING, logger="appliance.dicomnet.receiver"):
-        assert scu.store(port, [real(NATIVE_DX)], calling="INTRUDER") == []
+        assert dicom_scu.store(port, [real(NATIVE_DX)], calling="INTRUDER") == []
         wait_until(lambda: "INTRUDER" in caplog.text, 5, step=0.05)  # logged by the receiver's thread
     assert "'INTRUDER' is not in dicom_net.allowed_calling_ae (XRAY_UNIT, XRAY_2)" in caplog.text
     assert spooled(spool) == []
-    assert scu.echo(port, calling="INTRUDER") is None
-    assert scu.store(port, [real(NATIVE_DX)], calling="XRAY_2") == [SUCCESS]
+    assert dicom_scu.echo(port, calling="INTRUDER") is None
+    assert dicom_scu.store(port, [real(NATIVE_DX)], calling="XRAY_2") == [SUCCESS]
     assert len(spooled(spool)) == 1
 
 
@@ -146,12 +146,12 @@ def test_an_association_calling_another_ae_title_is_refused(
     receiver = receivers()
     port = receiver.address[1]
     with caplog.at_level(logging.WARNING, logger="appliance.dicomnet.receiver"):
-        assert scu.store(port, [real(NATIVE_DX)], called="MAIN_PACS") == []
+        assert dicom_scu.store(port, [real(NATIVE_DX)], called="MAIN_PACS") == []
         wait_until(lambda: "MAIN_PACS" in caplog.text, 5, step=0.05)  # logged by the receiver's thread
     assert "called AE title 'MAIN_PACS' is not ours (CXR_APPLIANCE)" in caplog.text
-    assert scu.echo(port, called="MAIN_PACS") is None
+    assert dicom_scu.echo(port, called="MAIN_PACS") is None
     assert spooled(spool) == []
-    assert scu.store(port, [real(NATIVE_DX)]) == [SUCCESS]
+    assert dicom_scu.store(port, [real(NATIVE_DX)]) == [SUCCESS]
 
 
 def test_the_receiver_never_runs_without_a_calling_ae_allow_list(spool: Spool, tmp_path: Path) -> None:
@@ -168,7 +168,7 @@ def test_not_accepting_answers_out_of_resources_and_keeps_nothing(
     receivers: Callable[..., DicomReceiver], spool: Spool
 ) -> None:
     receiver = receivers(accepting=lambda: False)
-    assert scu.store(receiver.address[1], [real(NATIVE_DX)]) == [OUT_OF_RESOURCES]
+    assert dicom_scu.store(receiver.address[1], [real(NATIVE_DX)]) == [OUT_OF_RESOURCES]
     assert spooled(spool) == [] and list(receiver.receive_dir.iterdir()) == []
 
 
@@ -197,10 +197,10 @@ def test_tls_only_a_client_with_a_trusted_certificate_may_send(
     port = receiver.address[1]
     client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(certs.ca))
     client.load_cert_chain(certs.client_cert, certs.client_key)
-    assert scu.store(port, [real(NATIVE_DX)], tls=client) == [SUCCESS]
+    assert dicom_scu.store(port, [real(NATIVE_DX)], tls=client) == [SUCCESS]
     anonymous = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(certs.ca))
-    assert scu.store(port, [real(JPEG_CR)], tls=anonymous) == []  # no client certificate
-    assert scu.store(port, [real(JPEG_CR)]) == []  # plain DICOM on the TLS port
+    assert dicom_scu.store(port, [real(JPEG_CR)], tls=anonymous) == []  # no client certificate
+    assert dicom_scu.store(port, [real(JPEG_CR)]) == []  # plain DICOM on the TLS port
     assert len(spooled(spool)) == 1
 
 
@@ -219,7 +219,7 @@ def test_a_deflate_bomb_is_refused_unread(
     tracemalloc.start()  # this process is the receiver's (pynetdicom's threads included)
     started = time.monotonic()
     try:
-        statuses = scu.store(port, [bomb])  # the unit offers only the deflated syntax
+        statuses = dicom_scu.store(port, [bomb])  # the unit offers only the deflated syntax
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -232,7 +232,7 @@ def test_a_deflate_bomb_is_refused_unread(
     ae = AE(ae_title="XRAY_UNIT")
     ae.add_requested_context(SecondaryCaptureImageStorage, [DeflatedExplicitVRLittleEndian])
     ae.add_requested_context(SecondaryCaptureImageStorage, [ExplicitVRLittleEndian])
-    assoc = ae.associate(scu.LOOPBACK, port, ae_title="CXR_APPLIANCE")
+    assoc = ae.associate(dicom_scu.LOOPBACK, port, ae_title="CXR_APPLIANCE")
     try:
         assert assoc.is_established
         assert [cx.transfer_syntax for cx in assoc.accepted_contexts] == [[ExplicitVRLittleEndian]]
@@ -255,7 +255,9 @@ def test_a_non_image_sop_class_is_refused_and_never_spooled(
 ) -> None:
     receiver = receivers()
     with caplog.at_level(logging.WARNING, logger="appliance.dicomnet.receiver"):
-        statuses = scu.store(receiver.address[1], [_basic_text_sr(tmp_path / "report.dcm"), real(JPEG_CR)])
+        statuses = dicom_scu.store(
+            receiver.address[1], [_basic_text_sr(tmp_path / "report.dcm"), real(JPEG_CR)]
+        )
     assert statuses == [SOP_CLASS_NOT_SUPPORTED, SUCCESS]
     assert "Basic Text SR Storage is not an image the cart analyses" in caplog.text
     assert (
@@ -279,7 +281,7 @@ def test_what_the_reader_would_refuse_is_refused_now_not_after_success(
 ) -> None:
     path = dicom_with(real(NATIVE_DX), tmp_path / "bad.dcm", change)
     receiver = receivers()
-    assert scu.store(receiver.address[1], [path]) == [CANNOT_UNDERSTAND]
+    assert dicom_scu.store(receiver.address[1], [path]) == [CANNOT_UNDERSTAND]
     assert spooled(spool) == [] and list(receiver.receive_dir.iterdir()) == []
     kept = [p for p in quarantined(spool) if p.name.endswith(".reason.txt")]
     assert len(kept) == 1 and f"reason: {reason}" in kept[0].read_text()
@@ -299,7 +301,7 @@ def test_an_instance_over_max_file_mb_aborts_the_association_and_leaves_nothing(
     port = receiver.address[1]
     assert real(NATIVE_DX).stat().st_size > 1_000_000
     with caplog.at_level(logging.ERROR, logger="appliance.dicomnet.receiver"):
-        assert scu.store(port, [real(NATIVE_DX)]) == [None]  # no answer: the association was aborted
+        assert dicom_scu.store(port, [real(NATIVE_DX)]) == [None]  # no answer: the association was aborted
         deadline = time.monotonic() + 5
         while list(partial.iterdir()) and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -307,5 +309,5 @@ def test_an_instance_over_max_file_mb_aborts_the_association_and_leaves_nothing(
     assert "aborted: the dataset is over 0.5 MB (ingest.max_file_mb)" in caplog.text
     assert list(partial.iterdir()) == [], "the partial dataset is removed"
     assert spooled(spool) == [] and quarantined(spool) == [] and list(receiver.receive_dir.iterdir()) == []
-    assert scu.store(port, [real(JPEG_CR)]) == [SUCCESS]  # 127 kB: under the cap
+    assert dicom_scu.store(port, [real(JPEG_CR)]) == [SUCCESS]  # 127 kB: under the cap
     assert len(spooled(spool)) == 1 and list(partial.iterdir()) == []

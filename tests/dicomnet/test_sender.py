@@ -21,8 +21,8 @@ from appliance.dicomout.writer import DicomOutWriter
 from appliance.result import Result
 from tests.dicomnet.pacs import Pacs
 from tests.dicomout.conftest import MakeJob
-from tests.support.dciodvfy import DCIODVFY, assert_valid
-from tests.support.mosquitto import LOOPBACK
+from testsupport.dciodvfy import DCIODVFY, assert_valid
+from testsupport.mosquitto import LOOPBACK
 
 
 class MakeWriter(Protocol):

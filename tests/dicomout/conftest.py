@@ -14,8 +14,8 @@ from appliance.config import AppConfig
 from appliance.dicomout import DicomJob
 from appliance.interpret.reading import heatmap_png
 from appliance.result import Result, Risk, Score, Severity
-from tests.support import tiny_models
-from tests.support.data import real_dicoms
+from testsupport import tiny_models
+from testsupport.data import real_dicoms
 
 _yy, _xx = np.mgrid[0:80, 0:64]
 HEAT = np.exp(-(((_xx - 18) / 8.0) ** 2 + ((_yy - 38) / 12.0) ** 2))  # patient's right mid zone

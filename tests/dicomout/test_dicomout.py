@@ -21,7 +21,7 @@ from appliance.dicomout.sr import ABNORMAL, PRIVATE, concept_for
 from appliance.dicomout.writer import DicomOutWriter, repaired_age
 from appliance.result import Result, Severity
 from tests.dicomout.conftest import MakeJob
-from tests.support.dciodvfy import DCIODVFY, MISSING, assert_valid, errors
+from testsupport.dciodvfy import DCIODVFY, MISSING, assert_valid, errors
 
 
 @pytest.fixture

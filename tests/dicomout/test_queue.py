@@ -15,7 +15,7 @@ from appliance.dicomout.queue import JOB_SUFFIX, REASON_SUFFIX, RUNNING_SUFFIX, 
 from appliance.dicomout.writer import DicomOutWriter
 from appliance.result import Result
 from tests.dicomout.conftest import MakeJob
-from tests.support.daemon import wait_until
+from testsupport.daemon import wait_until
 
 
 class Counter:

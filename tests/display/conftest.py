@@ -17,7 +17,7 @@ from appliance.display.accounts import add, set_password
 from appliance.display.server import make_server
 from tests.display.browser import Browser, missing_tools
 from tests.display.results import Cart
-from tests.support.mosquitto import Broker, Subscriber
+from testsupport.mosquitto import Broker, Subscriber
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
 SITE = "ward7"

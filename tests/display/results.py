@@ -34,7 +34,7 @@ from appliance.result import (
     Trend,
     Zone,
 )
-from tests.support.mosquitto import Broker
+from testsupport.mosquitto import Broker
 
 CART_SCRIPT = Path(__file__).with_name("cart_process.py")
 REPO = Path(__file__).resolve().parents[2]

@@ -11,7 +11,7 @@ import pytest
 
 from appliance.cli import main
 from appliance.display.accounts import hash_password, list_accounts
-from tests.support.mosquitto import MOSQUITTO_PASSWD
+from testsupport.mosquitto import MOSQUITTO_PASSWD
 
 
 def test_the_hash_is_what_mosquitto_passwd_writes(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from tests.display.acknowledge import acknowledge
 from tests.display.browser import Browser, Page
 from tests.display.conftest import ARTIFACTS, DISPLAY_AUTH, Ward
 from tests.display.results import make_result
-from tests.support.schemas import assert_valid
+from testsupport.schemas import assert_valid
 
 
 def tile(bed: str) -> str:

@@ -33,9 +33,9 @@ from tests.display.test_display_live import (
     restamped,
     tile,
 )
-from tests.support import data
-from tests.support.mosquitto import Broker, Subscriber
-from tests.support.schemas import assert_valid
+from testsupport import data
+from testsupport.mosquitto import Broker, Subscriber
+from testsupport.schemas import assert_valid
 
 BASE = f"cxr/{SITE}/{DEVICE}"
 SIIM = data.cxr_data() / "dicom" / "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"

@@ -27,10 +27,10 @@ from tests.display.acknowledge import acknowledge
 from tests.display.browser import Browser, Page
 from tests.display.conftest import ARTIFACTS, serve_display, ward_broker
 from tests.display.results import key_sentence
-from tests.support import data
-from tests.support.daemon import DaemonProcess
-from tests.support.mosquitto import Broker, Subscriber, unique_by_message_id
-from tests.support.schemas import assert_valid
+from testsupport import data
+from testsupport.daemon import DaemonProcess
+from testsupport.mosquitto import Broker, Subscriber, unique_by_message_id
+from testsupport.schemas import assert_valid
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = REPO / "engines" / "cxr-lite0" / "manifest.yaml"

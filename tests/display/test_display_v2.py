@@ -25,7 +25,7 @@ from tests.display.browser import Browser, Page
 from tests.display.conftest import ARTIFACTS, CART_AUTH, DISPLAY_AUTH, Ward, serve_display, ward_broker
 from tests.display.results import key_sentence, make_result
 from tests.display.ward import abnormal, normal, refused, urgent, ward_results
-from tests.support.mosquitto import Broker
+from testsupport.mosquitto import Broker
 
 
 def tile(bed: str) -> str:

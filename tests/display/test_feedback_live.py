@@ -32,9 +32,9 @@ from tests.display.test_display_live import (
     tile,
     wait_for_value,
 )
-from tests.support import data
-from tests.support.daemon import wait_until
-from tests.support.mosquitto import Broker
+from testsupport import data
+from testsupport.daemon import wait_until
+from testsupport.mosquitto import Broker
 
 COMMENT = "Old scarring, not COVID-19; compare with the CT of 3 March."
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.support import data
-from tests.support.daemon import RESULT_TOPIC, STATUS_TOPIC, results, wait_results, wait_until
+from testsupport import data
+from testsupport.daemon import RESULT_TOPIC, STATUS_TOPIC, results, wait_results, wait_until
 
 __all__ = [
     "RESULT_TOPIC",

@@ -15,9 +15,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tests.faults.conftest import image_ids, real_images, results, wait_results, wait_until
-from tests.support import data
-from tests.support.daemon import DaemonProcess
-from tests.support.mosquitto import Broker, Subscriber
+from testsupport import data
+from testsupport.daemon import DaemonProcess
+from testsupport.mosquitto import Broker, Subscriber
 
 NATIVE_DX = "1.3.6.1.4.1.11129.5.5.110503645592756492463169821050252582267888.dcm"
 

@@ -23,9 +23,9 @@ from appliance.errors import InputRejected
 from appliance.ingest import read_image, reasons
 from appliance.ingest.complete import incomplete_reason
 from appliance.ingest.identity import dedup_key
-from tests.faults.mutate import GENERIC, Mutator, deflate_bomb, png_bomb
-from tests.support.data import cxr_data
-from tools.fuzz import NATIVE_DX, run_fuzz, seed_corpus
+from testsupport.data import cxr_data
+from testsupport.mutate import GENERIC, Mutator, deflate_bomb, png_bomb
+from tools.quality.fuzz import NATIVE_DX, run_fuzz, seed_corpus
 
 MAX_PIXELS = 4_000_000  # tight, so a memory bound of a few tens of MB is meaningful
 
@@ -233,7 +233,7 @@ def test_hostile_codestreams_are_refused_before_any_decoder_allocates(
     one row more) are refused from the headers, quickly and without allocating the declared size."""
     from pydicom.uid import JPEGLSLossless
 
-    from tests.faults.mutate import Case, codestream_lies
+    from testsupport.mutate import Case, codestream_lies
 
     sources = [p for p in corpus if p.suffix == ".dcm"]
     jls = pydicom.dcmread(next(p for p in corpus if p.name == "derived-explicit16.dcm"))

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from tests.faults.conftest import STATUS_TOPIC, image_ids, real_images, results, wait_results, wait_until
-from tests.support.daemon import DaemonProcess
-from tests.support.mosquitto import Broker, Subscriber
+from testsupport.daemon import DaemonProcess
+from testsupport.mosquitto import Broker, Subscriber
 
 
 @pytest.fixture
@@ -89,7 +89,7 @@ def test_outbox_stays_within_its_bound_during_a_long_outage(
         broker.stop()  # the ward network is gone for the whole run
         for index, image in enumerate(real_images(count)):
             shutil.copyfile(image, daemon.inbox / f"o{index:03d}{image.suffix}")
-        outbox = daemon.spool / "outbox.sqlite3"
+        outbox = daemon.workdir / "journal.sqlite3"  # the appliance's database holds the outbox
         assert wait_until(lambda: len(daemon.spool_files("done")) == count, 120), daemon.log()[-2000:]
         db = sqlite3.connect(outbox)
         pending = db.execute("SELECT COUNT(*) FROM outbox WHERE state = 'pending'").fetchone()[0]

@@ -1,4 +1,4 @@
-"""The soak at CI size (tools/soak.py --quick): 60 real images (a third of the DICOMs by C-STORE), 3 broker
+"""The soak at CI size (tools/quality/soak.py --quick): 60 real images (a third of the DICOMs by C-STORE), 3 broker
 and 3 daemon SIGKILLs at seeded random moments, 20 mutated files and the hostile codestreams through the
 daemon (half of the latter by C-STORE) and 200 through read_image; nothing lost, nothing twice, order per
 bed kept, databases intact, outbox drained, no patient name/ID in any payload."""
@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tools.soak import QUICK, markdown, parse_args, passed, soak
+from tools.quality.soak import QUICK, markdown, parse_args, passed, soak
 
 
 def test_quick_soak_loses_nothing(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import pydicom
 import pytest
 from PIL import Image
 
-from tests.support.data import cxr_data, real_dicoms
+from testsupport.data import cxr_data, real_dicoms
 
 DICOM_DIR = "dicom"
 JPEG_BASELINE = "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"

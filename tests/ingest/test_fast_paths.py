@@ -1,6 +1,6 @@
 """Reduced-resolution reading (what the model needs, not what the detector stored) matches the full path.
 
-Cart-sized 12-16 bit DICOMs are made from a real image by tools/gen_cart_dicoms.py (smaller here, to keep
+Cart-sized 12-16 bit DICOMs are made from a real image by tools/quality/gen_cart_dicoms.py (smaller here, to keep
 the test fast); the reference is the full-size decode, preprocessed exactly as the Analyzer does."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import pytest
 from appliance.ingest import read_image
 from appliance.manifest import InputSpec
 from appliance.preprocess import preprocess
-from tests.support import data
-from tools.gen_cart_dicoms import frontal_sources, load_grey, write_cart_dicom
+from testsupport import data
+from tools.quality.gen_cart_dicoms import frontal_sources, load_grey, write_cart_dicom
 
 SPEC = InputSpec.model_validate(
     {

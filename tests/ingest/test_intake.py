@@ -16,7 +16,7 @@ from appliance.ingest import reasons
 from appliance.ingest.intake import FOLDER, NETWORK, USB, Intake, Outcome, Verdict
 from appliance.ingest.spool import Spool
 from tests.ingest.conftest import JPEG_BASELINE, NATIVE_DX, copy_to, real
-from tests.support.data import dicom_with
+from testsupport.data import dicom_with
 
 
 class Counted:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import os
 import signal
 import struct
@@ -19,9 +18,14 @@ import pytest
 from pydicom.filewriter import write_file_meta_info
 
 from appliance.ingest import reasons
-from appliance.ingest.spool import Accepted, Duplicate, Rejected, Spool, SpoolFull
+from appliance.ingest.spool import Spool
+from appliance.ingest.spool_records import STATES, Accepted, Duplicate, Rejected, SpoolFull
+from appliance.store import Store
 from tests.ingest.conftest import JPEG_BASELINE, NATIVE_DX, copy_to, real
-from tests.support.data import REPO, cxr_data, real_dicoms
+from testsupport.data import REPO, cxr_data, real_dicoms
+
+# The spool's own database (opened without the appliance's store) and SQLite's WAL files beside it.
+DB_FILES = ("spool.db", "spool.db-wal", "spool.db-shm")
 
 
 def real_images(n: int) -> list[Path]:
@@ -37,11 +41,10 @@ def test_accept_claim_done(tmp_path: Path) -> None:
     assert isinstance(got, Accepted) and not src.exists()
     assert got.path == spool.root / "incoming" / f"{got.image_id}.dcm" and got.path.is_file()
     assert got.key.startswith("sop:1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819/sha256:")
-    side = spool.sidecar(got.image_id)
-    assert side is not None and side["original"] == str(src) and side["source"] == "watch"
     assert spool.pending_count() == 1
     item = spool.claim_next()
     assert item is not None and item.image_id == got.image_id and item.path.parent.name == "processing"
+    assert item.original == str(src) and item.source == "watch"
     assert spool.claim_next() is None
     assert spool.mark_done(item.image_id) and spool.mark_done(item.image_id)  # idempotent
     assert (spool.root / "done" / item.path.name).is_file() and spool.pending_count() == 0
@@ -251,13 +254,39 @@ def test_concurrent_accept_and_claim(tmp_path: Path) -> None:
     assert sorted(claimed) == sorted(ids) and len(ids) == len(set(p.read_bytes() for p in real_images(30)))
 
 
-def test_sidecar_is_json(tmp_path: Path) -> None:
+def test_the_acceptance_is_recorded_in_utc_without_a_file_per_image(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool")
     (tmp_path / "w").mkdir()
     got = spool.accept(copy_to(real_images(1)[0], tmp_path / "w"), "w")
     assert isinstance(got, Accepted)
-    data = json.loads((spool.root / "meta" / f"{got.image_id}.json").read_text())
-    assert data["image_id"] == got.image_id and data["accepted_at"].endswith("+00:00")
+    assert (spool.accepted_at(got.image_id) or "").endswith("+00:00")
+    assert sorted(p.name for p in spool.root.iterdir()) == sorted([*STATES, "tmp", "image-id.key", *DB_FILES])
+
+
+def test_an_older_spool_database_and_its_sidecars_are_adopted_into_the_store(tmp_path: Path) -> None:
+    root, watch = tmp_path / "spool", tmp_path / "w"
+    watch.mkdir()
+    images = real_images(3)
+    older = Spool(root)  # on its own: rows in spool/spool.db, where an older version kept them
+    first, second = (older.accept(copy_to(p, watch), "w") for p in images[:2])
+    item = older.claim_next()
+    assert item is not None and older.mark_done(item.image_id)
+    (root / "meta").mkdir()
+    (root / "meta" / f"{item.image_id}.json").write_text("{}")  # an older version's sidecar
+    older.close()
+
+    store = Store(tmp_path / "appliance.sqlite3")
+    spool = Spool(root, store=store)
+    assert spool.adopt(root / "spool.db") == 2
+    assert not (root / "spool.db").exists() and spool.adopt(root / "spool.db") == 0
+    assert spool.recover() == 0 and not (root / "meta").exists()
+    assert spool.pending_count() == 1
+    again = spool.accept(copy_to(images[0], watch), "w")  # the adopted keys still recognise a re-send
+    assert isinstance(first, Accepted) and isinstance(again, Duplicate) and again.image_id == first.image_id
+    third = spool.accept(copy_to(images[2], watch), "w")
+    assert isinstance(second, Accepted) and isinstance(third, Accepted)
+    assert [i.image_id for i in spool.claim(5)] == [second.image_id, third.image_id]  # arrival order kept
+    store.close()
 
 
 # -- Hardening II: de-duplication on SOPInstanceUID + content ------------------------------------------

@@ -14,10 +14,11 @@ import pytest
 
 from appliance.errors import InputRejected
 from appliance.ingest import reasons
-from appliance.ingest.spool import Accepted, Duplicate, Rejected, Spool
+from appliance.ingest.spool import Spool
+from appliance.ingest.spool_records import Accepted, Duplicate, Rejected
 from appliance.ingest.watcher import FolderWatcher
 from tests.ingest.conftest import JPEG_BASELINE, NATIVE_DX, copy_to, real
-from tests.support.data import cxr_data
+from testsupport.data import cxr_data
 
 
 class Rig:

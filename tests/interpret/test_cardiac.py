@@ -8,7 +8,7 @@ from PIL import Image
 
 from appliance.interpret.cardiac import cardiothoracic_ratio
 from appliance.interpret.zones import lung_zones
-from tests.support.data import cxr_data, rows
+from testsupport.data import cxr_data, rows
 
 
 def masks(heart_cols: tuple[int, int], size: int = 64) -> tuple[np.ndarray, np.ndarray]:

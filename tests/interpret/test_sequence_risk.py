@@ -10,7 +10,7 @@ import pytest
 from appliance.interpret.sequence_risk import features, image_risk, sequence_risk, with_sequence_risk
 from appliance.manifest import SequenceRisk, load_manifest
 from appliance.result import Result, Risk, Sentence, Severity
-from tests.support.results import make_result
+from testsupport.results import make_result
 
 T0 = datetime(2026, 3, 1, 8, 0, tzinfo=timezone.utc)
 MODEL = Path(__file__).resolve().parents[2] / "engines" / "cxr-lite0"
@@ -101,13 +101,13 @@ def test_a_prior_that_had_a_sequence_risk_contributes_its_own_image_risk() -> No
 def test_manifest_coefficients_reproduce_the_training_side_numbers_on_real_images() -> None:
     """The appliance recomputes, from the manifest and fresh reads of real images, the probability the
     training tool computed for the same pairs."""
-    from tools import cxrdata as data
-    from tools import train_sequence_risk as tool
+    from tools.training import dataset as data
+    from tools.training import train_sequence_risk as tool
 
     manifest = load_manifest(MODEL)
     report_path = MODEL / "sequence_risk_report.json"
     if manifest.sequence_risk is None or not report_path.is_file():
-        pytest.skip("no sequence risk model in engines/cxr-lite0 (run tools/train_sequence_risk.py)")
+        pytest.skip("no sequence risk model in engines/cxr-lite0 (run tools/training/train_sequence_risk.py)")
     checks = json.loads(report_path.read_text())["parity_checks"]
     assert checks, "the report lists no parity pairs"
     folder = data.data_dir()

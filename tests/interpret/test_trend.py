@@ -6,7 +6,7 @@ from pathlib import Path
 from appliance.interpret.trend import compare, with_trend
 from appliance.journal import Journal
 from appliance.result import Result, Sentence, Severity
-from tests.support.results import make_result
+from testsupport.results import make_result
 
 T0 = datetime(2026, 3, 1, 8, 0, tzinfo=timezone.utc)
 

@@ -25,10 +25,10 @@ from appliance.config import AppConfig, DriftConfig
 from appliance.manifest import DriftQuantity, DriftReference, load_manifest
 from appliance.ops.drift import OTHER, DriftWatch, Observation, bin_counts, psi, reference_quantity
 from tests.ops.test_metrics import samples, scrape, value
-from tests.support import data
-from tests.support.daemon import STATUS_TOPIC, DaemonProcess, results, wait_until
-from tests.support.mosquitto import Broker, Subscriber, free_port
-from tools.drift_reference import build_reference, write_reference
+from testsupport import data
+from testsupport.daemon import STATUS_TOPIC, DaemonProcess, results, wait_until
+from testsupport.mosquitto import Broker, Subscriber, free_port
+from tools.training.drift_reference import build_reference, write_reference
 
 REPO = Path(__file__).resolve().parents[2]
 BUNDLED = REPO / "engines" / "cxr-lite0" / "manifest.yaml"

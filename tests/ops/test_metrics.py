@@ -26,9 +26,9 @@ from appliance.config import AppConfig, load_config
 from appliance.errors import ConfigError
 from appliance.ops.metrics import Metrics
 from appliance.publish.outbox import Outbox
-from tests.support import data
-from tests.support.daemon import DaemonProcess, wait_results, wait_until
-from tests.support.mosquitto import Broker, Subscriber, free_port
+from testsupport import data
+from testsupport.daemon import DaemonProcess, wait_results, wait_until
+from testsupport.mosquitto import Broker, Subscriber, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 DOCS = REPO / "docs"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from appliance.config import DeviceConfig, MqttConfig
 from appliance.publish import MqttPublisher, Outbox
-from tests.support.results import make_result
+from testsupport.results import make_result
 
 
 def main() -> int:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.support.mosquitto import Broker, Subscriber
+from testsupport.mosquitto import Broker, Subscriber
 
 
 def _publish(broker: Broker, topic: str, payload: bytes) -> None:

@@ -25,9 +25,9 @@ from appliance.config import DeviceConfig, MqttConfig, TlsConfig
 from appliance.journal import Journal
 from appliance.publish import MqttPublisher, Outbox
 from appliance.result import Acknowledgement
-from tests.support.mosquitto import Broker, Received, Subscriber, unique_by_message_id
-from tests.support.results import make_result
-from tests.support.schemas import assert_valid
+from testsupport.mosquitto import Broker, Received, Subscriber, unique_by_message_id
+from testsupport.results import make_result
+from testsupport.schemas import assert_valid
 
 REPO = Path(__file__).resolve().parents[2]
 BASE = "cxr/site/cart-1"

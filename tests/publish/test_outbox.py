@@ -110,3 +110,19 @@ def test_prune_sent_keeps_pending(tmp_path: Path) -> None:
     box.mark_acked([box.pending()[0].id])
     assert box.prune_sent() == 1
     assert [r.message_id for r in box.pending()] == ["b"]
+
+
+def test_an_older_outbox_database_is_adopted_unsent_rows_and_tombstones_alike(tmp_path: Path) -> None:
+    older = Outbox(tmp_path / "spool" / "outbox.sqlite3", max_pending=1)  # as an older version kept it
+    assert older.put("t", "sent", message_id="a") and older.put("t", "waiting", message_id="b")  # drops a
+    older.mark_acked([r.id for r in older.pending()])
+    assert older.put("t", "unsent", message_id="c")
+    older.close()
+
+    box = Outbox(tmp_path / "appliance.sqlite3")
+    assert box.put("t", "new", message_id="d")
+    assert box.adopt(tmp_path / "spool" / "outbox.sqlite3") == 3
+    assert not (tmp_path / "spool" / "outbox.sqlite3").exists()
+    assert [(r.message_id, r.payload) for r in box.pending()] == [("d", b"new"), ("c", b"unsent")]
+    assert not box.put("t", "again", message_id="b")  # its tombstone came along: nothing sent twice
+    assert box.dropped == 1

@@ -1,4 +1,4 @@
-"""tools/bench.py --quick end to end (the CI smoke): real daemon, real Mosquitto, real ONNX Runtime, cart
+"""tools/quality/bench.py --quick end to end (the CI smoke): real daemon, real Mosquitto, real ONNX Runtime, cart
 DICOMs generated from real images. Not a timed test: it checks the report's shape and that every figure
 was measured (positive), never a target."""
 
@@ -15,8 +15,8 @@ import pytest
 
 from appliance.manifest import load_manifest
 from tests.backends import tiny_conv
-from tools import cxrdata
-from tools.check_parity import load_inputs
+from tools.engines.check_parity import load_inputs
+from tools.training import dataset
 
 REPO = Path(__file__).resolve().parents[2]
 REQUIRED = [
@@ -44,12 +44,12 @@ def dig(report: dict[str, Any], dotted: str) -> Any:
 def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
     folder = tmp_path_factory.mktemp("bench")
     model = tiny_conv.build(folder / "tiny")
-    calibration, _ = load_inputs(load_manifest(model), cxrdata.data_dir(None), 16, offset=1)
+    calibration, _ = load_inputs(load_manifest(model), dataset.data_dir(None), 16, offset=1)
     tiny_conv.add_fp16(model)
     tiny_conv.add_int8_qdq(model, calibration)
     out = folder / "bench.json"
     proc = subprocess.run(
-        [sys.executable, "tools/bench.py", "--quick", "--json", str(out), "--model", str(model)],
+        [sys.executable, "-m", "tools.quality.bench", "--quick", "--json", str(out), "--model", str(model)],
         cwd=REPO,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
         capture_output=True,

@@ -1,4 +1,4 @@
-"""tools/build_engine.py: dry-run plan/key/trtexec anywhere; plain refusals where TensorRT is absent."""
+"""tools/engines/build_engine.py: dry-run plan/key/trtexec anywhere; plain refusals where TensorRT is absent."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ NO_TENSORRT = tensorrt_missing()
 
 def build_engine(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "tools/build_engine.py", *args],
+        [sys.executable, "-m", "tools.engines.build_engine", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -83,7 +83,7 @@ def test_without_tensorrt_building_is_refused_plainly(model: Path) -> None:
 def test_int8_without_qdq_onnx_names_the_missing_file(model: Path) -> None:
     done = build_engine("--model", str(model), "--precision", "int8", "--dry-run", *TARGET)
     assert done.returncode == 2
-    assert "has no int8 ONNX" in done.stderr and "tools/quantize.py" in done.stderr
+    assert "has no int8 ONNX" in done.stderr and "tools/engines/quantize.py" in done.stderr
 
 
 @pytest.mark.parametrize(

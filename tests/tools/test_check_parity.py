@@ -15,8 +15,8 @@ from appliance.backends.onnxruntime import OnnxRuntimeBackend, OnnxRuntimeConfig
 from appliance.manifest import Precision, load_manifest
 from tests.backends import tiny_conv
 from tests.backends.conftest import tensorrt_missing
-from tools import cxrdata
-from tools.check_parity import ParityReport, compare_backends, load_inputs
+from tools.engines.check_parity import ParityReport, compare_backends, load_inputs
+from tools.training import dataset
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -25,19 +25,19 @@ REPO = Path(__file__).resolve().parents[2]
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Tiny conv model with FP16 and Q/DQ INT8 variants (calibrated on images disjoint from the parity set)."""
     path = tiny_conv.build(tmp_path_factory.mktemp("parity") / "tiny")
-    calibration, _ = load_inputs(load_manifest(path), cxrdata.data_dir(None), 32, offset=1)
+    calibration, _ = load_inputs(load_manifest(path), dataset.data_dir(None), 32, offset=1)
     tiny_conv.add_fp16(path)
     tiny_conv.add_int8_qdq(path, calibration)
     return path
 
 
 @pytest.fixture(scope="module")
-def inputs(model: Path) -> tuple[np.ndarray, list[cxrdata.Record]]:
-    return load_inputs(load_manifest(model), cxrdata.data_dir(None), 160)
+def inputs(model: Path) -> tuple[np.ndarray, list[dataset.Record]]:
+    return load_inputs(load_manifest(model), dataset.data_dir(None), 160)
 
 
 def _compare(
-    model: Path, precision: Precision, inputs: tuple[np.ndarray, list[cxrdata.Record]]
+    model: Path, precision: Precision, inputs: tuple[np.ndarray, list[dataset.Record]]
 ) -> ParityReport:
     manifest = load_manifest(model)
     reference = OnnxRuntimeBackend(manifest, Precision.fp32, OnnxRuntimeConfig(), 8)
@@ -49,7 +49,7 @@ def _row(report: ParityReport, key: str) -> dict[str, Any]:
     return next(r for r in report.gate["scores"] if r["key"] == key)
 
 
-def test_fp16_passes_the_gate(model: Path, inputs: tuple[np.ndarray, list[cxrdata.Record]]) -> None:
+def test_fp16_passes_the_gate(model: Path, inputs: tuple[np.ndarray, list[dataset.Record]]) -> None:
     report = _compare(model, Precision.fp16, inputs)
     assert report.passed, report.to_json()
     heads = {h.output: h for h in report.heads}
@@ -65,7 +65,7 @@ def test_fp16_passes_the_gate(model: Path, inputs: tuple[np.ndarray, list[cxrdat
     assert (model.parent / "parity_noise.json").is_file()
 
 
-def test_int8_qdq_is_explicit_and_close(model: Path, inputs: tuple[np.ndarray, list[cxrdata.Record]]) -> None:
+def test_int8_qdq_is_explicit_and_close(model: Path, inputs: tuple[np.ndarray, list[dataset.Record]]) -> None:
     """The Q/DQ ONNX (TensorRT 10's INT8 input) runs in ONNX Runtime and stays near FP32.
 
     A random tiny model's INT8 may fail the gate; the gate's verdict on the real model is what matters.
@@ -84,7 +84,7 @@ def test_int8_qdq_is_explicit_and_close(model: Path, inputs: tuple[np.ndarray, l
 
 
 def test_a_different_model_fails_and_the_head_is_named(
-    model: Path, inputs: tuple[np.ndarray, list[cxrdata.Record]], tmp_path: Path
+    model: Path, inputs: tuple[np.ndarray, list[dataset.Record]], tmp_path: Path
 ) -> None:
     other = tiny_conv.build(tmp_path / "other", perturb=0.5)
     # Register the perturbed graph as this model's "fp16" to run it through the same comparison.
@@ -101,7 +101,15 @@ def test_a_different_model_fails_and_the_head_is_named(
 
 def test_cli_compares_onnx_variants_and_writes_a_report(model: Path, tmp_path: Path) -> None:
     report = tmp_path / "parity.json"
-    command = [sys.executable, "tools/check_parity.py", "--model", str(model), "--candidate", "onnx:fp16"]
+    command = [
+        sys.executable,
+        "-m",
+        "tools.engines.check_parity",
+        "--model",
+        str(model),
+        "--candidate",
+        "onnx:fp16",
+    ]
     done = subprocess.run(
         [*command, "--limit", "40", "--report", str(report)], cwd=REPO, capture_output=True, text=True
     )
@@ -114,7 +122,7 @@ def test_cli_tensorrt_candidate_without_tensorrt_is_a_plain_error(model: Path) -
     if tensorrt_missing() is None:
         pytest.skip("TensorRT is installed here")
     done = subprocess.run(
-        [sys.executable, "tools/check_parity.py", "--model", str(model), "--limit", "8"],
+        [sys.executable, "-m", "tools.engines.check_parity", "--model", str(model), "--limit", "8"],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -1,4 +1,4 @@
-"""tools/export_triton.py: repository layout, config.pbtxt parsed back with Triton's own proto, refusals.
+"""tools/engines/export_triton.py: repository layout, config.pbtxt parsed back with Triton's own proto, refusals.
 
 config.pbtxt is parsed with google.protobuf.text_format into tritonclient's ModelConfig (the
 message tritonserver itself reads), so an unknown field or bad syntax fails here as it would there.
@@ -22,7 +22,7 @@ from appliance.backends.onnxruntime import OnnxRuntimeBackend, OnnxRuntimeConfig
 from appliance.engine_cache import BuildSpec, DeviceIdentity, ParityRecord, record_parity, store_engine
 from appliance.manifest import Manifest, Precision, load_manifest, sha256_file
 from tests.backends import tiny_conv
-from tools import export_triton
+from tools.engines import export_triton
 
 text_format = pytest.importorskip("google.protobuf.text_format")
 model_config_pb2 = pytest.importorskip(
@@ -214,13 +214,13 @@ def test_plan_repository(tmp_path: Path, cached_engine: tuple[Path, Path]) -> No
 @pytest.mark.parametrize(
     ("setup", "argv", "message"),
     [
-        ("unchecked", [], "has not passed tools/check_parity.py yet"),
+        ("unchecked", [], "has not passed tools/engines/check_parity.py yet"),
         ("failed", [], "FAILED the parity check"),
         ("passed", ["--max-batch", "8"], "allows 1..4"),
         ("passed", ["--kind", "KIND_CPU"], "runs on a GPU only"),
         ("passed", ["--precision", "fp32"], "a --plan has the precision it was built with"),
         ("damaged", [], "does not match its sidecar"),
-        ("other-onnx", [], "rebuild it with tools/build_engine.py"),
+        ("other-onnx", [], "rebuild it with tools/engines/build_engine.py"),
     ],
 )
 def test_plan_refusals(
@@ -247,9 +247,17 @@ def test_plan_refusals(
 
 
 def test_command_line(tmp_path: Path) -> None:
-    """The script runs as documented (its own sys.path set-up, exit code, progress on stdout)."""
+    """The tool runs as documented (`python -m tools.engines.export_triton`, exit code, progress on stdout)."""
     done = subprocess.run(
-        [sys.executable, "tools/export_triton.py", "--model", str(BUNDLED), "--out", str(tmp_path)],
+        [
+            sys.executable,
+            "-m",
+            "tools.engines.export_triton",
+            "--model",
+            str(BUNDLED),
+            "--out",
+            str(tmp_path),
+        ],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -21,19 +21,19 @@ from appliance.ingest import read_image
 from appliance.interpret.activation import activate
 from appliance.manifest import Precision, Role, load_manifest
 from appliance.preprocess import preprocess
-from tests.support.data import cxr_data, rows
-from tools import evaluate
-from tools.cxrdata import FINDING_LABELS
+from testsupport.data import cxr_data, rows
+from tools.training import evaluate
+from tools.training.dataset import FINDING_LABELS
 
 REPO = Path(__file__).resolve().parents[2]
 COMMITTED = REPO / "engines" / "cxr-lite0"
 EVAL_KEYS = evaluate.KEYS
 
 
-def tool(name: str, *args: str | Path, ok: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess[str]:
+def tool(module: str, *args: str | Path, ok: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "CXR_DATA": str(cxr_data())}
     done = subprocess.run(
-        [sys.executable, str(REPO / "tools" / name), *map(str, args)],
+        [sys.executable, "-m", module, *map(str, args)],
         capture_output=True,
         text=True,
         env=env,
@@ -41,7 +41,7 @@ def tool(name: str, *args: str | Path, ok: tuple[int, ...] = (0,)) -> subprocess
         check=False,
     )
     assert done.returncode in ok, (
-        f"{name} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        f"{module} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     )
     return done
 
@@ -49,8 +49,8 @@ def tool(name: str, *args: str | Path, ok: tuple[int, ...] = (0,)) -> subprocess
 @pytest.fixture(scope="module")
 def smoke_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("cxr-smoke")
-    tool("train.py", "--smoke", "--out", out)
-    tool("export_onnx.py", "--out", out, "--compare-images", "4")
+    tool("tools.training.train", "--smoke", "--out", out)
+    tool("tools.training.export_onnx", "--out", out, "--compare-images", "4")
     return out
 
 
@@ -77,9 +77,9 @@ def test_manifest_publishes_only_what_validation_passed(smoke_model: Path) -> No
 def test_training_resumes_from_its_epoch_checkpoint(tmp_path: Path) -> None:
     """Stopped after its first epoch, a second run picks up from there instead of starting again."""
     args = ("--epochs", "2", "--out", tmp_path)
-    first = tool("train.py", "--smoke", *args, "--stop-after-epoch", "1")
+    first = tool("tools.training.train", "--smoke", *args, "--stop-after-epoch", "1")
     assert "stopping after epoch 1" in first.stdout
-    second = tool("train.py", "--smoke", *args)
+    second = tool("tools.training.train", "--smoke", *args)
     assert "resuming after epoch 1" in second.stdout
     assert "epoch 2:" in second.stdout and "epoch 1:" not in second.stdout
 
@@ -124,7 +124,16 @@ def test_output_shapes_on_a_batch_of_two(smoke_model: Path) -> None:
 
 def test_quantize_gate_and_evaluate(smoke_model: Path, tmp_path: Path) -> None:
     # A one-step smoke model may or may not pass the gate (exit 0 or 1); the manifest must agree with the reports.
-    tool("quantize.py", "--model", smoke_model, "--limit", "8", "--calibration-images", "8", ok=(0, 1))
+    tool(
+        "tools.engines.quantize",
+        "--model",
+        smoke_model,
+        "--limit",
+        "8",
+        "--calibration-images",
+        "8",
+        ok=(0, 1),
+    )
     manifest = load_manifest(smoke_model)
     for precision in ("int8", "fp16"):
         report = json.loads((smoke_model / f"parity_{precision}.json").read_text())
@@ -140,7 +149,7 @@ def test_quantize_gate_and_evaluate(smoke_model: Path, tmp_path: Path) -> None:
 
     out = tmp_path / "eval.json"
     tool(
-        "evaluate.py",
+        "tools.training.evaluate",
         "--model",
         smoke_model / "manifest.yaml",
         "--split",
@@ -165,7 +174,7 @@ def test_quantize_gate_and_evaluate(smoke_model: Path, tmp_path: Path) -> None:
 def test_bad_checkpoint_is_a_plain_error(tmp_path: Path) -> None:
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "model.pt").write_bytes(b"not a checkpoint")
-    done = tool("export_onnx.py", "--out", tmp_path, ok=(2,))
+    done = tool("tools.training.export_onnx", "--out", tmp_path, ok=(2,))
     assert "error:" in done.stderr and "Traceback" not in done.stderr
 
 

@@ -1,4 +1,4 @@
-"""The parity gate's rule (tools/parity_gate.py, docs/parity.md) on small synthetic score arrays."""
+"""The parity gate's rule (tools/engines/parity_gate.py, docs/parity.md) on small synthetic score arrays."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from appliance.manifest import Manifest
-from tools import cxrdata, parity_gate
-from tools.parity_gate import ReadingVariants, Truth
+from tools.engines import parity_gate
+from tools.engines.parity_gate import ReadingVariants, Truth
+from tools.training import dataset
 
 N = 400
 
@@ -51,19 +52,19 @@ def manifest(**triage: Any) -> Manifest:
     )
 
 
-def record(i: int, covid: int) -> cxrdata.Record:
-    labels = [cxrdata.UNKNOWN] * len(cxrdata.FINDING_LABELS)
-    labels[cxrdata.FINDING_LABELS.index("COVID-19")] = covid
-    return cxrdata.Record(
+def record(i: int, covid: int) -> dataset.Record:
+    labels = [dataset.UNKNOWN] * len(dataset.FINDING_LABELS)
+    labels[dataset.FINDING_LABELS.index("COVID-19")] = covid
+    return dataset.Record(
         file=f"{i}.png",
         patient_id=str(i),
         modality="X-ray",
-        view=cxrdata.VIEW_FRONTAL,
-        finding=cxrdata.UNKNOWN,
-        abnormal=cxrdata.UNKNOWN,
+        view=dataset.VIEW_FRONTAL,
+        finding=dataset.UNKNOWN,
+        abnormal=dataset.UNKNOWN,
         extent=float(i % 8) if i < 40 else math.nan,
         opacity=math.nan,
-        adverse=cxrdata.UNKNOWN,
+        adverse=dataset.UNKNOWN,
         mask_file="",
         finding_name="COVID-19" if covid else "No Finding",
         labels=tuple(labels),

@@ -1,4 +1,4 @@
-"""tools/quantize.py correct_biases: the INT8 file's float biases absorb the mean output shift that
+"""tools/engines/quantize.py correct_biases: the INT8 file's float biases absorb the mean output shift that
 rounding causes, and nothing TensorRT reads changes (Q/DQ, scales, zero points, INT8 weights)."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from tests.support.quant import quantize_for_tensorrt
-from tools.quantize import activation_scales_follow_clip, check_tensorrt_qdq, correct_biases
+from testsupport.quant import quantize_for_tensorrt
+from tools.engines.quantize import activation_scales_follow_clip, check_tensorrt_qdq, correct_biases
 
 C, E, SIDE = 8, 32, 12
 

@@ -9,7 +9,7 @@ import pytest
 
 from appliance.interpret.sequence_risk import probability
 from appliance.manifest import load_manifest
-from tools import train_sequence_risk as tool
+from tools.training import train_sequence_risk as tool
 
 MODEL = Path(__file__).resolve().parents[2] / "engines" / "cxr-lite0"
 

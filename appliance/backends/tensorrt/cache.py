@@ -25,7 +25,7 @@ def parity_refusal(record: EngineRecord, config: TensorRTConfig) -> str | None:
     if not config.require_parity:
         return None
     if record.parity is None:
-        return "engine has not passed the parity check yet; run tools/check_parity.py --record"
+        return "engine has not passed the parity check yet; run tools/engines/check_parity.py --record"
     if not record.parity.passed:
         return (
             f"engine FAILED the parity check on {record.parity.checked_at} (report: {record.parity.report})"
@@ -43,7 +43,7 @@ def cached_engine(
         engine_path, record = find_engine(cache_dir_for(manifest, config), plan.spec, device)
     except EngineMismatch as exc:
         if not config.build_if_missing:
-            raise EngineMismatch(f"{exc}; build it with tools/build_engine.py") from exc
+            raise EngineMismatch(f"{exc}; build it with tools/engines/build_engine.py") from exc
         log.warning("no usable engine (%s); building one now, this takes minutes", exc)
         record = build_engine(plan, progress=log.info)
         engine_path = plan.engine_path

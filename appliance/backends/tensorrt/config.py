@@ -20,7 +20,8 @@ class TensorRTConfig(BaseModel):
     dla_core: int | None = Field(None, ge=0, description="Jetson DLA core, if the module has one.")
     build_if_missing: bool = Field(False, description="Build a missing engine at start (takes minutes).")
     require_parity: bool = Field(
-        True, description="Load only engines whose sidecar records a passed tools/check_parity.py run."
+        True,
+        description="Load only engines whose sidecar records a passed tools/engines/check_parity.py run.",
     )
     device_index: int = Field(0, ge=0, description="CUDA device (always 0 on a Jetson).")
 

@@ -108,7 +108,7 @@ def plan_engine(
     """Choose the ONNX and builder settings for `precision` and a 1..max_batch profile on `device`.
 
     INT8 on TensorRT >= 10 builds from the explicit Q/DQ ONNX (manifest onnx.int8, made by
-    tools/quantize.py); implicit calibration is deprecated there. On 8.x the default is the FP32 ONNX
+    tools/engines/quantize.py); implicit calibration is deprecated there. On 8.x the default is the FP32 ONNX
     plus an entropy calibrator over real images (given to build_engine; a calibration cache next to
     the engine makes rebuilds skip it).
     """
@@ -126,7 +126,7 @@ def plan_engine(
         onnx_sha = manifest.verify_file(onnx_precision)
     except ManifestError as exc:
         if onnx_precision is Precision.int8:
-            raise ManifestError(f"{exc}; make the Q/DQ ONNX with tools/quantize.py first") from exc
+            raise ManifestError(f"{exc}; make the Q/DQ ONNX with tools/engines/quantize.py first") from exc
         raise
     spec = BuildSpec(
         model=manifest.name,

@@ -1,0 +1,126 @@
+"""The appliance's one database: spool state, journal and MQTT outbox in one SQLite file (WAL).
+
+One image's state change (its result, the messages that carry it, its spool state) is one transaction,
+so one fsync, instead of one per database. The spool (appliance/ingest/spool.py), the journal
+(appliance/journal.py) and the outbox (appliance/publish/outbox.py) each own their tables and share the
+daemon's Store; opened on their own (tools, tests) each opens a Store of its own at the path given.
+
+Transactions nest: an inner one joins the outer, and work that must follow the commit (a spool file
+renamed into done/, a sender woken) is queued with `after_commit` and runs once the outermost commits.
+`durable=False` commits without waiting for the disk: what such a transaction says may be lost on a
+power cut (never on kill -9) and must be safe to lose: the next durable commit carries it with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from appliance.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+class Store:
+    """One connection behind one lock, shared by the threads of the process (loop, watcher, sender)."""
+
+    def __init__(self, path: Path, what: str = "database") -> None:
+        self.path = Path(path)
+        self.lock = threading.RLock()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.execute("PRAGMA foreign_keys=ON")
+            # A scrubbed original path (it may name the patient) is overwritten on disk, not just freed.
+            self.db.execute("PRAGMA secure_delete=ON")
+        except (OSError, sqlite3.Error) as exc:
+            raise UserError(f"{what} {self.path}: cannot open: {exc}") from exc
+        self._durable = True
+        self._after_commit: list[Callable[[], None]] = []
+
+    @contextlib.contextmanager
+    def transaction(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error); joins the transaction already open."""
+        with self.lock:
+            if self.db.in_transaction:
+                yield self.db
+                return
+            if durable != self._durable:  # only between transactions; consulted at COMMIT
+                self.db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+                self._durable = durable
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+                self.db.execute("COMMIT")
+            except BaseException:
+                self._after_commit.clear()
+                with contextlib.suppress(sqlite3.Error):
+                    self.db.execute("ROLLBACK")
+                raise
+            actions, self._after_commit = self._after_commit, []
+        for action in actions:  # outside the lock: a rename must not hold up the other threads
+            try:
+                action()
+            except Exception:  # committed state is the truth; the spool's recovery redoes file moves
+                log.exception("store: an action after a commit failed")
+
+    def after_commit(self, action: Callable[[], None]) -> None:
+        """Run `action` once the current transaction commits (at once when none is open)."""
+        with self.lock:
+            if self.db.in_transaction:
+                self._after_commit.append(action)
+                return
+        action()
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[sqlite3.Connection]:
+        """The connection, for reads, while no other thread uses it."""
+        with self.lock:
+            yield self.db
+
+    def adopt(self, legacy: Path, copy: Callable[[sqlite3.Connection], int]) -> int:
+        """Take over a database an older version kept apart (the spool's, the outbox's): `copy` moves its
+        rows from schema `legacy` into this store in one transaction, then the old file is deleted (it
+        may hold original paths naming patients). Returns what `copy` says it copied; 0 when none."""
+        legacy = Path(legacy)
+        if not legacy.is_file() or legacy.resolve() == self.path.resolve():
+            return 0
+        with self.lock:
+            self.db.execute("ATTACH DATABASE ? AS legacy", (str(legacy),))
+            try:
+                with self.transaction():
+                    copied = copy(self.db)
+            finally:
+                self.db.execute("DETACH DATABASE legacy")
+        for leftover in (
+            legacy,
+            legacy.with_name(legacy.name + "-wal"),
+            legacy.with_name(legacy.name + "-shm"),
+        ):
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
+        log.warning("%s: %d row(s) moved into %s; the old file is deleted", legacy, copied, self.path)
+        return copied
+
+    def integrity_check(self) -> list[str]:
+        """PRAGMA integrity_check: [] when the database is sound, else SQLite's complaints."""
+        with self.lock:
+            rows = [str(r[0]) for r in self.db.execute("PRAGMA integrity_check").fetchall()]
+        return [] if rows == ["ok"] else rows
+
+    def close(self) -> None:
+        with self.lock:
+            self.db.close()
+
+
+def store_at(store: Store | Path, what: str) -> tuple[Store, bool]:
+    """The store to use and whether its user owns it (opened it here, so closes it)."""
+    if isinstance(store, Store):
+        return store, False
+    return Store(Path(store), what), True

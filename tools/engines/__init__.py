@@ -1,0 +1,2 @@
+"""Inference engines from a trained model: quantize (FP16/INT8 ONNX) and the parity gate it shares with
+check_parity, build_engine (TensorRT, also the cart's boot-time build), export_triton, latency."""
