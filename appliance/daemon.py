@@ -24,6 +24,7 @@ from appliance import sdnotify
 from appliance.assemble import build_analyzer
 from appliance.config import AppConfig, load_config
 from appliance.errors import ApplianceError, BackendUnavailable, InputRejected, UserError
+from appliance.feeder import Feeder
 from appliance.ingest.intake import FOLDER, Intake, Verdict
 from appliance.ingest.spool import Spool
 from appliance.ingest.spool_records import SpoolFull
@@ -173,6 +174,7 @@ class Daemon:
             self.receiver = DicomReceiver.from_config(
                 self.config, self.intake, on_accepted=self.wake.set
             ).start()
+        self.feeder = Feeder(self.spool, self.config.inference.max_batch)
         self.processor = ImageProcessor(
             self.store,
             self.spool,
@@ -242,6 +244,7 @@ class Daemon:
             except ApplianceError as exc:
                 log.error("SIGHUP: new model not loaded, keeping %s: %s", self.analyzer.manifest.name, exc)
                 return
+            self.feeder.release()  # read ahead for the old model's input
             self.analyzer.backend.close()
             self.analyzer = self.processor.analyzer = analyzer
             self.metrics.model(analyzer)
@@ -255,6 +258,7 @@ class Daemon:
         rebuild = new.drift != self.config.drift or self.drift.reference is not self.analyzer.manifest.drift
         self.config = new
         self.analyzer.config = new
+        self.feeder.batch = max(1, new.inference.max_batch)
         if rebuild:
             self._rebuild_drift()
         setup_logging(new.logging.level, new.logging.format)
@@ -349,33 +353,22 @@ class Daemon:
             if self.reload_requested:
                 self.reload()
             self._check_disk()
-            batch = self.config.inference.max_batch
-            # With a backlog, claim two batches: the Analyzer reads the second while the first is inferred.
-            items = self.spool.claim(2 * batch if self.spool.pending_count() > batch else batch)
-            if not items:
+            jobs = self.feeder.take(self.analyzer)
+            if not jobs:
                 self.wake.wait(timeout=self.config.ingest.poll_seconds)
                 self.wake.clear()
                 continue
-            if len(items) > 1 and any(self.spool.crashes(i.image_id) for i in items):
-                # An image that was in processing/ when the process died: read it alone, so the
-                # crash counter blames the culprit, not its batch-mates.
-                suspect = next(i for i in items if self.spool.crashes(i.image_id))
-                for item in items:
-                    if item is not suspect:
-                        self.spool.release(item.image_id)
-                items = [suspect]
             try:
-                self.processor.process(
-                    [Job(path=i.path, image_id=i.image_id, source=i.source) for i in items]
-                )
+                self.processor.process(jobs)
             except TEMPORARY as exc:
                 kind = "backend" if isinstance(exc, BackendUnavailable) else "storage"
                 log.error(
-                    "%s problem (%s); %d image(s) wait, retry in %.0f s", kind, exc, len(items), RETRY_SECONDS
+                    "%s problem (%s); %d image(s) wait, retry in %.0f s", kind, exc, len(jobs), RETRY_SECONDS
                 )
-                for item in items:
+                self.feeder.release()
+                for job in jobs:
                     with contextlib.suppress(OSError, sqlite3.Error, SpoolFull):
-                        self.spool.release(item.image_id)
+                        self.spool.release(job.image_id)
                 self._set_fault(
                     kind, f"cannot {'run the model' if kind == 'backend' else 'write results'}: {exc}"
                 )
@@ -383,6 +376,7 @@ class Daemon:
             else:
                 self._set_fault("storage", None)
                 self._set_fault("backend", None)
+        self.feeder.release()  # stopping: what was read ahead goes back to incoming/, uncounted
 
     def housekeeping(self) -> None:
         """Retention: nothing that holds patient data (results, images, refused files, where files came

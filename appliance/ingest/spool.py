@@ -44,6 +44,7 @@ from appliance.ingest.spool_records import (
     SpoolFull,
     SpoolItem,
 )
+from appliance.ingest.spool_recovery import adopt, legacy_row, recover
 from appliance.pseudonym import image_id_secret, load_or_create_salt
 from appliance.store import Store, store_at
 
@@ -157,6 +158,9 @@ class Spool:
             row = self._db.execute(
                 "SELECT source, state, image_id FROM items WHERE key = ?", (key,)
             ).fetchone()
+            if row is None and (older := legacy_row(self._db, path, key)) is not None:
+                key, row = older
+                image_id = image_id_for(key, self._id_secret)
             retried = None
             if row is not None and row[1] in RETRY_STATES:
                 # Sent again after it was quarantined (or vanished): analysed again, under a new id (the
@@ -334,15 +338,11 @@ class Spool:
         """After a crash: the folders made to agree with the rows again (appliance/ingest/spool_recovery.py).
 
         Returns how many images were put back into incoming/ from processing/."""
-        from appliance.ingest.spool_recovery import recover
-
         with self._lock:
             return recover(self)
 
     def adopt(self, legacy: Path) -> int:
         """The rows of the spool.db an older version kept in the spool folder, moved into the store."""
-        from appliance.ingest.spool_recovery import adopt
-
         return adopt(self, legacy)
 
     def pending_count(self) -> int:

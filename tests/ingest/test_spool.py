@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
+import sqlite3
 import struct
 import subprocess
 import sys
@@ -18,6 +20,7 @@ import pytest
 from pydicom.filewriter import write_file_meta_info
 
 from appliance.ingest import reasons
+from appliance.ingest.identity import legacy_key
 from appliance.ingest.spool import Spool
 from appliance.ingest.spool_records import STATES, Accepted, Duplicate, Rejected, SpoolFull
 from appliance.store import Store
@@ -40,7 +43,7 @@ def test_accept_claim_done(tmp_path: Path) -> None:
     got = spool.accept(src, "watch")
     assert isinstance(got, Accepted) and not src.exists()
     assert got.path == spool.root / "incoming" / f"{got.image_id}.dcm" and got.path.is_file()
-    assert got.key.startswith("sop:1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819/sha256:")
+    assert got.key.startswith("sop:1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819/blake3:")
     assert spool.pending_count() == 1
     item = spool.claim_next()
     assert item is not None and item.image_id == got.image_id and item.path.parent.name == "processing"
@@ -261,6 +264,24 @@ def test_the_acceptance_is_recorded_in_utc_without_a_file_per_image(tmp_path: Pa
     assert isinstance(got, Accepted)
     assert (spool.accepted_at(got.image_id) or "").endswith("+00:00")
     assert sorted(p.name for p in spool.root.iterdir()) == sorted([*STATES, "tmp", "image-id.key", *DB_FILES])
+
+
+def test_a_dicom_an_older_version_keyed_with_sha256_is_still_recognised(tmp_path: Path) -> None:
+    root, watch = tmp_path / "spool", tmp_path / "w"
+    watch.mkdir()
+    spool = Spool(root)
+    first = spool.accept(copy_to(real(JPEG_BASELINE), watch, "a.dcm"), "w")
+    assert isinstance(first, Accepted)
+    older = legacy_key(first.path, first.key)
+    spool.close()
+    assert older is not None and older.startswith("sop:") and "/sha256:" in older
+    with contextlib.closing(sqlite3.connect(root / "spool.db")) as db:  # the row as versions before wrote it
+        db.execute("UPDATE items SET key = ? WHERE image_id = ?", (older, first.image_id))
+        db.commit()
+    spool = Spool(root)
+    again = spool.accept(copy_to(real(JPEG_BASELINE), watch, "b.dcm"), "w")
+    assert isinstance(again, Duplicate) and again.image_id == first.image_id and again.key == older
+    spool.close()
 
 
 def test_an_older_spool_database_and_its_sidecars_are_adopted_into_the_store(tmp_path: Path) -> None:
