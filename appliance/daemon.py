@@ -31,7 +31,7 @@ from appliance.ingest.spool_records import SpoolFull
 from appliance.ingest.watcher import FolderWatcher
 from appliance.journal import Journal
 from appliance.logs import setup_logging
-from appliance.ops.drift import DriftWatch, observations
+from appliance.ops.drift_monitor import DriftMonitor
 from appliance.ops.metrics import Metrics
 from appliance.overlay import stated_id
 from appliance.pipeline import Analyzer, Job
@@ -51,8 +51,6 @@ log = logging.getLogger("appliance.daemon")
 HOUSEKEEPING_SECONDS = 600.0
 # Sections bound to open files, sockets or threads at start: a SIGHUP cannot swap them in place.
 RETRY_SECONDS = 5.0
-# Stored results read back per drift-window slot at start (see _rebuild_drift).
-REBUILD_RESULTS_PER_WINDOW = 5
 RESTART_SECTIONS = ("ingest", "mqtt", "journal", "privacy", "dicom_net", "dicom_out", "metrics")
 
 
@@ -68,7 +66,7 @@ class Daemon:
         self._faults: dict[str, str] = {}
         self._state_lock = threading.Lock()  # faults change from the watcher thread and the loop
         self.metrics = Metrics(config)  # in memory from the start; served once _start has run
-        self.drift = DriftWatch(config.drift, None)  # the model's reference arrives with it in _start
+        self.drift = DriftMonitor(config.drift, self.metrics, on_change=self._publish_status)
 
     # --- signals -----------------------------------------------------------------------------------
 
@@ -255,7 +253,7 @@ class Daemon:
                 analyzer.manifest.version,
                 f"site overlay {overlay[:12]}" if overlay else "no site overlay",
             )
-        rebuild = new.drift != self.config.drift or self.drift.reference is not self.analyzer.manifest.drift
+        rebuild = not self.drift.is_for(new.drift, self.analyzer.manifest)
         self.config = new
         self.analyzer.config = new
         self.feeder.batch = max(1, new.inference.max_batch)
@@ -396,51 +394,10 @@ class Daemon:
             )
 
     def _rebuild_drift(self) -> None:
-        """A fresh watch for the current model and drift config, its windows refilled from the journal
-        (results of this very model file only: another model's scores are not comparable)."""
-        manifest = self.analyzer.manifest
-        self.drift = DriftWatch(self.config.drift, manifest.drift)
-        if not self.drift.active:
-            why = (
-                "drift.enabled is false"
-                if not self.config.drift.enabled
-                else "its manifest has no drift reference"
-            )
-            log.info("drift watch off for %s: %s", manifest.name, why)
-        else:
-            try:
-                # Each quantity's window holds its last `window` observations, and most quantities are
-                # not observed on every image (scores only when read, severity only with a named finding):
-                # the last `window` results would leave those windows short and skewed to the latest images.
-                stored = self.journal.recent(
-                    REBUILD_RESULTS_PER_WINDOW * self.config.drift.window, self.analyzer.backend.model_sha256
-                )
-            except sqlite3.Error:
-                log.exception("drift watch: journal not readable; windows start empty")
-                stored = []
-            self.drift.rebuild(stored)
-            log.info(
-                "drift watch on: %d quantities, %d stored result(s) reloaded%s",
-                len(self.drift.windows),
-                len(stored),
-                f"; drifted: {self.drift.describe()}" if self.drift.drifted else "",
-            )
-        self.metrics.drift(self.drift)
+        backend = self.analyzer.backend
+        self.drift.rebuild(self.config.drift, self.analyzer.manifest, backend.model_sha256, self.journal)
 
     def _finished(self, job: Job, result: Result, analysed: bool) -> None:
         self.metrics.finished(result)
         if analysed:
-            self._observe_drift(result, job)
-
-    def _observe_drift(self, result: Result, job: Job) -> None:
-        """A warning, never a fault: the set of drifted quantities goes to the log, status and metrics."""
-        if not self.drift.active:
-            return
-        changed = self.drift.observe(observations(result, job.image.pixels if job.image else None))
-        self.metrics.drift(self.drift)
-        if changed:
-            if self.drift.drifted:
-                log.warning("drift: recent images differ from validation in %s", self.drift.describe())
-            else:
-                log.info("drift cleared: recent images match validation again")
-            self._publish_status()
+            self.drift.observe(result, job.image.pixels if job.image else None)

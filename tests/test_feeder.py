@@ -1,0 +1,91 @@
+"""The feeder: batches in arrival order, the next one claimed and read while this one is analysed; an image
+that failed before alone and unread; what was read ahead handed back on release, uncounted."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from appliance.backends.onnxruntime import OnnxRuntimeBackend, OnnxRuntimeConfig
+from appliance.config import AppConfig
+from appliance.feeder import Feeder
+from appliance.ingest.spool import Spool
+from appliance.ingest.spool_records import Accepted
+from appliance.manifest import Precision, load_manifest
+from appliance.pipeline import Analyzer
+from testsupport import tiny_models
+from testsupport.data import cxr_data
+
+
+@pytest.fixture
+def analyzer(tmp_path: Path) -> Analyzer:
+    manifest = load_manifest(tiny_models.xrv_like(tmp_path / "xrv"))
+    backend = OnnxRuntimeBackend(manifest, Precision.fp32, OnnxRuntimeConfig(intra_op_threads=1), max_batch=2)
+    return Analyzer(AppConfig(), manifest, backend)
+
+
+def backlog(spool: Spool, tmp_path: Path, count: int) -> list[str]:
+    """`count` real images accepted into the spool; their ids in arrival order."""
+    watch = tmp_path / "watch"
+    watch.mkdir()
+    ids = []
+    for index, image in enumerate(sorted((cxr_data() / "images" / "cohen").glob("*.jpg"))[:count]):
+        got = spool.accept(shutil.copyfile(image, watch / f"{index}.jpg"), "watch")
+        assert isinstance(got, Accepted)
+        ids.append(got.image_id)
+    return ids
+
+
+def in_processing(spool: Spool) -> int:
+    return len(list((spool.root / "processing").iterdir()))
+
+
+def test_batches_come_in_arrival_order_with_the_next_one_read_ahead(
+    spool: Spool, analyzer: Analyzer, tmp_path: Path
+) -> None:
+    ids = backlog(spool, tmp_path, 5)
+    feeder = Feeder(spool, batch=2)
+    first = feeder.take(analyzer)
+    assert [j.image_id for j in first] == ids[:2] and all(j.image is not None for j in first)
+    assert in_processing(spool) == 4  # this batch and the one read ahead
+    for job in first:
+        spool.mark_done(job.image_id)
+    second = feeder.take(analyzer)
+    assert [j.image_id for j in second] == ids[2:4] and all(j.tensor is not None for j in second)
+    for job in second:
+        spool.mark_done(job.image_id)
+    third = feeder.take(analyzer)
+    assert [j.image_id for j in third] == ids[4:]
+    spool.mark_done(ids[4])
+    assert feeder.take(analyzer) == [] and spool.pending_count() == 0
+
+
+def test_an_image_that_failed_before_comes_alone_and_unread(
+    spool: Spool, analyzer: Analyzer, tmp_path: Path
+) -> None:
+    ids = backlog(spool, tmp_path, 4)
+    claimed = spool.claim(1)
+    spool.record_failure(claimed[0].image_id, "analysis: RuntimeError: test")  # back in incoming, counted
+    feeder = Feeder(spool, batch=2)
+    suspect = feeder.take(analyzer)
+    assert [j.image_id for j in suspect] == [ids[0]] and suspect[0].image is None  # the processor reads it
+    assert in_processing(spool) == 1  # nothing read beside it
+    spool.mark_done(ids[0])
+    rest = feeder.take(analyzer)
+    assert [j.image_id for j in rest] == ids[1:3]
+
+
+def test_release_hands_the_batch_read_ahead_back_uncounted(
+    spool: Spool, analyzer: Analyzer, tmp_path: Path
+) -> None:
+    ids = backlog(spool, tmp_path, 4)
+    feeder = Feeder(spool, batch=2)
+    current = feeder.take(analyzer)
+    feeder.release()
+    for job in current:
+        spool.release(job.image_id)
+    assert in_processing(spool) == 0 and spool.pending_count() == 4
+    assert all(spool.crashes(i) == 0 for i in ids)
+    assert [j.image_id for j in feeder.take(analyzer)] == ids[:2]
