@@ -74,8 +74,8 @@ class IngestConfig(Section):
     keep_records_days: float = Field(
         30,
         ge=0,
-        description="After this, the spool forgets a finished image's original path and deletes its meta"
-        " file; only the de-duplication key stays (a re-send is still recognised).",
+        description="After this, the spool forgets a finished image's original path (it may name the"
+        " patient); only the de-duplication key stays (a re-send is still recognised).",
     )
 
 
