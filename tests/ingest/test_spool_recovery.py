@@ -1,0 +1,77 @@
+"""Recovery when a kill -9 fell between a commit and the file move that follows it: the row is the truth.
+
+The processor commits an image's end (journal row, outbox messages, spool state) and only then moves the
+file; these tests leave the file where a crash at that moment would (the row says done/quarantine, the
+file is still in processing/) and check that recover() finishes the move without counting a failure, and
+writes the reason file of a refused image from its row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import sqlite3
+from pathlib import Path
+
+from appliance.ingest.spool import Spool
+from appliance.ingest.spool_records import Accepted
+from appliance.store import Store
+from testsupport.data import cxr_data
+
+
+def claimed(tmp_path: Path) -> tuple[Store, str, str]:
+    """A spool on the appliance's store with one image claimed (in processing/): its id and file name."""
+    watch = tmp_path / "watch"
+    watch.mkdir()
+    store = Store(tmp_path / "appliance.sqlite3")
+    spool = Spool(tmp_path / "spool", store=store)
+    image = sorted((cxr_data() / "images" / "cohen").glob("*.jpg"))[0]
+    got = spool.accept(Path(shutil.copyfile(image, watch / "a.jpg")), "watch")
+    assert isinstance(got, Accepted)
+    item = spool.claim_next()
+    assert item is not None and item.path.parent.name == "processing"
+    return store, got.image_id, item.path.name
+
+
+def committed_without_the_move(store: Store, image_id: str, state: str, refusal: str | None = None) -> None:
+    """The row as the committed transaction left it; the move after the commit never ran (killed)."""
+    path = store.path
+    store.close()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("UPDATE items SET state = ?, refusal = ? WHERE image_id = ?", (state, refusal, image_id))
+        db.commit()
+
+
+def test_a_done_image_left_in_processing_is_moved_to_done_uncounted(tmp_path: Path) -> None:
+    store, image_id, name = claimed(tmp_path)
+    committed_without_the_move(store, image_id, "done")
+    after = Spool(tmp_path / "spool", store=Store(tmp_path / "appliance.sqlite3"))
+    assert after.recover() == 0  # nothing handed back: its result was committed
+    assert (tmp_path / "spool" / "done" / name).is_file()
+    assert not (tmp_path / "spool" / "processing" / name).exists()
+    assert after.crashes(image_id) == 0 and after.pending_count() == 0
+    after.store.close()
+
+
+def test_a_refused_image_left_in_processing_gets_its_file_and_reason_from_the_row(tmp_path: Path) -> None:
+    store, image_id, name = claimed(tmp_path)
+    committed_without_the_move(store, image_id, "quarantine", "internal error\nfailed 3 times; last: boom")
+    after = Spool(tmp_path / "spool", store=Store(tmp_path / "appliance.sqlite3"))
+    assert after.recover() == 0
+    quarantine = tmp_path / "spool" / "quarantine"
+    assert (quarantine / name).is_file()
+    reason = (quarantine / f"{name}.reason.txt").read_text()
+    assert "reason: internal error" in reason and "detail: failed 3 times; last: boom" in reason
+    assert "source: watch" in reason and after.crashes(image_id) == 0
+    after.store.close()
+
+
+def test_an_image_in_processing_whose_end_was_not_committed_is_read_again_and_counted(tmp_path: Path) -> None:
+    store, image_id, name = claimed(tmp_path)
+    store.close()  # killed while analysing: nothing committed after the claim
+    after = Spool(tmp_path / "spool", store=Store(tmp_path / "appliance.sqlite3"))
+    assert after.recover() == 1
+    assert (tmp_path / "spool" / "incoming" / name).is_file() and after.crashes(image_id) == 1
+    item = after.claim_next()
+    assert item is not None and item.image_id == image_id
+    after.store.close()
