@@ -1,5 +1,5 @@
-"""INT8 Q/DQ of a small test graph with tools/engines/quantize.py's TensorRT-10 settings (symmetric int8, zero
-point 0, per-channel weights, float biases), calibrated on given arrays."""
+"""INT8 Q/DQ of a small test graph with tools/engines/quantize_int8.py's TensorRT-10 settings (symmetric
+int8, zero point 0, per-channel weights, float biases), calibrated on given arrays."""
 
 from __future__ import annotations
 

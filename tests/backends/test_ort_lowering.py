@@ -20,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from appliance.backends.ort_lowering import load_lowered, lower_int8_for_cpu
 from testsupport.quant import quantize_for_tensorrt
-from tools.engines.quantize import activation_scales_follow_clip, check_tensorrt_qdq
+from tools.engines.qdq_graph import activation_scales_follow_clip, check_tensorrt_qdq
 
 CHANNELS, EXPANDED, SIDE = 8, 32, 16
 

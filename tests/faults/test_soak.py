@@ -8,7 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tools.quality.soak import QUICK, markdown, parse_args, passed, soak
+from tools.quality.soak import QUICK, parse_args, soak
+from tools.quality.soak_report import markdown, passed
 
 
 def test_quick_soak_loses_nothing(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import pytest
 from appliance.interpret.decisions import audit_result
 from appliance.manifest import Role, load_manifest
 from testsupport.data import cxr_data, rows
-from tools.training.evaluate import analyze, make_analyzer
+from tools.training.evaluate_images import analyze, make_analyzer
 
 COMMITTED = Path(__file__).resolve().parents[2] / "engines" / "cxr-lite0"
 

@@ -102,7 +102,7 @@ def test_manifest_coefficients_reproduce_the_training_side_numbers_on_real_image
     """The appliance recomputes, from the manifest and fresh reads of real images, the probability the
     training tool computed for the same pairs."""
     from tools.training import dataset as data
-    from tools.training import train_sequence_risk as tool
+    from tools.training.sequence_risk_pairs import Image, read_all
 
     manifest = load_manifest(MODEL)
     report_path = MODEL / "sequence_risk_report.json"
@@ -112,11 +112,11 @@ def test_manifest_coefficients_reproduce_the_training_side_numbers_on_real_image
     assert checks, "the report lists no parity pairs"
     folder = data.data_dir()
     images = [
-        tool.Image(check[key], "p", check[f"{key}_offset_days"], 1, "validation")
+        Image(check[key], "p", check[f"{key}_offset_days"], 1, "validation")
         for check in checks
         for key in ("current", "prior")
     ]
-    results = tool.read_all(manifest, folder, images, threads=2)
+    results = read_all(manifest, folder, images, threads=2)
     for check in checks:
         risk = sequence_risk(results[check["current"]], results[check["prior"]], manifest.sequence_risk)
         assert risk is not None

@@ -1,4 +1,5 @@
-"""The parity gate's rule (tools/engines/parity_gate.py, docs/parity.md) on small synthetic score arrays."""
+"""The parity gate's rule (tools/engines/parity_gate.py and its parity_* modules, docs/parity.md) on small
+synthetic score arrays."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import numpy as np
 import pytest
 
 from appliance.manifest import Manifest
-from tools.engines import parity_gate
-from tools.engines.parity_gate import ReadingVariants, Truth
+from tools.engines import parity_gate, parity_scores
+from tools.engines.parity_accuracy import AUC_DELTA, Truth
+from tools.engines.parity_noise import ReadingVariants, measure_noise
+from tools.engines.parity_report import markdown
 from tools.training import dataset
 
 N = 400
@@ -160,7 +163,7 @@ def test_auc_delta_over_the_limit_fails(reference: tuple[dict[str, np.ndarray], 
     cand["finding_logits"][:, 0] += rng.normal(0, 1.5, N)  # reorders many positives and negatives
     report = parity_gate.judge(manifest(), outputs, cand, bands(band=10, mean=10), truth)
     acc = row(report, "findings.COVID-19")["accuracy"]
-    assert acc["metric"] == "AUC" and acc["n"] == N and acc["delta"] > parity_gate.AUC_DELTA
+    assert acc["metric"] == "AUC" and acc["n"] == N and acc["delta"] > AUC_DELTA
     assert not report["passed"]
 
 
@@ -192,7 +195,7 @@ def test_severity_mae_limit_scales_with_the_range(reference: tuple[dict[str, np.
 
 def test_urgent_extent_operating_point_and_strict_ood(reference: tuple[dict[str, np.ndarray], Truth]) -> None:
     outputs, truth = reference
-    scores = {s.key: s for s in parity_gate.scores(manifest())}
+    scores = {s.key: s for s in parity_scores.scores(manifest())}
     assert [p.name for p in scores["severity.extent"].points] == ["urgent"]
     assert scores["ood.ood"].points[0].strict
     assert scores["findings.COVID-19"].points[0].threshold == pytest.approx(0.0)  # logit(0.5)
@@ -235,7 +238,7 @@ def test_band_and_bounds_come_from_the_measured_reading_noise() -> None:
     index = np.arange(N, dtype=np.float64)[:, None]
     differ = np.arange(0, N, 2)
     variants = ReadingVariants(index[differ], differ, index)
-    noise = parity_gate.measure_noise(m, index, reference, variants, run_shifted, same)
+    noise = measure_noise(m, index, reference, variants, run_shifted, same)
     assert noise["band_source"] == "decode"
     band = noise["bands"]["findings.COVID-19"]
     assert band["band"] == pytest.approx(shift[differ].max())
@@ -246,7 +249,7 @@ def test_band_and_bounds_come_from_the_measured_reading_noise() -> None:
     assert runtime["max"] == 0.0
     # Too few images whose two reads differ: the band comes from the re-encoded copies instead.
     few = ReadingVariants(index[:3], np.arange(3), index)
-    assert parity_gate.measure_noise(m, index, reference, few, run_shifted, same)["band_source"] == "reencode"
+    assert measure_noise(m, index, reference, few, run_shifted, same)["band_source"] == "reencode"
 
 
 def test_markdown_lists_every_score_and_the_flips(reference: tuple[dict[str, np.ndarray], Truth]) -> None:
@@ -254,6 +257,6 @@ def test_markdown_lists_every_score_and_the_flips(reference: tuple[dict[str, np.
     cand = copy(outputs)
     cand["finding_logits"][0, 0] = -0.05
     report = parity_gate.judge(manifest(), outputs, cand, bands(), truth)
-    text = parity_gate.markdown(report, "Parity gate: test")
+    text = markdown(report, "Parity gate: test")
     assert "PASSED" in text and "| findings.COVID-19 | yes |" in text and "COVID-19 1 (0)/0" in text
     assert "| findings.Pneumonia | no |" in text

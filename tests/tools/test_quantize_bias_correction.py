@@ -1,5 +1,5 @@
-"""tools/engines/quantize.py correct_biases: the INT8 file's float biases absorb the mean output shift that
-rounding causes, and nothing TensorRT reads changes (Q/DQ, scales, zero points, INT8 weights)."""
+"""tools/engines/quantize_int8.py correct_biases: the INT8 file's float biases absorb the mean output shift
+that rounding causes, and nothing TensorRT reads changes (Q/DQ, scales, zero points, INT8 weights)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from testsupport.quant import quantize_for_tensorrt
-from tools.engines.quantize import activation_scales_follow_clip, check_tensorrt_qdq, correct_biases
+from tools.engines.qdq_graph import activation_scales_follow_clip, check_tensorrt_qdq
+from tools.engines.quantize_int8 import correct_biases
 
 C, E, SIDE = 8, 32, 12
 

@@ -10,6 +10,7 @@ import pytest
 from appliance.interpret.sequence_risk import probability
 from appliance.manifest import load_manifest
 from tools.training import train_sequence_risk as tool
+from tools.training.sequence_risk_model import FEATURES, fit
 
 MODEL = Path(__file__).resolve().parents[2] / "engines" / "cxr-lite0"
 
@@ -40,7 +41,7 @@ def test_smoke_run_writes_reports_and_a_disabled_model(
     assert (model_copy / "sequence_risk_report.md").read_text().startswith("# Sequence-aware")
     manifest = load_manifest(model_copy)
     assert manifest.sequence_risk is not None and not manifest.sequence_risk.enabled
-    assert manifest.sequence_risk.features == tool.FEATURES
+    assert manifest.sequence_risk.features == FEATURES
     assert manifest.onnx == load_manifest(MODEL).onnx  # the rest of the manifest is kept
     assert (model_copy / "manifest.yaml").read_text().startswith("#")
     # The training side's numbers for real pairs come back from the written manifest.
@@ -72,7 +73,7 @@ def test_fit_recovers_a_known_logistic_model_and_matches_the_appliance_formula()
     x = rng.normal(size=(4000, 2)) * [2.0, 0.5] + [1.0, -1.0]
     truth = 1.0 / (1.0 + np.exp(-(0.8 * x[:, 0] - 2.0 * x[:, 1] + 0.3)))
     y = (rng.random(4000) < truth).astype(float)
-    fitted = tool.fit(x, y, lam=0.01)
+    fitted = fit(x, y, lam=0.01)
     slopes = fitted.coefficients / fitted.scale
     assert slopes == pytest.approx([0.8, -2.0], abs=0.2)
     from appliance.manifest import SequenceRisk

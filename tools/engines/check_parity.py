@@ -37,10 +37,11 @@ from appliance.errors import ApplianceError, InputRejected, UserError
 from appliance.ingest import read_image
 from appliance.manifest import Manifest, Precision, load_manifest
 from appliance.preprocess import preprocess
-from tools.engines import parity_gate
+from tools.engines.parity_accuracy import Truth
+from tools.engines.parity_gate import judge
+from tools.engines.parity_noise import Runner, load_or_measure_noise
+from tools.engines.parity_report import markdown
 from tools.training import dataset
-
-Runner = parity_gate.Runner
 
 
 @dataclass
@@ -133,7 +134,7 @@ def compare_backends(
     known = None
     if records is not None:
         folder = data or dataset.data_dir(None)
-        noise = parity_gate.load_or_measure_noise(
+        noise = load_or_measure_noise(
             manifest,
             folder,
             records,
@@ -142,8 +143,8 @@ def compare_backends(
             lambda x: run_all(reference, x, batch_size),
             run_other or (lambda x: run_all(reference, x, 1)),
         )
-        known = parity_gate.Truth.load(records, folder)
-    gate = parity_gate.judge(manifest, ref_out, cand_out, noise, known)
+        known = Truth.load(records, folder)
+    gate = judge(manifest, ref_out, cand_out, noise, known)
     return ParityReport(describe(reference), describe(candidate), len(inputs), gate, noise)
 
 
@@ -280,9 +281,7 @@ def check(args: argparse.Namespace) -> ParityReport:
         report_path.parent.mkdir(parents=True, exist_ok=True)
         report_path.write_text(report.to_json() + "\n", encoding="utf-8")
         report_path.with_suffix(".md").write_text(
-            parity_gate.markdown(
-                report.gate, f"Parity gate: {report.candidate} vs {report.reference}", report.noise
-            ),
+            markdown(report.gate, f"Parity gate: {report.candidate} vs {report.reference}", report.noise),
             encoding="utf-8",
         )
         if args.record:

@@ -26,7 +26,7 @@ from appliance.errors import UserError
 from appliance.manifest import DriftReference, load_manifest
 from appliance.ops.drift import SMOOTHING, Observation, observations, reference_quantity
 from tools.training import dataset as data
-from tools.training.evaluate import choose_records, make_analyzer
+from tools.training.evaluate_images import choose_records, make_analyzer
 
 BATCH = 8
 # Fewer validation observations than this give a reference noisier than the window it judges.
