@@ -370,6 +370,7 @@ class Subscriber:
             assert broker.tls_port is not None
             port = broker.tls_port
         self.client.on_connect = self._on_connect
+        self.client.on_subscribe = self._on_subscribe
         self.client.on_message = self._on_message
         self.client.connect_async(broker.host, port, keepalive=10)
         self.client.loop_start()
@@ -382,7 +383,17 @@ class Subscriber:
         if reason.is_failure:
             return
         # Subscribing again on every connect is harmless with a persistent session and needed without one.
-        client.subscribe([(t, self.qos) for t in self.topics])
+        # The connection counts once the broker acknowledged the subscription (_on_subscribe): a message
+        # published right after wait_connected() must not race the SUBSCRIBE on a busy machine.
+        if self.topics:
+            client.subscribe([(t, self.qos) for t in self.topics])
+        else:
+            self._count_connection()
+
+    def _on_subscribe(self, _c: mqtt.Client, _u: Any, _mid: int, _codes: Any, _p: Any) -> None:
+        self._count_connection()
+
+    def _count_connection(self) -> None:
         with self._cond:
             self.connect_count += 1
             self._cond.notify_all()

@@ -39,10 +39,10 @@ from typing import Any
 import numpy as np
 
 from appliance.errors import ApplianceError, UserError
-from appliance.manifest import Manifest, Precision, load_manifest
-from tools.engines.onnx_runs import run, split_tensors
+from appliance.manifest import Manifest, load_manifest
+from tools.engines.onnx_runs import split_tensors
 from tools.engines.parity_accuracy import Truth, accuracy
-from tools.engines.parity_noise import load_or_measure_noise
+from tools.engines.parity_noise import fp32_reference_and_noise
 from tools.engines.parity_report import noise_markdown
 from tools.engines.parity_scores import decisions, deviation, distance, mask_threshold, scores, values
 from tools.training import dataset
@@ -206,18 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         manifest = load_manifest(args.model)
         folder = dataset.data_dir(args.data)
         records, inputs = split_tensors(folder, manifest, "validation", args.limit)
-        fp32 = manifest.onnx_path(Precision.fp32)
-        name = manifest.input.name
-        reference = run(fp32, inputs, name, threads=args.threads)
-        noise = load_or_measure_noise(
-            manifest,
-            folder,
-            records,
-            inputs,
-            reference,
-            lambda x: run(fp32, x, name, threads=args.threads),
-            lambda x: run(fp32, x, name, batch=1, threads=args.threads + 1),
-        )
+        _, noise = fp32_reference_and_noise(manifest, folder, records, inputs, args.threads)
     except (UserError, ApplianceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -25,6 +25,7 @@ from PIL import Image
 from appliance.errors import InputRejected, UserError
 from appliance.manifest import Manifest, Precision, sha256_file
 from appliance.preprocess import preprocess
+from tools.engines.onnx_runs import run
 from tools.engines.parity_scores import deviation, mask_threshold, scores, values
 from tools.training import dataset
 
@@ -190,3 +191,22 @@ def load_or_measure_noise(
     except OSError as exc:  # a read-only model folder on a cart: measured again next time
         print(f"note: noise not stored ({exc})", file=sys.stderr)
     return noise
+
+
+def fp32_reference_and_noise(
+    manifest: Manifest, data: Path, records: Sequence[dataset.Record], inputs: np.ndarray, threads: int
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The FP32 model's outputs on `inputs` and the reading noise around them (stored or measured): what
+    every gated precision is compared against. The second configuration is batch 1 on one more thread."""
+    fp32, name = manifest.onnx_path(Precision.fp32), manifest.input.name
+    reference = run(fp32, inputs, name, threads=threads)
+    noise = load_or_measure_noise(
+        manifest,
+        data,
+        records,
+        inputs,
+        reference,
+        lambda x: run(fp32, x, name, threads=threads),
+        lambda x: run(fp32, x, name, batch=1, threads=threads + 1),
+    )
+    return reference, noise

@@ -41,7 +41,7 @@ from appliance.manifest import Manifest, Precision, load_manifest, sha256_file
 from tools.engines.onnx_runs import read_tensors, run, split_records, split_tensors, timings
 from tools.engines.parity_accuracy import Truth
 from tools.engines.parity_gate import judge
-from tools.engines.parity_noise import NOISE_FILE, load_or_measure_noise
+from tools.engines.parity_noise import NOISE_FILE, fp32_reference_and_noise
 from tools.engines.parity_report import markdown
 from tools.engines.quantize_fp16 import make_fp16
 from tools.engines.quantize_int8 import QDQ_OP_TYPES, SELECTION_MARGIN, make_int8, select_float_blocks
@@ -152,16 +152,7 @@ def quantize(args: argparse.Namespace, manifest: Manifest) -> int:
         folder, manifest, [r for i, r in enumerate(picked) if i not in chosen] or picked, "selection (train)"
     )
     records, val = split_tensors(folder, manifest, "validation", args.limit)
-    reference = run(fp32, val, name, threads=args.threads)
-    noise = load_or_measure_noise(
-        manifest,
-        folder,
-        records,
-        val,
-        reference,
-        lambda x: run(fp32, x, name, threads=args.threads),
-        lambda x: run(fp32, x, name, batch=1, threads=args.threads + 1),
-    )
+    reference, noise = fp32_reference_and_noise(manifest, folder, records, val, args.threads)
     known = Truth.load(records, folder)
     all_passed, entries, files = True, {}, {"fp32": fp32}
     reports: dict[str, dict[str, Any]] = {}
