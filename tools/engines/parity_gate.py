@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -197,8 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("command", choices=["noise"])
-    parser.add_argument("--model", type=Path, default=dataset.REPO / "engines" / "cxr-lite0")
-    parser.add_argument("--data", help="data folder (default $CXR_DATA or ../shared/data/cxr)")
+    dataset.add_model_and_data_arguments(parser)
     parser.add_argument("--limit", type=int, help="at most this many validation images")
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads of the reference")
     args = parser.parse_args(argv)

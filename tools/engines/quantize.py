@@ -99,10 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--model", type=Path, default=data.REPO / "engines" / "cxr-lite0", help="model folder"
-    )
-    parser.add_argument("--data", help="data folder (default $CXR_DATA or ../shared/data/cxr)")
+    data.add_model_and_data_arguments(parser)
     parser.add_argument("--calibration-images", type=int, default=96, help="training images to calibrate on")
     parser.add_argument(
         "--selection-images",

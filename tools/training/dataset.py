@@ -5,6 +5,7 @@ Every image goes through appliance.preprocess with the model's InputSpec, exactl
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import math
@@ -69,6 +70,15 @@ FINDING_INDEX = {"No Finding": 0, "COVID-19": 1, "Pneumonia": 2}
 ABNORMAL_FINDINGS = {"COVID-19", "Pneumonia", "Nodule", "Tuberculosis", "Cardiomegaly"}
 # Findings whose presence or absence the NIH "Finding Labels" state for every NIH image (text-mined).
 NIH_SOURCES = {"nih"}
+
+
+BUNDLED_MODEL = REPO / "engines" / "cxr-lite0"
+
+
+def add_model_and_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model (a model folder, the bundled one by default) and --data, as every model tool takes them."""
+    parser.add_argument("--model", type=Path, default=BUNDLED_MODEL, help="model folder")
+    parser.add_argument("--data", help="data folder (default $CXR_DATA or ../shared/data/cxr)")
 
 
 def data_dir(cli_value: str | None = None) -> Path:

@@ -145,10 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--model", type=Path, default=data.REPO / "engines" / "cxr-lite0", help="model folder"
-    )
-    parser.add_argument("--data", help="data folder (default $CXR_DATA or ../shared/data/cxr)")
+    data.add_model_and_data_arguments(parser)
     parser.add_argument("--smoke", type=int, help="only this many patients per split; never enables")
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
     args = parser.parse_args(argv)
