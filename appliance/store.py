@@ -78,12 +78,6 @@ class Store:
                 return
         action()
 
-    @contextlib.contextmanager
-    def reading(self) -> Iterator[sqlite3.Connection]:
-        """The connection, for reads, while no other thread uses it."""
-        with self.lock:
-            yield self.db
-
     def adopt(self, legacy: Path, copy: Callable[[sqlite3.Connection], int]) -> int:
         """Take over a database an older version kept apart (the spool's, the outbox's): `copy` moves its
         rows from schema `legacy` into this store in one transaction, then the old file is deleted (it

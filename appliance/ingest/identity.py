@@ -17,7 +17,7 @@ import blake3
 import pydicom
 
 from appliance.errors import InputRejected
-from appliance.hashing import CHUNK, sha256_stream
+from appliance.hashing import Digest, digest_stream
 from appliance.ingest import reasons
 from appliance.ingest.bounded import BoundedFile
 from appliance.ingest.dicom import refuse_deflate_bomb
@@ -32,21 +32,20 @@ def open_nofollow(path: Path) -> BinaryIO:
     return os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "rb")
 
 
-def content_sha256(path: Path, start: int = 0) -> str:
+def _hash_from(path: Path, start: int, digest: Digest) -> str:
     with open_nofollow(path) as fh:
         fh.seek(start)
-        return sha256_stream(fh)
+        return digest_stream(fh, digest)
+
+
+def content_sha256(path: Path, start: int = 0) -> str:
+    return _hash_from(path, start, hashlib.sha256())
 
 
 def dataset_blake3(path: Path, start: int) -> str:
     """BLAKE3 of the file from `start`: the de-duplication hash of a DICOM dataset. 2.5x faster than
     sha256 here (15 MB: 3.3 vs 8.5 ms), and every cart image is hashed once on its way in."""
-    digest = blake3.blake3()
-    with open_nofollow(path) as fh:
-        fh.seek(start)
-        for block in iter(lambda: fh.read(CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return _hash_from(path, start, blake3.blake3())
 
 
 def _dataset_start(path: Path) -> int:
@@ -83,12 +82,17 @@ def dedup_key(path: Path, kind: str) -> str:
     return f"sha256:{content_sha256(path)}"
 
 
+def legacy_key_prefix(key: str) -> str | None:
+    """'sop:<UID>/sha256:', the start of the key an older version gave the DICOM that has `key` now;
+    None for keys of another form."""
+    uid, sep, _ = key.rpartition(f"/{DATASET_HASH}:")
+    return f"{uid}/sha256:" if sep and uid.startswith("sop:") else None
+
+
 def legacy_key(path: Path, key: str) -> str | None:
     """The key an older version gave this DICOM ('sop:<UID>/sha256:<dataset hash>'); None for other keys."""
-    uid, sep, _ = key.rpartition(f"/{DATASET_HASH}:")
-    if not sep or not uid.startswith("sop:"):
-        return None
-    return f"{uid}/sha256:{content_sha256(path, _dataset_start(path))}"
+    prefix = legacy_key_prefix(key)
+    return None if prefix is None else prefix + content_sha256(path, _dataset_start(path))
 
 
 def image_id_for(key: str, secret: bytes) -> str:

@@ -22,7 +22,7 @@ from appliance.clock import now_iso
 from appliance.durable import fsync_dir
 from appliance.errors import InputRejected
 from appliance.ingest import sniff
-from appliance.ingest.identity import DATASET_HASH, content_sha256, dedup_key, legacy_key
+from appliance.ingest.identity import content_sha256, dedup_key, legacy_key, legacy_key_prefix
 from appliance.ingest.spool_records import COLUMNS, RETRY_STATES
 
 if TYPE_CHECKING:
@@ -133,10 +133,9 @@ def legacy_row(db: sqlite3.Connection, path: Path, key: str) -> tuple[str, tuple
     """(key, row) of a row an older version wrote for this DICOM under its sha256 key: a re-send after an
     upgrade is still a duplicate. Looked for only when such keys exist for its SOP Instance UID (an index
     range), so the sha256 is computed only then."""
-    uid, sep, _ = key.rpartition(f"/{DATASET_HASH}:")
-    if not sep:
+    low = legacy_key_prefix(key)
+    if low is None:
         return None
-    low = f"{uid}/sha256:"
     if not db.execute(
         "SELECT 1 FROM items WHERE key >= ? AND key < ? LIMIT 1", (low, low[:-1] + ";")
     ).fetchone():
