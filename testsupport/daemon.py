@@ -132,6 +132,18 @@ class DaemonProcess:
         self.sock.close()
         return code
 
+    def peak_rss_kb(self) -> int | None:
+        """The running daemon's peak resident memory (VmHWM) in kB; None when it is not running."""
+        if self.proc is None or self.proc.poll() is not None:
+            return None
+        try:
+            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+        except OSError:
+            return None
+        return None
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 

@@ -44,7 +44,7 @@ from appliance.backends.onnxruntime import OnnxRuntimeConfig
 from appliance.manifest import Precision, load_manifest
 from testsupport.mosquitto import Broker
 from tools.quality.bench_baseline import Baseline, measure_baseline
-from tools.quality.bench_daemon import DaemonRun, measure_backlog, measure_e2e, rss_peak_mb
+from tools.quality.bench_daemon import DaemonRun, measure_backlog, measure_e2e
 from tools.quality.bench_environment import environment
 from tools.quality.bench_inputs import Plan, Restamper, backlog_files, prepare_inputs
 from tools.quality.bench_precisions import infer_timing, measure_ort_sweep, measure_precisions
@@ -122,8 +122,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 log(f"daemon backlog of {plan.backlog}")
                 backlog = backlog_files(inputs, plan.backlog)
                 raw["backlog"] = measure_backlog(daemon, backlog, work, restamper)
-                assert daemon.daemon.proc is not None
-                raw["peak_rss_mb"] = rss_peak_mb(daemon.daemon.proc.pid)
+                raw["peak_rss_mb"] = daemon.peak_rss_mb()
             finally:
                 daemon.stop()
             log("baseline")

@@ -18,16 +18,6 @@ from tools.quality.bench_timing import summary
 RESULT_TOPIC = "cxr/+/+/result"
 
 
-def rss_peak_mb(pid: int) -> float | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024.0, 1)
-    except OSError:
-        return None
-    return None
-
-
 class DaemonRun:
     """The daemon, a broker, a subscriber on the result topic."""
 
@@ -56,6 +46,10 @@ class DaemonRun:
 
     def wait(self, count: int, timeout: float) -> list[Any]:
         return self.subscriber.wait_count(RESULT_TOPIC, count, timeout)
+
+    def peak_rss_mb(self) -> float | None:
+        kb = self.daemon.peak_rss_kb()
+        return None if kb is None else round(kb / 1024.0, 1)
 
     def stop(self) -> None:
         self.subscriber.close()

@@ -68,19 +68,8 @@ def feed(run: Run, daemon: DaemonProcess, images: list[Path], fuzz_cases: list[t
     run.feeding_done.set()
 
 
-def vm_hwm_kb(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
 def note_rss(run: Run, daemon: DaemonProcess) -> None:
-    if daemon.proc is not None and daemon.proc.poll() is None:
-        run.peak_rss_kb = max(run.peak_rss_kb, vm_hwm_kb(daemon.proc.pid))
+    run.peak_rss_kb = max(run.peak_rss_kb, daemon.peak_rss_kb() or 0)
 
 
 def kill_daemon_repeatedly(
