@@ -8,9 +8,12 @@ columns so a few stray pixels cannot widen them. The ratio is the same for an im
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
+
+from appliance.interpret.extent import line_counts, percentiles
 
 MASK_THRESHOLD = 0.5
 MIN_PIXELS = 40  # at the 256-px working size: below this a mask is not there
@@ -27,25 +30,48 @@ class Cardiothoracic:
     thorax_width: float
 
 
+@functools.lru_cache(maxsize=16)
+def _taps(n: int, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Bilinear taps from n samples to size (pixel centres aligned): the two source indices and their
+    weights for each output position. Read-only: shared by every call through the cache."""
+    position = np.clip((np.arange(size) + 0.5) * n / size - 0.5, 0, n - 1)
+    first = np.floor(position).astype(np.intp)
+    second = np.minimum(first + 1, n - 1)
+    fraction = position - first
+    taps = (first, second, 1 - fraction, fraction)
+    for array in taps:
+        array.flags.writeable = False
+    return taps
+
+
 def _upsample(probability: np.ndarray, size: int) -> np.ndarray:
-    """Bilinear resize of a (h, w) map to (size, size) in numpy: sub-pixel edges from a 64-px mask."""
+    """Bilinear resize of a (h, w) map to (size, size) in numpy: sub-pixel edges from a 64-px mask.
+
+    Separable: columns on the small (h, size) array, then rows, each a weighted sum of two taps, in
+    float64 and in the same order as the direct 2-D formula, so the values are the same bit for bit.
+    Not as dense matrix products (Wr @ P @ Wc.T): OpenBLAS runs products this size on several threads,
+    which doubled the CPU time for a shorter wall time."""
     h, w = probability.shape
-    rows = np.clip((np.arange(size) + 0.5) * h / size - 0.5, 0, h - 1)
-    cols = np.clip((np.arange(size) + 0.5) * w / size - 0.5, 0, w - 1)
-    r0, c0 = np.floor(rows).astype(int), np.floor(cols).astype(int)
-    r1, c1 = np.minimum(r0 + 1, h - 1), np.minimum(c0 + 1, w - 1)
-    fr, fc = (rows - r0)[:, None], (cols - c0)[None, :]
-    top = probability[r0][:, c0] * (1 - fc) + probability[r0][:, c1] * fc
-    bottom = probability[r1][:, c0] * (1 - fc) + probability[r1][:, c1] * fc
-    return top * (1 - fr) + bottom * fr
+    r0, r1, r0_weight, r1_weight = _taps(h, size)
+    c0, c1, c0_weight, c1_weight = _taps(w, size)
+    across = np.take(probability, c0, axis=1) * c0_weight
+    across += np.take(probability, c1, axis=1) * c1_weight
+    result = np.take(across, r0, axis=0)
+    result *= r0_weight[:, None]
+    lower = np.take(across, r1, axis=0)
+    lower *= r1_weight[:, None]
+    result += lower
+    return result
 
 
 def _extent(mask: np.ndarray) -> tuple[float, float] | None:
-    columns = np.nonzero(mask)[1]
-    if columns.size < MIN_PIXELS:
+    counts = line_counts(mask, axis=0)
+    if int(counts.sum()) < MIN_PIXELS:
         return None
-    low, high = np.percentile(columns, [1.0, 99.0])
-    return float(low), float(high)
+    extent = percentiles(counts, (1.0, 99.0))
+    if extent is None:
+        return None
+    return float(extent[0]), float(extent[1])
 
 
 def cardiothoracic_ratio(

@@ -15,11 +15,13 @@ from __future__ import annotations
 import base64
 import io
 import math
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
+from appliance.interpret.extent import line_counts, percentiles
 from appliance.result import Result, ThoraxBox, Thumbnail
 
 MAX_SIDE = 256
@@ -60,15 +62,21 @@ def thorax_box(lungs: np.ndarray, threshold: float) -> ThoraxBox | str:
     mask's rows and columns bound it, so a few stray pixels near an edge cannot widen the crop."""
     mask = lungs >= threshold
     h, w = mask.shape
-    area = float(mask.mean()) if mask.size else 0.0
+    # Everything below comes from the per-column and per-row counts, not from one index per pixel.
+    columns = line_counts(mask, axis=0)
+    pixels = int(columns.sum())
+    area = pixels / mask.size if mask.size else 0.0
     if not PLAUSIBLE_AREA[0] <= area <= PLAUSIBLE_AREA[1]:
         return f"lung mask covers {area:.0%} of the image (plausible {PLAUSIBLE_AREA[0]:.0%}-{PLAUSIBLE_AREA[1]:.0%})"
-    rows, cols = np.nonzero(mask)
-    left_share = float((cols < w / 2).mean())
+    left_share = int(columns[: (w + 1) // 2].sum()) / pixels  # columns left of w / 2
     if not SIDE_SHARE[0] <= left_share <= SIDE_SHARE[1]:
         return f"lung mask is {left_share:.0%} on one side of the image: not two lungs"
-    top, bottom = np.percentile(rows, [1.0, 99.0])
-    left, right = np.percentile(cols, [1.0, 99.0])
+    vertical = percentiles(line_counts(mask, axis=1), (1.0, 99.0))
+    horizontal = percentiles(columns, (1.0, 99.0))
+    if vertical is None or horizontal is None:  # cannot happen past the area check
+        return "lung mask is empty"
+    top, bottom = vertical
+    left, right = horizontal
     box = (left / w, top / h, (right + 1) / w, (bottom + 1) / h)
     span_x, span_y = box[2] - box[0], box[3] - box[1]
     if min(span_x, span_y) < MIN_SPAN:
@@ -123,9 +131,11 @@ def render(
         rgb = base * (1 - alpha) + _colour(heat_small) * alpha
         picture = Image.fromarray(rgb.round().astype(np.uint8), mode="RGB")
     buffer = io.BytesIO()
-    # zlib level 3: ~1 ms instead of ~5-10 ms with optimize=True, for ~12 % more bytes (~2 KB) — on
-    # the ward's critical path for every image, where a few kilobytes on the network cost nothing.
-    picture.save(buffer, format="PNG", compress_level=3)
+    # zlib's Z_RLE strategy (the level then makes no difference): on the ward's critical path for every
+    # image. Measured on cart thumbnails (256 px): grey 1.0 ms / 19.8 KiB against 1.6 ms / 23.5 KiB at
+    # plain level 3 (level 1: 1.2 ms / 23.7 KiB); with the overlay 2.4 ms / 53.8 KiB against 3.9 ms /
+    # 49.0 KiB (level 1: 2.6 ms / 52.5 KiB). ~0.6 ms of each is Pillow's per-row filter choice.
+    picture.save(buffer, format="PNG", compress_level=3, compress_type=zlib.Z_RLE)
     return ThumbnailImage(
         png=buffer.getvalue(),
         width=size[0],
