@@ -1,9 +1,11 @@
 """The claim side of the loop: batches out of the spool, the next one read while this one is analysed.
 
 Two stages on two cores: the read-ahead thread decodes and preprocesses batch k+1 while the loop infers,
-interprets and hands off batch k (ONNX Runtime releases the GIL while it runs; libjpeg-turbo, OpenJPEG
-and numpy's pooling release it for most of a decode). Without it a backlog used one core at a time: the
-reader waited for the hand-off and the hand-off for the reader.
+interprets and hands off batch k (ONNX Runtime releases the GIL while it runs; libjpeg-turbo and numpy's
+pooling release it for most of a decode). Without it a backlog used one core at a time: the reader
+waited for the hand-off and the hand-off for the reader. Reading costs more than the rest (a lossless
+JPEG ~50 ms, inference ~12), so the loop does not just wait for a batch still being read: it reads its
+images from the back while the read-ahead thread reads from the front, each image by one of them.
 
 At most two batches are out of incoming/ at once, as before. An image that failed before (its failure
 count is not zero: the process may have died reading it) is never read ahead and never read beside
@@ -16,8 +18,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import sqlite3
+import threading
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from appliance.ingest.spool import Spool
 from appliance.ingest.spool_records import SpoolFull, SpoolItem
@@ -29,7 +32,29 @@ log = logging.getLogger("appliance.feeder")
 @dataclass
 class _Batch:
     jobs: list[Job]
-    reading: Future[None] | None  # None: not read ahead (a suspect, read by the processor)
+    reading: Future[None] | None = None  # None: not read ahead (a suspect, read by the processor)
+    # Jobs [front, back) are not taken by a reader yet: the read-ahead thread takes from the front,
+    # the loop from the back.
+    front: int = field(default=0, init=False)
+    back: int = field(default=0, init=False)
+    lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+
+    def __post_init__(self) -> None:
+        self.back = len(self.jobs)
+
+    def next_unread(self, *, from_back: bool) -> Job | None:
+        with self.lock:
+            if self.front >= self.back:
+                return None
+            if from_back:
+                self.back -= 1
+                return self.jobs[self.back]
+            self.front += 1
+            return self.jobs[self.front - 1]
+
+    def read(self, analyzer: Analyzer, *, from_back: bool) -> None:
+        while (job := self.next_unread(from_back=from_back)) is not None:
+            analyzer.read(job)
 
 
 class Feeder:
@@ -47,7 +72,7 @@ class Feeder:
             return []
         if current.reading is not None and self.spool.pending_count() > 0:
             self._ahead = self._claim(analyzer, alone_if_suspect=False)
-        self._wait(current)
+        self._wait(current, analyzer)
         return current.jobs
 
     def release(self) -> None:
@@ -56,7 +81,7 @@ class Feeder:
         ahead, self._ahead = self._ahead, None
         if ahead is None:
             return
-        self._wait(ahead)
+        self._wait(ahead, None)
         for job in ahead.jobs:
             with contextlib.suppress(OSError, sqlite3.Error, SpoolFull):
                 self.spool.release(job.image_id)
@@ -71,18 +96,28 @@ class Feeder:
             for item in items:
                 if item is not keep:
                     self.spool.release(item.image_id)
-            return _Batch([_job(keep)], None) if keep is not None else None
-        jobs = [_job(item) for item in items]
-        return _Batch(jobs, PREFETCH.submit(analyzer.read_all, jobs))
+            return _Batch([_job(keep)]) if keep is not None else None
+        batch = _Batch([_job(item) for item in items])
+        batch.reading = PREFETCH.submit(batch.read, analyzer, from_back=False)
+        return batch
 
     @staticmethod
-    def _wait(batch: _Batch) -> None:
+    def _wait(batch: _Batch, analyzer: Analyzer | None) -> None:
+        """`analyzer`: read what the read-ahead thread has not taken yet here (None: only wait)."""
         if batch.reading is None:
             return
+        errors: list[Exception] = []
+        if analyzer is not None:
+            try:
+                batch.read(analyzer, from_back=True)
+            except Exception as exc:
+                errors.append(exc)
         try:
             batch.reading.result()
-        except Exception:  # the jobs not read are read again by the processor, whose error rule counts
-            log.debug("read-ahead stopped at an exception; the processor reads the rest", exc_info=True)
+        except Exception as exc:
+            errors.append(exc)
+        if errors:  # the jobs not read are read again by the processor, whose error rule counts
+            log.debug("reading stopped at an exception; the processor reads the rest", exc_info=errors[0])
             for job in batch.jobs:
                 if job.reading is None and job.tensor is None:
                     job.image = None  # half read: read again from the start
