@@ -193,7 +193,10 @@ class Spool:
             else:
                 renamed = self.files.place(path, dest, move=move)
             try:
-                with self._tx() as db:
+                # Not waited for on disk: the file placed in incoming/ (its folder synced) is what makes
+                # the image accepted. A row lost in a power cut is rebuilt by recover() from that file
+                # (_register_orphan), and the processor's durable commit carries this one with it.
+                with self._tx(durable=False) as db:
                     if retried is not None:  # the key is unique: the old row's is kept, made its own
                         db.execute(
                             "UPDATE items SET key = key || '#' || image_id WHERE image_id = ?", (retried,)

@@ -14,7 +14,7 @@ import sqlite3
 from pathlib import Path
 
 from appliance.ingest.spool import Spool
-from appliance.ingest.spool_records import Accepted
+from appliance.ingest.spool_records import Accepted, Duplicate
 from appliance.store import Store
 from testsupport.data import cxr_data
 
@@ -75,3 +75,31 @@ def test_an_image_in_processing_whose_end_was_not_committed_is_read_again_and_co
     item = after.claim_next()
     assert item is not None and item.image_id == image_id
     after.store.close()
+
+
+def test_an_accepted_image_whose_row_a_power_cut_lost_is_registered_again_and_read_once(
+    tmp_path: Path,
+) -> None:
+    """The acceptance row is committed without waiting for the disk: after a power cut only the file in
+    incoming/ may be left. Recovery registers it under the same id; the same file offered again is a
+    duplicate of it, and it is claimed exactly once."""
+    watch = tmp_path / "watch"
+    watch.mkdir()
+    store = Store(tmp_path / "appliance.sqlite3")
+    spool = Spool(tmp_path / "spool", store=store)
+    image = sorted((cxr_data() / "images" / "cohen").glob("*.jpg"))[0]
+    got = spool.accept(Path(shutil.copyfile(image, watch / "a.jpg")), "watch")
+    assert isinstance(got, Accepted) and got.path.parent.name == "incoming"
+    path = store.path
+    store.close()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("DELETE FROM items WHERE image_id = ?", (got.image_id,))
+        db.commit()
+    spool = Spool(tmp_path / "spool", store=Store(path))
+    assert spool.recover() == 0  # nothing was in processing/
+    again = spool.accept(Path(shutil.copyfile(image, watch / "b.jpg")), "watch")
+    assert isinstance(again, Duplicate) and again.image_id == got.image_id
+    item = spool.claim_next()
+    assert item is not None and item.image_id == got.image_id
+    spool.mark_done(item.image_id)
+    assert spool.claim_next() is None
