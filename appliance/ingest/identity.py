@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import io
 import logging
 import os
 import stat
 import struct
 from pathlib import Path
-from typing import BinaryIO
 
 import blake3
 import pydicom
@@ -27,9 +27,10 @@ log = logging.getLogger(__name__)
 DATASET_HASH = "blake3"
 
 
-def open_nofollow(path: Path) -> BinaryIO:
-    """Open for reading without following a symlink swapped in after the checks (ELOOP instead)."""
-    return os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "rb")
+def open_nofollow(path: Path) -> io.FileIO:
+    """Open for reading without following a symlink swapped in after the checks (ELOOP instead).
+    Unbuffered: every reader here reads megabytes at a time, straight into its own buffer."""
+    return io.FileIO(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "rb")
 
 
 def _hash_from(path: Path, start: int, digest: Digest) -> str:
