@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -75,17 +75,32 @@ def observations(result: Result, pixels: np.ndarray | None = None) -> dict[str, 
     return out
 
 
+def binner(quantity: DriftQuantity) -> Callable[[Observation], int | None]:
+    """The quantity's binning rule for one value: its bin index, or None (an unknown category without
+    `other`). The one copy of the rule, shared by bin_counts and the watch's running counts."""
+    if quantity.kind == "numeric":
+        edges = np.asarray(quantity.edges, dtype=np.float64)
+
+        def numeric(value: Observation) -> int:
+            # The method np.searchsorted calls, without its dispatch cost. NaN: the last bin.
+            return int(edges.searchsorted(float(value), side="right"))
+
+        return numeric
+    index = {c: i for i, c in enumerate(quantity.categories)}
+    other = index.get(OTHER)
+
+    def categorical(value: Observation) -> int | None:
+        return index.get(str(value), other)
+
+    return categorical
+
+
 def bin_counts(quantity: DriftQuantity, values: Iterable[Observation]) -> np.ndarray:
     """How many values fall in each of the quantity's bins."""
     counts = np.zeros(len(quantity.proportions), dtype=np.int64)
-    if quantity.kind == "numeric":
-        numbers = np.fromiter((float(v) for v in values), dtype=np.float64)
-        np.add.at(counts, np.searchsorted(np.asarray(quantity.edges), numbers, side="right"), 1)
-        return counts
-    index = {c: i for i, c in enumerate(quantity.categories)}
-    other = index.get(OTHER)
+    bin_of = binner(quantity)
     for value in values:
-        slot = index.get(str(value), other)
+        slot = bin_of(value)
         if slot is not None:
             counts[slot] += 1
     return counts
@@ -95,7 +110,7 @@ def smoothed(counts: np.ndarray, smoothing: float = SMOOTHING) -> np.ndarray:
     return (counts + smoothing) / (counts.sum() + smoothing * len(counts))
 
 
-def psi(expected: Sequence[float], counts: np.ndarray, smoothing: float = SMOOTHING) -> float:
+def psi(expected: Sequence[float] | np.ndarray, counts: np.ndarray, smoothing: float = SMOOTHING) -> float:
     """Population stability index of observed bin counts against reference proportions."""
     e = np.asarray(expected, dtype=np.float64)
     a = smoothed(counts, smoothing)
@@ -135,7 +150,11 @@ def reference_quantity(
 
 
 class DriftWatch:
-    """Rolling windows per quantity, judged against the reference after every observation."""
+    """Rolling windows per quantity, judged against the reference after every observation.
+
+    Each window's bin counts are kept alongside it (+1 on append, -1 for the value the full window
+    evicts), so a judgement costs one PSI, not a re-binning of the whole window; windows are filled
+    only through `_append`, which keeps the two together."""
 
     def __init__(self, config: DriftConfig, reference: DriftReference | None) -> None:
         self.config = config
@@ -144,6 +163,13 @@ class DriftWatch:
         self.windows: dict[str, deque[Observation]] = {
             name: deque(maxlen=config.window) for name in quantities
         }
+        # counts[name] == bin_counts(quantity, windows[name]) at all times.
+        self.counts: dict[str, np.ndarray] = {
+            name: np.zeros(len(q.proportions), dtype=np.int64) for name, q in quantities.items()
+        }
+        self._bin_of = {name: binner(q) for name, q in quantities.items()}
+        # Converted once: psi() takes the array as it is, so the PSI is the same float for float.
+        self._expected = {name: np.asarray(q.proportions, dtype=np.float64) for name, q in quantities.items()}
         self.psi: dict[str, float] = {}  # only judged quantities (window >= min_images)
         self._drifted: set[str] = set()
 
@@ -155,13 +181,25 @@ class DriftWatch:
     def drifted(self) -> list[str]:
         return sorted(self._drifted)
 
+    def _append(self, name: str, value: Observation) -> None:
+        window = self.windows[name]
+        counts = self.counts[name]
+        bin_of = self._bin_of[name]
+        slot = bin_of(value)  # first: a value that cannot be binned raises before anything changes
+        if len(window) == window.maxlen:
+            gone = bin_of(window[0])
+            if gone is not None:
+                counts[gone] -= 1
+        window.append(value)
+        if slot is not None:
+            counts[slot] += 1
+
     def observe(self, values: Mapping[str, Observation], *, judge: bool = True) -> bool:
         """Add one image's observations; True when the set of drifted quantities changed."""
         touched = []
         for name, value in values.items():
-            window = self.windows.get(name)
-            if window is not None:
-                window.append(value)
+            if name in self.windows:
+                self._append(name, value)
                 touched.append(name)
         return self.judge(touched) if judge else False
 
@@ -180,12 +218,10 @@ class DriftWatch:
             return False
         before = set(self._drifted)
         for name in names:
-            window = self.windows[name]
-            if len(window) < self.config.min_images:
+            if len(self.windows[name]) < self.config.min_images:
                 self.psi.pop(name, None)
                 continue
-            quantity = self.reference.quantities[name]
-            value = psi(quantity.proportions, bin_counts(quantity, window), self.reference.smoothing)
+            value = psi(self._expected[name], self.counts[name], self.reference.smoothing)
             self.psi[name] = value
             if value > self.config.psi_threshold:
                 self._drifted.add(name)
