@@ -11,8 +11,6 @@ import logging
 import os
 import stat
 import struct
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import blake3
@@ -27,9 +25,6 @@ from appliance.ingest.dicom import refuse_deflate_bomb
 log = logging.getLogger(__name__)
 
 DATASET_HASH = "blake3"
-# Hashes a DICOM's dataset while the intake checks the file: the hash is the longest step of taking a
-# file in (15 MB: 3-4 ms), and every check before it needs only the first kilobytes.
-_EARLY_HASH = ThreadPoolExecutor(max_workers=1, thread_name_prefix="intake-hash")
 
 
 def open_nofollow(path: Path) -> io.FileIO:
@@ -67,25 +62,12 @@ def _dataset_start(path: Path) -> int:
     return 0
 
 
-@dataclass(frozen=True)
-class EarlyHash:
-    """The dataset hash of `path`, started before the checks that precede it (`start_dataset_hash`)."""
-
-    path: Path
-    digest: Future[str]
-
-
-def start_dataset_hash(path: Path) -> EarlyHash:
-    return EarlyHash(path, _EARLY_HASH.submit(lambda: dataset_blake3(path, _dataset_start(path))))
-
-
-def dedup_key(path: Path, kind: str, early: EarlyHash | None = None) -> str:
+def dedup_key(path: Path, kind: str) -> str:
     """'sop:<SOPInstanceUID>/blake3:<dataset hash>' for a DICOM that names one, else 'sha256:<content hash>'.
 
     The UID alone would drop a corrected re-send (same UID, new content) and let any sender pre-empt
     a UID; the same instance sent twice is still one key. Versions before the store hashed the dataset
-    with sha256: `legacy_key` gives that form, for rows they left. `early`: the dataset hash, started
-    beforehand (the same as computing it here)."""
+    with sha256: `legacy_key` gives that form, for rows they left."""
     if kind == "dicom":
         try:
             refuse_deflate_bomb(path)  # pydicom would inflate a deflated dataset whole just to find the UID
@@ -95,11 +77,7 @@ def dedup_key(path: Path, kind: str, early: EarlyHash | None = None) -> str:
                 )
             uid = str(ds.get("SOPInstanceUID", "") or "").strip()
             if uid:
-                if early is not None and early.path == path:
-                    digest = early.digest.result()
-                else:
-                    digest = dataset_blake3(path, _dataset_start(path))
-                return f"sop:{uid}/{DATASET_HASH}:{digest}"
+                return f"sop:{uid}/{DATASET_HASH}:{dataset_blake3(path, _dataset_start(path))}"
         except Exception as exc:  # unreadable header: the reader will say why later; hash the bytes
             log.debug("no SOPInstanceUID in %s: %s", path, exc)
     return f"sha256:{content_sha256(path)}"

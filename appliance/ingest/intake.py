@@ -34,7 +34,6 @@ from appliance.config import IngestConfig
 from appliance.errors import InputRejected
 from appliance.ingest import reasons, sniff
 from appliance.ingest.dicom import check_dicom
-from appliance.ingest.identity import EarlyHash, start_dataset_hash
 from appliance.ingest.spool import Spool
 from appliance.ingest.spool_records import Accepted, Duplicate, Rejected, SpoolFull
 
@@ -104,14 +103,6 @@ def _non_image_sop_class(path: Path) -> str | None:
         return None
     name = UID(str(sop)).name
     return name if name != str(sop) and "Image Storage" not in name else None
-
-
-def _early_hash(path: Path) -> EarlyHash | None:
-    """A DICOM's dataset hash started now, beside the checks below (what they refuse never needs it)."""
-    try:
-        return start_dataset_hash(path) if sniff(path) == "dicom" else None
-    except InputRejected:
-        return None  # _kind names the reason
 
 
 def _kind(path: Path) -> str:
@@ -195,7 +186,6 @@ class Intake:
             # Unread: a file this large is no radiograph, and reading it is what a hostile one wants.
             detail = f"{path.name}: {size / 2**20:.0f} MB is over ingest.max_file_mb ({self.max_bytes / 2**20:g} MB)"
             return self._quarantine(path, source, rules, InputRejected(reasons.FILE_TOO_LARGE, detail))
-        early_hash = _early_hash(path)
         try:
             kind = _kind(path)
         except InputRejected as exc:
@@ -212,7 +202,7 @@ class Intake:
                 log.exception("checking %s from %s failed", path, source)
                 detail = f"{path.name}: {type(exc).__name__}: {exc}"
                 return self._quarantine(path, source, rules, InputRejected(reasons.INVALID_DICOM, detail))
-        got = self.spool.accept(path, source, move=rules.move, early_hash=early_hash)
+        got = self.spool.accept(path, source, move=rules.move)
         if isinstance(got, Rejected):  # the spool's own last checks (a link, unreadable): quarantined
             self._count(got.reason)
             return Outcome(Verdict.QUARANTINED, got.reason, got.detail)

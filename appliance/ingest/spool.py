@@ -27,7 +27,6 @@ from appliance.durable import fsync_dir
 from appliance.errors import InputRejected
 from appliance.ingest import reasons, sniff
 from appliance.ingest.identity import (
-    EarlyHash,
     dedup_key,
     image_id_for,
     plain_file_refusal,
@@ -109,11 +108,8 @@ class Spool:
             raise
 
     # -- accepting -----------------------------------------------------------------------------
-    def accept(
-        self, path: Path, source: str, *, move: bool = True, early_hash: EarlyHash | None = None
-    ) -> Accepted | Duplicate | Rejected:
+    def accept(self, path: Path, source: str, *, move: bool = True) -> Accepted | Duplicate | Rejected:
         """Take one complete file from a watched folder. `move=False` copies (read-only media).
-        `early_hash`: its dataset hash, started by the intake before its own checks.
 
         Files whose content is not an image at all are quarantined here (Rejected); the rest get an id."""
         path = Path(path)
@@ -128,7 +124,7 @@ class Spool:
             return Rejected(exc.reason, exc.detail, where)
         self.files.check_space(size)
         try:
-            key = dedup_key(path, kind, early_hash)
+            key = dedup_key(path, kind)
         except PermissionError as exc:
             detail = f"{path.name}: {exc.strerror}"
             return Rejected(

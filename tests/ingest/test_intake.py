@@ -211,19 +211,3 @@ def test_a_link_refused_by_the_spool_is_quarantined_and_counted(
     got = intake.offer(path, "inbox", FOLDER)
     assert got.verdict is Verdict.QUARANTINED and got.reason == reasons.HARD_LINK
     assert counted.reasons == [reasons.HARD_LINK]
-
-
-def test_the_dataset_hash_started_before_the_checks_gives_the_key_computed_after_them(
-    intake: Intake, src: Path
-) -> None:
-    from appliance.ingest.identity import dedup_key, start_dataset_hash
-
-    path = copy_to(real(NATIVE_DX), src)
-    early = start_dataset_hash(path)
-    assert dedup_key(path, "dicom", early) == dedup_key(path, "dicom")
-    other = copy_to(real(JPEG_BASELINE), src)  # a hash started for another file is not used for this one
-    assert dedup_key(other, "dicom", early) == dedup_key(other, "dicom") != dedup_key(path, "dicom")
-    outcome = intake.offer(path, "watch", FOLDER)
-    assert outcome.verdict == Verdict.ACCEPTED and outcome.key == dedup_key(
-        copy_to(real(NATIVE_DX), src, "again.dcm"), "dicom"
-    )
