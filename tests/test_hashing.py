@@ -1,5 +1,5 @@
-"""digest_stream reads one chunk while the previous one is hashed on another thread: the digest must be
-that of the bytes from the handle's position to the end, whatever the size and the kind of handle."""
+"""digest_stream reads chunk by chunk into one buffer: the digest must be that of the bytes from the
+handle's position to the end, whatever the size and the kind of handle."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def test_digest_of_the_rest_of_the_file(tmp_path: Path, size: int, buffered: boo
     assert sha256_file(path) == hashlib.sha256(content).hexdigest()
 
 
-def test_concurrent_callers_share_the_hashing_thread(tmp_path: Path) -> None:
+def test_concurrent_callers_get_their_own_digests(tmp_path: Path) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     blobs = []
