@@ -8,8 +8,10 @@ The checks live in dicom_checks.py, the decoding in dicom_pixels.py, the tags in
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import struct
+import threading
 import warnings
 import zlib
 from pathlib import Path
@@ -39,6 +41,7 @@ from appliance.ingest.dicom_pixels import (
     pool_factor,
     pool_rows,
     poolable,
+    reducible,
     stream_block_mean,
     to_unit,
 )
@@ -51,6 +54,10 @@ _DEFER_BYTES = 64 * 1024
 MAX_INFLATED_BYTES = 256 << 20
 _GDCM_DIRECT = (JPEGLossless, JPEGLosslessSV1)
 _NATIVE = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+# A frame decoded at full size (JPEG lossless, anything without a reduced route) holds ~40 MB while it is
+# decoded and pooled. The daemon reads on two threads (appliance/feeder.py): two such frames at once took
+# its peak memory past its 300 MB budget, so they are decoded one at a time (the small ones beside them).
+_FULL_FRAME = threading.Lock()
 
 
 class _DropTruncationNoise(logging.Filter):
@@ -86,11 +93,15 @@ def read_dicom(path: Path, *, max_pixels: int, target_size: int | None = None) -
     # Uncompressed: block means straight from the file, a few rows at a time (no full-size copy).
     pooled = stream_block_mean(path, ds, factor) if factor and ts in _NATIVE else None
     if pooled is None:
-        direct = decode_jpeg_lossless(path, ds) if ts in _GDCM_DIRECT else None
-        raw, scale = (direct, 1.0) if direct is not None else decode_first_frame(ds, name, ts, target_size)
-        if not (factor and scale == 1.0 and poolable(raw)):
-            return DecodedImage(pixels=to_unit(raw, ds, name), meta=meta, scale=scale)
-        pooled = pool_rows([raw], factor, raw.shape[1] // factor, acc_type(raw.dtype))
+        with contextlib.nullcontext() if reducible(ds, ts, target_size) else _FULL_FRAME:
+            direct = decode_jpeg_lossless(path, ds) if ts in _GDCM_DIRECT else None
+            raw, scale = (
+                (direct, 1.0) if direct is not None else decode_first_frame(ds, name, ts, target_size)
+            )
+            if not (factor and scale == 1.0 and poolable(raw)):
+                return DecodedImage(pixels=to_unit(raw, ds, name), meta=meta, scale=scale)
+            pooled = pool_rows([raw], factor, raw.shape[1] // factor, acc_type(raw.dtype))
+            del raw, direct  # the full-size frame goes before the lock is released
     means, extremes = pooled
     pixels = to_unit(means, ds, name, extremes=extremes)
     return DecodedImage(pixels=pixels, meta=meta, scale=float(factor))

@@ -68,8 +68,15 @@ _PREFERRED_PLUGIN: dict[str, str] = {
 }
 
 
+def reducible(ds: Dataset, ts: str, target_size: int | None) -> bool:
+    """Whether the codec can decode this frame at a reduced size (JPEG DCT scaling, JPEG 2000 levels)."""
+    return (
+        bool(target_size) and ds.get("PixelRepresentation", 0) == 0 and (ts == JPEGBaseline8Bit or ts in _J2K)
+    )
+
+
 def decode_first_frame(ds: Dataset, name: str, ts: str, target_size: int | None) -> tuple[np.ndarray, float]:
-    if target_size and ds.get("PixelRepresentation", 0) == 0 and (ts == JPEGBaseline8Bit or ts in _J2K):
+    if target_size and reducible(ds, ts, target_size):
         reduced = _decode_reduced(ds, ts, target_size)
         if reduced is not None:
             return reduced
