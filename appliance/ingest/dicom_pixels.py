@@ -42,7 +42,7 @@ try:  # BSD-3; its libjpeg-turbo 3 decodes lossless JPEG (process 14) bit-exact,
     import imagecodecs
 except ImportError:  # pragma: no cover - a dependency, but a missing one only costs speed
     imagecodecs = None  # type: ignore[assignment]
-from appliance.ingest import reasons
+from appliance.ingest import openjpeg, reasons
 from appliance.ingest.dicom_checks import frame_count
 
 _J2K = (JPEG2000, JPEG2000Lossless)
@@ -155,6 +155,11 @@ def _decode_reduced(ds: Dataset, ts: str, target_size: int) -> tuple[np.ndarray,
         return None
     # Deepest first; should the decoder refuse a level for any reason, one level less.
     wanted = tuple(range(min(levels, 5), 0, -1)) if ts in _J2K else (levels,)
+    if ts in _J2K:
+        for level in wanted:  # OpenJPEG without the GIL first, Pillow (holding it) when that fails
+            stored = openjpeg.decode_reduced(frame, level)
+            if stored is not None and stored.shape == _reduced_shape(rows, cols, level):
+                return stored, cols / stored.shape[1]
     for level in wanted:
         try:
             img = Image.open(io.BytesIO(frame))
@@ -176,7 +181,7 @@ def _decode_reduced(ds: Dataset, ts: str, target_size: int) -> tuple[np.ndarray,
         return None
     if arr.ndim != 2 or arr.shape[1] == 0:
         return None
-    if ts in _J2K and arr.shape != (-(-rows // (1 << level)), -(-cols // (1 << level))):
+    if ts in _J2K and arr.shape != _reduced_shape(rows, cols, level):
         return None  # not what OpenJPEG makes of this size: a Pillow that sizes it otherwise
     if arr.dtype == np.int32:
         arr = arr.astype(np.uint16)
@@ -188,6 +193,11 @@ def _decode_reduced(ds: Dataset, ts: str, target_size: int) -> tuple[np.ndarray,
             return None
         arr = arr >> np.uint16(16 - precision) if precision < 16 else arr
     return arr, cols / arr.shape[1]
+
+
+def _reduced_shape(rows: int, cols: int, level: int) -> tuple[int, int]:
+    """What OpenJPEG makes of a rows x cols image reduced by 2^level: ceil of each side."""
+    return -(-rows // (1 << level)), -(-cols // (1 << level))
 
 
 def _reduce_as_openjpeg_does(img: Image.Image, level: int) -> None:
