@@ -107,6 +107,18 @@ def check_decoders() -> Iterator[Check]:
                 "decoder",
                 f"{uid.name}: no decoder installed (pip install python-gdcm pylibjpeg-openjpeg)",
             )
+    from appliance.ingest import openjpeg
+
+    library = openjpeg.library_path()
+    if library is not None:
+        yield Check("OK", "decoder", f"JPEG 2000 fast path (GIL released): {library}")
+    else:
+        yield Check(
+            "WARN",
+            "decoder",
+            "JPEG 2000 fast path: no libopenjp2 to load (apt install libopenjp2-7); Pillow decodes"
+            " JPEG 2000 instead, slower in a backlog",
+        )
 
 
 def _writable(folder: Path) -> str | None:

@@ -99,6 +99,12 @@ def _library() -> ctypes.CDLL | None:
     return None
 
 
+def library_path() -> str | None:
+    """The libopenjp2 in use (for `cxr-appliance doctor`), None when there is none."""
+    lib = _library()
+    return None if lib is None else str(lib._name)
+
+
 def _declare(lib: ctypes.CDLL) -> None:
     p = ctypes.c_void_p
     signatures: dict[str, tuple[type | None, list[type]]] = {

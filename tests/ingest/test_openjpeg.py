@@ -74,3 +74,13 @@ def test_without_the_library_the_reader_decodes_with_pillow(
     through_pillow = read_image(path, target_size=256)
     assert through_ctypes.scale == through_pillow.scale == 4.0
     np.testing.assert_array_equal(through_ctypes.pixels, through_pillow.pixels)
+
+
+def test_doctor_names_the_library_or_warns_without_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from appliance.doctor import check_decoders
+
+    fast = [c for c in check_decoders() if "JPEG 2000 fast path" in c.message]
+    assert len(fast) == 1 and fast[0].verdict == "OK" and "libopenjp2" in fast[0].message
+    monkeypatch.setattr(openjpeg, "_library", lambda: None)
+    fast = [c for c in check_decoders() if "JPEG 2000 fast path" in c.message]
+    assert len(fast) == 1 and fast[0].verdict == "WARN"
