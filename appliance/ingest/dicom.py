@@ -96,7 +96,7 @@ def read_dicom(path: Path, *, max_pixels: int, target_size: int | None = None) -
         with contextlib.nullcontext() if reducible(ds, ts, target_size) else _FULL_FRAME:
             direct = decode_jpeg_lossless(path, ds) if ts in _GDCM_DIRECT else None
             raw, scale = (
-                (direct, 1.0) if direct is not None else decode_first_frame(ds, name, ts, target_size)
+                (direct, 1.0) if direct is not None else decode_first_frame(path, ds, name, ts, target_size)
             )
             if not (factor and scale == 1.0 and poolable(raw)):
                 return DecodedImage(pixels=to_unit(raw, ds, name), meta=meta, scale=scale)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import os
-import struct
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from appliance.errors import InputRejected
 from appliance.image import ImageMeta
 from appliance.ingest import headers, reasons
 from appliance.ingest.bounded import BoundedFile
+from appliance.ingest.encapsulated import ITEM_TAG, seek_first_fragment
 
 _GREY = ("MONOCHROME1", "MONOCHROME2")
 # Encapsulated syntaxes whose first frame's header is checked against the tags before decoding.
@@ -149,15 +149,8 @@ def _first_fragment(ds: Dataset, path: Path) -> bytes:
     with io.BytesIO(value) if value is not None else BoundedFile(path) as fh:
         if value is None:
             fh.seek(int(elem.value_tell))
-        length = 0
-        for item in ("offset table", "first fragment"):
-            head = fh.read(8)
-            if len(head) < 8 or head[:4] != b"\xfe\xff\x00\xe0":
-                return b""
-            (length,) = struct.unpack_from("<I", head, 4)
-            if item == "offset table":
-                fh.seek(length, io.SEEK_CUR)
-        return fh.read(min(length, _HEADER_BYTES))
+        length = seek_first_fragment(fh)
+        return b"" if length is None else fh.read(min(length, _HEADER_BYTES))
 
 
 def _encapsulated(elem: Any, path: Path) -> bool:
@@ -172,7 +165,7 @@ def _encapsulated(elem: Any, path: Path) -> bool:
         with open(path, "rb") as fh:
             fh.seek(int(elem.value_tell))
             value = fh.read(4)
-    return bytes(value[:4]) == b"\xfe\xff\x00\xe0"
+    return bytes(value[:4]) == ITEM_TAG
 
 
 def size_checkable(ts: UID) -> bool:

@@ -44,6 +44,7 @@ except ImportError:  # pragma: no cover - a dependency, but a missing one only c
     imagecodecs = None  # type: ignore[assignment]
 from appliance.ingest import openjpeg, reasons
 from appliance.ingest.dicom_checks import frame_count
+from appliance.ingest.encapsulated import first_frame
 
 _J2K = (JPEG2000, JPEG2000Lossless)
 # Block rows per read: ~1.7 MB of a 2.5k-wide 16-bit image. Each read and each numpy call on it gives
@@ -75,9 +76,11 @@ def reducible(ds: Dataset, ts: str, target_size: int | None) -> bool:
     )
 
 
-def decode_first_frame(ds: Dataset, name: str, ts: str, target_size: int | None) -> tuple[np.ndarray, float]:
+def decode_first_frame(
+    path: Path, ds: Dataset, name: str, ts: str, target_size: int | None
+) -> tuple[np.ndarray, float]:
     if target_size and reducible(ds, ts, target_size):
-        reduced = _decode_reduced(ds, ts, target_size)
+        reduced = _decode_reduced(path, ds, ts, target_size)
         if reduced is not None:
             return reduced
     plugin = _PREFERRED_PLUGIN.get(ts, "")
@@ -104,7 +107,7 @@ def decode_jpeg_lossless(path: Path, ds: Dataset) -> np.ndarray | None:
     if ds.get("PixelRepresentation", 0) != 0 or ds.get("BitsAllocated") not in (8, 16):
         return None
     dtype = np.uint16 if ds.BitsAllocated == 16 else np.uint8
-    turbo = _jpeg_lossless_turbo(ds, dtype)
+    turbo = _jpeg_lossless_turbo(path, ds, dtype)
     if turbo is not None or gdcm is None:
         return turbo
     try:
@@ -128,11 +131,11 @@ def decode_jpeg_lossless(path: Path, ds: Dataset) -> np.ndarray | None:
     return out
 
 
-def _jpeg_lossless_turbo(ds: Dataset, dtype: type[np.unsignedinteger]) -> np.ndarray | None:
+def _jpeg_lossless_turbo(path: Path, ds: Dataset, dtype: type[np.unsignedinteger]) -> np.ndarray | None:
     if imagecodecs is None:
         return None
     try:
-        frame = pydicom.encaps.get_frame(ds.PixelData, 0, number_of_frames=frame_count(ds))
+        frame = first_frame(path, ds, frame_count(ds))
         out = np.asarray(imagecodecs.jpeg8_decode(frame))
     except Exception:  # anything unusual: GDCM (and then the plugins) decide
         return None
@@ -141,7 +144,7 @@ def _jpeg_lossless_turbo(ds: Dataset, dtype: type[np.unsignedinteger]) -> np.nda
     return out
 
 
-def _decode_reduced(ds: Dataset, ts: str, target_size: int) -> tuple[np.ndarray, float] | None:
+def _decode_reduced(path: Path, ds: Dataset, ts: str, target_size: int) -> tuple[np.ndarray, float] | None:
     """Decode at 1/2^k size with Pillow (libjpeg DCT scaling, OpenJPEG resolution levels).
 
     Returns None whenever anything is unusual, so the full-size path decides."""
@@ -150,7 +153,7 @@ def _decode_reduced(ds: Dataset, ts: str, target_size: int) -> tuple[np.ndarray,
     if levels <= 0:
         return None
     try:
-        frame = pydicom.encaps.get_frame(ds.PixelData, 0, number_of_frames=frame_count(ds))
+        frame = first_frame(path, ds, frame_count(ds))
     except Exception:
         return None
     # Deepest first; should the decoder refuse a level for any reason, one level less.
