@@ -19,15 +19,24 @@ from appliance.store import Store
 from testsupport.data import cxr_data
 
 
-def claimed(tmp_path: Path) -> tuple[Store, str, str]:
-    """A spool on the appliance's store with one image claimed (in processing/): its id and file name."""
+def real_image() -> Path:
+    return sorted((cxr_data() / "images" / "cohen").glob("*.jpg"))[0]
+
+
+def accepted(tmp_path: Path) -> tuple[Store, Spool, Accepted]:
+    """A spool on the appliance's store with one real image accepted (in incoming/)."""
     watch = tmp_path / "watch"
     watch.mkdir()
     store = Store(tmp_path / "appliance.sqlite3")
     spool = Spool(tmp_path / "spool", store=store)
-    image = sorted((cxr_data() / "images" / "cohen").glob("*.jpg"))[0]
-    got = spool.accept(Path(shutil.copyfile(image, watch / "a.jpg")), "watch")
-    assert isinstance(got, Accepted)
+    got = spool.accept(Path(shutil.copyfile(real_image(), watch / "a.jpg")), "watch")
+    assert isinstance(got, Accepted) and got.path.parent.name == "incoming"
+    return store, spool, got
+
+
+def claimed(tmp_path: Path) -> tuple[Store, str, str]:
+    """A spool on the appliance's store with one image claimed (in processing/): its id and file name."""
+    store, spool, got = accepted(tmp_path)
     item = spool.claim_next()
     assert item is not None and item.path.parent.name == "processing"
     return store, got.image_id, item.path.name
@@ -83,13 +92,7 @@ def test_an_accepted_image_whose_row_a_power_cut_lost_is_registered_again_and_re
     """The acceptance row is committed without waiting for the disk: after a power cut only the file in
     incoming/ may be left. Recovery registers it under the same id; the same file offered again is a
     duplicate of it, and it is claimed exactly once."""
-    watch = tmp_path / "watch"
-    watch.mkdir()
-    store = Store(tmp_path / "appliance.sqlite3")
-    spool = Spool(tmp_path / "spool", store=store)
-    image = sorted((cxr_data() / "images" / "cohen").glob("*.jpg"))[0]
-    got = spool.accept(Path(shutil.copyfile(image, watch / "a.jpg")), "watch")
-    assert isinstance(got, Accepted) and got.path.parent.name == "incoming"
+    store, _, got = accepted(tmp_path)
     path = store.path
     store.close()
     with contextlib.closing(sqlite3.connect(path)) as db:
@@ -97,7 +100,7 @@ def test_an_accepted_image_whose_row_a_power_cut_lost_is_registered_again_and_re
         db.commit()
     spool = Spool(tmp_path / "spool", store=Store(path))
     assert spool.recover() == 0  # nothing was in processing/
-    again = spool.accept(Path(shutil.copyfile(image, watch / "b.jpg")), "watch")
+    again = spool.accept(Path(shutil.copyfile(real_image(), tmp_path / "watch" / "b.jpg")), "watch")
     assert isinstance(again, Duplicate) and again.image_id == got.image_id
     item = spool.claim_next()
     assert item is not None and item.image_id == got.image_id
