@@ -8,7 +8,6 @@ The checks live in dicom_checks.py, the decoding in dicom_pixels.py, the tags in
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import struct
 import threading
@@ -36,12 +35,12 @@ from appliance.ingest.dicom_checks import frame_count, refuse_before_decoding, s
 from appliance.ingest.dicom_meta import image_meta
 from appliance.ingest.dicom_pixels import (
     acc_type,
-    decode_first_frame,
+    decode_full_frame,
     decode_jpeg_lossless,
+    decode_reduced,
     pool_factor,
     pool_rows,
     poolable,
-    reducible,
     stream_block_mean,
     to_unit,
 )
@@ -60,15 +59,27 @@ _NATIVE = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 _FULL_FRAME = threading.Lock()
 
 
-class _DropTruncationNoise(logging.Filter):
-    """pydicom logs *and* warns about a missing delimiter; we turn the warning into InputRejected, and
-    the watcher polls half-written files, so the log line would repeat every second."""
+class _PydicomWarnings(logging.Filter):
+    """pydicom logs every warning it raises (pydicom.misc.warn_and_log). A thread parsing a file collects
+    its own here: `warnings.catch_warnings` would swap process-wide state while the other reading thread
+    (appliance/feeder.py) parses too, and one thread's warnings would land in the other's list. The
+    truncation line is dropped: the watcher polls half-written files, it would repeat every second."""
+
+    collecting = threading.local()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "End of file reached" not in record.getMessage()
+        text = record.getMessage()
+        mine: list[str] | None = getattr(self.collecting, "messages", None)
+        if mine is not None and record.funcName == "warn_and_log":
+            mine.append(text)
+        return "End of file reached" not in text
 
 
-logging.getLogger("pydicom").addFilter(_DropTruncationNoise())
+_PYDICOM_WARNINGS = _PydicomWarnings()
+logging.getLogger("pydicom").addFilter(_PYDICOM_WARNINGS)
+# The same warnings again on stderr add nothing: warn_and_log has logged each one already, and a
+# hostile file can make hundreds of distinct ones.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\..*)?$")
 
 
 def looks_like_dicom(head: bytes) -> bool:
@@ -93,13 +104,14 @@ def read_dicom(path: Path, *, max_pixels: int, target_size: int | None = None) -
     # Uncompressed: block means straight from the file, a few rows at a time (no full-size copy).
     pooled = stream_block_mean(path, ds, factor) if factor and ts in _NATIVE else None
     if pooled is None:
-        with contextlib.nullcontext() if reducible(ds, ts, target_size) else _FULL_FRAME:
+        reduced = decode_reduced(path, ds, ts, target_size)
+        if reduced is not None:
+            return DecodedImage(pixels=to_unit(reduced[0], ds, name), meta=meta, scale=reduced[1])
+        with _FULL_FRAME:
             direct = decode_jpeg_lossless(path, ds) if ts in _GDCM_DIRECT else None
-            raw, scale = (
-                (direct, 1.0) if direct is not None else decode_first_frame(path, ds, name, ts, target_size)
-            )
-            if not (factor and scale == 1.0 and poolable(raw)):
-                return DecodedImage(pixels=to_unit(raw, ds, name), meta=meta, scale=scale)
+            raw = direct if direct is not None else decode_full_frame(ds, name, ts)
+            if not (factor and poolable(raw)):
+                return DecodedImage(pixels=to_unit(raw, ds, name), meta=meta, scale=1.0)
             pooled = pool_rows([raw], factor, raw.shape[1] // factor, acc_type(raw.dtype))
             del raw, direct  # the full-size frame goes before the lock is released
     means, extremes = pooled
@@ -145,19 +157,19 @@ def _parse(path: Path, max_inflated: int = MAX_INFLATED_BYTES) -> Dataset:
     """The dataset with large values deferred; a deflated dataset inflating beyond `max_inflated` bytes
     is refused before pydicom inflates it whole."""
     name = path.name
+    caught: list[str] = []
+    _PYDICOM_WARNINGS.collecting.messages = caught
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            refuse_deflate_bomb(path, max_inflated)
-            # force=True only matters for bare datasets without preamble (looks_like_dicom checked them).
-            with BoundedFile(path) as fh:
-                ds = pydicom.dcmread(fh, defer_size=_DEFER_BYTES, force=True)
-            ds.fileobj_type = BoundedFile  # pydicom would re-open deferred values with plain open()
-            for tag in list(ds.keys()):
-                # Convert every top-level value now, so a bad VR or value fails here and is named;
-                # deferred values (value None) stay on disk.
-                if ds.get_item(tag, keep_deferred=True).value is not None:
-                    ds[tag]
+        refuse_deflate_bomb(path, max_inflated)
+        # force=True only matters for bare datasets without preamble (looks_like_dicom checked them).
+        with BoundedFile(path) as fh:
+            ds = pydicom.dcmread(fh, defer_size=_DEFER_BYTES, force=True)
+        ds.fileobj_type = BoundedFile  # pydicom would re-open deferred values with plain open()
+        for tag in list(ds.keys()):
+            # Convert every top-level value now, so a bad VR or value fails here and is named;
+            # deferred values (value None) stay on disk.
+            if ds.get_item(tag, keep_deferred=True).value is not None:
+                ds[tag]
     except PermissionError as exc:
         raise InputRejected(reasons.PERMISSION_DENIED, f"{name}: {exc.strerror}") from exc
     except FileNotFoundError as exc:
@@ -177,8 +189,9 @@ def _parse(path: Path, max_inflated: int = MAX_INFLATED_BYTES) -> Dataset:
         OSError,  # pydicom: "No tag to read at file position ..." for a sequence item cut short
     ) as exc:
         raise InputRejected(reasons.INVALID_DICOM, f"{name}: {type(exc).__name__}: {exc}") from exc
-    for w in caught:
-        text = str(w.message)
+    finally:
+        _PYDICOM_WARNINGS.collecting.messages = None
+    for text in caught:
         # pydicom warns (not raises) when encapsulated data ends before its sequence delimiter.
         if "End of file reached" in text or "delimiter" in text.lower():
             raise InputRejected(reasons.TRUNCATED_DICOM, f"{name}: {text}")

@@ -69,20 +69,18 @@ _PREFERRED_PLUGIN: dict[str, str] = {
 }
 
 
-def reducible(ds: Dataset, ts: str, target_size: int | None) -> bool:
-    """Whether the codec can decode this frame at a reduced size (JPEG DCT scaling, JPEG 2000 levels)."""
-    return (
-        bool(target_size) and ds.get("PixelRepresentation", 0) == 0 and (ts == JPEGBaseline8Bit or ts in _J2K)
-    )
+def decode_reduced(
+    path: Path, ds: Dataset, ts: str, target_size: int | None
+) -> tuple[np.ndarray, float] | None:
+    """The first frame at 1/2^k size (JPEG DCT scaling, JPEG 2000 resolution levels) with its scale;
+    None when the codec cannot or anything is unusual: then the full-size path decides."""
+    if not target_size or ds.get("PixelRepresentation", 0) != 0 or not (ts == JPEGBaseline8Bit or ts in _J2K):
+        return None
+    return _decode_reduced(path, ds, ts, target_size)
 
 
-def decode_first_frame(
-    path: Path, ds: Dataset, name: str, ts: str, target_size: int | None
-) -> tuple[np.ndarray, float]:
-    if target_size and reducible(ds, ts, target_size):
-        reduced = _decode_reduced(path, ds, ts, target_size)
-        if reduced is not None:
-            return reduced
+def decode_full_frame(ds: Dataset, name: str, ts: str) -> np.ndarray:
+    """The first frame at full size through pydicom's plugins (the permissive one preferred per syntax)."""
     plugin = _PREFERRED_PLUGIN.get(ts, "")
     if plugin and plugin not in get_decoder(UID(ts)).available_plugins:
         plugin = ""
@@ -97,7 +95,7 @@ def decode_first_frame(
         raise
     except Exception as exc:
         raise InputRejected(reasons.DECODE_FAILED, f"{name}: {type(exc).__name__}: {exc}") from exc
-    return arr, 1.0
+    return arr
 
 
 def decode_jpeg_lossless(path: Path, ds: Dataset) -> np.ndarray | None:
@@ -160,7 +158,10 @@ def _decode_reduced(path: Path, ds: Dataset, ts: str, target_size: int) -> tuple
     wanted = tuple(range(min(levels, 5), 0, -1)) if ts in _J2K else (levels,)
     if ts in _J2K:
         for level in wanted:  # OpenJPEG without the GIL first, Pillow (holding it) when that fails
-            stored = openjpeg.decode_reduced(frame, level)
+            try:
+                stored = openjpeg.decode_reduced(frame, level)
+            except Exception:  # anything unexpected from ctypes or numpy: Pillow decides
+                stored = None
             if stored is not None and stored.shape == _reduced_shape(rows, cols, level):
                 return stored, cols / stored.shape[1]
     for level in wanted:

@@ -147,6 +147,8 @@ class _MemoryStream:
 
     def skip(self, count: int, _user: int | None) -> int:
         count = max(-self.position, min(count, len(self.data) - self.position))
+        if count == 0 and self.position == len(self.data):
+            return -1  # nothing left: OpenJPEG would otherwise ask again and again
         self.position += count
         return count
 
@@ -170,7 +172,7 @@ def decode_reduced(codestream: bytes, level: int) -> np.ndarray | None:
     # (the daemon's peak memory rose by ~60 MB in a backlog).
     read, skip, seek = _READ(source.read), _SKIP(source.skip), _SEEK(source.seek)
     codec = lib.opj_create_decompress(codec_format)
-    stream = lib.opj_stream_create(len(codestream), 1)
+    stream = lib.opj_stream_create(min(len(codestream), _STREAM_CHUNK), 1)
     image = ctypes.POINTER(_Image)()
     try:
         if not codec or not stream:
@@ -189,6 +191,8 @@ def decode_reduced(codestream: bytes, level: int) -> np.ndarray | None:
         if not image or image.contents.numcomps != 1:
             return None
         if not lib.opj_decode(codec, stream, image) or not lib.opj_end_decompress(codec, stream):
+            return None
+        if image.contents.numcomps != 1:  # a JP2 palette (pclr) is applied while decoding: colour now
             return None
         component = image.contents.comps[0]
         if component.sgnd or not 1 <= component.prec <= 16 or not component.data:
