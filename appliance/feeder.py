@@ -1,8 +1,8 @@
 """The claim side of the loop: batches out of the spool, the next one read while this one is analysed.
 
 Two stages on two cores: the read-ahead thread decodes and preprocesses batch k+1 while the loop infers,
-interprets and hands off batch k (ONNX Runtime releases the GIL while it runs; libjpeg-turbo and numpy's
-pooling release it for most of a decode). Without it a backlog used one core at a time: the reader
+interprets and hands off batch k (ONNX Runtime releases the GIL while it runs; libjpeg-turbo, OpenJPEG
+called by ctypes and numpy's pooling release it for most of a decode). Without it a backlog used one core at a time: the reader
 waited for the hand-off and the hand-off for the reader. Reading costs more than the rest (a lossless
 JPEG ~50 ms, inference ~12), so the loop does not just wait for a batch still being read: it reads its
 images from the back while the read-ahead thread reads from the front, each image by one of them.

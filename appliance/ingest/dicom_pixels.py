@@ -69,16 +69,6 @@ _PREFERRED_PLUGIN: dict[str, str] = {
 }
 
 
-def decode_reduced(
-    path: Path, ds: Dataset, ts: str, target_size: int | None
-) -> tuple[np.ndarray, float] | None:
-    """The first frame at 1/2^k size (JPEG DCT scaling, JPEG 2000 resolution levels) with its scale;
-    None when the codec cannot or anything is unusual: then the full-size path decides."""
-    if not target_size or ds.get("PixelRepresentation", 0) != 0 or not (ts == JPEGBaseline8Bit or ts in _J2K):
-        return None
-    return _decode_reduced(path, ds, ts, target_size)
-
-
 def decode_full_frame(ds: Dataset, name: str, ts: str) -> np.ndarray:
     """The first frame at full size through pydicom's plugins (the permissive one preferred per syntax)."""
     plugin = _PREFERRED_PLUGIN.get(ts, "")
@@ -142,10 +132,14 @@ def _jpeg_lossless_turbo(path: Path, ds: Dataset, dtype: type[np.unsignedinteger
     return out
 
 
-def _decode_reduced(path: Path, ds: Dataset, ts: str, target_size: int) -> tuple[np.ndarray, float] | None:
-    """Decode at 1/2^k size with Pillow (libjpeg DCT scaling, OpenJPEG resolution levels).
-
-    Returns None whenever anything is unusual, so the full-size path decides."""
+def decode_reduced(
+    path: Path, ds: Dataset, ts: str, target_size: int | None
+) -> tuple[np.ndarray, float] | None:
+    """The first frame at 1/2^k size (libjpeg DCT scaling; JPEG 2000 resolution levels through OpenJPEG
+    by ctypes, else Pillow) with its scale. None when the codec cannot or anything is unusual: then the
+    full-size path decides."""
+    if not target_size or ds.get("PixelRepresentation", 0) != 0 or not (ts == JPEGBaseline8Bit or ts in _J2K):
+        return None
     rows, cols = int(ds.Rows), int(ds.Columns)
     levels = math.floor(math.log2(min(rows, cols) / target_size)) if min(rows, cols) > target_size else 0
     if levels <= 0:
