@@ -622,6 +622,14 @@
     ]);
   }
 
+  // A changed reading is drawn into the tile already on the page rather than into a new one, so a click or
+  // the focus on it survives the redraw. The layout owns the inline style.
+  function adopt(node, fresh) {
+    for (const { name } of [...node.attributes]) if (name !== "style" && !fresh.hasAttribute(name)) node.removeAttribute(name);
+    for (const { name, value } of fresh.attributes) if (node.getAttribute(name) !== value) node.setAttribute(name, value);
+    node.replaceChildren(...fresh.childNodes);
+  }
+
   function tile(r, bedKey) {
     const level = levelOf(r);
     const ack = state.acks.get(r.message_id);
@@ -719,9 +727,29 @@
     );
   }
 
+  // The browser sends no click when the element pressed leaves the page before the release, so while a
+  // pointer is down on the tiles their redraw waits for the release (at most PRESS_HOLD_MS).
+  const PRESS_HOLD_MS = 3000;
+  let pressedAt = 0;
+
+  function holdWhilePressed() {
+    $("tiles").addEventListener("pointerdown", () => {
+      pressedAt = Date.now();
+      setTimeout(scheduleRender, PRESS_HOLD_MS);
+    });
+    const release = () => {
+      if (!pressedAt) return;
+      pressedAt = 0;
+      scheduleRender(); // after the click: it is dispatched with the release, before any timer
+    };
+    document.addEventListener("pointerup", release, true);
+    document.addEventListener("pointercancel", release, true);
+  }
+
   function renderTiles() {
     const main = $("tiles");
     const beds = orderedBeds();
+    if (pressedAt && Date.now() - pressedAt < PRESS_HOLD_MS && beds.length) return false;
     if (!beds.length) {
       tileCache.clear();
       const text = state.connected ? "No results yet." : "Waiting for results…";
@@ -743,9 +771,13 @@
       live.add(bedKey);
       const sig = tileSignature(r);
       let entry = tileCache.get(bedKey);
-      if (!entry || entry.sig !== sig) {
+      if (!entry) {
         entry = { sig, node: tile(r, bedKey) };
         tileCache.set(bedKey, entry);
+        changed = true;
+      } else if (entry.sig !== sig) {
+        entry.sig = sig;
+        adopt(entry.node, tile(r, bedKey));
         changed = true;
       } else {
         const when = resultTime(r);
@@ -756,11 +788,20 @@
       nodes.push(entry.node);
     }
     for (const key of [...tileCache.keys()]) if (!live.has(key)) tileCache.delete(key);
-    const current = [...main.children];
-    if (changed || current.length !== nodes.length || current.some((n, i) => n !== nodes[i])) {
-      main.replaceChildren(...nodes);
-      changed = true;
+    // Only tiles that left or changed place are taken out of the page (a tile keeps its focus).
+    const keep = new Set(nodes);
+    for (const child of [...main.children]) {
+      if (!keep.has(child)) {
+        child.remove();
+        changed = true;
+      }
     }
+    nodes.forEach((node, i) => {
+      if (main.children[i] !== node) {
+        main.insertBefore(node, main.children[i] || null);
+        changed = true;
+      }
+    });
     // Give focus back where it was (a tile moved or was rebuilt) — the keyboard user keeps their place.
     if (focusedKey && !$("detail").open && document.activeElement !== focused) {
       const entry = tileCache.get(focusedKey);
@@ -1404,6 +1445,7 @@
     }
     renderSound();
 
+    holdWhilePressed();
     new ResizeObserver(() => layout(false)).observe($("tiles"));
     // Ages and the clock move on even when no message arrives.
     setInterval(scheduleRender, 5000); // ages, silence and staleness move on without new messages

@@ -152,6 +152,13 @@ class Page:
     def click(self, selector: str) -> None:
         self._call("click", selector=selector)
 
+    def mouse_down(self, selector: str) -> None:
+        """The mouse moved onto `selector` and its button pressed (and held until `mouse_up`)."""
+        self._call("mouse", action="down", selector=selector)
+
+    def mouse_up(self) -> None:
+        self._call("mouse", action="up")
+
     def press(self, key: str, selector: str | None = None) -> None:
         """A real key press, on `selector` or on whatever has the focus."""
         self._call("press", key=key, selector=selector)

@@ -79,6 +79,13 @@ const ops = {
     await get(page).page.click(selector, { timeout });
     return true;
   },
+  async mouse({ page, action, selector }) {
+    const p = get(page).page;
+    if (selector) await p.hover(selector);
+    if (action === "down") await p.mouse.down();
+    else await p.mouse.up();
+    return true;
+  },
   async press({ page, key, selector }) {
     const p = get(page).page;
     if (selector) await p.press(selector, key);

@@ -170,6 +170,29 @@ def test_tile_leads_with_the_key_sentence_and_the_detail_view_holds_the_whole_re
     assert_clean(page)
 
 
+def test_a_click_survives_a_reading_arriving_between_press_and_release(browser: Browser, ward: Ward) -> None:
+    """The browser sends no click when the element pressed leaves the page before the release: a reading
+    arriving while a finger is on a tile (urgent, for that bed) waits to be drawn until the release."""
+    cart = ward.cart()
+    a, n = abnormal("Bay 3 Bed 1", 20), normal("Bay 3 Bed 2", 30)
+    cart.publish([a, n])
+    page = open_display(browser, ward)
+    page.wait_true("document.querySelectorAll('.tile').length === 2")
+    page.mouse_down(f"{tile('Bay 3 Bed 1')} .key")
+    later = urgent("Bay 3 Bed 1", 1)
+    cart.publish([later])
+    page.wait("#banners .banner-bed")  # it has arrived (the banner is drawn at once) ...
+    assert page.attr(tile("Bay 3 Bed 1"), "data-message-id") == a.message_id  # ... the tile waits
+    page.mouse_up()
+    page.wait(f'#detail[open][data-message-id="{later.message_id}"]')
+    assert page.text("#detail .detail-text") == later.text
+    page.wait(f'{tile("Bay 3 Bed 1")}[data-message-id="{later.message_id}"]')
+    page.press("Escape")
+    page.wait("#detail", state="hidden")
+    assert active(page)["bed"] == "Bay 3 Bed 1"
+    assert_clean(page)
+
+
 def test_refused_reading_shows_its_reason_and_nothing_else(browser: Browser, ward: Ward) -> None:
     cart = ward.cart()
     r = refused("Bay 5 Bed 1", 4)
