@@ -351,12 +351,13 @@ class Daemon:
             if self.reload_requested:
                 self.reload()
             self._check_disk()
-            jobs = self.feeder.take(self.analyzer)
-            if not jobs:
-                self.wake.wait(timeout=self.config.ingest.poll_seconds)
-                self.wake.clear()
-                continue
+            jobs: list[Job] = []
             try:
+                jobs = self.feeder.take(self.analyzer)
+                if not jobs:
+                    self.wake.wait(timeout=self.config.ingest.poll_seconds)
+                    self.wake.clear()
+                    continue
                 self.processor.process(jobs)
             except TEMPORARY as exc:
                 kind = "backend" if isinstance(exc, BackendUnavailable) else "storage"

@@ -71,7 +71,12 @@ class Feeder:
         if current is None:
             return []
         if current.reading is not None and self.spool.pending_count() > 0:
-            self._ahead = self._claim(analyzer, alone_if_suspect=False)
+            try:
+                self._ahead = self._claim(analyzer, alone_if_suspect=False)
+            except (OSError, sqlite3.Error, SpoolFull) as exc:
+                # This batch is claimed already: it goes on; the next is claimed after it (or the
+                # claim fails again there, with nothing else handed out, and the loop keeps the fault).
+                log.warning("cannot claim the next batch ahead (%s); it waits in incoming/", exc)
         self._wait(current, analyzer)
         return current.jobs
 

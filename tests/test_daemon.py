@@ -343,3 +343,51 @@ def test_the_bundled_int8_and_fp16_models_run_end_to_end_through_the_daemon(
         assert payload["provenance"]["onnx_sha256"] == listed["sha256"]
         assert payload["provenance"]["backend"] == "onnxruntime"
     assert [p["status"] for p in got].count("ok") >= 2  # real frontal X-rays are read, not refused
+
+
+def test_a_claim_that_fails_sets_the_storage_fault_and_the_loop_tries_again(
+    broker: Broker,
+    model: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Claiming from the spool can fail (a full disk fails the database's commit): the loop treats it as
+    it treats a failing hand-off, a storage fault and a retry, instead of stopping the daemon (in process:
+    the failure is injected into the feeder's claim)."""
+    import sqlite3
+
+    from appliance import daemon as daemon_module
+    from appliance.config import load_config
+
+    monkeypatch.setattr(daemon_module, "RETRY_SECONDS", 0.2)
+    files = DaemonProcess(tmp_path / "appliance", broker, model)  # only its config.yaml and folders
+    daemon = daemon_module.Daemon(load_config(files.config_path))
+    daemon._start()
+    faults: list[str | None] = []
+    set_fault = daemon._set_fault
+    monkeypatch.setattr(daemon, "_set_fault", lambda kind, why: (faults.append(why), set_fault(kind, why))[1])
+    claim = daemon.spool.claim
+    failing = [sqlite3.OperationalError("database or disk is full")]
+
+    def claim_once_failing(n: int = 1) -> object:
+        if failing:
+            raise failing.pop()
+        return claim(n)
+
+    monkeypatch.setattr(daemon.spool, "claim", claim_once_failing)
+    loop = threading.Thread(target=daemon._loop)
+    try:
+        with Subscriber(broker, RESULT_TOPIC) as sub:
+            shutil.copyfile(real_images(1)[0], files.inbox / "first.jpg")
+            loop.start()
+            got = wait_results(sub, 1, timeout=30)
+    finally:
+        daemon.stop_event.set()
+        daemon.wake.set()
+        loop.join(30)
+        daemon._shutdown()
+    assert not loop.is_alive() and [r["status"] for r in got] == ["ok"]
+    assert not failing and "cannot write results: database or disk is full" in faults
+    assert "storage problem (database or disk is full)" in caplog.text
+    assert list((files.spool / "done").iterdir()) and not list((files.spool / "processing").iterdir())

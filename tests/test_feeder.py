@@ -4,6 +4,7 @@ that failed before alone and unread; what was read ahead handed back on release,
 from __future__ import annotations
 
 import shutil
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from appliance.backends.onnxruntime import OnnxRuntimeBackend, OnnxRuntimeConfig
 from appliance.config import AppConfig
 from appliance.feeder import Feeder
 from appliance.ingest.spool import Spool
-from appliance.ingest.spool_records import Accepted
+from appliance.ingest.spool_records import Accepted, SpoolItem
 from appliance.manifest import Precision, load_manifest
 from appliance.pipeline import Analyzer
 from testsupport import tiny_models
@@ -89,3 +90,27 @@ def test_release_hands_the_batch_read_ahead_back_uncounted(
     assert in_processing(spool) == 0 and spool.pending_count() == 4
     assert all(spool.crashes(i) == 0 for i in ids)
     assert [j.image_id for j in feeder.take(analyzer)] == ids[:2]
+
+
+def test_a_failing_claim_of_the_next_batch_leaves_this_one_going_and_the_rest_waiting(
+    spool: Spool, analyzer: Analyzer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids = backlog(spool, tmp_path, 4)
+    feeder = Feeder(spool, batch=2)
+    claim = spool.claim
+    calls = []
+
+    def full_on_the_second(n: int = 1) -> list[SpoolItem]:
+        calls.append(n)
+        if len(calls) == 2:
+            raise sqlite3.OperationalError("database or disk is full")
+        return claim(n)
+
+    monkeypatch.setattr(spool, "claim", full_on_the_second)
+    current = feeder.take(analyzer)
+    assert [j.image_id for j in current] == ids[:2] and all(j.image is not None for j in current)
+    assert in_processing(spool) == 2 and spool.pending_count() == 4  # nothing else handed out
+    for job in current:
+        spool.mark_done(job.image_id)
+    assert [j.image_id for j in feeder.take(analyzer)] == ids[2:]
+    assert all(spool.crashes(i) == 0 for i in ids)

@@ -249,9 +249,11 @@ class Spool:
                 try:
                     os.rename(self.files.dir("incoming") / name, dest)
                 except FileNotFoundError:
-                    log.warning("spool: %s vanished from incoming/; forgetting it", name)
-                    self._set_state(image_id, "lost")
-                    continue
+                    # Already in processing/: a claim whose transaction was rolled back moved it.
+                    if not dest.exists():
+                        log.warning("spool: %s vanished from incoming/; forgetting it", name)
+                        self._set_state(image_id, "lost")
+                        continue
                 self._set_state(image_id, "processing")
                 return SpoolItem(image_id, dest, row[2] or "", row[3] or "", row[4] or "", row[5])
 

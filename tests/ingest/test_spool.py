@@ -54,6 +54,26 @@ def test_accept_claim_done(tmp_path: Path) -> None:
     assert not spool.mark_done("0" * 64)
 
 
+def test_a_claim_whose_transaction_rolled_back_after_the_move_is_claimed_again_not_lost(
+    tmp_path: Path,
+) -> None:
+    """A full disk can fail the claim's commit after its file moved to processing/: the row still says
+    incoming, and the next claim takes the file from processing/ instead of forgetting it."""
+    spool = Spool(tmp_path / "spool")
+    watch = tmp_path / "watch"
+    watch.mkdir()
+    got = spool.accept(copy_to(real(JPEG_BASELINE), watch, "scan.dcm"), "watch")
+    assert isinstance(got, Accepted)
+    with pytest.raises(SpoolFull), spool._tx():  # the claim's transaction fails at its commit
+        assert spool.claim_next() is not None
+        raise SpoolFull("disk full at the commit")
+    assert not got.path.exists() and (spool.root / "processing" / got.path.name).is_file()
+    assert spool.pending_count() == 1  # the row rolled back: still waiting
+    item = spool.claim_next()
+    assert item is not None and item.image_id == got.image_id and item.path.is_file()
+    assert spool.mark_done(item.image_id) and (spool.root / "done" / got.path.name).is_file()
+
+
 def test_duplicates_from_two_folders(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool")
     a, b, usb = tmp_path / "a", tmp_path / "b", tmp_path / "usb"
