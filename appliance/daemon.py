@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from appliance import sdnotify
 from appliance.assemble import build_analyzer
 from appliance.config import AppConfig, load_config
+from appliance.early_read import EarlyRead
 from appliance.errors import ApplianceError, BackendUnavailable, InputRejected, UserError
 from appliance.feeder import Feeder
 from appliance.ingest.intake import FOLDER, Intake, Verdict
@@ -40,6 +41,7 @@ from appliance.publish import history
 from appliance.publish.mqtt import MqttPublisher
 from appliance.publish.outbox import LEGACY_OUTBOX, Outbox
 from appliance.result import Acknowledgement, Result
+from appliance.retention import housekeeping
 from appliance.store import Store
 
 if TYPE_CHECKING:  # loaded when enabled: pynetdicom and highdicom cost start-up time and memory
@@ -114,12 +116,14 @@ class Daemon:
         self.spool = Spool.from_config(self.config, self.store)
         # Every source hands its files to this one intake (appliance/ingest/intake.py): one gate, one
         # size limit, one quarantine, counted once. A full spool found by any source stops accepting.
+        self.early_read = EarlyRead(lambda: self.analyzer)
         self.intake = Intake.from_config(
             self.config,
             self.spool,
             not_accepting=self._not_accepting,
             metrics=self.metrics,
             on_spool_full=lambda why: self._set_fault("disk", f"spool disk full: {why}"),
+            early_read=self.early_read,
         )
         self._folder_rules = replace(FOLDER, move=ingest.delete_from_watch)
         recovered = self.spool.recover()
@@ -172,7 +176,7 @@ class Daemon:
             self.receiver = DicomReceiver.from_config(
                 self.config, self.intake, on_accepted=self.wake.set
             ).start()
-        self.feeder = Feeder(self.spool, self.config.inference.max_batch)
+        self.feeder = Feeder(self.spool, self.config.inference.max_batch, self.early_read)
         self.processor = ImageProcessor(
             self.store,
             self.spool,
@@ -341,9 +345,10 @@ class Daemon:
     def _loop(self) -> None:
         ping_every = sdnotify.watchdog_interval()
         last_ping = last_housekeeping = 0.0
+        claim_failed = False  # the storage fault is then cleared by the next claim that works
         while not self.stop_event.is_set():
             if time.monotonic() - last_housekeeping >= HOUSEKEEPING_SECONDS:
-                self.housekeeping()
+                housekeeping(self.config.ingest, self.journal, self.spool, self.dicom_out)
                 last_housekeeping = time.monotonic()
             if ping_every is not None and time.monotonic() - last_ping >= ping_every / 2:
                 sdnotify.watchdog()  # from the loop itself: a hung pipeline stops the pings
@@ -355,11 +360,15 @@ class Daemon:
             try:
                 jobs = self.feeder.take(self.analyzer)
                 if not jobs:
+                    if claim_failed:
+                        claim_failed = False
+                        self._set_fault("storage", None)
                     self.wake.wait(timeout=self.config.ingest.poll_seconds)
                     self.wake.clear()
                     continue
                 self.processor.process(jobs)
             except TEMPORARY as exc:
+                claim_failed = not jobs
                 kind = "backend" if isinstance(exc, BackendUnavailable) else "storage"
                 log.error(
                     "%s problem (%s); %d image(s) wait, retry in %.0f s", kind, exc, len(jobs), RETRY_SECONDS
@@ -376,23 +385,6 @@ class Daemon:
                 self._set_fault("storage", None)
                 self._set_fault("backend", None)
         self.feeder.release()  # stopping: what was read ahead goes back to incoming/, uncounted
-
-    def housekeeping(self) -> None:
-        """Retention: nothing that holds patient data (results, images, refused files, where files came
-        from, DICOM outputs) is kept past its configured limit (docs/deployment.md, "Retention")."""
-        ingest, day = self.config.ingest, 86400
-        pruned = self.journal.prune()
-        purged = self.spool.purge_done(ingest.keep_done_days * day)
-        purged += self.spool.purge_quarantine(ingest.keep_quarantine_days * day)
-        scrubbed = self.spool.scrub_records(ingest.keep_records_days * day)
-        purged += self.dicom_out.purge() if self.dicom_out is not None else 0
-        if pruned or purged or scrubbed:
-            log.info(
-                "housekeeping: %d old result(s) pruned, %d file(s) deleted, %d spool record(s) scrubbed",
-                pruned,
-                purged,
-                scrubbed,
-            )
 
     def _rebuild_drift(self) -> None:
         backend = self.analyzer.backend

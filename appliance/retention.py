@@ -8,11 +8,22 @@ followed, so nothing outside the folder is ever deleted).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from appliance.config import IngestConfig
+    from appliance.dicomout.writer import DicomOutWriter
+    from appliance.ingest.spool import Spool
+    from appliance.journal import Journal
+
+log = logging.getLogger(__name__)
+DAY_SECONDS = 86400
 
 
 def purge_older(
@@ -34,3 +45,22 @@ def purge_older(
                 path.unlink()
                 removed.append(path)
     return removed
+
+
+def housekeeping(
+    ingest: IngestConfig, journal: Journal, spool: Spool, dicom_out: DicomOutWriter | None
+) -> None:
+    """The daemon's periodic pass: nothing that holds patient data (results, images, refused files, where
+    files came from, DICOM outputs) is kept past its configured limit."""
+    pruned = journal.prune()
+    purged = spool.purge_done(ingest.keep_done_days * DAY_SECONDS)
+    purged += spool.purge_quarantine(ingest.keep_quarantine_days * DAY_SECONDS)
+    scrubbed = spool.scrub_records(ingest.keep_records_days * DAY_SECONDS)
+    purged += dicom_out.purge() if dicom_out is not None else 0
+    if pruned or purged or scrubbed:
+        log.info(
+            "housekeeping: %d old result(s) pruned, %d file(s) deleted, %d spool record(s) scrubbed",
+            pruned,
+            purged,
+            scrubbed,
+        )

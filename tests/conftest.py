@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -22,6 +22,9 @@ from appliance.ingest.spool import Spool
 from testsupport import tiny_models
 from testsupport.daemon import DaemonProcess
 from testsupport.mosquitto import MOSQUITTO, Broker, Subscriber
+
+if TYPE_CHECKING:
+    from appliance.pipeline import Analyzer
 
 
 @pytest.fixture(scope="session")
@@ -94,3 +97,16 @@ def spool(tmp_path: Path) -> Iterator[Spool]:
     s = Spool(tmp_path / "spool")
     yield s
     s.close()
+
+
+@pytest.fixture
+def analyzer(tmp_path: Path) -> Analyzer:
+    """A real Analyzer around the tiny ONNX model on ONNX Runtime (feeder and early-read tests)."""
+    from appliance.backends.onnxruntime import OnnxRuntimeBackend, OnnxRuntimeConfig
+    from appliance.config import AppConfig
+    from appliance.manifest import Precision, load_manifest
+    from appliance.pipeline import Analyzer
+
+    manifest = load_manifest(tiny_models.xrv_like(tmp_path / "xrv"))
+    backend = OnnxRuntimeBackend(manifest, Precision.fp32, OnnxRuntimeConfig(intra_op_threads=1), max_batch=2)
+    return Analyzer(AppConfig(), manifest, backend)

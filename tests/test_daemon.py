@@ -353,8 +353,9 @@ def test_a_claim_that_fails_sets_the_storage_fault_and_the_loop_tries_again(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Claiming from the spool can fail (a full disk fails the database's commit): the loop treats it as
-    it treats a failing hand-off, a storage fault and a retry, instead of stopping the daemon (in process:
-    the failure is injected into the feeder's claim)."""
+    it treats a failing hand-off, a storage fault and a retry, instead of stopping the daemon, and the
+    next claim that works clears the fault even with nothing to claim (the intake takes nothing while it
+    is set). In process: the failure is injected into the spool's claim."""
     import sqlite3
 
     from appliance import daemon as daemon_module
@@ -389,5 +390,6 @@ def test_a_claim_that_fails_sets_the_storage_fault_and_the_loop_tries_again(
         daemon._shutdown()
     assert not loop.is_alive() and [r["status"] for r in got] == ["ok"]
     assert not failing and "cannot write results: database or disk is full" in faults
+    assert faults[-1] is None and not daemon._faults  # cleared by the next claim that worked
     assert "storage problem (database or disk is full)" in caplog.text
     assert list((files.spool / "done").iterdir()) and not list((files.spool / "processing").iterdir())

@@ -9,22 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from appliance.backends.onnxruntime import OnnxRuntimeBackend, OnnxRuntimeConfig
-from appliance.config import AppConfig
 from appliance.feeder import Feeder
 from appliance.ingest.spool import Spool
 from appliance.ingest.spool_records import Accepted, SpoolItem
-from appliance.manifest import Precision, load_manifest
 from appliance.pipeline import Analyzer
-from testsupport import tiny_models
 from testsupport.data import cxr_data
-
-
-@pytest.fixture
-def analyzer(tmp_path: Path) -> Analyzer:
-    manifest = load_manifest(tiny_models.xrv_like(tmp_path / "xrv"))
-    backend = OnnxRuntimeBackend(manifest, Precision.fp32, OnnxRuntimeConfig(intra_op_threads=1), max_batch=2)
-    return Analyzer(AppConfig(), manifest, backend)
 
 
 def backlog(spool: Spool, tmp_path: Path, count: int) -> list[str]:

@@ -11,6 +11,7 @@ import logging
 import os
 import stat
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import blake3
@@ -62,12 +63,13 @@ def _dataset_start(path: Path) -> int:
     return 0
 
 
-def dedup_key(path: Path, kind: str) -> str:
+def dedup_key(path: Path, kind: str, before_hashing: Callable[[], None] | None = None) -> str:
     """'sop:<SOPInstanceUID>/blake3:<dataset hash>' for a DICOM that names one, else 'sha256:<content hash>'.
 
     The UID alone would drop a corrected re-send (same UID, new content) and let any sender pre-empt
     a UID; the same instance sent twice is still one key. Versions before the store hashed the dataset
-    with sha256: `legacy_key` gives that form, for rows they left."""
+    with sha256: `legacy_key` gives that form, for rows they left. `before_hashing` is called when a
+    DICOM's header has been parsed and its dataset hash begins (the hash leaves the GIL free)."""
     if kind == "dicom":
         try:
             refuse_deflate_bomb(path)  # pydicom would inflate a deflated dataset whole just to find the UID
@@ -77,6 +79,8 @@ def dedup_key(path: Path, kind: str) -> str:
                 )
             uid = str(ds.get("SOPInstanceUID", "") or "").strip()
             if uid:
+                if before_hashing is not None:
+                    before_hashing()
                 return f"sop:{uid}/{DATASET_HASH}:{dataset_blake3(path, _dataset_start(path))}"
         except Exception as exc:  # unreadable header: the reader will say why later; hash the bytes
             log.debug("no SOPInstanceUID in %s: %s", path, exc)
