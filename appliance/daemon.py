@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING
 from appliance import sdnotify
 from appliance.assemble import build_analyzer
 from appliance.config import AppConfig, load_config
-from appliance.early_read import EarlyRead
 from appliance.errors import ApplianceError, BackendUnavailable, InputRejected, UserError
 from appliance.feeder import Feeder
 from appliance.ingest.intake import FOLDER, Intake, Verdict
@@ -116,14 +115,12 @@ class Daemon:
         self.spool = Spool.from_config(self.config, self.store)
         # Every source hands its files to this one intake (appliance/ingest/intake.py): one gate, one
         # size limit, one quarantine, counted once. A full spool found by any source stops accepting.
-        self.early_read = EarlyRead(lambda: self.analyzer)
         self.intake = Intake.from_config(
             self.config,
             self.spool,
             not_accepting=self._not_accepting,
             metrics=self.metrics,
             on_spool_full=lambda why: self._set_fault("disk", f"spool disk full: {why}"),
-            early_read=self.early_read,
         )
         self._folder_rules = replace(FOLDER, move=ingest.delete_from_watch)
         recovered = self.spool.recover()
@@ -176,7 +173,7 @@ class Daemon:
             self.receiver = DicomReceiver.from_config(
                 self.config, self.intake, on_accepted=self.wake.set
             ).start()
-        self.feeder = Feeder(self.spool, self.config.inference.max_batch, self.early_read)
+        self.feeder = Feeder(self.spool, self.config.inference.max_batch)
         self.processor = ImageProcessor(
             self.store,
             self.spool,

@@ -22,7 +22,6 @@ import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from appliance.early_read import EarlyRead
 from appliance.ingest.spool import Spool
 from appliance.ingest.spool_records import SpoolFull, SpoolItem
 from appliance.pipeline import PREFETCH, Analyzer, Job
@@ -59,10 +58,9 @@ class _Batch:
 
 
 class Feeder:
-    def __init__(self, spool: Spool, batch: int, early_read: EarlyRead | None = None) -> None:
+    def __init__(self, spool: Spool, batch: int) -> None:
         self.spool = spool
         self.batch = max(1, batch)
-        self.early_read = early_read
         self._ahead: _Batch | None = None
 
     def take(self, analyzer: Analyzer) -> list[Job]:
@@ -70,8 +68,6 @@ class Feeder:
         of the batch after it has started when this returns."""
         current = self._ahead or self._claim(analyzer, alone_if_suspect=True)
         self._ahead = None
-        if self.early_read is not None:
-            self.early_read.idle = current is None
         if current is None:
             return []
         if current.reading is not None and self.spool.pending_count() > 0:
@@ -107,8 +103,6 @@ class Feeder:
                     self.spool.release(item.image_id)
             return _Batch([_job(keep)]) if keep is not None else None
         batch = _Batch([_job(item) for item in items])
-        if self.early_read is not None:
-            self.early_read.adopt(batch.jobs)
         batch.reading = PREFETCH.submit(batch.read, analyzer, from_back=False)
         return batch
 

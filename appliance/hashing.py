@@ -22,9 +22,9 @@ class Digest(Protocol):
     def hexdigest(self) -> str: ...
 
 
-def digest_stream(handle: io.RawIOBase | io.BufferedIOBase, digest: Digest) -> str:
+def digest_stream(handle: io.RawIOBase | io.BufferedIOBase, digest: Digest, chunk: int = CHUNK) -> str:
     """Hex digest of what is left to read in `handle` (the caller opens and positions it)."""
-    buffer = bytearray(CHUNK)
+    buffer = bytearray(chunk)
     view = memoryview(buffer)
     while count := handle.readinto(buffer):
         digest.update(view[:count])

@@ -11,14 +11,13 @@ import logging
 import os
 import stat
 import struct
-from collections.abc import Callable
 from pathlib import Path
 
 import blake3
 import pydicom
 
 from appliance.errors import InputRejected
-from appliance.hashing import Digest, digest_stream
+from appliance.hashing import CHUNK, Digest, digest_stream
 from appliance.ingest import reasons
 from appliance.ingest.bounded import BoundedFile
 from appliance.ingest.dicom import refuse_deflate_bomb
@@ -26,6 +25,7 @@ from appliance.ingest.dicom import refuse_deflate_bomb
 log = logging.getLogger(__name__)
 
 DATASET_HASH = "blake3"
+BLAKE3_CHUNK = 4 << 20  # 1 MB pieces leave the threads too little each; 16 MB leave the CPU cache
 
 
 def open_nofollow(path: Path) -> io.FileIO:
@@ -34,10 +34,10 @@ def open_nofollow(path: Path) -> io.FileIO:
     return io.FileIO(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "rb")
 
 
-def _hash_from(path: Path, start: int, digest: Digest) -> str:
+def _hash_from(path: Path, start: int, digest: Digest, chunk: int = CHUNK) -> str:
     with open_nofollow(path) as fh:
         fh.seek(start)
-        return digest_stream(fh, digest)
+        return digest_stream(fh, digest, chunk)
 
 
 def content_sha256(path: Path, start: int = 0) -> str:
@@ -46,8 +46,10 @@ def content_sha256(path: Path, start: int = 0) -> str:
 
 def dataset_blake3(path: Path, start: int) -> str:
     """BLAKE3 of the file from `start`: the de-duplication hash of a DICOM dataset. 2.5x faster than
-    sha256 here (15 MB: 3.3 vs 8.5 ms), and every cart image is hashed once on its way in."""
-    return _hash_from(path, start, blake3.blake3())
+    sha256 here (15 MB: 3.3 vs 8.5 ms), and every cart image is hashed once on its way in, before it is
+    accepted. Its tree hashes 4 MB pieces on every core (the GIL released): 15 MB from the file in 2.4
+    instead of 4.4 ms with the second core idle, as on a cart waiting for its next image."""
+    return _hash_from(path, start, blake3.blake3(max_threads=blake3.blake3.AUTO), BLAKE3_CHUNK)
 
 
 def _dataset_start(path: Path) -> int:
@@ -63,13 +65,12 @@ def _dataset_start(path: Path) -> int:
     return 0
 
 
-def dedup_key(path: Path, kind: str, before_hashing: Callable[[], None] | None = None) -> str:
+def dedup_key(path: Path, kind: str) -> str:
     """'sop:<SOPInstanceUID>/blake3:<dataset hash>' for a DICOM that names one, else 'sha256:<content hash>'.
 
     The UID alone would drop a corrected re-send (same UID, new content) and let any sender pre-empt
     a UID; the same instance sent twice is still one key. Versions before the store hashed the dataset
-    with sha256: `legacy_key` gives that form, for rows they left. `before_hashing` is called when a
-    DICOM's header has been parsed and its dataset hash begins (the hash leaves the GIL free)."""
+    with sha256: `legacy_key` gives that form, for rows they left."""
     if kind == "dicom":
         try:
             refuse_deflate_bomb(path)  # pydicom would inflate a deflated dataset whole just to find the UID
@@ -79,8 +80,6 @@ def dedup_key(path: Path, kind: str, before_hashing: Callable[[], None] | None =
                 )
             uid = str(ds.get("SOPInstanceUID", "") or "").strip()
             if uid:
-                if before_hashing is not None:
-                    before_hashing()
                 return f"sop:{uid}/{DATASET_HASH}:{dataset_blake3(path, _dataset_start(path))}"
         except Exception as exc:  # unreadable header: the reader will say why later; hash the bytes
             log.debug("no SOPInstanceUID in %s: %s", path, exc)

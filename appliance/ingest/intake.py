@@ -82,14 +82,6 @@ class SourceRules:
     check_before_accept: bool
 
 
-class EarlyStart(Protocol):
-    """What the intake needs from appliance.early_read.EarlyRead."""
-
-    def begin(self, path: Path) -> None: ...
-
-    def drop(self) -> None: ...
-
-
 class QuarantineCounter(Protocol):
     """What the intake needs from appliance.ops.metrics.Metrics."""
 
@@ -131,7 +123,6 @@ class Intake:
         not_accepting: Callable[[], str | None] = lambda: None,
         metrics: QuarantineCounter | None = None,
         on_spool_full: Callable[[str], None] | None = None,
-        early_read: EarlyStart | None = None,
     ) -> None:
         """`not_accepting`: why the cart takes nothing now, None when it does (the daemon's faults)."""
         self.spool = spool
@@ -140,7 +131,6 @@ class Intake:
         self.not_accepting = not_accepting
         self.metrics = metrics
         self.on_spool_full = on_spool_full
-        self.early_read = early_read
 
     @classmethod
     def from_config(
@@ -151,7 +141,6 @@ class Intake:
         not_accepting: Callable[[], str | None] = lambda: None,
         metrics: QuarantineCounter | None = None,
         on_spool_full: Callable[[str], None] | None = None,
-        early_read: EarlyStart | None = None,
     ) -> Intake:
         """The limits from `ingest`: the same for every source."""
         return cls(
@@ -161,7 +150,6 @@ class Intake:
             not_accepting=not_accepting,
             metrics=metrics,
             on_spool_full=on_spool_full,
-            early_read=early_read,
         )
 
     # --- the rules ---------------------------------------------------------------------------------
@@ -214,16 +202,7 @@ class Intake:
                 log.exception("checking %s from %s failed", path, source)
                 detail = f"{path.name}: {type(exc).__name__}: {exc}"
                 return self._quarantine(path, source, rules, InputRejected(reasons.INVALID_DICOM, detail))
-        # Read while the spool hashes it, on an idle cart (appliance/early_read.py); moved files only:
-        # the read is taken if the claimed file is the very one it opened.
-        early = self.early_read if rules.move and kind == "dicom" else None
-        begin = None if early is None else lambda: early.begin(path)
-        got: Accepted | Duplicate | Rejected | None = None
-        try:
-            got = self.spool.accept(path, source, move=rules.move, before_hashing=begin)
-        finally:
-            if early is not None and not isinstance(got, Accepted):
-                early.drop()
+        got = self.spool.accept(path, source, move=rules.move)
         if isinstance(got, Rejected):  # the spool's own last checks (a link, unreadable): quarantined
             self._count(got.reason)
             return Outcome(Verdict.QUARANTINED, got.reason, got.detail)

@@ -17,7 +17,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -108,11 +108,8 @@ class Spool:
             raise
 
     # -- accepting -----------------------------------------------------------------------------
-    def accept(
-        self, path: Path, source: str, *, move: bool = True, before_hashing: Callable[[], None] | None = None
-    ) -> Accepted | Duplicate | Rejected:
+    def accept(self, path: Path, source: str, *, move: bool = True) -> Accepted | Duplicate | Rejected:
         """Take one complete file from a watched folder. `move=False` copies (read-only media).
-        `before_hashing`: see `dedup_key`.
 
         Files whose content is not an image at all are quarantined here (Rejected); the rest get an id."""
         path = Path(path)
@@ -127,7 +124,7 @@ class Spool:
             return Rejected(exc.reason, exc.detail, where)
         self.files.check_space(size)
         try:
-            key = dedup_key(path, kind, before_hashing)
+            key = dedup_key(path, kind)
         except PermissionError as exc:
             detail = f"{path.name}: {exc.strerror}"
             return Rejected(
