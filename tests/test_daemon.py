@@ -367,7 +367,12 @@ def test_a_claim_that_fails_sets_the_storage_fault_and_the_loop_tries_again(
     daemon._start()
     faults: list[str | None] = []
     set_fault = daemon._set_fault
-    monkeypatch.setattr(daemon, "_set_fault", lambda kind, why: (faults.append(why), set_fault(kind, why))[1])
+
+    def recorded(kind: str, why: str | None) -> None:
+        faults.append(why)
+        set_fault(kind, why)
+
+    monkeypatch.setattr(daemon, "_set_fault", recorded)
     claim = daemon.spool.claim
     failing = [sqlite3.OperationalError("database or disk is full")]
 
