@@ -342,11 +342,13 @@ class Daemon:
     def _loop(self) -> None:
         ping_every = sdnotify.watchdog_interval()
         last_ping = last_housekeeping = 0.0
-        claim_failed = False  # the storage fault is then cleared by the next claim that works
         while not self.stop_event.is_set():
             if time.monotonic() - last_housekeeping >= HOUSEKEEPING_SECONDS:
-                housekeeping(self.config.ingest, self.journal, self.spool, self.dicom_out)
                 last_housekeeping = time.monotonic()
+                try:
+                    housekeeping(self.config.ingest, self.journal, self.spool, self.dicom_out)
+                except TEMPORARY as exc:  # a full disk: the next pass tries again
+                    log.error("housekeeping: %s", exc)
             if ping_every is not None and time.monotonic() - last_ping >= ping_every / 2:
                 sdnotify.watchdog()  # from the loop itself: a hung pipeline stops the pings
                 last_ping = time.monotonic()
@@ -357,15 +359,14 @@ class Daemon:
             try:
                 jobs = self.feeder.take(self.analyzer)
                 if not jobs:
-                    if claim_failed:
-                        claim_failed = False
-                        self._set_fault("storage", None)
+                    # Nothing waits (what a failed hand-off released is claimed again first): the
+                    # store answers, so a storage fault is over; a full disk is the "disk" fault's.
+                    self._set_fault("storage", None)
                     self.wake.wait(timeout=self.config.ingest.poll_seconds)
                     self.wake.clear()
                     continue
                 self.processor.process(jobs)
             except TEMPORARY as exc:
-                claim_failed = not jobs
                 kind = "backend" if isinstance(exc, BackendUnavailable) else "storage"
                 log.error(
                     "%s problem (%s); %d image(s) wait, retry in %.0f s", kind, exc, len(jobs), RETRY_SECONDS
@@ -374,9 +375,8 @@ class Daemon:
                 for job in jobs:
                     with contextlib.suppress(OSError, sqlite3.Error, SpoolFull):
                         self.spool.release(job.image_id)
-                self._set_fault(
-                    kind, f"cannot {'run the model' if kind == 'backend' else 'write results'}: {exc}"
-                )
+                what = "run the model" if kind == "backend" else "write results" if jobs else "claim images"
+                self._set_fault(kind, f"cannot {what}: {exc}")
                 self.stop_event.wait(RETRY_SECONDS)
             else:
                 self._set_fault("storage", None)

@@ -95,12 +95,20 @@ class Feeder:
         items = self.spool.claim(self.batch)
         if not items:
             return None
-        suspects = [item for item in items if self.spool.crashes(item.image_id)]
-        if suspects:
-            keep = suspects[0] if alone_if_suspect else None
-            for item in items:
+        try:
+            suspects = [item for item in items if self.spool.crashes(item.image_id)]
+            keep = suspects[0] if suspects and alone_if_suspect else None
+            for item in items if suspects else []:
                 if item is not keep:
                     self.spool.release(item.image_id)
+        except (OSError, sqlite3.Error, SpoolFull):
+            # Claimed but not handed out: back to incoming/ as far as possible, or the next start would
+            # count them as crashes (what cannot go back is still recovered then, counted).
+            for item in items:
+                with contextlib.suppress(OSError, sqlite3.Error, SpoolFull):
+                    self.spool.release(item.image_id)
+            raise
+        if suspects:
             return _Batch([_job(keep)]) if keep is not None else None
         batch = _Batch([_job(item) for item in items])
         batch.reading = PREFETCH.submit(batch.read, analyzer, from_back=False)

@@ -101,7 +101,7 @@ def spool(tmp_path: Path) -> Iterator[Spool]:
 
 @pytest.fixture
 def analyzer(tmp_path: Path) -> Analyzer:
-    """A real Analyzer around the tiny ONNX model on ONNX Runtime (feeder and early-read tests)."""
+    """A real Analyzer around the tiny ONNX model on ONNX Runtime (the feeder's tests)."""
     from appliance.backends.onnxruntime import OnnxRuntimeBackend, OnnxRuntimeConfig
     from appliance.config import AppConfig
     from appliance.manifest import Precision, load_manifest

@@ -385,8 +385,11 @@ def test_a_claim_that_fails_sets_the_storage_fault_and_the_loop_tries_again(
     loop = threading.Thread(target=daemon._loop)
     try:
         with Subscriber(broker, RESULT_TOPIC) as sub:
-            shutil.copyfile(real_images(1)[0], files.inbox / "first.jpg")
             loop.start()
+            # Cleared by the next claim that works, with nothing to claim: the image comes only then.
+            assert wait_until(lambda: len(faults) == 2, 10), faults
+            assert faults == ["cannot claim images: database or disk is full", None]
+            shutil.copyfile(real_images(1)[0], files.inbox / "first.jpg")
             got = wait_results(sub, 1, timeout=30)
     finally:
         daemon.stop_event.set()
@@ -394,7 +397,6 @@ def test_a_claim_that_fails_sets_the_storage_fault_and_the_loop_tries_again(
         loop.join(30)
         daemon._shutdown()
     assert not loop.is_alive() and [r["status"] for r in got] == ["ok"]
-    assert not failing and "cannot write results: database or disk is full" in faults
-    assert faults[-1] is None and not daemon._faults  # cleared by the next claim that worked
+    assert not failing and not daemon._faults
     assert "storage problem (database or disk is full)" in caplog.text
     assert list((files.spool / "done").iterdir()) and not list((files.spool / "processing").iterdir())

@@ -103,3 +103,27 @@ def test_a_failing_claim_of_the_next_batch_leaves_this_one_going_and_the_rest_wa
         spool.mark_done(job.image_id)
     assert [j.image_id for j in feeder.take(analyzer)] == ids[2:]
     assert all(spool.crashes(i) == 0 for i in ids)
+
+
+def test_a_claim_that_fails_after_claiming_hands_its_images_back_uncounted(
+    spool: Spool, analyzer: Analyzer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Handing the others back beside a suspect can fail (a full disk): every image of that claim goes
+    back to incoming/ as far as possible, none stays in processing/ to be counted as a crash later."""
+    ids = backlog(spool, tmp_path, 3)
+    claimed = spool.claim(1)
+    spool.record_failure(claimed[0].image_id, "analysis: RuntimeError: test")  # a suspect, first in line
+    release = spool.release
+    failing = [sqlite3.OperationalError("database or disk is full")]
+
+    def release_failing_once(image_id: str) -> object:
+        if failing:
+            raise failing.pop()
+        return release(image_id)
+
+    monkeypatch.setattr(spool, "release", release_failing_once)
+    with pytest.raises(sqlite3.OperationalError):
+        Feeder(spool, batch=2).take(analyzer)
+    assert not failing and in_processing(spool) == 0 and spool.pending_count() == 3
+    assert [spool.crashes(i) for i in ids] == [1, 0, 0]  # the suspect's own failure, nothing more
+    assert [j.image_id for j in Feeder(spool, batch=2).take(analyzer)] == [ids[0]]

@@ -727,29 +727,44 @@
     );
   }
 
-  // The browser sends no click when the element pressed leaves the page before the release, so while a
-  // pointer is down on the tiles their redraw waits for the release (at most PRESS_HOLD_MS).
+  // The browser sends no click when the element pressed leaves the page before the release, and a tap's
+  // click lands on whatever is under the finger by then: while a pointer is down on the tiles, the tiles
+  // and the banners above them (a new one moves every tile down) are redrawn only after its click, at
+  // most PRESS_HOLD_MS after the press. The rest of the page (sound, title, connection) goes on.
   const PRESS_HOLD_MS = 3000;
-  let pressedAt = 0;
+  const CLICK_WAIT_MS = 500; // a touch screen's click follows the release as a separate event
+  let pressedAt = null; // performance.now() of the press being held, else null
+
+  function holding() {
+    return pressedAt !== null && performance.now() - pressedAt < PRESS_HOLD_MS;
+  }
 
   function holdWhilePressed() {
-    $("tiles").addEventListener("pointerdown", () => {
-      pressedAt = Date.now();
-      setTimeout(scheduleRender, PRESS_HOLD_MS);
-    });
+    let releaseTimer = null;
     const release = () => {
-      if (!pressedAt) return;
-      pressedAt = 0;
-      scheduleRender(); // after the click: it is dispatched with the release, before any timer
+      clearTimeout(releaseTimer);
+      if (pressedAt === null) return;
+      pressedAt = null;
+      scheduleRender(); // a timer: it runs after the click being dispatched now
     };
-    document.addEventListener("pointerup", release, true);
-    document.addEventListener("pointercancel", release, true);
+    $("tiles").addEventListener("pointerdown", () => {
+      clearTimeout(releaseTimer);
+      pressedAt = performance.now();
+      releaseTimer = setTimeout(release, PRESS_HOLD_MS);
+    });
+    const afterRelease = () => {
+      if (pressedAt === null) return;
+      clearTimeout(releaseTimer);
+      releaseTimer = setTimeout(release, CLICK_WAIT_MS);
+    };
+    document.addEventListener("pointerup", afterRelease, true);
+    document.addEventListener("pointercancel", release, true); // a scroll or a palm: no click comes
+    document.addEventListener("click", release, true);
   }
 
   function renderTiles() {
     const main = $("tiles");
     const beds = orderedBeds();
-    if (pressedAt && Date.now() - pressedAt < PRESS_HOLD_MS && beds.length) return false;
     if (!beds.length) {
       tileCache.clear();
       const text = state.connected ? "No results yet." : "Waiting for results…";
@@ -788,7 +803,8 @@
       nodes.push(entry.node);
     }
     for (const key of [...tileCache.keys()]) if (!live.has(key)) tileCache.delete(key);
-    // Only tiles that left or changed place are taken out of the page (a tile keeps its focus).
+    // Tiles that stay in order stay in the page (a changed one is redrawn in place), so a click or the
+    // focus on them survives; those that left are removed and the rest moved into order.
     const keep = new Set(nodes);
     for (const child of [...main.children]) {
       if (!keep.has(child)) {
@@ -1338,9 +1354,11 @@
     renderPending = false;
     renderConn();
     renderCarts();
-    const bannersChanged = renderBanners();
-    const tilesChanged = renderTiles();
-    layout(bannersChanged || tilesChanged);
+    if (!holding()) {
+      const bannersChanged = renderBanners();
+      const tilesChanged = renderTiles();
+      layout(bannersChanged || tilesChanged);
+    }
     if ($("detail").open) renderDetail();
     askHistory();
     renderTitle();
@@ -1446,7 +1464,7 @@
     renderSound();
 
     holdWhilePressed();
-    new ResizeObserver(() => layout(false)).observe($("tiles"));
+    new ResizeObserver(() => holding() || layout(false)).observe($("tiles"));
     // Ages and the clock move on even when no message arrives.
     setInterval(scheduleRender, 5000); // ages, silence and staleness move on without new messages
     fetch("config.json", { cache: "no-store" })

@@ -172,7 +172,8 @@ def test_tile_leads_with_the_key_sentence_and_the_detail_view_holds_the_whole_re
 
 def test_a_click_survives_a_reading_arriving_between_press_and_release(browser: Browser, ward: Ward) -> None:
     """The browser sends no click when the element pressed leaves the page before the release: a reading
-    arriving while a finger is on a tile (urgent, for that bed) waits to be drawn until the release."""
+    arriving while a finger is on a tile (urgent, for that bed) is drawn after the click, its banner too
+    (a new banner moves every tile down); the page's title says URGENT at once."""
     cart = ward.cart()
     a, n = abnormal("Bay 3 Bed 1", 20), normal("Bay 3 Bed 2", 30)
     cart.publish([a, n])
@@ -181,12 +182,14 @@ def test_a_click_survives_a_reading_arriving_between_press_and_release(browser: 
     page.mouse_down(f"{tile('Bay 3 Bed 1')} .key")
     later = urgent("Bay 3 Bed 1", 1)
     cart.publish([later])
-    page.wait("#banners .banner-bed")  # it has arrived (the banner is drawn at once) ...
+    page.wait_true("document.title.startsWith('(1) URGENT')")  # it has arrived ...
     assert page.attr(tile("Bay 3 Bed 1"), "data-message-id") == a.message_id  # ... the tile waits
+    assert page.count("#banners .banner-bed") == 0  # and so does the banner
     page.mouse_up()
     page.wait(f'#detail[open][data-message-id="{later.message_id}"]')
     assert page.text("#detail .detail-text") == later.text
     page.wait(f'{tile("Bay 3 Bed 1")}[data-message-id="{later.message_id}"]')
+    page.wait("#banners .banner-bed")
     page.press("Escape")
     page.wait("#detail", state="hidden")
     assert active(page)["bed"] == "Bay 3 Bed 1"
