@@ -8,11 +8,9 @@ the cart accepts images.
 
 from __future__ import annotations
 
-import contextlib
 import faulthandler
 import logging
 import signal
-import sqlite3
 import threading
 import time
 from dataclasses import replace
@@ -372,9 +370,7 @@ class Daemon:
                     "%s problem (%s); %d image(s) wait, retry in %.0f s", kind, exc, len(jobs), RETRY_SECONDS
                 )
                 self.feeder.release()
-                for job in jobs:
-                    with contextlib.suppress(OSError, sqlite3.Error, SpoolFull):
-                        self.spool.release(job.image_id)
+                self.spool.hand_back(job.image_id for job in jobs)
                 what = "run the model" if kind == "backend" else "write results" if jobs else "claim images"
                 self._set_fault(kind, f"cannot {what}: {exc}")
                 self.stop_event.wait(RETRY_SECONDS)

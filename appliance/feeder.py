@@ -15,15 +15,13 @@ a crash while reading it counts against it only.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import sqlite3
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from appliance.ingest.spool import Spool
-from appliance.ingest.spool_records import SpoolFull, SpoolItem
+from appliance.ingest.spool_records import SPOOL_ERRORS, SpoolItem
 from appliance.pipeline import PREFETCH, Analyzer, Job
 
 log = logging.getLogger("appliance.feeder")
@@ -73,7 +71,7 @@ class Feeder:
         if current.reading is not None and self.spool.pending_count() > 0:
             try:
                 self._ahead = self._claim(analyzer, alone_if_suspect=False)
-            except (OSError, sqlite3.Error, SpoolFull) as exc:
+            except SPOOL_ERRORS as exc:
                 # This batch is claimed already: it goes on; the next is claimed after it (or the
                 # claim fails again there, with nothing else handed out, and the loop keeps the fault).
                 log.warning("cannot claim the next batch ahead (%s); it waits in incoming/", exc)
@@ -87,9 +85,7 @@ class Feeder:
         if ahead is None:
             return
         self._wait(ahead, None)
-        for job in ahead.jobs:
-            with contextlib.suppress(OSError, sqlite3.Error, SpoolFull):
-                self.spool.release(job.image_id)
+        self.spool.hand_back(job.image_id for job in ahead.jobs)
 
     def _claim(self, analyzer: Analyzer, *, alone_if_suspect: bool) -> _Batch | None:
         items = self.spool.claim(self.batch)
@@ -97,19 +93,16 @@ class Feeder:
             return None
         try:
             suspects = [item for item in items if self.spool.crashes(item.image_id)]
-            keep = suspects[0] if suspects and alone_if_suspect else None
-            for item in items if suspects else []:
-                if item is not keep:
-                    self.spool.release(item.image_id)
-        except (OSError, sqlite3.Error, SpoolFull):
-            # Claimed but not handed out: back to incoming/ as far as possible, or the next start would
-            # count them as crashes (what cannot go back is still recovered then, counted).
-            for item in items:
-                with contextlib.suppress(OSError, sqlite3.Error, SpoolFull):
-                    self.spool.release(item.image_id)
+            if suspects:
+                keep = suspects[0] if alone_if_suspect else None
+                for item in items:
+                    if item is not keep:
+                        self.spool.release(item.image_id)
+                return _Batch([_job(keep)]) if keep is not None else None
+        except SPOOL_ERRORS:
+            # Claimed but not handed out: back to incoming/, or the next start would count them as crashes.
+            self.spool.hand_back(item.image_id for item in items)
             raise
-        if suspects:
-            return _Batch([_job(keep)]) if keep is not None else None
         batch = _Batch([_job(item) for item in items])
         batch.reading = PREFETCH.submit(batch.read, analyzer, from_back=False)
         return batch

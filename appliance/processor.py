@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
@@ -35,7 +34,7 @@ from typing import TYPE_CHECKING
 from appliance.dicomout import DicomJob
 from appliance.errors import BackendUnavailable
 from appliance.ingest.spool import Spool
-from appliance.ingest.spool_records import SpoolFull
+from appliance.ingest.spool_records import SPOOL_ERRORS
 from appliance.interpret import thumbnail
 from appliance.interpret.priors import with_priors
 from appliance.journal import Journal
@@ -55,7 +54,7 @@ log = logging.getLogger("appliance.processor")
 MAX_FAILURES = 3
 # Storage that cannot be written (disk full, I/O error) or a backend that is down (a restarting Triton,
 # GPU out of memory): not the image's fault, so the images wait and the cart says it is degraded.
-TEMPORARY = (OSError, sqlite3.Error, SpoolFull, BackendUnavailable)
+TEMPORARY = (*SPOOL_ERRORS, BackendUnavailable)
 
 # Told about every image that ended: (job, result, analysed). analysed is False for a refusal after
 # MAX_FAILURES (no reading to learn from, e.g. for the drift watch).

@@ -17,7 +17,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -38,6 +38,7 @@ from appliance.ingest.spool_records import (
     LEGACY_DB,
     RETRY_STATES,
     SCHEMA,
+    SPOOL_ERRORS,
     Accepted,
     Duplicate,
     Rejected,
@@ -306,6 +307,13 @@ class Spool:
                 db.execute("UPDATE items SET state = 'done' WHERE image_id = ?", (image_id,))
                 self.store.after_commit(lambda: self.files.file_done(row[0]))
             return True
+
+    def hand_back(self, image_ids: Iterable[str]) -> None:
+        """`release` each, as far as the disk and database let it: one that cannot go back stays in
+        processing/, and recover() hands it back (counted as a crash) at the next start."""
+        for image_id in image_ids:
+            with contextlib.suppress(*SPOOL_ERRORS):
+                self.release(image_id)
 
     def release(self, image_id: str) -> None:
         """processing/ -> incoming/ (e.g. the backend failed and the image should be tried again)."""

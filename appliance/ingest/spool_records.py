@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,10 @@ class SpoolFull(ApplianceError):
     """The spool's disk is full (or below the configured reserve): stop accepting, keep the sources."""
 
     errno = errno.ENOSPC
+
+
+# What the spool's disk and database can raise: not an image's fault (the image is kept and tried again).
+SPOOL_ERRORS = (OSError, sqlite3.Error, SpoolFull)
 
 
 @dataclass(frozen=True)
