@@ -75,8 +75,13 @@ def thorax_box(lungs: np.ndarray, threshold: float) -> ThoraxBox | str:
     horizontal = percentiles(columns, (1.0, 99.0))
     if vertical is None or horizontal is None:  # cannot happen past the area check
         return "lung mask is empty"
-    top, bottom = vertical
-    left, right = horizontal
+    return box_with_margin(vertical, horizontal, (h, w))
+
+
+def box_with_margin(vertical: np.ndarray, horizontal: np.ndarray, shape: tuple[int, int]) -> ThoraxBox | str:
+    """The box between the lungs' bounding rows and columns (pixel indices, inclusive) plus MARGIN, as
+    fractions of an image of `shape`; a str when it is too small to be a thorax."""
+    (top, bottom), (left, right), (h, w) = vertical, horizontal, shape
     box = (left / w, top / h, (right + 1) / w, (bottom + 1) / h)
     span_x, span_y = box[2] - box[0], box[3] - box[1]
     if min(span_x, span_y) < MIN_SPAN:

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 
 from appliance.interpret.extent import line_counts, percentiles
-from appliance.interpret.thumbnail import MARGIN, MIN_SPAN, PLAUSIBLE_AREA, SIDE_SHARE, thorax_box
+from appliance.interpret.thumbnail import PLAUSIBLE_AREA, SIDE_SHARE, box_with_margin, thorax_box
 from appliance.result import ThoraxBox
 
 
 def reference_box(lungs: np.ndarray, threshold: float) -> ThoraxBox | str:
-    """thorax_box as it was: one index per mask pixel, np.percentile over them."""
+    """thorax_box as it was: one index per mask pixel, np.percentile over them (area, side share, bounds)."""
     mask = lungs >= threshold
     h, w = mask.shape
     area = float(mask.mean()) if mask.size else 0.0
@@ -22,19 +22,8 @@ def reference_box(lungs: np.ndarray, threshold: float) -> ThoraxBox | str:
     left_share = float((cols < w / 2).mean())
     if not SIDE_SHARE[0] <= left_share <= SIDE_SHARE[1]:
         return f"lung mask is {left_share:.0%} on one side of the image: not two lungs"
-    top, bottom = np.percentile(rows, [1.0, 99.0])
-    left, right = np.percentile(cols, [1.0, 99.0])
-    box = (left / w, top / h, (right + 1) / w, (bottom + 1) / h)
-    span_x, span_y = box[2] - box[0], box[3] - box[1]
-    if min(span_x, span_y) < MIN_SPAN:
-        return f"lung mask spans {span_x:.0%} x {span_y:.0%} of the image (at least {MIN_SPAN:.0%} needed)"
-    mx, my = MARGIN * span_x, MARGIN * span_y
-    return ThoraxBox(
-        left=round(max(0.0, box[0] - mx), 4),
-        top=round(max(0.0, box[1] - my), 4),
-        right=round(min(1.0, box[2] + mx), 4),
-        bottom=round(min(1.0, box[3] + my), 4),
-    )
+    # The box from its bounds is shared: what changed is how area, side share and bounds are computed.
+    return box_with_margin(np.percentile(rows, [1.0, 99.0]), np.percentile(cols, [1.0, 99.0]), (h, w))
 
 
 def random_masks(seed: int, count: int) -> list[np.ndarray]:
