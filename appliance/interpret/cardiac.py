@@ -74,10 +74,11 @@ def _extent(mask: np.ndarray) -> tuple[float, float] | None:
     return float(extent[0]), float(extent[1])
 
 
-def cardiothoracic_ratio(
+def heart_and_thorax_widths(
     lung_probability: np.ndarray, heart_probability: np.ndarray
-) -> Cardiothoracic | None:
-    """None when either mask is missing or implausible (heart not between the lungs)."""
+) -> tuple[float, float] | None:
+    """(heart width, thorax width) in working pixels, before the ratio's plausibility check; None when
+    either mask is missing or the heart is not between the lungs."""
     lungs = _upsample(lung_probability.astype(np.float32), WORK_SIZE) >= MASK_THRESHOLD
     heart = _upsample(heart_probability.astype(np.float32), WORK_SIZE) >= MASK_THRESHOLD
     thorax, cardiac = _extent(lungs), _extent(heart)
@@ -87,6 +88,17 @@ def cardiothoracic_ratio(
     centre = (cardiac[0] + cardiac[1]) / 2
     if thorax_width <= 0 or not thorax[0] < centre < thorax[1]:
         return None
+    return heart_width, thorax_width
+
+
+def cardiothoracic_ratio(
+    lung_probability: np.ndarray, heart_probability: np.ndarray
+) -> Cardiothoracic | None:
+    """None when either mask is missing or implausible (heart not between the lungs)."""
+    widths = heart_and_thorax_widths(lung_probability, heart_probability)
+    if widths is None:
+        return None
+    heart_width, thorax_width = widths
     if not PLAUSIBLE[0] <= heart_width / thorax_width <= PLAUSIBLE[1]:
         return None
     return Cardiothoracic(

@@ -15,8 +15,7 @@ from typing import Literal
 import numpy as np
 
 from appliance.interpret.activation import activate
-from appliance.interpret.cardiac import MASK_THRESHOLD, MIN_PIXELS, PLAUSIBLE, WORK_SIZE
-from appliance.interpret.cardiac import _upsample as upsample
+from appliance.interpret.cardiac import PLAUSIBLE, heart_and_thorax_widths
 from appliance.interpret.reading import ZONE_MIN_INVOLVEMENT, lung_heat
 from appliance.interpret.zones import lung_zones
 from appliance.manifest import Manifest, OutputSpec, Role
@@ -172,23 +171,8 @@ def _map(manifest: Manifest, role: Role, outputs: dict[str, np.ndarray]) -> np.n
 def raw_ratio(lungs: np.ndarray, heart: np.ndarray) -> float:
     """appliance.interpret.cardiac's ratio before its plausibility check (NaN: a mask is missing or the
     heart is not between the lungs), so that the distance to the plausibility limits is known too."""
-
-    def extent(mask: np.ndarray) -> tuple[float, float] | None:
-        columns = np.nonzero(mask)[1]
-        if columns.size < MIN_PIXELS:
-            return None
-        low, high = np.percentile(columns, [1.0, 99.0])
-        return float(low), float(high)
-
-    thorax = extent(upsample(lungs.astype(np.float32), WORK_SIZE) >= MASK_THRESHOLD)
-    cardiac = extent(upsample(heart.astype(np.float32), WORK_SIZE) >= MASK_THRESHOLD)
-    if thorax is None or cardiac is None:
-        return math.nan
-    width = thorax[1] - thorax[0]
-    centre = (cardiac[0] + cardiac[1]) / 2
-    if width <= 0 or not thorax[0] < centre < thorax[1]:
-        return math.nan
-    return (cardiac[1] - cardiac[0]) / width
+    widths = heart_and_thorax_widths(lungs, heart)
+    return math.nan if widths is None else widths[0] / widths[1]
 
 
 def values(score: Score, manifest: Manifest, outputs: dict[str, np.ndarray]) -> np.ndarray:
