@@ -192,7 +192,8 @@ class ImageProcessor:
         started = time.perf_counter()
         result = with_priors(result, self.journal, self.analyzer.manifest.sequence_risk)
         queued = self._file_dicom_job(job, result)
-        with self.store.transaction():  # journal row, outbox messages, spool state: one commit
+        # Journal row, outbox messages, spool state: one commit; the sender is woken before it is on disk.
+        with self.store.transaction(wake_first=True):
             self.journal.record_result(result)
             result.timings_ms["journal"] = round((time.perf_counter() - started - queued) * 1000.0, 2)
             self._hand_off(job, result)

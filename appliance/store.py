@@ -9,12 +9,18 @@ Transactions nest: an inner one joins the outer, and work that must follow the c
 renamed into done/, a sender woken) is queued with `after_commit` and runs once the outermost commits.
 `durable=False` commits without waiting for the disk: what such a transaction says may be lost on a
 power cut (never on kill -9) and must be safe to lose: the next durable commit carries it with it.
+`wake_first=True` commits, runs the actions queued with `before_sync=True` (waking the MQTT sender: its
+messages carry ids derived from the image, so one sent and then lost in a power cut is sent again under
+the same id and de-duplicated by subscribers), then waits for the disk, then runs the rest (the file
+moves, which must never get ahead of the rows that explain them). The ward hears a result while the
+commit is still on its way to the disk instead of after it (~1.5 ms of an image's 30 here).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -42,18 +48,22 @@ class Store:
         except (OSError, sqlite3.Error) as exc:
             raise UserError(f"{what} {self.path}: cannot open: {exc}") from exc
         self._durable = True
-        self._after_commit: list[Callable[[], None]] = []
+        self._after_commit: list[tuple[Callable[[], None], bool]] = []  # (action, before_sync)
 
     @contextlib.contextmanager
-    def transaction(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error); joins the transaction already open."""
+    def transaction(self, *, durable: bool = True, wake_first: bool = False) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error); joins the transaction already open.
+
+        `wake_first` (with `durable`): the `before_sync` actions run before the commit is waited for on
+        disk, the others after it (see the module's docstring)."""
         with self.lock:
             if self.db.in_transaction:
                 yield self.db
                 return
-            if durable != self._durable:  # only between transactions; consulted at COMMIT
-                self.db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
-                self._durable = durable
+            sync_at_commit = durable and not wake_first
+            if sync_at_commit != self._durable:  # only between transactions; consulted at COMMIT
+                self.db.execute(f"PRAGMA synchronous={'FULL' if sync_at_commit else 'NORMAL'}")
+                self._durable = sync_at_commit
             self.db.execute("BEGIN IMMEDIATE")
             try:
                 yield self.db
@@ -64,17 +74,35 @@ class Store:
                     self.db.execute("ROLLBACK")
                 raise
             actions, self._after_commit = self._after_commit, []
-        for action in actions:  # outside the lock: a rename must not hold up the other threads
-            try:
-                action()
-            except Exception:  # committed state is the truth; the spool's recovery redoes file moves
-                log.exception("store: an action after a commit failed")
+        # Outside the lock: a rename must not hold up the other threads, nor the sender wait for the disk.
+        if durable and wake_first:
+            _run([action for action, before_sync in actions if before_sync])
+            self.sync()
+            _run([action for action, before_sync in actions if not before_sync])
+        else:
+            _run([action for action, _ in actions])
 
-    def after_commit(self, action: Callable[[], None]) -> None:
-        """Run `action` once the current transaction commits (at once when none is open)."""
+    def sync(self) -> None:
+        """Wait until every committed transaction is on disk. In WAL mode a commit is a set of frames
+        appended to the -wal file; a checkpoint syncs them before it copies them into the database, so
+        syncing the -wal file covers every transaction committed so far (SQLite's own FULL commit syncs
+        the same file)."""
+        try:
+            fd = os.open(f"{self.path}-wal", os.O_RDONLY)
+        except FileNotFoundError:  # no -wal file: nothing written since the last checkpoint
+            return
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def after_commit(self, action: Callable[[], None], *, before_sync: bool = False) -> None:
+        """Run `action` once the current transaction commits (at once when none is open).
+
+        `before_sync`: safe to run before the commit is on disk (see the module's docstring)."""
         with self.lock:
             if self.db.in_transaction:
-                self._after_commit.append(action)
+                self._after_commit.append((action, before_sync))
                 return
         action()
 
@@ -111,6 +139,14 @@ class Store:
     def close(self) -> None:
         with self.lock:
             self.db.close()
+
+
+def _run(actions: list[Callable[[], None]]) -> None:
+    for action in actions:
+        try:
+            action()
+        except Exception:  # committed state is the truth; the spool's recovery redoes file moves
+            log.exception("store: an action after a commit failed")
 
 
 def store_at(store: Store | Path, what: str) -> tuple[Store, bool]:

@@ -59,12 +59,14 @@ class SpoolFolders:
             raise
 
     # -- placing and moving ----------------------------------------------------------------------
-    def place(self, src: Path, dest: Path, *, move: bool) -> bool:
-        """Put src at dest atomically. Returns True when src is gone (it was renamed)."""
+    def place(self, src: Path, dest: Path, *, move: bool, sync: bool = True) -> bool:
+        """Put src at dest atomically. Returns True when src is gone (it was renamed): with `sync` False,
+        the caller then syncs dest's folder (a copy is always synced)."""
         if move:
             try:
                 os.rename(src, dest)
-                fsync_dir(dest.parent)
+                if sync:
+                    fsync_dir(dest.parent)
                 return True
             except OSError as exc:
                 if exc.errno != errno.EXDEV:

@@ -109,7 +109,7 @@ class Outbox:
             added = cur.rowcount == 1
             if added:
                 self._enforce_bound()
-                self.store.after_commit(self._notify)
+                self.store.after_commit(self._notify, before_sync=True)
         return added
 
     def put_many(self, messages: Iterable[tuple[str, bytes | str, int, bool, str]]) -> int:
@@ -127,7 +127,7 @@ class Outbox:
                 added += cur.rowcount
             if added:
                 self._enforce_bound()
-                self.store.after_commit(self._notify)
+                self.store.after_commit(self._notify, before_sync=True)
         return added
 
     def _enforce_bound(self) -> None:

@@ -1,0 +1,88 @@
+"""The appliance's one database (appliance/store.py): nested transactions, actions after the commit, and
+a commit whose MQTT wake-up goes ahead of the disk while the file moves wait for it."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from appliance.store import Store
+
+
+def _store(tmp_path: Path) -> Store:
+    store = Store(tmp_path / "appliance.sqlite3")
+    store.db.execute("CREATE TABLE rows (x TEXT)")
+    return store
+
+
+def test_actions_run_after_the_outermost_commit_in_order(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    seen: list[str] = []
+    with store.transaction() as db:
+        db.execute("INSERT INTO rows VALUES ('a')")
+        with store.transaction():  # joins the outer one
+            store.after_commit(lambda: seen.append("inner"))
+        store.after_commit(lambda: seen.append("outer"), before_sync=True)
+        assert seen == []
+    assert seen == ["inner", "outer"]
+    store.after_commit(lambda: seen.append("now"))  # no transaction open: at once
+    assert seen[-1] == "now"
+
+
+def test_wake_first_runs_the_wake_before_the_sync_and_the_moves_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = _store(tmp_path)
+    seen: list[str] = []
+    real_sync = store.sync
+
+    def recorded_sync() -> None:
+        seen.append("sync")
+        real_sync()  # a real fsync of the -wal file
+
+    monkeypatch.setattr(store, "sync", recorded_sync)
+    with store.transaction(wake_first=True) as db:
+        db.execute("INSERT INTO rows VALUES ('result')")
+        store.after_commit(lambda: seen.append("move file"))
+        store.after_commit(lambda: seen.append("wake sender"), before_sync=True)
+    assert seen == ["wake sender", "sync", "move file"]
+    # Committed for every reader, before and after the sync.
+    other = sqlite3.connect(store.path)
+    assert other.execute("SELECT x FROM rows").fetchall() == [("result",)]
+    other.close()
+    assert Path(f"{store.path}-wal").is_file()  # the file store.sync() syncs
+
+
+def test_a_failing_sync_keeps_the_moves_back_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = _store(tmp_path)
+    seen: list[str] = []
+
+    def failing_fsync(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="Input/output error"), store.transaction(wake_first=True) as db:
+        db.execute("INSERT INTO rows VALUES ('result')")
+        store.after_commit(lambda: seen.append("move file"))
+        store.after_commit(lambda: seen.append("wake sender"), before_sync=True)
+    # The sender was woken (its message id lets the ward drop a second copy); the file did not move
+    # ahead of a row that may not be on disk: recovery or the retried hand-off moves it.
+    assert seen == ["wake sender"]
+
+
+def test_a_transaction_that_raises_rolls_back_and_drops_its_actions(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    seen: list[str] = []
+    with pytest.raises(RuntimeError), store.transaction(wake_first=True) as db:
+        db.execute("INSERT INTO rows VALUES ('x')")
+        store.after_commit(lambda: seen.append("wake"), before_sync=True)
+        raise RuntimeError("a stage failed")
+    assert seen == [] and store.db.execute("SELECT COUNT(*) FROM rows").fetchone() == (0,)
+    with store.transaction() as db:  # the next transaction's actions are its own
+        store.after_commit(lambda: seen.append("next"))
+    assert seen == ["next"]
