@@ -111,7 +111,6 @@ class Daemon:
         # One database for spool state, journal and outbox (appliance/store.py), at journal.path.
         self.store = Store(self.config.journal.path, "appliance database")
         self.spool = Spool.from_config(self.config, self.store)
-        self.spool.on_admitted = self.wake.set  # before the folder sync: see Spool._admit
         # Every source hands its files to this one intake (appliance/ingest/intake.py): one gate, one
         # size limit, one quarantine, counted once. A full spool found by any source stops accepting.
         self.intake = Intake.from_config(

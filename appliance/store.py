@@ -19,6 +19,7 @@ commit is still on its way to the disk instead of after it (~1.5 ms of an image'
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import sqlite3
@@ -49,6 +50,7 @@ class Store:
             raise UserError(f"{what} {self.path}: cannot open: {exc}") from exc
         self._durable = True
         self._after_commit: list[tuple[Callable[[], None], bool]] = []  # (action, before_sync)
+        self._wal_fd: int | None = None  # see sync()
 
     @contextlib.contextmanager
     def transaction(self, *, durable: bool = True, wake_first: bool = False) -> Iterator[sqlite3.Connection]:
@@ -86,15 +88,18 @@ class Store:
         """Wait until every committed transaction is on disk. In WAL mode a commit is a set of frames
         appended to the -wal file; a checkpoint syncs them before it copies them into the database, so
         syncing the -wal file covers every transaction committed so far (SQLite's own FULL commit syncs
-        the same file)."""
-        try:
-            fd = os.open(f"{self.path}-wal", os.O_RDONLY)
-        except FileNotFoundError:  # no -wal file: nothing written since the last checkpoint
-            return
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        the same file). The file is SQLite's (the database's real path, links resolved, as SQLite names
+        it), kept open from its first sync on: a descriptor opened after a write-back error would not
+        hear of it (Linux reports such an error once to each descriptor open when it happened)."""
+        with self.lock:
+            if self._wal_fd is None:
+                wal = f"{os.path.realpath(self.path)}-wal"
+                try:
+                    self._wal_fd = os.open(wal, os.O_RDONLY | os.O_CLOEXEC)
+                except FileNotFoundError as exc:  # SQLite keeps it while a connection is open
+                    raise OSError(errno.ENOENT, f"{wal}: SQLite's write-ahead log is missing") from exc
+            fd = self._wal_fd
+        os.fsync(fd)  # outside the lock: the other threads' transactions go on meanwhile
 
     def after_commit(self, action: Callable[[], None], *, before_sync: bool = False) -> None:
         """Run `action` once the current transaction commits (at once when none is open).
@@ -139,6 +144,9 @@ class Store:
     def close(self) -> None:
         with self.lock:
             self.db.close()
+            if self._wal_fd is not None:
+                os.close(self._wal_fd)
+                self._wal_fd = None
 
 
 def _run(actions: list[Callable[[], None]]) -> None:

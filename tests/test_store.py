@@ -53,7 +53,6 @@ def test_wake_first_runs_the_wake_before_the_sync_and_the_moves_after_it(
     other = sqlite3.connect(store.path)
     assert other.execute("SELECT x FROM rows").fetchall() == [("result",)]
     other.close()
-    assert Path(f"{store.path}-wal").is_file()  # the file store.sync() syncs
 
 
 def test_a_failing_sync_keeps_the_moves_back_and_says_so(
@@ -86,3 +85,21 @@ def test_a_transaction_that_raises_rolls_back_and_drops_its_actions(tmp_path: Pa
     with store.transaction() as db:  # the next transaction's actions are its own
         store.after_commit(lambda: seen.append("next"))
     assert seen == ["next"]
+
+
+def test_sync_syncs_the_log_sqlite_writes_even_through_a_linked_path(tmp_path: Path) -> None:
+    """SQLite names its -wal file after the database's real path: a link to the database must not make
+    sync() look for (or skip) another file."""
+    real = tmp_path / "data" / "appliance.sqlite3"
+    real.parent.mkdir()
+    link = tmp_path / "appliance.sqlite3"
+    link.symlink_to(real)
+    store = Store(link)
+    store.db.execute("CREATE TABLE rows (x TEXT)")
+    with store.transaction(wake_first=True) as db:
+        db.execute("INSERT INTO rows VALUES ('result')")
+    assert not Path(f"{link}-wal").exists()  # what a sync by the given path would have missed
+    assert store._wal_fd is not None
+    assert os.path.samestat(os.fstat(store._wal_fd), os.stat(f"{real}-wal"))
+    store.close()
+    assert store._wal_fd is None

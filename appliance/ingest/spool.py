@@ -17,7 +17,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -67,10 +67,9 @@ class Spool:
         spool opened without one (tools, tests) keys them with a secret file of its own, never unkeyed."""
         self.root = Path(root)
         self.files = SpoolFolders(self.root, min_free_mb)
+        self._device = self.root.stat().st_dev  # files on it may be hashed through a memory map
         self._id_secret = id_secret or load_or_create_salt(self.root / "image-id.key", what="spool id key")
         self.store, self._owns_store = store_at(store or self.root / LEGACY_DB, "spool")
-        # Called once an accepted image's row is in (its folder not yet synced): the daemon wakes its loop.
-        self.on_admitted: Callable[[], None] = lambda: None
         self._lock = self.store.lock
         self._db = self.store.db
         with self._lock:
@@ -127,7 +126,7 @@ class Spool:
             return Rejected(exc.reason, exc.detail, where)
         self.files.check_space(size)
         try:
-            key = dedup_key(path, kind)
+            key = dedup_key(path, kind, mappable_device=self._device)
         except PermissionError as exc:
             detail = f"{path.name}: {exc.strerror}"
             return Rejected(
@@ -191,9 +190,10 @@ class Spool:
             # registers (its key is computed again from its content), never a row without a file.
             if staged is not None:
                 os.rename(staged, dest)
-                renamed, unsynced = False, True
+                fsync_dir(dest.parent)
+                renamed = False
             else:
-                renamed = unsynced = self.files.place(path, dest, move=move, sync=False)
+                renamed = self.files.place(path, dest, move=move)
             try:
                 # Not waited for on disk: the file placed in incoming/ (its folder synced) is what makes
                 # the image accepted. A row lost in a power cut is rebuilt by recover() from that file
@@ -215,16 +215,10 @@ class Spool:
                 else:
                     dest.unlink()
                 raise
-        # The loop may start on the image while its folder is synced (the store's lock is free again). A
-        # power cut before the sync undoes only the rename: the source still has the file, and the result,
-        # if it went out, comes again under the same message id.
-        self.on_admitted()
-        if unsynced:
-            fsync_dir(dest.parent)  # what makes the image accepted, before the source is told so
-        if move and not renamed:
-            # Copied from another filesystem: the spool copy is durable, now the original may go.
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+            if move and not renamed:
+                # Copied from another filesystem: the spool copy is durable, now the original may go.
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
         log.info("accepted %s from %s as %s", path, source, image_id)
         return Accepted(image_id, dest, key)
 
@@ -312,9 +306,7 @@ class Spool:
                 return False
             if row[1] != "done":
                 db.execute("UPDATE items SET state = 'done' WHERE image_id = ?", (image_id,))
-            # Also when the row says done already: a hand-off tried again after the disk failed
-            # between the commit and the move (appliance/store.py, wake_first) still moves the file.
-            self.store.after_commit(lambda: self.files.file_done(row[0]))
+                self.store.after_commit(lambda: self.files.file_done(row[0]))
             return True
 
     def hand_back(self, image_ids: Iterable[str]) -> None:

@@ -59,14 +59,12 @@ class SpoolFolders:
             raise
 
     # -- placing and moving ----------------------------------------------------------------------
-    def place(self, src: Path, dest: Path, *, move: bool, sync: bool = True) -> bool:
-        """Put src at dest atomically. Returns True when src is gone (it was renamed): with `sync` False,
-        the caller then syncs dest's folder (a copy is always synced)."""
+    def place(self, src: Path, dest: Path, *, move: bool) -> bool:
+        """Put src at dest atomically. Returns True when src is gone (it was renamed)."""
         if move:
             try:
                 os.rename(src, dest)
-                if sync:
-                    fsync_dir(dest.parent)
+                fsync_dir(dest.parent)
                 return True
             except OSError as exc:
                 if exc.errno != errno.EXDEV:

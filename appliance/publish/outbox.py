@@ -1,6 +1,11 @@
-"""A durable on-disk outbox: every message is on disk before it is sent, and stays until the broker acked it.
+"""A durable on-disk outbox: every message is committed before it is sent, and stays until the broker acked it.
 
-SQLite in WAL mode with synchronous=FULL, so a `put` that returned survives kill -9 and power loss.
+SQLite in WAL mode with synchronous=FULL, so a `put` that returned survives kill -9 and power loss. One
+exception, on purpose: the processor's transaction for an image (`Store.transaction(wake_first=True)`)
+wakes the sender before its commit is on disk. A power cut in that millisecond can lose a result that
+went out; the image is then still in processing/ and is analysed and sent again under the same
+message_id (image id + model), which subscribers drop. Only a model changed during that very restart
+would send it under another id.
 Rows are sent in id order (so per-topic order holds) and marked `acked` only when the broker's
 PUBACK arrived. On start every row still `pending` is sent again; subscribers de-duplicate on the
 message_id inside the payload.

@@ -54,54 +54,6 @@ def test_accept_claim_done(tmp_path: Path) -> None:
     assert not spool.mark_done("0" * 64)
 
 
-def test_the_loop_is_told_before_the_folder_sync_and_can_claim_meanwhile(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The row is in and the store's lock free when on_admitted runs: the loop claims the image while
-    the intake still syncs incoming/ (which it does before the source is told)."""
-    import appliance.ingest.spool as spool_module
-
-    spool = Spool(tmp_path / "spool")
-    watch = tmp_path / "watch"
-    watch.mkdir()
-    seen: list[str] = []
-    claimed: list[str] = []
-
-    def loop_claims() -> None:
-        seen.append("admitted")
-        worker = threading.Thread(target=lambda: claimed.append(spool.claim_next().image_id))  # type: ignore[union-attr]
-        worker.start()
-        worker.join(10)
-
-    real_fsync_dir = spool_module.fsync_dir
-
-    def recorded_fsync_dir(path: Path) -> None:
-        seen.append(f"sync {path.name}")
-        real_fsync_dir(path)
-
-    monkeypatch.setattr(spool_module, "fsync_dir", recorded_fsync_dir)
-    spool.on_admitted = loop_claims
-    got = spool.accept(copy_to(real(JPEG_BASELINE), watch, "scan.dcm"), "watch")
-    assert isinstance(got, Accepted)
-    assert seen == ["admitted", "sync incoming"] and claimed == [got.image_id]
-    assert (spool.root / "processing" / got.path.name).is_file()
-
-
-def test_mark_done_moves_the_file_of_a_row_already_done(tmp_path: Path) -> None:
-    """A hand-off retried after the disk failed between the commit and the move still moves the file."""
-    spool = Spool(tmp_path / "spool")
-    watch = tmp_path / "watch"
-    watch.mkdir()
-    got = spool.accept(copy_to(real(JPEG_BASELINE), watch, "scan.dcm"), "watch")
-    item = spool.claim_next()
-    assert isinstance(got, Accepted) and item is not None
-    with spool.store.transaction() as db:  # the row says done; the move after it never happened
-        db.execute("UPDATE items SET state = 'done' WHERE image_id = ?", (item.image_id,))
-    assert item.path.is_file()
-    assert spool.mark_done(item.image_id)
-    assert not item.path.exists() and (spool.root / "done" / item.path.name).is_file()
-
-
 def test_a_claim_whose_transaction_rolled_back_after_the_move_is_claimed_again_not_lost(
     tmp_path: Path,
 ) -> None:
