@@ -71,6 +71,7 @@ def test_required_figures_are_measured(report: tuple[dict[str, Any], Path]) -> N
     # The Architecture v2 ratios are computed from this run's own figures (quick: not judged).
     v2 = data["architecture_v2"]
     assert v2["e2e median / stage sum, uncompressed"]["value"] > 0.5
+    assert v2["e2e median / stage sum as images arrive, uncompressed"]["value"] > 0.5
     assert v2["peak RSS MB (daemon)"]["value"] == data["peak_rss_mb"]
 
 
@@ -84,6 +85,11 @@ def test_every_input_has_every_stage(report: tuple[dict[str, Any], Path]) -> Non
             value = stages.get(stage)
             assert isinstance(value, int | float) and value >= 0, (category, stage, value)
         assert stages["decode"] > 0 and stages["infer"] > 0 and stages["publish"] > 0, category
+    # The same stages for uncompressed images written and analysed once each, as the e2e images arrive.
+    arriving = data["stages_arriving_ms"]["uncompressed"]
+    for stage in STAGES:
+        assert isinstance(arriving.get(stage), int | float) and arriving[stage] >= 0, (stage, arriving)
+    assert arriving["decode"] > 0 and arriving["infer"] > 0 and data["stages_arriving_detail"]["uncompressed"]
     # Every result the daemon sent for the timed files came back from the model, not from an error.
     for category, statuses in data["e2e"]["statuses"].items():
         assert "error" not in statuses, (category, statuses)

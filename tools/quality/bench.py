@@ -55,6 +55,7 @@ from tools.quality.bench_stages import (
     measure_publish,
     measure_reading_parity,
     measure_stages,
+    measure_stages_arriving,
 )
 from tools.quality.bench_timing import log, summary
 from tools.training import dataset
@@ -97,6 +98,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for category, per_stage in stages.items()
             }
             raw["detect_ms"], raw["publish_ms"] = detect, publish
+            arriving = measure_stages_arriving(analyzer, inputs, work, plan.e2e, restamper, "uncompressed")
+            raw["stages_arriving_detail"] = {"uncompressed": arriving}
+            raw["stages_arriving_ms"] = {
+                "uncompressed": {name: s["median"] for name, s in arriving.items() if name != "journal"}
+                | {"detect": detect.get("uncompressed", {}).get("median"), "publish": publish["median"]}
+            }
             analyzer.backend.close()
             log("fast reading vs full-resolution reading")
             raw["reading_parity"] = measure_reading_parity(manifest_path, work, inputs)

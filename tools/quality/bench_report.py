@@ -23,6 +23,7 @@ def assemble(raw: dict[str, Any]) -> dict[str, Any]:
         "peak_rss_mb": raw["peak_rss_mb"],
         "startup_to_ready_ms": raw["startup_to_ready_ms"],
         "stages_ms": raw["stages_ms"],
+        "stages_arriving_ms": raw.get("stages_arriving_ms", {}),
         "baseline": {
             "e2e_p95_ms": {c: s.get("p95") for c, s in base["e2e_ms"].items()},
             "e2e_median_ms": {c: s.get("median") for c, s in base["e2e_ms"].items()},
@@ -51,20 +52,25 @@ def architecture_v2(out: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The "Architecture v2" issue's targets, as ratios from this one run: the time spent between the
     stages (end to end over the in-process stage sum), backlog and JPEG-lossless speed against the naive
     baseline, peak memory and start-up."""
-    stages = out["stages_ms"].get("uncompressed", {})
-    stage_sum = sum(v for v in stages.values() if isinstance(v, (int, float))) or None
     figures: dict[str, tuple[float | None, str, bool | None]] = {}
 
-    def over(value: float | None, base: float | None) -> float | None:
-        return round(value / base, 2) if value is not None and base else None
+    def over(value: float | None, stages: dict[str, Any]) -> float | None:
+        stage_sum = sum(v for v in stages.values() if isinstance(v, (int, float)))
+        return round(value / stage_sum, 2) if value is not None and stage_sum else None
 
-    median_ratio = over(out["e2e_median_ms"].get("uncompressed"), stage_sum)
-    p95_ratio = over(out["e2e_p95_ms"].get("uncompressed"), stage_sum)
+    # Against the stages timed back to back (warm), and against the same stages of images that arrive
+    # as the end-to-end images do (tools/quality/bench_stages.py, measure_stages_arriving).
+    for label, stages in (
+        ("stage sum", out["stages_ms"].get("uncompressed", {})),
+        ("stage sum as images arrive", out["stages_arriving_ms"].get("uncompressed", {})),
+    ):
+        median_ratio = over(out["e2e_median_ms"].get("uncompressed"), stages)
+        p95_ratio = over(out["e2e_p95_ms"].get("uncompressed"), stages)
+        figures[f"e2e median / {label}, uncompressed"] = (median_ratio, "<= 1.25", _met(median_ratio, 1.25))
+        figures[f"e2e p95 / {label}, uncompressed"] = (p95_ratio, "<= 1.5", _met(p95_ratio, 1.5))
     lossless = ratio(
         out["baseline"]["e2e_median_ms"].get("jpeg_lossless"), out["e2e_median_ms"].get("jpeg_lossless")
     )
-    figures["e2e median / stage sum, uncompressed"] = (median_ratio, "<= 1.25", _met(median_ratio, 1.25))
-    figures["e2e p95 / stage sum, uncompressed"] = (p95_ratio, "<= 1.5", _met(p95_ratio, 1.5))
     backlog = out["throughput_ratio_vs_baseline"]
     figures["backlog vs baseline"] = (backlog, ">= 5", None if backlog is None else backlog >= 5.0)
     figures["jpeg_lossless e2e median vs baseline"] = (
@@ -132,7 +138,9 @@ def markdown(report: dict[str, Any]) -> str:
     stage_names = ["detect", "read", "decode", "preprocess", "infer", "interpret", "publish"]
     lines.append("| input | " + " | ".join(stage_names) + " |")
     lines.append("|---|" + "---|" * len(stage_names))
-    for category, stages in report["stages_ms"].items():
+    rows = [*report["stages_ms"].items()]
+    rows += [(f"{c}, as images arrive", s) for c, s in report.get("stages_arriving_ms", {}).items()]
+    for category, stages in rows:
         lines.append(f"| {category} | " + " | ".join(str(stages.get(s, "")) for s in stage_names) + " |")
     base = report["baseline"]["stages_ms"]
     lines.append(
