@@ -4,9 +4,11 @@ VOI LUT/window and MONOCHROME1 inversion."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
+import struct
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -303,6 +305,18 @@ def stream_block_mean(path: Path, ds: Dataset, factor: int) -> tuple[np.ndarray,
         return None
 
 
+@contextlib.contextmanager
+def _lookup_table(name: str, what: str) -> Iterator[None]:
+    """A lookup table in the file that pydicom cannot apply (no LUT Data, a descriptor of the wrong
+    length or depth, data shorter than the descriptor says) is the file's fault: refused with why."""
+    try:
+        yield
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError, OverflowError, struct.error) as exc:
+        raise InputRejected(
+            reasons.INVALID_DICOM, f"{name}: unusable {what}: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
 def to_unit(
     raw: np.ndarray, ds: Dataset, name: str, *, extremes: tuple[float, float] | None = None
 ) -> np.ndarray:
@@ -314,7 +328,8 @@ def to_unit(
     arr: np.ndarray = raw
     rescaled = False
     if "ModalityLUTSequence" in ds:
-        arr = apply_modality_lut(arr, ds)  # a lookup table: integer output
+        with _lookup_table(name, "Modality LUT"):
+            arr = apply_modality_lut(arr, ds)  # a lookup table: integer output
     else:
         slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
         if (slope, intercept) != (1.0, 0.0):
@@ -325,19 +340,20 @@ def to_unit(
             if extremes is not None:
                 ends = sorted(v * slope + intercept for v in extremes)
                 extremes = (ends[0], ends[1])
-    out = _voi(arr, ds, rescaled, extremes)
+    out = _voi(arr, ds, name, rescaled, extremes)
     if ds.get("PhotometricInterpretation") == "MONOCHROME1":
         np.subtract(np.float32(1), out, out=out)
     return out
 
 
 def _voi(
-    arr: np.ndarray, ds: Dataset, rescaled: bool, extremes: tuple[float, float] | None = None
+    arr: np.ndarray, ds: Dataset, name: str, rescaled: bool, extremes: tuple[float, float] | None = None
 ) -> np.ndarray:
     if "VOILUTSequence" in ds and np.issubdtype(arr.dtype, np.integer):
-        lut_bits = int(ds.VOILUTSequence[0].LUTDescriptor[2]) or 16
-        out = apply_voi_lut(arr, ds, index=0, prefer_lut=True).astype(np.float32)
-        out *= np.float32(1 / ((1 << lut_bits) - 1))
+        with _lookup_table(name, "VOI LUT"):
+            lut_bits = int(ds.VOILUTSequence[0].LUTDescriptor[2]) or 16
+            out = apply_voi_lut(arr, ds, index=0, prefer_lut=True).astype(np.float32)
+            out *= np.float32(1 / ((1 << lut_bits) - 1))
         return np.clip(out, 0, 1, out=out)
     center, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
     # The decoded frame is ours alone, so float32 maths may work in place on it.

@@ -549,3 +549,35 @@ def test_placeholder_or_unparseable_date_is_unknown(tmp_path: Path, date: str) -
     ds.AcquisitionDate = "20240301"  # the same file with a real date keeps it
     ds.save_as(path)
     assert read_image(path).meta.acquired_at == "2024-03-01T10:15:00"
+
+
+@pytest.mark.parametrize(
+    ("sequence", "broken"),
+    [
+        ("ModalityLUTSequence", "no LUT Data"),
+        ("ModalityLUTSequence", "short LUT Data"),
+        ("VOILUTSequence", "short LUT Data"),
+        ("VOILUTSequence", "two-value descriptor"),
+    ],
+)
+def test_a_lookup_table_that_cannot_be_applied_is_refused_with_the_file_named(
+    tmp_path: Path, sequence: str, broken: str
+) -> None:
+    """A mutated real DICOM (the soak's fuzz found the first): the file's fault, not a reader crash."""
+    ds = pydicom.dcmread(real(NATIVE_DX))
+    item = pydicom.Dataset()
+    item.LUTDescriptor = [4096, 0, 12] if broken != "two-value descriptor" else [4096, 0]
+    if broken == "short LUT Data":
+        item.add_new("LUTData", "US", list(range(100)))  # 100 values where the descriptor says 4096
+    elif broken == "two-value descriptor":
+        item.add_new("LUTData", "US", list(range(4096)))
+    item.ModalityLUTType = "US"
+    setattr(ds, sequence, pydicom.Sequence([item]))
+    if broken == "no LUT Data":
+        item.add_new("LUTData", "OW", None)
+    path = tmp_path / "lut.dcm"
+    ds.save_as(path)
+    with pytest.raises(InputRejected) as refused:
+        read_image(path, max_pixels=50_000_000, target_size=256)
+    assert refused.value.reason == reasons.INVALID_DICOM
+    assert refused.value.detail.startswith("lut.dcm: unusable ") and "LUT" in refused.value.detail
