@@ -65,7 +65,7 @@ def analyse(run: Run, daemon: DaemonProcess, sub: Subscriber, secrets: set[str])
     for r in results:
         per_image[r["image"]["image_id"]].add(r["message_id"])
     spool = daemon.workdir / "journal.sqlite3"  # the appliance's database holds the spool's rows
-    items = sqlite_rows(spool, "SELECT seq, image_id, state, original FROM items ORDER BY seq")
+    items = sqlite_rows(spool, "SELECT seq, image_id, state, original, key FROM items ORDER BY seq")
     states = collections.Counter(str(r[2]) for r in items)
     # Order per bed: first arrivals of each bed's results must follow the spool's acceptance order.
     seq = {str(r[1]): int(r[0]) for r in items}
@@ -77,9 +77,19 @@ def analyse(run: Run, daemon: DaemonProcess, sub: Subscriber, secrets: set[str])
         seqs = [seq.get(r["image"]["image_id"], -1) for r in first.values() if str(r.get("location")) == bed]
         order_violations += sum(1 for a, b in itertools.pairwise(seqs) if b < a)
     # Every image dropped: exactly one spool row, done or quarantine; exactly one result if done.
-    originals = collections.Counter(Path(str(r[3])).name for r in items)
+    originals = collections.Counter(Path(str(r[3])).name for r in items if r[3])
     images = [d for d in run.drops if d.kind == "image"]
-    not_accounted = [d.name for d in images if originals[d.name] != 1]
+    # Rows recovery registered from a file whose row a kill cut off (no original name): matched to the
+    # image by the start of the spool's key, each row to one image at most.
+    orphans = [str(r[4]) for r in items if not r[3]]
+    recovered = []
+    for drop in images:
+        if originals[drop.name] == 0 and drop.key_prefix:
+            match = next((key for key in orphans if key.startswith(drop.key_prefix)), None)
+            if match is not None:
+                orphans.remove(match)
+                recovered.append(drop.name)
+    not_accounted = [d.name for d in images if originals[d.name] != 1 and d.name not in recovered]
     unfinished = [str(r[1]) for r in items if r[2] not in ("done", "quarantine")]
     quarantine_dir = daemon.spool / "quarantine"
     reasons: collections.Counter[str] = collections.Counter()
@@ -103,6 +113,8 @@ def analyse(run: Run, daemon: DaemonProcess, sub: Subscriber, secrets: set[str])
         "order_violations": order_violations,
         "images_not_accounted": not_accounted[:20],
         "images_not_accounted_count": len(not_accounted),
+        "images_registered_by_recovery": len(recovered),
+        "rows_unmatched": len(orphans),
         "unfinished": len(unfinished),
         "spool_states": dict(states),
         "quarantined": len(list(quarantine_dir.glob("*.reason.txt"))),

@@ -14,9 +14,10 @@ from typing import Any
 from pydicom.filereader import read_file_meta_info
 
 from appliance.dicomnet import safe_uid_name
+from appliance.ingest.identity import content_sha256
 from testsupport.daemon import DaemonProcess
 from testsupport.mosquitto import Broker
-from tools.quality.soak_inputs import as_cart_dicom, cstore, send_until_stored
+from tools.quality.soak_inputs import as_cart_dicom, cart_uid, cstore, send_until_stored
 from tools.quality.soak_run import BEDS, Drop, Run
 
 
@@ -41,19 +42,22 @@ def feed(run: Run, daemon: DaemonProcess, images: list[Path], fuzz_cases: list[t
                 if index % 3 == 2:
                     name = f"img{index:05d}{source.suffix}"
                     shutil.copyfile(source, staging / name)
+                    key = f"sha256:{content_sha256(staging / name)}"
                     (staging / name).rename(daemon.inbox / name)  # same filesystem: atomic
-                    run.drops.append(Drop(name, "image"))
+                    run.drops.append(Drop(name, "image", key_prefix=key))
                 elif index % 3 == 1 and run.cstore_port:
                     # The network path: the X-ray unit sends it by C-STORE (retrying while the cart is down).
                     name, bed = f"img{index:05d}.dcm", BEDS[index % len(BEDS)]
                     secrets = as_cart_dicom(source, staging / name, bed, index, run.args.seed)
                     uid = str(read_file_meta_info(staging / name).MediaStorageSOPInstanceUID)
                     if send_until_stored(run, staging / name):
-                        run.drops.append(Drop(safe_uid_name(uid) or name, "image", bed, secrets))
+                        key = f"sop:{uid}/"
+                        run.drops.append(Drop(safe_uid_name(uid) or name, "image", bed, secrets, key))
                 else:
                     name, bed = f"img{index:05d}.dcm", BEDS[index % len(BEDS)]
                     secrets = as_cart_dicom(source, daemon.inbox / name, bed, index, run.args.seed)
-                    run.drops.append(Drop(name, "image", bed, secrets))
+                    key = f"sop:{cart_uid(run.args.seed, index)}/"
+                    run.drops.append(Drop(name, "image", bed, secrets, key))
             else:
                 case_name, data = item
                 name = f"fuzz{len(run.drops):05d}.dcm"

@@ -25,13 +25,18 @@ def real_images(root: Path, count: int, rng: random.Random) -> list[Path]:
     return rng.sample(images, count)
 
 
+def cart_uid(seed: int, index: int) -> str:
+    """The SOP Instance UID of the soak's cart DICOM number `index` (the spool keys it 'sop:<UID>/...')."""
+    return str(generate_uid(entropy_srcs=[f"soak/{seed}/{index}"]))
+
+
 def as_cart_dicom(source: Path, target: Path, bed: str, index: int, seed: int) -> tuple[str, str]:
     """A DX DICOM of the real image, as a cart writes it: the bed in StationName, a (made-up) patient."""
     pixels = np.asarray(Image.open(source).convert("L"))
     patient_name, patient_id = f"SOAK^PATIENT^{seed}X{index:05d}", f"SOAKPID{seed}X{index:05d}"
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = pydicom.uid.UID("1.2.840.10008.5.1.4.1.1.1.1")  # DX for presentation
-    meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[f"soak/{seed}/{index}"])
+    meta.MediaStorageSOPInstanceUID = pydicom.uid.UID(cart_uid(seed, index))
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = FileDataset(str(target), {}, file_meta=meta, preamble=b"\x00" * 128)
     ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID

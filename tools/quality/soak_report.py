@@ -35,6 +35,11 @@ def markdown(r: dict[str, Any]) -> str:
         ("duplicates after de-duplication", r["duplicates"]),
         ("redeliveries of one message id (at-least-once)", r["redeliveries"]),
         ("order violations per bed", r["order_violations"]),
+        ("images without exactly one spool row", r["images_not_accounted_count"]),
+        (
+            "images whose row recovery registered (a kill between rename and row)",
+            r.get("images_registered_by_recovery", 0),
+        ),
         ("daemon crashes (exits we did not cause)", r["daemon_crashes"]),
         ("fuzz cases through read_image / crashes", f"{r['fuzz_cases']} / {r['fuzz_crashes']}"),
         ("fuzz files through the daemon", r["daemon_fuzz_files"]),
