@@ -13,7 +13,7 @@ from typing import Any
 
 from testsupport.daemon import DaemonProcess
 from testsupport.mosquitto import Received, Subscriber
-from tools.quality.soak_run import RESULT_TOPIC, STATUS_TOPIC, Run
+from tools.quality.soak_run import RESULT_TOPIC, STATUS_TOPIC, Drop, Run
 
 
 def sqlite_rows(path: Path, query: str) -> list[tuple[Any, ...]]:
@@ -30,6 +30,24 @@ def integrity(path: Path) -> str:
         if path.exists()
         else "missing"
     )
+
+
+def account(images: list[Drop], rows: list[tuple[str | None, str]]) -> tuple[list[str], list[str], list[str]]:
+    """Every image dropped must have exactly one spool row, found by its original name; `rows` are the
+    spool's (original, key). A row recovery registered from a file whose row a kill cut off has no
+    original name: it is matched to an image without a row by the start of the spool's key, each row to
+    one image at most. Returns (images not accounted for, images matched that way, rows left unmatched)."""
+    originals = collections.Counter(Path(str(original)).name for original, _ in rows if original)
+    orphans = [key for original, key in rows if not original]
+    recovered: list[str] = []
+    for drop in images:
+        if originals[drop.name] == 0 and drop.key_prefix:
+            match = next((key for key in orphans if key.startswith(drop.key_prefix)), None)
+            if match is not None:
+                orphans.remove(match)
+                recovered.append(drop.name)
+    not_accounted = [d.name for d in images if originals[d.name] != 1 and d.name not in recovered]
+    return not_accounted, recovered, orphans
 
 
 def settle(run: Run, daemon: DaemonProcess, sub: Subscriber, timeout: float) -> bool:
@@ -77,19 +95,8 @@ def analyse(run: Run, daemon: DaemonProcess, sub: Subscriber, secrets: set[str])
         seqs = [seq.get(r["image"]["image_id"], -1) for r in first.values() if str(r.get("location")) == bed]
         order_violations += sum(1 for a, b in itertools.pairwise(seqs) if b < a)
     # Every image dropped: exactly one spool row, done or quarantine; exactly one result if done.
-    originals = collections.Counter(Path(str(r[3])).name for r in items if r[3])
     images = [d for d in run.drops if d.kind == "image"]
-    # Rows recovery registered from a file whose row a kill cut off (no original name): matched to the
-    # image by the start of the spool's key, each row to one image at most.
-    orphans = [str(r[4]) for r in items if not r[3]]
-    recovered = []
-    for drop in images:
-        if originals[drop.name] == 0 and drop.key_prefix:
-            match = next((key for key in orphans if key.startswith(drop.key_prefix)), None)
-            if match is not None:
-                orphans.remove(match)
-                recovered.append(drop.name)
-    not_accounted = [d.name for d in images if originals[d.name] != 1 and d.name not in recovered]
+    not_accounted, recovered, orphans = account(images, [(r[3], str(r[4])) for r in items])
     unfinished = [str(r[1]) for r in items if r[2] not in ("done", "quarantine")]
     quarantine_dir = daemon.spool / "quarantine"
     reasons: collections.Counter[str] = collections.Counter()
