@@ -8,6 +8,7 @@ import collections
 import itertools
 import sqlite3
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,9 @@ def integrity(path: Path) -> str:
     )
 
 
-def account(images: list[Drop], rows: list[tuple[str | None, str]]) -> tuple[list[str], list[str], list[str]]:
+def account(
+    images: Sequence[Drop], rows: Sequence[tuple[str | None, str]]
+) -> tuple[list[str], list[str], list[str]]:
     """Every image dropped must have exactly one spool row, found by its original name; `rows` are the
     spool's (original, key). A row recovery registered from a file whose row a kill cut off has no
     original name: it is matched to an image without a row by the start of the spool's key, each row to
