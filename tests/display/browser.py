@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 DRIVER = Path(__file__).with_name("drive.mjs")
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 NODE = shutil.which("node") or "/usr/bin/node"
+STILL_MS = 300  # click(): how long the target must keep its place
 
 
 def missing_tools() -> str | None:
@@ -150,6 +151,20 @@ class Page:
         self._call("fill", selector=selector, value=value)
 
     def click(self, selector: str) -> None:
+        """A real click, once `selector` has kept its place for STILL_MS: a heatmap or a patient's history
+        arriving a moment after the tiles resizes them, and a press aimed at where a tile was before the
+        layout moved lands beside it (Playwright checks the target, then presses; the page may move in
+        between). That is a press aimed badly, not one lost: the page's own hold covers a press that
+        straddles a redraw (test_a_click_survives_a_reading_arriving_between_press_and_release)."""
+        place = (
+            f"(() => {{ const e = document.querySelector({json.dumps(selector)}); if (!e) return false;"
+            " const b = e.getBoundingClientRect(); const k = [b.x, b.y, b.width, b.height].join();"
+            " const w = window.__clickStill; const now = performance.now();"
+            " if (!w || w.s !== " + json.dumps(selector) + " || w.k !== k) {"
+            " window.__clickStill = { s: " + json.dumps(selector) + ", k, t: now }; return false; }"
+            f" return now - w.t >= {STILL_MS}; }})()"
+        )
+        self.wait_true(place)
         self._call("click", selector=selector)
 
     def mouse_down(self, selector: str) -> None:
