@@ -52,13 +52,17 @@ def dataset_blake3(path: Path, start: int, mappable_device: int | None = None) -
     from the file and hashed in 2.4 instead of 4.4 ms with the second core idle, as on a cart waiting for
     its next image. A file on `mappable_device` (the spool's filesystem) is hashed through a memory map
     where that is safe (appliance/ingest/mapped.py): no copy out of the page cache first."""
-    if mappable_device is not None:
-        with open_nofollow(path) as fh:
-            digest = blake3.blake3(max_threads=blake3.blake3.AUTO)
-            mapped = digest_mapped(fh.fileno(), start, digest, mappable_device)
-        if mapped is not None:
-            return mapped
-    return _hash_from(path, start, blake3.blake3(max_threads=blake3.blake3.AUTO), BLAKE3_CHUNK)
+    with open_nofollow(path) as fh:
+        if mappable_device is not None:
+            mapped = digest_mapped(fh.fileno(), start, _blake3(), mappable_device)
+            if mapped is not None:
+                return mapped
+        fh.seek(start)  # read, on the same descriptor, into a new digest (the mapped one may be fed)
+        return digest_stream(fh, _blake3(), BLAKE3_CHUNK)
+
+
+def _blake3() -> Digest:
+    return blake3.blake3(max_threads=blake3.blake3.AUTO)
 
 
 def _dataset_start(path: Path) -> int:

@@ -91,19 +91,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             publish = measure_publish(
                 analyzer, broker, work, inputs.categories["uncompressed"][0], plan.repeats
             )
-            raw["stages_detail"] = stages
-            raw["stages_ms"] = {
-                category: {name: s["median"] for name, s in per_stage.items() if name != "journal"}
-                | {"detect": detect.get(category, {}).get("median"), "publish": publish["median"]}
-                for category, per_stage in stages.items()
-            }
-            raw["detect_ms"], raw["publish_ms"] = detect, publish
             arriving = measure_stages_arriving(analyzer, inputs, work, plan.e2e, restamper, "uncompressed")
-            raw["stages_arriving_detail"] = {"uncompressed": arriving}
-            raw["stages_arriving_ms"] = {
-                "uncompressed": {name: s["median"] for name, s in arriving.items() if name != "journal"}
-                | {"detect": detect.get("uncompressed", {}).get("median"), "publish": publish["median"]}
-            }
+
+            def medians(measured: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict[str, Any]]:
+                """Per category, each stage's median, with detection and publishing (measured apart)."""
+                return {
+                    category: {name: s["median"] for name, s in per_stage.items() if name != "journal"}
+                    | {"detect": detect.get(category, {}).get("median"), "publish": publish["median"]}
+                    for category, per_stage in measured.items()
+                }
+
+            raw["stages_detail"], raw["stages_ms"] = stages, medians(stages)
+            raw["stages_arriving_detail"], raw["stages_arriving_ms"] = arriving, medians(arriving)
+            raw["detect_ms"], raw["publish_ms"] = detect, publish
             analyzer.backend.close()
             log("fast reading vs full-resolution reading")
             raw["reading_parity"] = measure_reading_parity(manifest_path, work, inputs)

@@ -74,7 +74,7 @@ def measure_stages(
 
 def measure_stages_arriving(
     analyzer: Analyzer, inputs: Inputs, work: Path, count: int, restamper: Restamper, category: str
-) -> dict[str, dict[str, float]]:
+) -> dict[str, dict[str, dict[str, float]]]:
     """The same stages, in process, for images that arrive as the end-to-end images do: each a new copy
     (a fresh SOP Instance UID, as the bench's daemon gets), written and closed, then analysed once.
 
@@ -99,7 +99,7 @@ def measure_stages_arriving(
             continue
         for name, value in stages.items():
             samples.setdefault(name, []).append(value)
-    return {name: summary(values) for name, values in samples.items()}
+    return {category: {name: summary(values) for name, values in samples.items()}}
 
 
 def measure_detection(
