@@ -42,8 +42,8 @@ from appliance.ingest.dicom_pixels import (
     pool_rows,
     poolable,
     stream_block_mean,
-    to_unit,
 )
+from appliance.ingest.dicom_values import to_unit
 
 # Values above this many bytes stay on disk while the header is parsed, so a huge native image is
 # refused without ever being read into memory.

@@ -1,14 +1,12 @@
-"""Decoding the first frame of a DICOM to float32 [0, 1]: the fast paths (block means straight from
-native files, GDCM for JPEG lossless, reduced-resolution JPEG 2000/JPEG decodes), then Modality LUT,
-VOI LUT/window and MONOCHROME1 inversion."""
+"""Decoding the first frame of a DICOM: the fast paths (block means straight from native files, GDCM for
+JPEG lossless, reduced-resolution JPEG 2000/JPEG decodes). Stored values become display values in
+appliance/ingest/dicom_values.py."""
 
 from __future__ import annotations
 
-import contextlib
 import io
 import math
 import os
-import struct
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +15,7 @@ import numpy as np
 import pydicom
 from PIL import Image
 from pydicom.dataset import Dataset
-from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
+from pydicom.pixels import get_decoder
 from pydicom.uid import (
     HTJ2K,
     JPEG2000,
@@ -302,99 +300,4 @@ def stream_block_mean(path: Path, ds: Dataset, factor: int) -> tuple[np.ndarray,
             fh.seek(int(offset))
             return pool_rows(chunks(fh), factor, cols // factor, np.uint32)
     except (OSError, EOFError, ValueError):
-        return None
-
-
-@contextlib.contextmanager
-def _lookup_table(name: str, what: str) -> Iterator[None]:
-    """A lookup table in the file that pydicom cannot apply (no LUT Data, a descriptor of the wrong
-    length or depth, data shorter than the descriptor says) is the file's fault: refused with why."""
-    try:
-        yield
-    except (AttributeError, IndexError, KeyError, TypeError, ValueError, OverflowError, struct.error) as exc:
-        raise InputRejected(
-            reasons.INVALID_DICOM, f"{name}: unusable {what}: {type(exc).__name__}: {exc}"
-        ) from exc
-
-
-def to_unit(
-    raw: np.ndarray, ds: Dataset, name: str, *, extremes: tuple[float, float] | None = None
-) -> np.ndarray:
-    """Stored values -> float32 [0, 1], 0 black. In-place float32 maths: no float64 full-size copies.
-
-    `extremes`: (min, max) stored values when `raw` holds block means (_block_mean) of an integer image."""
-    if raw.ndim != 2:
-        raise InputRejected(reasons.UNSUPPORTED_PIXEL_FORMAT, f"{name}: decoded shape {raw.shape}")
-    arr: np.ndarray = raw
-    rescaled = False
-    if "ModalityLUTSequence" in ds:
-        with _lookup_table(name, "Modality LUT"):
-            arr = apply_modality_lut(arr, ds)  # a lookup table: integer output
-    else:
-        slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
-        if (slope, intercept) != (1.0, 0.0):
-            arr = arr.astype(np.float32)
-            arr *= np.float32(slope)
-            arr += np.float32(intercept)
-            rescaled = True
-            if extremes is not None:
-                ends = sorted(v * slope + intercept for v in extremes)
-                extremes = (ends[0], ends[1])
-    out = _voi(arr, ds, name, rescaled, extremes)
-    if ds.get("PhotometricInterpretation") == "MONOCHROME1":
-        np.subtract(np.float32(1), out, out=out)
-    return out
-
-
-def _voi(
-    arr: np.ndarray, ds: Dataset, name: str, rescaled: bool, extremes: tuple[float, float] | None = None
-) -> np.ndarray:
-    if "VOILUTSequence" in ds and np.issubdtype(arr.dtype, np.integer):
-        with _lookup_table(name, "VOI LUT"):
-            lut_bits = int(ds.VOILUTSequence[0].LUTDescriptor[2]) or 16
-            out = apply_voi_lut(arr, ds, index=0, prefer_lut=True).astype(np.float32)
-            out *= np.float32(1 / ((1 << lut_bits) - 1))
-        return np.clip(out, 0, 1, out=out)
-    center, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
-    # The decoded frame is ours alone, so float32 maths may work in place on it.
-    out = arr if arr.dtype == np.float32 else arr.astype(np.float32)
-    if center is not None and width is not None and width > 0:
-        function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
-        if function == "SIGMOID":
-            out -= np.float32(center)
-            out *= np.float32(-4 / width)
-            np.exp(out, out=out)
-            out += np.float32(1)
-            np.reciprocal(out, out=out)
-            return out
-        if function == "LINEAR_EXACT":
-            out -= np.float32(center - width / 2)
-            out *= np.float32(1 / width)
-        else:  # LINEAR, PS3.3 C.11.2.1.2.1
-            span = max(width - 1, 1e-6)
-            out -= np.float32(center - 0.5)
-            out *= np.float32(1 / span)
-            out += np.float32(0.5)
-        return np.clip(out, 0, 1, out=out)
-    bits = int(ds.get("BitsStored") or 8)
-    integer = np.issubdtype(arr.dtype, np.integer) or extremes is not None  # block means of integers
-    if not rescaled and bits <= 8 and integer and ds.get("PixelRepresentation", 0) == 0:
-        # 8-bit with no window: the full range is the display range, as for an 8-bit PNG.
-        out *= np.float32(1 / ((1 << bits) - 1))
-        return np.clip(out, 0, 1, out=out)
-    # No window given: stretch the values present (what viewers do for "auto window").
-    low, high = extremes if extremes is not None else (float(out.min()), float(out.max()))
-    out -= np.float32(low)
-    out *= np.float32(1 / max(high - low, 1e-6))
-    return out
-
-
-def _first(value: Any) -> float | None:
-    if value is None or value == "":
-        return None
-    try:
-        if isinstance(value, pydicom.multival.MultiValue | list | tuple):
-            value = value[0]
-        return float(value)
-    except (TypeError, ValueError, IndexError):
         return None

@@ -6,7 +6,7 @@ import struct
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile, JpegImagePlugin, PngImagePlugin
+from PIL import ExifTags, Image, ImageFile, JpegImagePlugin, PngImagePlugin
 
 from appliance.errors import InputRejected
 from appliance.image import DecodedImage, ImageMeta
@@ -79,6 +79,10 @@ def read_raster(path: Path, kind: str, *, max_pixels: int, target_size: int | No
         except Exception as exc:
             raise InputRejected(reasons.DECODE_FAILED, f"{name}: {type(exc).__name__}: {exc}") from exc
         pixels, bits = _to_unit_grey(img)
+        turn = img.getexif().get(ExifTags.Base.Orientation, 1)
+    pixels = _upright(pixels, turn)
+    if turn in (5, 6, 7, 8):  # a quarter turn: the picture's rows are the file's columns
+        width, height = height, width
     meta = ImageMeta(
         format=fmt,  # type: ignore[arg-type]
         rows=height,
@@ -88,6 +92,21 @@ def read_raster(path: Path, kind: str, *, max_pixels: int, target_size: int | No
         extra={"mode": mode},
     )
     return DecodedImage(pixels=pixels, meta=meta, scale=scale)
+
+
+def _upright(pixels: np.ndarray, orientation: object) -> np.ndarray:
+    """The picture as a viewer shows it: a camera or phone stores it as the sensor saw it and says in EXIF
+    Orientation (TIFF 6.0 tag 274) how to turn it; read unturned, a chest film lies on its side."""
+    turned = {
+        2: lambda a: a[:, ::-1],  # mirrored left to right
+        3: lambda a: a[::-1, ::-1],  # half a turn
+        4: lambda a: a[::-1, :],  # mirrored top to bottom
+        5: lambda a: a.T,  # mirrored along the main diagonal
+        6: lambda a: np.rot90(a, -1),  # a quarter turn clockwise
+        7: lambda a: a[::-1, ::-1].T,  # mirrored along the other diagonal
+        8: lambda a: np.rot90(a, 1),  # a quarter turn anticlockwise
+    }.get(orientation if isinstance(orientation, int) else 1)
+    return pixels if turned is None else np.ascontiguousarray(turned(pixels))
 
 
 def _decoded_bytes(mode: str, pixels: int) -> int:

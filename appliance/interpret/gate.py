@@ -13,6 +13,9 @@ from appliance.image import ImageMeta
 
 RADIOGRAPHY_MODALITIES = {"CR", "DX", "DR", "RG", "DF", "PX", "OT", "SC"}
 LATERAL_POSITIONS = {"LL", "RL", "LAT", "LATERAL", "RLD", "LLD"}
+# Oblique projections (DICOM's RLO/LLO, and the RAO/LAO/RPO/LPO some units write): the model was
+# validated on frontal films only.
+OBLIQUE_POSITIONS = {"RLO", "LLO", "RAO", "LAO", "RPO", "LPO", "OBLIQUE"}
 CHEST_BODY_PARTS = {"CHEST", "THORAX", "LUNG", "CHEST_LAT", "PORT CHEST", "TORAX", "TORSO"}
 
 
@@ -33,6 +36,8 @@ def gate_on_tags(meta: ImageMeta) -> Refusal | None:
     view = (meta.view_position or "").upper().replace(" ", "")
     if view in LATERAL_POSITIONS:
         return Refusal("lateral view", f"DICOM ViewPosition is {meta.view_position}", "dicom.ViewPosition")
+    if view in OBLIQUE_POSITIONS:
+        return Refusal("oblique view", f"DICOM ViewPosition is {meta.view_position}", "dicom.ViewPosition")
     body_part = (meta.body_part or "").upper()
     if body_part and body_part not in CHEST_BODY_PARTS:
         return Refusal(

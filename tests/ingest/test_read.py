@@ -581,3 +581,78 @@ def test_a_lookup_table_that_cannot_be_applied_is_refused_with_the_file_named(
         read_image(path, max_pixels=50_000_000, target_size=256)
     assert refused.value.reason == reasons.INVALID_DICOM
     assert refused.value.detail.startswith("lut.dcm: unusable ") and "LUT" in refused.value.detail
+
+
+# -- values the file states wrongly or in unusual ways (found by a review run, 12-01) -----------------
+
+
+@pytest.mark.parametrize("kind", ["PNG", "JPEG"])
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_exif_orientation_is_applied(tmp_path: Path, real_png: Path, kind: str, orientation: int) -> None:
+    """A phone or camera stores the picture as the sensor saw it and says in EXIF how to turn it: read
+    unturned, the film lies on its side (and the model reads another image)."""
+    upright = Image.open(real_png).convert("L")
+    # Stored turned the other way; the EXIF tag says how a viewer turns it back (Pillow's exif_transpose).
+    undo = {3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270}
+    stored = upright.transpose(undo[orientation])
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / f"turned.{kind.lower()}"
+    stored.save(path, kind, exif=exif.tobytes(), **({"quality": 98} if kind == "JPEG" else {}))
+    img = read_image(path)
+    expected = np.asarray(upright, dtype=np.float32) / 255
+    assert img.pixels.shape == expected.shape and (img.meta.rows, img.meta.columns) == expected.shape
+    np.testing.assert_allclose(img.pixels, expected, atol=1e-6 if kind == "PNG" else 0.1)
+    if kind == "JPEG":
+        assert float(np.abs(img.pixels - expected).mean()) < 0.01
+
+
+@pytest.mark.parametrize(
+    ("slope", "intercept", "said"),
+    [
+        (["1", "2"], "0", "RescaleSlope"),
+        ("1", ["0", "5"], "RescaleIntercept"),
+        ("0", "0", "RescaleSlope 0"),
+    ],
+)
+def test_a_rescale_that_is_not_one_number_is_refused(
+    tmp_path: Path, slope: object, intercept: object, said: str
+) -> None:
+    ds = pydicom.dcmread(real(NATIVE_DX))
+    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    path = tmp_path / "rescale.dcm"
+    ds.save_as(path)
+    refusal = rejected(path, target_size=256)
+    assert refusal.reason == reasons.INVALID_DICOM and said in refusal.detail
+
+
+@pytest.mark.parametrize("entries", [4096, 0])
+def test_an_eight_bit_voi_lut_with_more_than_256_entries(tmp_path: Path, entries: int) -> None:
+    """8-bit table values, 12-bit stored values: each stored value indexes the table whole (pydicom's
+    apply_voi wrapped every index above 255)."""
+    ds = pydicom.dcmread(real(NATIVE_DX))
+    stored = (ds.pixel_array.astype(np.uint16) * 16).astype(np.uint16)  # 8 -> 12 bits
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+    ds.PixelData = stored.tobytes()
+    size = entries or 1 << 16
+    item = pydicom.Dataset()
+    item.LUTDescriptor = [entries, 0, 8]
+    item.add_new("LUTData", "US", [min(i // 16, 255) for i in range(size)])
+    ds.VOILUTSequence = pydicom.Sequence([item])
+    path = tmp_path / "voi8.dcm"
+    ds.save_as(path)
+    expected = np.minimum(stored // 16, 255).astype(np.float32) / 255
+    np.testing.assert_allclose(read_image(path).pixels, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [9, 0, 17])
+def test_a_voi_lut_entry_depth_the_standard_does_not_allow_is_refused(tmp_path: Path, bits: int) -> None:
+    ds = pydicom.dcmread(real(NATIVE_DX))
+    item = pydicom.Dataset()
+    item.LUTDescriptor = [256, 0, bits]
+    item.add_new("LUTData", "US", list(range(256)))
+    ds.VOILUTSequence = pydicom.Sequence([item])
+    path = tmp_path / "depth.dcm"
+    ds.save_as(path)
+    refusal = rejected(path, target_size=256)
+    assert refusal.reason == reasons.INVALID_DICOM and "unusable VOI LUT" in refusal.detail

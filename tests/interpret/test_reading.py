@@ -174,6 +174,8 @@ def test_refusals_say_why(view: list[float], ood: float, reason: str) -> None:
     [
         (ImageMeta(format="dicom", modality="CT"), "not a chest X-ray"),
         (ImageMeta(format="dicom", modality="DX", view_position="LL"), "lateral view"),
+        (ImageMeta(format="dicom", modality="DX", view_position="RLO"), "oblique view"),
+        (ImageMeta(format="dicom", modality="DX", view_position="lao"), "oblique view"),
         (ImageMeta(format="dicom", modality="CR", body_part="HAND"), "not a chest X-ray"),
     ],
 )
