@@ -46,6 +46,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from appliance.config import AppConfig, DicomNetConfig
 from appliance.dicomnet import quiet_pynetdicom, safe_uid_name, server_tls_context
+from appliance.dicomnet.tls_server import start_server
 from appliance.durable import copy_atomically
 from appliance.errors import UserError
 from appliance.ingest.intake import NETWORK, Intake, Outcome, Verdict, as_intake
@@ -159,11 +160,8 @@ class DicomReceiver:
             (evt.EVT_CONN_CLOSE, self._on_close),
         ]
         try:
-            self._server = ae.start_server(
-                (self.config.bind, self.config.port),
-                block=False,
-                ssl_context=ssl_context,
-                evt_handlers=handlers,
+            self._server = start_server(
+                ae, (self.config.bind, self.config.port), ssl_context=ssl_context, evt_handlers=handlers
             )
         except OSError as exc:
             raise UserError(

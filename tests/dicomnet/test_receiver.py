@@ -204,6 +204,29 @@ def test_tls_only_a_client_with_a_trusted_certificate_may_send(
     assert len(spooled(spool)) == 1
 
 
+def test_a_connection_that_never_shakes_hands_blocks_nobody(
+    receivers: Callable[..., DicomReceiver], spool: Spool, tmp_path: Path
+) -> None:
+    """Found by a review run: pynetdicom shook TLS hands in its one accept loop, without a time limit, so
+    one idle TCP connection stopped every later association (and stop() waited for it)."""
+    import socket
+    import ssl
+
+    certs = make_certificates(tmp_path / "certs")
+    receiver = receivers(tls=DicomTlsConfig(cert_file=certs.server_cert, key_file=certs.server_key))
+    port = receiver.address[1]
+    client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(certs.ca))
+    with socket.create_connection(("127.0.0.1", port)):  # connects, never speaks
+        time.sleep(0.3)
+        started = time.monotonic()
+        assert dicom_scu.store(port, [real(NATIVE_DX)], tls=client) == [SUCCESS]
+        assert time.monotonic() - started < 5
+        started = time.monotonic()
+        receiver.stop()
+        assert time.monotonic() - started < 5
+    assert len(spooled(spool)) == 1
+
+
 # -- Hardening II: what the receiver takes, and how much of it -------------------------------------------
 
 
