@@ -164,11 +164,13 @@ def _groups(result: Result, source: Dataset) -> list[MeasurementsAndQualitativeE
             )
         )
     if result.abnormal is not None:
-        evaluations = (
-            [QualitativeEvaluation(ABNORMAL, _presence(result.abnormal.positive))]
-            if result.abnormal.positive is not None
-            else []
+        # "Imaging result abnormal" is the reading's verdict, the triage level: a named finding or an
+        # enlarged heart makes the image abnormal with the abnormality score itself below its point, and
+        # "Absent" beside "Triage level: abnormal" would contradict it. The score is the measurement.
+        abnormal = (
+            result.triage in ("abnormal", "urgent") if result.triage is not None else result.abnormal.positive
         )
+        evaluations = [QualitativeEvaluation(ABNORMAL, _presence(abnormal))] if abnormal is not None else []
         groups.append(
             _group(
                 result,

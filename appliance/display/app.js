@@ -118,6 +118,26 @@
     return num(v) === null ? "" : `${Math.round(v * 100)}%`;
   }
 
+  // The fewest decimals (from `least` to 4) at which `v` compares with each of `points` (shown as
+  // many decimals) as it does unrounded: 0.7153 beside an operating point of 0.7157 is 0.715, not
+  // 0.72 beside 0.72 "below". The appliance quotes its text the same way (interpret/quoting.py).
+  function placesFor(v, points, least = 2) {
+    const sign = (x) => (x > 0) - (x < 0);
+    const others = points.filter((p) => num(p) !== null);
+    for (let places = least; places < 4; places++) {
+      const shown = Number(v.toFixed(places));
+      if (others.every((p) => sign(shown - Number(p.toFixed(places))) === sign(v - p))) return places;
+    }
+    return 4;
+  }
+
+  // A fraction as a percentage, with decimals where a whole percent would cross one of `points`.
+  function pctBeside(v, points) {
+    if (num(v) === null) return "";
+    const places = placesFor(v * 100, points.filter((p) => num(p) !== null).map((p) => p * 100), 0);
+    return `${(v * 100).toFixed(places)}%`;
+  }
+
   // ---------- state updates ----------
 
   function addHistoryPoint(key, imageId, point) {
@@ -591,7 +611,9 @@
     if (r.cardiac && num(r.cardiac.ratio) !== null) {
       shown.push(metric("CTR", fmt(r.cardiac.ratio, 2), r.cardiac.enlarged ? " enlarged" : ""));
     }
-    if (r.risk && num(r.risk.score) !== null) shown.push(metric("Risk", `${Math.round(r.risk.score * 100)}`, "%", riskExtra(r)));
+    if (r.risk && num(r.risk.score) !== null) {
+      shown.push(metric("Risk", pctBeside(r.risk.score, [r.risk.threshold]).replace("%", ""), "%", riskExtra(r)));
+    }
     return shown;
   }
 
@@ -986,8 +1008,9 @@
   }
 
   function scoreText(s) {
-    const parts = [fmt(s.score, 2)];
-    if (num(s.threshold) !== null) parts.push(`(operating point ${fmt(s.threshold, 2)})`);
+    const places = placesFor(s.score, [s.threshold]);
+    const parts = [fmt(s.score, places)];
+    if (num(s.threshold) !== null) parts.push(`(operating point ${fmt(s.threshold, places)})`);
     if (s.positive === true) parts.push("— above");
     else if (s.positive === false) parts.push("— below");
     return parts.join(" ");
@@ -1008,18 +1031,19 @@
     if (sev && num(sev.opacity) !== null) add("Degree of opacity", `${fmt(sev.opacity)} of ${fmt(sev.opacity_max || 6, 0)}`);
     const c = r.cardiac;
     if (c && num(c.ratio) !== null) {
-      const parts = [fmt(c.ratio, 2)];
+      const places = placesFor(c.ratio, [c.threshold]);
+      const parts = [fmt(c.ratio, places)];
       if (typeof c.enlarged === "boolean") parts.push(c.enlarged ? "— enlarged" : "— not enlarged");
-      if (num(c.threshold) !== null) parts.push(`(threshold ${fmt(c.threshold, 2)})`);
+      if (num(c.threshold) !== null) parts.push(`(threshold ${fmt(c.threshold, places)})`);
       if (c.projection_caveat) parts.push("; AP projection overstates heart size");
       add("Cardiothoracic ratio", parts.join(" "));
     }
     const risk = r.risk;
     if (risk && num(risk.score) !== null) {
-      const parts = [pct(risk.score)];
+      const parts = [pctBeside(risk.score, [risk.threshold])];
       if (risk.positive === true) parts.push("— high");
       else if (risk.positive === false) parts.push("— low");
-      if (num(risk.threshold) !== null) parts.push(`(threshold ${pct(risk.threshold)})`);
+      if (num(risk.threshold) !== null) parts.push(`(threshold ${pctBeside(risk.threshold, [risk.score])})`);
       if (risk.method === "sequence") parts.push("using earlier images");
       add("Deterioration risk", parts.join(" "));
     }
@@ -1033,7 +1057,10 @@
     const tr = r.trend;
     if (tr && tr.prior_image_id) {
       const parts = [];
-      if (tr.direction) parts.push(tr.direction);
+      // As the text says it: a change below one point of extent is not "unchanged" beside 2.5 → 3.4.
+      if (tr.direction === "unchanged") {
+        parts.push(num(tr.extent_before) !== null && num(tr.extent_now) !== null ? "no change of 1 point or more" : "no change of 0.1 or more");
+      } else if (tr.direction) parts.push(tr.direction);
       if (num(tr.interval_hours) !== null) parts.push(`vs ${Math.round(tr.interval_hours)} h earlier`);
       if (num(tr.extent_before) !== null && num(tr.extent_now) !== null) {
         parts.push(`extent ${fmt(tr.extent_before)} → ${fmt(tr.extent_now)}`);

@@ -3,7 +3,8 @@
 This module is the only place that decides what a reading says; docs/reading.md is the same table in
 prose. Every sentence names the one output it comes from (`Sentence.source`), quotes the value the
 payload carries beside it, and exists only because that value crossed its operating point, so the
-text cannot contradict the fields. `audit` checks exactly that and is run over every validation image
+text cannot contradict the fields. Decisions are taken on the published (rounded) values, and a quoted
+number keeps its side of every point it was decided against (appliance/interpret/quoting.py). `audit` checks exactly that and is run over every validation image
 and over generated score combinations (tests/interpret/test_decisions.py, tools/training/evaluate.py).
 
 | rule | when | says |
@@ -16,7 +17,7 @@ and over generated score combinations (tests/interpret/test_decisions.py, tools/
 | F1          | T1/T2, each published finding >= its point, highest score first | "Possible <finding> (s)." |
 | F2          | T1/T2 with no finding named and abnormal >= its point | "Abnormal appearance (score s); no named finding above its operating point." |
 | Z1          | T1/T2 and at least one lung zone involved | "Model attention highest in <zones>." |
-| M1          | T1/T2, published measures only | "Lung involvement: extent e of 8, opacity o of 6." |
+| M1          | T1/T2, published measures only | "Lung involvement: extent e of 8, opacity o of 6." ("No lung involvement measured: ..." when each is 0.0) |
 | C1          | ratio published and measurable | "Cardiothoracic ratio r: enlarged cardiac silhouette (>= t)." or "...: heart size not enlarged (< t)." (+ AP caveat) |
 | C2          | ratio published but not measurable (masks missing or implausible) | "Heart size could not be measured." |
 | R1          | risk published | "High/Low deterioration risk (s)." |
@@ -32,6 +33,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
+from appliance.interpret.quoting import agrees, decimals_for, quote, quote_severity
 from appliance.interpret.zones import describe_zones
 from appliance.result import (
     CardiacSize,
@@ -96,17 +98,24 @@ def triage(v: Validated, urgent: UrgentPoints) -> TriageLevel:
     return "normal"
 
 
-def _score(value: float) -> str:
-    return f"{value:.2f}"
-
-
-def _measures(severity: Severity) -> str | None:
-    parts = []
-    if severity.extent is not None:
-        parts.append(f"extent {severity.extent:.1f} of {severity.extent_max:.0f}")
-    if severity.opacity is not None:
-        parts.append(f"opacity {severity.opacity:.1f} of {severity.opacity_max:.0f}")
-    return ", ".join(parts) or None
+def _measures(severity: Severity, urgent_extent: float | None) -> Sentence | None:
+    """M1, each measure on its side of the urgent extent; "no lung involvement" when every one is 0."""
+    parts, values = [], []
+    for name, value, top, point in (
+        ("extent", severity.extent, severity.extent_max, urgent_extent),
+        ("opacity", severity.opacity, severity.opacity_max, None),
+    ):
+        if value is not None:
+            parts.append(f"{name} {quote_severity(value, point)} of {top:.0f}")
+            values.append(value)
+    if not parts:
+        return None
+    said = (
+        "Lung involvement: "
+        if any(quote_severity(v) != quote_severity(0.0) for v in values)
+        else ("No lung involvement measured: ")
+    )
+    return Sentence(text=f"{said}{', '.join(parts)}.", source="severity")
 
 
 def cardiac_sentence(v: Validated) -> Sentence | None:
@@ -116,29 +125,37 @@ def cardiac_sentence(v: Validated) -> Sentence | None:
             return Sentence(text="Heart size could not be measured.", source="cardiac")
         return None
     c = v.cardiac
+    places = decimals_for(c.ratio, [c.threshold])
     verdict = (
-        f"enlarged cardiac silhouette (at or above {c.threshold:.2f})"
+        f"enlarged cardiac silhouette (at or above {c.threshold:.{places}f})"
         if c.enlarged
-        else f"heart size not enlarged (below {c.threshold:.2f})"
+        else f"heart size not enlarged (below {c.threshold:.{places}f})"
     )
     caveat = "; AP projection overstates heart size" if c.projection_caveat else ""
-    return Sentence(text=f"Cardiothoracic ratio {c.ratio:.2f}: {verdict}{caveat}.", source="cardiac")
+    return Sentence(text=f"Cardiothoracic ratio {c.ratio:.{places}f}: {verdict}{caveat}.", source="cardiac")
 
 
-def risk_sentence(risk: Risk) -> Sentence:
+def risk_sentence(risk: Risk, urgent: float | None = None) -> Sentence:
+    """R1; `urgent`: the risk at which triage says urgent (the quote keeps its side of it too)."""
     word = "High" if risk.positive else "Low"
     basis = " using earlier images" if risk.method == "sequence" else ""
-    return Sentence(text=f"{word} deterioration risk{basis} ({_score(risk.score)}).", source="risk")
+    return Sentence(
+        text=f"{word} deterioration risk{basis} ({quote(risk.score, risk.threshold, urgent)}).", source="risk"
+    )
 
 
-def sentences(v: Validated, level: TriageLevel) -> list[Sentence]:
-    """The reading's sentences between the view sentence and the trend/disclaimer."""
+def sentences(v: Validated, level: TriageLevel, urgent: UrgentPoints = UrgentPoints()) -> list[Sentence]:
+    """The reading's sentences between the view sentence and the trend/disclaimer. Each number is quoted
+    so that it compares with its operating points (and the urgent points) as the field does (quoting.py)."""
     out: list[Sentence] = []
+    abnormal = (
+        quote(v.abnormal.score, v.abnormal.threshold, urgent.abnormal) if v.abnormal is not None else ""
+    )
     if level == "normal":
         if v.abnormal is not None:
             out.append(
                 Sentence(
-                    text=f"No abnormality detected above the operating point (score {_score(v.abnormal.score)}).",
+                    text=f"No abnormality detected above the operating point (score {abnormal}).",
                     source="abnormal",
                 )
             )
@@ -147,14 +164,14 @@ def sentences(v: Validated, level: TriageLevel) -> list[Sentence]:
         for finding in named:
             out.append(
                 Sentence(
-                    text=f"Possible {finding.label} ({_score(finding.score)}).",
+                    text=f"Possible {finding.label} ({quote(finding.score, finding.threshold)}).",
                     source=f"findings.{finding.label}",
                 )
             )
         if not named and v.abnormal is not None and v.abnormal.positive:
             out.append(
                 Sentence(
-                    text=f"Abnormal appearance (score {_score(v.abnormal.score)}); "
+                    text=f"Abnormal appearance (score {abnormal}); "
                     "no named finding above its operating point.",
                     source="abnormal",
                 )
@@ -162,13 +179,13 @@ def sentences(v: Validated, level: TriageLevel) -> list[Sentence]:
         zone_text = describe_zones(v.zones)
         if zone_text:
             out.append(Sentence(text=f"Model attention highest in {zone_text}.", source="zones"))
-        measures = _measures(v.severity) if v.severity is not None else None
-        if measures:
-            out.append(Sentence(text=f"Lung involvement: {measures}.", source="severity"))
+        measures = _measures(v.severity, urgent.extent) if v.severity is not None else None
+        if measures is not None:
+            out.append(measures)
     if (cardiac := cardiac_sentence(v)) is not None:
         out.append(cardiac)
     if v.risk is not None:
-        out.append(risk_sentence(v.risk))
+        out.append(risk_sentence(v.risk, urgent.risk))
     if v.not_assessed:
         out.append(
             Sentence(text=f"Not assessed: {', '.join(v.not_assessed)}.", source="manifest.not_assessed")
@@ -225,7 +242,7 @@ def audit(
                 problems.append(f"names {m.group(1)!r}, which the payload does not carry")
             elif not finding.positive:
                 problems.append(f"names {finding.label} below its operating point")
-            elif _score(finding.score) != m.group(2):
+            elif not agrees(m.group(2), finding.score, finding.threshold):
                 problems.append(f"quotes {finding.label} as {m.group(2)}, field {finding.score}")
             if normal_said:
                 problems.append(f"names {m.group(1)} and says no abnormality")
@@ -233,7 +250,7 @@ def audit(
         if (
             m is not None
             and sentence.source == "abnormal"
-            and (abnormal is None or _score(abnormal.score) != m.group(1))
+            and (abnormal is None or not agrees(m.group(1), abnormal.score, abnormal.threshold))
         ):
             problems.append(f"quotes the abnormal score as {m.group(1)}")
         if sentence.source == "severity":
@@ -242,18 +259,25 @@ def audit(
                 ("opacity", severity.opacity if severity else None),
             ):
                 if (m := re.search(rf"{name} {_NUMBER} of", text)) is not None and (
-                    value is None or f"{value:.1f}" != m.group(1)
+                    value is None or not agrees(m.group(1), value, least=1)
                 ):
                     problems.append(f"quotes {name} {m.group(1)}, field {value}")
+        if sentence.source == "severity" and text.startswith("Lung involvement") == all(
+            float(n) == 0 for n in re.findall(rf"(?:extent|opacity) {_NUMBER} of", text)
+        ):
+            problems.append("says lung involvement where every measure is 0, or none where one is not")
         if sentence.source == "cardiac" and (m := re.search(rf"ratio {_NUMBER}", text)) is not None:
-            if cardiac is None or f"{cardiac.ratio:.2f}" != m.group(1):
+            if cardiac is None or not agrees(m.group(1), cardiac.ratio, cardiac.threshold):
                 problems.append("quotes a cardiothoracic ratio the payload does not carry")
             elif ("enlarged cardiac silhouette" in text) != cardiac.enlarged:
                 problems.append("cardiac wording disagrees with `enlarged`")
         if sentence.source == "risk":
             if risk is None:
                 problems.append("risk sentence without a published risk")
-            elif text.startswith("High") != bool(risk.positive) or _score(risk.score) not in text:
+            elif text.startswith("High") != bool(risk.positive) or not (
+                (m := re.search(rf"\({_NUMBER}\)\.$", text))
+                and agrees(m.group(1), risk.score, risk.threshold)
+            ):
                 problems.append("risk wording disagrees with the risk field")
         if sentence.source == "zones" and (describe_zones(list(zones)) or "\0") not in text:
             problems.append("zone sentence disagrees with the zones")

@@ -14,6 +14,7 @@ from appliance.interpret import decisions, text
 from appliance.interpret.activation import columns, sigmoid
 from appliance.interpret.cardiac import cardiothoracic_ratio
 from appliance.interpret.gate import Refusal
+from appliance.interpret.quoting import SEVERITY_DECIMALS, decide, decimals_for
 from appliance.interpret.thumbnail import ThumbnailImage, render, thorax_box
 from appliance.interpret.zones import lung_zones
 from appliance.manifest import Manifest, Role
@@ -107,12 +108,14 @@ def _ood(manifest: Manifest, outputs: dict[str, np.ndarray]) -> tuple[Score | No
     value = _scalar(manifest, outputs, Role.ood)
     if value is None:
         return None, None
-    score, threshold = value
-    positive = threshold is not None and score > threshold
-    ood = Score(score=round(score, 4), threshold=threshold, positive=positive)
-    if positive:
+    score, threshold, positive = decide(*value, strict=True)
+    ood = Score(score=score, threshold=threshold, positive=bool(positive))
+    if positive and threshold is not None:
+        places = decimals_for(score, [threshold], least=1)
         return ood, Refusal(
-            "not a chest X-ray", f"out-of-distribution score {score:.1f} > {threshold:.1f}", "ood"
+            "not a chest X-ray",
+            f"out-of-distribution score {score:.{places}f} > {threshold:.{places}f}",
+            "ood",
         )
     return ood, None
 
@@ -125,11 +128,8 @@ def _findings(manifest: Manifest, outputs: dict[str, np.ndarray]) -> list[Findin
     for label, values in columns(spec, outputs[spec.name][None]).items():
         if label == spec.normal_label or not spec.is_published(label):
             continue  # "no finding" is a decision (decisions.py), and unvalidated labels are not published
-        score = float(values[0])
-        threshold = spec.thresholds.get(label, 0.5)
-        found.append(
-            Finding(label=label, score=round(score, 4), threshold=threshold, positive=score >= threshold)
-        )
+        score, threshold, positive = decide(float(values[0]), spec.thresholds.get(label, 0.5))
+        found.append(Finding(label=label, score=score, threshold=threshold, positive=positive))
     return found
 
 
@@ -145,8 +145,8 @@ def _abnormal(manifest: Manifest, outputs: dict[str, np.ndarray]) -> Score | Non
         if spec is None or spec.normal_label is None:
             return None
         score = 1.0 - float(columns(spec, outputs[spec.name][None])[spec.normal_label][0])
-    threshold = 0.5 if threshold is None else threshold
-    return Score(score=round(score, 4), threshold=threshold, positive=score >= threshold)
+    score, point, positive = decide(score, 0.5 if threshold is None else threshold)
+    return Score(score=score, threshold=point, positive=positive)
 
 
 def _severity(manifest: Manifest, outputs: dict[str, np.ndarray]) -> Severity | None:
@@ -158,7 +158,9 @@ def _severity(manifest: Manifest, outputs: dict[str, np.ndarray]) -> Severity | 
     for label, default_max in (("extent", 8.0), ("opacity", 6.0)):
         low, high = spec.ranges.get(label, (0.0, default_max))
         published = label in values and spec.is_published(label)
-        measured[label] = round(float(np.clip(values[label], low, high)), 2) if published else None
+        measured[label] = (
+            round(float(np.clip(values[label], low, high)), SEVERITY_DECIMALS) if published else None
+        )
         measured[f"{label}_max"] = high
     if measured["extent"] is None and measured["opacity"] is None:
         return None
@@ -172,10 +174,8 @@ def _risk(manifest: Manifest, outputs: dict[str, np.ndarray]) -> Risk | None:
     value = _scalar(manifest, outputs, Role.risk)
     if value is None:
         return None
-    score, threshold = value
-    return Risk(
-        score=round(score, 4), threshold=threshold, positive=None if threshold is None else score >= threshold
-    )
+    score, threshold, positive = decide(*value)
+    return Risk(score=score, threshold=threshold, positive=positive)
 
 
 def _cardiac(
@@ -307,10 +307,8 @@ def read_outputs(
         measures_require=manifest.triage.measures_require,
     )
     policy = manifest.triage
-    level = decisions.triage(
-        validated,
-        decisions.UrgentPoints(policy.urgent_threshold, policy.urgent_extent, policy.urgent_risk),
-    )
+    urgent = decisions.UrgentPoints(policy.urgent_threshold, policy.urgent_extent, policy.urgent_risk)
+    level = decisions.triage(validated, urgent)
     validated = decisions.for_level(validated, level)
     # Shown only by a reading that may show it: a normal reading publishes no localisation.
     shown = heat if level != "normal" else None
@@ -335,7 +333,7 @@ def read_outputs(
         s
         for s in (
             text.view_sentence(meta, view),
-            *decisions.sentences(validated, level),
+            *decisions.sentences(validated, level, urgent),
             text.disclaimer_sentence(),
         )
         if s is not None

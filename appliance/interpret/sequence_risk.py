@@ -15,6 +15,7 @@ import numpy as np
 
 from appliance.interpret.activation import sigmoid
 from appliance.interpret.decisions import risk_sentence
+from appliance.interpret.quoting import decide
 from appliance.interpret.text import join
 from appliance.journal import to_timestamp
 from appliance.manifest import SequenceFeature, SequenceRisk
@@ -96,11 +97,11 @@ def sequence_risk(current: Result, prior: Result, model: SequenceRisk) -> Risk |
     own = image_risk(current)
     if x is None or own is None:
         return None
-    score = float(probability(x, model))
+    score, threshold, positive = decide(float(probability(x, model)), model.threshold)
     return Risk(
-        score=round(score, 4),
-        threshold=model.threshold,
-        positive=score >= model.threshold,
+        score=score,
+        threshold=threshold,
+        positive=positive,
         method="sequence",
         single_image_score=own,
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from appliance import NOT_FOR_DIAGNOSTIC_USE
 from appliance.image import ImageMeta
+from appliance.interpret.quoting import SEVERITY_DECIMALS
 from appliance.result import Finding, Sentence, Trend
 
 FRONTAL_POSITIONS = {"PA", "AP"}
@@ -32,13 +33,28 @@ def _interval(hours: float) -> str:
     return f"{hours / 24:.0f} days ago"
 
 
-def trend_sentence(trend: Trend) -> Sentence | None:
+def trend_sentence(trend: Trend, step: float, extent_max: float | None) -> Sentence | None:
+    """The change of extent, quoted as published (the severity sentence's decimals). `step`: the least
+    change called worse or better; below it the sentence says so rather than "unchanged", since 2.5 -> 3.4
+    is a change, only not one of a whole point."""
     if trend.direction is None or trend.extent_before is None or trend.extent_now is None:
         return None
     when = _interval(trend.interval_hours) if trend.interval_hours is not None else "the prior image"
-    word = {"worse": "Worse than", "better": "Better than", "unchanged": "Unchanged since"}[trend.direction]
+    word = {
+        "worse": f"Worse than {when}",
+        "better": f"Better than {when}",
+        "unchanged": f"No change of {step:g} point or more since {when}",
+    }[trend.direction]
+    of = f" of {extent_max:.0f}" if extent_max is not None else ""
+    # One decimal, as the severity sentence, unless the two quoted values would differ by a whole step
+    # where the published ones do not (2.44 -> 3.43 is "2.44 -> 3.43", not "2.4 -> 3.4", beside "no change").
+    before, now = trend.extent_before, trend.extent_now
+    change = abs(round(now - before, SEVERITY_DECIMALS))
+    quoted = abs(round(float(f"{now:.1f}") - float(f"{before:.1f}"), 1))
+    places = 1 if (quoted >= step) == (change >= step) else SEVERITY_DECIMALS
     return Sentence(
-        text=f"{word} {when}: extent {trend.extent_before:.0f} → {trend.extent_now:.0f} of 8.", source="trend"
+        text=f"{word}: extent {before:.{places}f} → {now:.{places}f}{of}.",
+        source="trend",
     )
 
 

@@ -6,6 +6,7 @@ this module compares the two results and never reads anything itself.
 
 from __future__ import annotations
 
+from appliance.interpret.quoting import SCORE_DECIMALS, SEVERITY_DECIMALS
 from appliance.interpret.text import join, trend_sentence
 from appliance.journal import to_timestamp
 from appliance.result import Result, Trend
@@ -26,11 +27,13 @@ def compare(current: Result, prior: Result) -> Trend:
     risk_now = current.risk.score if current.risk else None
     risk_before = prior.risk.score if prior.risk else None
     direction = None
+    # The change between the published values, rounded as they are: 2.4 -> 3.4 is a step of 1.0, not
+    # 0.9999999, and the sentence quotes exactly the two values the direction was taken on.
     if extent_now is not None and extent_before is not None:
-        change = extent_now - extent_before
+        change = round(extent_now - extent_before, SEVERITY_DECIMALS)
         direction = "worse" if change >= EXTENT_STEP else "better" if change <= -EXTENT_STEP else "unchanged"
     elif risk_now is not None and risk_before is not None:
-        change = risk_now - risk_before
+        change = round(risk_now - risk_before, SCORE_DECIMALS)
         direction = "worse" if change >= RISK_STEP else "better" if change <= -RISK_STEP else "unchanged"
     return Trend(
         prior_image_id=prior.image.image_id,
@@ -50,7 +53,8 @@ def with_trend(current: Result, prior: Result) -> Result:
     """The result with its trend and, before the disclaimer, the sentence that reports it."""
     trend = compare(current, prior)
     sentences = list(current.sentences)
-    sentence = trend_sentence(trend)
+    extent_max = current.severity.extent_max if current.severity else None
+    sentence = trend_sentence(trend, EXTENT_STEP, extent_max)
     if sentence is not None:
         at = next((i for i, s in enumerate(sentences) if s.source == "disclaimer"), len(sentences))
         sentences.insert(at, sentence)

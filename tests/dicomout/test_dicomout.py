@@ -17,9 +17,9 @@ from pydicom.uid import ComprehensiveSRStorage, SecondaryCaptureImageStorage
 
 from appliance.config import DicomOutConfig
 from appliance.dicomout import DicomOutError
-from appliance.dicomout.sr import ABNORMAL, PRIVATE, concept_for
+from appliance.dicomout.sr import ABNORMAL, PRIVATE, build_sr, concept_for
 from appliance.dicomout.writer import DicomOutWriter, repaired_age
-from appliance.result import Result, Severity
+from appliance.result import Finding, Result, Score, Severity
 from tests.dicomout.conftest import MakeJob
 from testsupport.dciodvfy import DCIODVFY, MISSING, assert_valid, errors
 
@@ -94,6 +94,10 @@ def test_sr_is_a_tid1500_report_of_the_result(
             assert presence.value == _presence_code(finding.positive)
             assert group.source_images[0].referenced_sop_instance_uid == source.SOPInstanceUID
         kinds = {g.finding_type.value if g.finding_type else None: g for g in groups}
+        # "Imaging result abnormal" is the reading's verdict (found by a review run: "Absent" beside
+        # "Triage level: abnormal" when a finding, not the abnormality score, made the image abnormal).
+        (verdict,) = kinds[ABNORMAL.value].get_qualitative_evaluations()
+        assert verdict.value == _presence_code(result.triage in ("abnormal", "urgent"))
         severity = kinds[codes.DCM.Opacity.value]
         assert result.severity is not None and result.risk is not None
         values = {m.name.value: m.value for m in severity.get_measurements()}
@@ -313,3 +317,24 @@ def test_dciodvfy_finds_no_error_in_any_sr_or_sc(
         broken.save_as(tmp_path / "broken.sr.dcm")
     assert any("Patient's Age" in line for line in errors(tmp_path / "broken.sr.dcm"))
     assert subprocess.run([DCIODVFY, str(written[0])], capture_output=True, check=False).returncode == 0
+
+
+@pytest.mark.parametrize(("triage", "present"), [("abnormal", True), ("urgent", True), ("normal", False)])
+def test_imaging_result_abnormal_is_the_triage_verdict(
+    analyzed: list[tuple[Result, Path]], triage: str, present: bool
+) -> None:
+    """A finding above its point makes the image abnormal with the abnormality score below its own."""
+    result, source_path = analyzed[0]
+    result = result.model_copy(
+        update={
+            "triage": triage,
+            "abnormal": Score(score=0.3, threshold=0.7157, positive=False),
+            "findings": [Finding(label="COVID-19", score=0.9, threshold=0.5, positive=triage != "normal")],
+        }
+    )
+    sr = build_sr(result, pydicom.dcmread(source_path, stop_before_pixels=True), manufacturer="test")
+    report = hd.sr.ComprehensiveSR.from_dataset(sr).content
+    assert isinstance(report, hd.sr.MeasurementReport)
+    (group,) = report.get_image_measurement_groups(finding_type=ABNORMAL)
+    (verdict,) = group.get_qualitative_evaluations()
+    assert verdict.value == _presence_code(present)

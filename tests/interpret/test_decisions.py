@@ -7,24 +7,34 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from appliance.interpret import decisions
+from appliance.interpret.quoting import decide
 from appliance.result import CardiacSize, Finding, Risk, Score, Sentence, Severity, Zone
 
 LABELS = ["COVID-19", "Pneumonia", "Nodule", "Effusion"]
 unit = st.floats(min_value=0.0, max_value=1.0, allow_nan=False)
 
 
+def near(point: float) -> st.SearchStrategy[float]:
+    """Scores at and around an operating point, where rounding for the text could cross it."""
+    return st.floats(-0.006, 0.006).map(lambda d: min(1.0, max(0.0, point + d)))
+
+
+def scored(draw: st.DrawFn) -> tuple[float, float | None, bool | None]:
+    """A score and its point as the reading publishes them (quoting.decide), often close together."""
+    threshold = draw(unit)
+    return decide(draw(st.one_of(unit, near(threshold))), threshold)
+
+
 @st.composite
 def validated(draw: st.DrawFn) -> tuple[decisions.Validated, decisions.UrgentPoints]:
     abnormal = None
     if draw(st.booleans()):
-        score, threshold = draw(unit), draw(unit)
-        abnormal = Score(score=round(score, 4), threshold=threshold, positive=score >= threshold)
+        score, threshold, positive = scored(draw)
+        abnormal = Score(score=score, threshold=threshold, positive=positive)
     findings = []
     for label in draw(st.lists(st.sampled_from(LABELS), unique=True)):
-        score, threshold = draw(unit), draw(unit)
-        findings.append(
-            Finding(label=label, score=round(score, 4), threshold=threshold, positive=score >= threshold)
-        )
+        score, threshold, positive = scored(draw)
+        findings.append(Finding(label=label, score=score, threshold=threshold, positive=bool(positive)))
     severity = None
     if draw(st.booleans()):
         severity = Severity(
@@ -33,8 +43,8 @@ def validated(draw: st.DrawFn) -> tuple[decisions.Validated, decisions.UrgentPoi
         )
     risk = None
     if draw(st.booleans()):
-        score = draw(unit)
-        risk = Risk(score=round(score, 4), threshold=0.5, positive=score >= 0.5)
+        score, threshold, positive = decide(draw(st.one_of(unit, near(0.5))), 0.5)
+        risk = Risk(score=score, threshold=threshold, positive=positive)
     state = draw(st.sampled_from(["published", "unmeasurable", "not assessed"]))
     cardiac = None
     if state == "published":
@@ -48,9 +58,9 @@ def validated(draw: st.DrawFn) -> tuple[decisions.Validated, decisions.UrgentPoi
             involvement = round(draw(unit), 3)
             zones.append(Zone(side=side, level=level, involvement=involvement, positive=involvement >= 0.2))
     urgent = decisions.UrgentPoints(
-        abnormal=draw(st.one_of(st.none(), unit)),
-        extent=draw(st.one_of(st.none(), st.floats(0, 8))),
-        risk=draw(st.one_of(st.none(), unit)),
+        abnormal=draw(st.one_of(st.none(), unit.map(lambda v: round(v, 4)))),
+        extent=draw(st.one_of(st.none(), st.floats(0, 8).map(lambda v: round(v, 2)))),
+        risk=draw(st.one_of(st.none(), unit.map(lambda v: round(v, 4)))),
     )
     v = decisions.Validated(
         abnormal=abnormal,
@@ -71,7 +81,7 @@ def read(
 ) -> tuple[str, decisions.Validated, list[Sentence]]:
     level = decisions.triage(v, urgent)
     shown = decisions.for_level(v, level)
-    return level, shown, decisions.sentences(shown, level)
+    return level, shown, decisions.sentences(shown, level, urgent)
 
 
 def problems(level: str, v: decisions.Validated, sentences: list[Sentence]) -> list[str]:
