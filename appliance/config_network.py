@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import AfterValidator, Field, SecretStr, model_validator
 
 from appliance.config_base import Section, read_secret
 from appliance.errors import ConfigError
@@ -106,10 +106,23 @@ class DicomTlsConfig(Section):
     )
 
 
+def _ae_title(value: str) -> str:
+    """PS3.5 6.2 (AE): 1-16 characters of the default repertoire, no backslash (the value separator) or
+    control characters; leading and trailing spaces do not count. pynetdicom refused a longer one only
+    when the daemon started, with a traceback."""
+    title = value.strip()
+    if not 1 <= len(title) <= 16 or "\\" in title or not all(" " <= c <= "~" for c in title):
+        raise ValueError(f"{value!r} is not a DICOM AE title: 1-16 printable ASCII characters, no backslash")
+    return title
+
+
+AETitle = Annotated[str, AfterValidator(_ae_title)]
+
+
 class DicomNetConfig(Section):
     enabled: bool = False
-    ae_title: str = Field(
-        "CXR_APPLIANCE", max_length=16, description="Our AE title; associations calling another are refused."
+    ae_title: AETitle = Field(
+        "CXR_APPLIANCE", description="Our AE title; associations calling another are refused."
     )
     port: int = Field(11112, ge=1, le=65535)
     bind: str = Field(
@@ -117,7 +130,7 @@ class DicomNetConfig(Section):
         description="Address to listen on. Loopback keeps the receiver off the network: give the cart's"
         " address on the modality network explicitly (and consider tls).",
     )
-    allowed_calling_ae: list[str] = Field(
+    allowed_calling_ae: list[AETitle] = Field(
         default_factory=list,
         description="Calling AE titles of the X-ray units allowed to send; required when enabled"
         " (no 'accept any' setting).",
@@ -138,16 +151,21 @@ class DicomNetConfig(Section):
 
 
 class PacsConfig(Section):
-    ae_title: str = Field(max_length=16, description="The PACS's AE title (called AE).")
+    ae_title: AETitle = Field(description="The PACS's AE title (called AE).")
     host: str = Field(description="PACS host name or address.")
     port: int = Field(104, ge=1, le=65535)
-    calling_ae_title: str | None = Field(None, max_length=16, description="Default: dicom_net.ae_title.")
+    calling_ae_title: AETitle | None = Field(None, description="Default: dicom_net.ae_title.")
     timeout_seconds: float = Field(30.0, gt=0, description="Connection and response timeout.")
     retry_min_seconds: float = Field(5.0, gt=0, description="First wait after the PACS could not be reached.")
     retry_max_seconds: float = Field(
         300.0, gt=0, description="Longest wait between retries (backoff doubles)."
     )
     ca_file: Path | None = Field(None, description="Given: connect over TLS, trusting this CA.")
+    cert_file: Path | None = Field(
+        None,
+        description="PEM certificate the cart presents to a PACS that requires one (mutual TLS; with key_file).",
+    )
+    key_file: Path | None = Field(None, description="PEM private key of cert_file.")
     failed_retries: int = Field(
         5,
         ge=0,
@@ -158,6 +176,16 @@ class PacsConfig(Section):
         gt=0,
         description="First wait before a refused file is sent again (doubles each time, at most a day).",
     )
+
+    @model_validator(mode="after")
+    def _client_certificate(self) -> PacsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together (the cart's certificate and its key)")
+        if self.cert_file is not None and self.ca_file is None:
+            raise ValueError(
+                "cert_file is for TLS: give ca_file too (the CA that signed the PACS's certificate)"
+            )
+        return self
 
 
 class DicomOutConfig(Section):

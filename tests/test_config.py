@@ -83,3 +83,31 @@ def test_validate_config_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 
 def test_defaults_are_a_complete_config() -> None:
     assert AppConfig().device.site == "site"
+
+
+@pytest.mark.parametrize(
+    ("title", "line"),
+    [("XRAY_UNIT_WARD_7_BAY_3", 4), ("XRAY\\\\UNIT", 4), ("   ", 4)],
+)
+def test_an_ae_title_dicom_would_refuse_is_refused_with_its_line(
+    tmp_path: Path, title: str, line: int
+) -> None:
+    """Found by a review run: validate-config said valid, and `run` stopped with pynetdicom's traceback."""
+    path = write(tmp_path, f'dicom_net:\n  enabled: true\n  allowed_calling_ae:\n  - "{title}"\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert f"{path}:{line}: dicom_net.allowed_calling_ae" in str(err.value) and "AE title" in str(err.value)
+
+
+def test_ae_titles_lose_their_padding(tmp_path: Path) -> None:
+    path = write(tmp_path, 'dicom_net:\n  ae_title: " CXR_CART "\n  allowed_calling_ae: ["XRAY_1 "]\n')
+    config = load_config(path)
+    assert config.dicom_net.ae_title == "CXR_CART" and config.dicom_net.allowed_calling_ae == ["XRAY_1"]
+
+
+def test_a_pacs_client_certificate_needs_its_key_and_tls(tmp_path: Path) -> None:
+    base = "dicom_out:\n  enabled: true\n  pacs:\n    ae_title: PACS\n    host: pacs.local\n"
+    with pytest.raises(ConfigError, match="cert_file and key_file go together"):
+        load_config(write(tmp_path, base + "    cert_file: /etc/cart.pem\n    ca_file: /etc/ca.pem\n"))
+    with pytest.raises(ConfigError, match="give ca_file too"):
+        load_config(write(tmp_path, base + "    cert_file: /etc/cart.pem\n    key_file: /etc/cart.key\n"))

@@ -100,15 +100,20 @@ def test_no_patient_name_or_id_in_any_payload(
     dicom = data.real_dicoms()[1]
     ds = pydicom.dcmread(dicom, stop_before_pixels=True)
     secrets = [str(ds.PatientID), str(ds.PatientName)]
-    daemon = daemons(broker, model)
+    daemon = daemons(broker, model, dicom_out={"enabled": True, "outbox": str(model.parent / "dicom-out")})
+    # Named as exports often are: the file name is the patient's too (found by a review run in the log).
+    name = f"{secrets[1].replace('^', '_')}_{secrets[0]}_chest.dcm"
     with Subscriber(broker, "cxr/#") as sub:
         daemon.start()
-        shutil.copyfile(dicom, daemon.inbox / "p.dcm")
+        shutil.copyfile(dicom, daemon.inbox / name)
         got = wait_results(sub, 1, timeout=20)
         everything = b"\n".join(m.payload for m in sub.messages)
     assert got and got[0]["patient_key"], "a pseudonymous key is expected for a DICOM with a patient ID"
+    assert wait_until(lambda: any((model.parent / "dicom-out").glob("*.sr.dcm")), 20)
+    daemon.stop()
     for secret in secrets:
         assert secret and secret.encode() not in everything, f"{secret!r} leaked into an MQTT payload"
+        assert secret not in daemon.log(), f"{secret!r} in the daemon's log at the default level"
 
 
 def test_bad_files_are_quarantined_with_a_reason_and_the_rest_still_run(

@@ -40,8 +40,16 @@ def server_tls_context(cert_file: Path, key_file: Path, ca_file: Path | None) ->
     return context
 
 
-def client_tls_context(ca_file: Path) -> ssl.SSLContext:
+def client_tls_context(
+    ca_file: Path, cert_file: Path | None = None, key_file: Path | None = None
+) -> ssl.SSLContext:
+    """TLS to the PACS, trusting ca_file; with cert_file/key_file the cart shows its own certificate."""
     try:
-        return ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca_file))
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca_file))
+        if cert_file is not None and key_file is not None:
+            context.load_cert_chain(cert_file, key_file)
+        return context
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"dicom_out.pacs.ca_file {ca_file}: cannot load: {exc}") from exc
+        raise ConfigError(
+            f"dicom_out.pacs TLS files {ca_file} / {cert_file} / {key_file}: cannot load: {exc}"
+        ) from exc

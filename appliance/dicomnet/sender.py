@@ -169,7 +169,12 @@ class DicomSender:
         ae.connection_timeout = self.pacs.timeout_seconds
         for sop_class, syntaxes in contexts:
             ae.add_requested_context(sop_class, list(syntaxes))
-        tls = (client_tls_context(self.pacs.ca_file), self.pacs.host) if self.pacs.ca_file else None
+        pacs = self.pacs
+        tls = (
+            (client_tls_context(pacs.ca_file, pacs.cert_file, pacs.key_file), pacs.host)
+            if pacs.ca_file
+            else None
+        )
         where = f"{self.pacs.ae_title}@{self.pacs.host}:{self.pacs.port}"
         assoc = ae.associate(self.pacs.host, self.pacs.port, ae_title=self.pacs.ae_title, tls_args=tls)
         if assoc.is_established:

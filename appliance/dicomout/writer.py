@@ -66,6 +66,23 @@ def repaired_age(value: object) -> str | None:
     return f"{match[1].zfill(3)}{match[2]}" if match else None
 
 
+_DATE = re.compile(r"(\d{4})[-./]?(\d{2})[-./]?(\d{2})")
+
+
+def check_dates(source: Dataset, name: str) -> None:
+    """Repair or empty the source's dates the SR copies (DA: YYYYMMDD). A birth date written 1950-01-01
+    made highdicom refuse the whole SR. The values are not logged: they are the patient's."""
+    for key, what in (("PatientBirthDate", "Patient's Birth Date"), ("StudyDate", "Study Date")):
+        value = str(source.get(key, "") or "").strip()
+        if not value or re.fullmatch(r"\d{8}", value):
+            continue
+        match = _DATE.fullmatch(value)
+        setattr(source, key, "".join(match.groups()) if match else "")
+        log.info(
+            "%s: %s is not a DICOM date (YYYYMMDD); %s", name, what, "repaired" if match else "left empty"
+        )
+
+
 def check_patient_age(source: Dataset, name: str) -> None:
     """Repair or drop the source's Patient's Age (highdicom copies it into the SR as it is)."""
     if "PatientAge" not in source or source.PatientAge in (None, ""):
@@ -91,8 +108,11 @@ def warnings_logged(image_id: str) -> Iterator[None]:
         try:
             yield
         finally:
-            for text in dict.fromkeys(str(w.message) for w in caught):
-                log.info("DICOM results for %s: %s", image_id[:12], text)
+            # The text may quote the patient's data (highdicom: 'The string "DOE JOHN" is unlikely to
+            # represent the intended person name') or another thread's file: only at debug level.
+            for text, kind in dict.fromkeys((str(w.message), w.category.__name__) for w in caught):
+                log.info("DICOM results for %s: a %s (its text at debug level)", image_id[:12], kind)
+                log.debug("DICOM results for %s: %s", image_id[:12], text)
 
 
 def wanted(result: Result) -> bool:
@@ -209,6 +229,7 @@ class DicomOutWriter:
             if key not in source:
                 setattr(source, key, "")
         check_patient_age(source, job.name)
+        check_dates(source, job.name)
         manufacturer = self.config.manufacturer
         objects: list[tuple[str, Dataset]] = [("sr", build_sr(result, source, manufacturer=manufacturer))]
         if self.config.secondary_capture:

@@ -603,11 +603,12 @@
   }
 
   // Only what the result carries: an output that failed validation is absent (null), never shown as "–".
+  // Severity as published (2 decimals): one decimal could show 6.0 for an extent of 5.96 below the urgent 6.
   function publishedMetrics(r) {
     const shown = [];
     const sev = r.severity;
-    if (sev && num(sev.extent) !== null) shown.push(metric("Extent", fmt(sev.extent), `/${fmt(sev.extent_max || 8, 0)}`));
-    if (sev && num(sev.opacity) !== null) shown.push(metric("Opacity", fmt(sev.opacity), `/${fmt(sev.opacity_max || 6, 0)}`));
+    if (sev && num(sev.extent) !== null) shown.push(metric("Extent", fmt(sev.extent, 2), `/${fmt(sev.extent_max || 8, 0)}`));
+    if (sev && num(sev.opacity) !== null) shown.push(metric("Opacity", fmt(sev.opacity, 2), `/${fmt(sev.opacity_max || 6, 0)}`));
     if (r.cardiac && num(r.cardiac.ratio) !== null) {
       shown.push(metric("CTR", fmt(r.cardiac.ratio, 2), r.cardiac.enlarged ? " enlarged" : ""));
     }
@@ -1027,8 +1028,8 @@
     }
     if (r.abnormal && num(r.abnormal.score) !== null) add("Abnormality score", scoreText(r.abnormal));
     const sev = r.severity;
-    if (sev && num(sev.extent) !== null) add("Extent of lung involvement", `${fmt(sev.extent)} of ${fmt(sev.extent_max || 8, 0)}`);
-    if (sev && num(sev.opacity) !== null) add("Degree of opacity", `${fmt(sev.opacity)} of ${fmt(sev.opacity_max || 6, 0)}`);
+    if (sev && num(sev.extent) !== null) add("Extent of lung involvement", `${fmt(sev.extent, 2)} of ${fmt(sev.extent_max || 8, 0)}`);
+    if (sev && num(sev.opacity) !== null) add("Degree of opacity", `${fmt(sev.opacity, 2)} of ${fmt(sev.opacity_max || 6, 0)}`);
     const c = r.cardiac;
     if (c && num(c.ratio) !== null) {
       const places = placesFor(c.ratio, [c.threshold]);
@@ -1063,10 +1064,10 @@
       } else if (tr.direction) parts.push(tr.direction);
       if (num(tr.interval_hours) !== null) parts.push(`vs ${Math.round(tr.interval_hours)} h earlier`);
       if (num(tr.extent_before) !== null && num(tr.extent_now) !== null) {
-        parts.push(`extent ${fmt(tr.extent_before)} → ${fmt(tr.extent_now)}`);
+        parts.push(`extent ${fmt(tr.extent_before, 2)} → ${fmt(tr.extent_now, 2)}`);
       }
       if (num(tr.opacity_before) !== null && num(tr.opacity_now) !== null) {
-        parts.push(`opacity ${fmt(tr.opacity_before)} → ${fmt(tr.opacity_now)}`);
+        parts.push(`opacity ${fmt(tr.opacity_before, 2)} → ${fmt(tr.opacity_now, 2)}`);
       }
       if (num(tr.risk_before) !== null && num(tr.risk_now) !== null) parts.push(`risk ${pct(tr.risk_before)} → ${pct(tr.risk_now)}`);
       add("Compared with the prior image", parts.join(", "));

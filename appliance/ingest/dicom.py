@@ -69,6 +69,11 @@ class _PydicomWarnings(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.getMessage()
+        if text.startswith("Invalid value for VR"):
+            # "Invalid value for VR DA: '1950-01-01'": the value may be the patient's (a birth date, a
+            # name), and the log is read by engineers who need the kind of fault, not the data.
+            text = f"{text.partition(':')[0]} (the value is not logged: it may be the patient's)"
+            record.msg, record.args = text, ()
         mine: list[str] | None = getattr(self.collecting, "messages", None)
         if mine is not None and record.funcName == "warn_and_log":
             mine.append(text)

@@ -3,6 +3,7 @@ into ImageMeta; placeholder dates are published as unknown."""
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 
 from pydicom.dataset import Dataset
@@ -15,12 +16,23 @@ from appliance.ingest.dicom_checks import int_tag
 _FIRST_PLAUSIBLE_YEAR = 1985
 
 
+# A Code String (PS3.5 6.2 CS): at most 16 of upper-case letters, digits, space and underscore. The
+# view, body part and modality are published and quoted in refusals; a value that is not a code (a
+# name typed into the wrong field at the console) is read as absent, so it never reaches the ward.
+# Lower case and '-' are allowed too: units write "Chest" or "PA-ERECT", and the gate upper-cases.
+_CODE_STRING = re.compile(r"[A-Za-z0-9 _-]{1,16}")
+
+
 def image_meta(ds: Dataset) -> ImageMeta:
     def text(key: str) -> str | None:
         value = ds.get(key)
         if value is None or value == "":
             return None
         return str(value).strip() or None
+
+    def code(key: str) -> str | None:
+        value = text(key)
+        return value if value is not None and _CODE_STRING.fullmatch(value) else None
 
     spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
     pixel_spacing: tuple[float, float] | None = None
@@ -45,9 +57,9 @@ def image_meta(ds: Dataset) -> ImageMeta:
         sop_instance_uid=text("SOPInstanceUID"),
         study_instance_uid=text("StudyInstanceUID"),
         series_instance_uid=text("SeriesInstanceUID"),
-        modality=text("Modality"),
-        view_position=text("ViewPosition"),
-        body_part=text("BodyPartExamined"),
+        modality=code("Modality"),
+        view_position=code("ViewPosition"),
+        body_part=code("BodyPartExamined"),
         acquired_at=acquisition_time(ds),
         patient_id=text("PatientID"),
         patient_name=text("PatientName"),

@@ -176,13 +176,13 @@ class Spool:
                         path.unlink()
                         removed = True
                 log.info(
-                    "duplicate %s from %s (%s) first seen from %s; %s",
-                    path,
+                    "duplicate of %s from %s, first seen from %s; %s",
+                    row[2],
                     source,
-                    key,
                     row[0],
                     "removed" if removed else "left in place",
                 )
+                log.debug("%s (%s) is a duplicate of %s", path, key, row[2])
                 return Duplicate(row[2], key, row[0], removed)
             name = f"{image_id}.{EXTENSIONS[kind]}"
             dest = self.files.dir("incoming") / name
@@ -219,7 +219,9 @@ class Spool:
                 # Copied from another filesystem: the spool copy is durable, now the original may go.
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
-        log.info("accepted %s from %s as %s", path, source, image_id)
+        # The original path may name the patient: at debug level only (the row keeps it for a while).
+        log.info("accepted an image from %s as %s", source, image_id)
+        log.debug("%s is %s", path, image_id)
         return Accepted(image_id, dest, key)
 
     # -- the pipeline side ---------------------------------------------------------------------

@@ -306,7 +306,7 @@ class FolderWatcher:
                 continue
             if missing is not None:
                 if missing != cand.last_incomplete:
-                    log.info("waiting for %s: %s", path, missing)
+                    log.debug("waiting for %s: %s", path, missing)  # a name may name the patient
                     cand.last_incomplete = missing
                 if now - cand.changed_at >= self.incomplete_timeout:
                     reason = (

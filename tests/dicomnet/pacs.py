@@ -6,6 +6,7 @@ It can be stopped and started again on the same port, as a PACS going down and c
 from __future__ import annotations
 
 import shutil
+import ssl
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,8 +25,10 @@ class Pacs:
         ae_title: str = "PACS",
         status: int = 0x0000,
         transfer_syntaxes: Sequence[str] = ALL_TRANSFER_SYNTAXES,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.folder = folder
+        self.ssl_context = ssl_context  # TLS only (a context requiring client certificates: mutual TLS)
         self.ae_title = ae_title
         self.transfer_syntaxes = list(transfer_syntaxes)  # what it accepts (e.g. uncompressed only)
         self.port = free_port()
@@ -51,7 +54,10 @@ class Pacs:
         for context in AllStoragePresentationContexts:
             ae.add_supported_context(str(context.abstract_syntax), self.transfer_syntaxes)
         self._server = ae.start_server(
-            (LOOPBACK, self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._store)]
+            (LOOPBACK, self.port),
+            block=False,
+            ssl_context=self.ssl_context,
+            evt_handlers=[(evt.EVT_C_STORE, self._store)],
         )
         return self
 

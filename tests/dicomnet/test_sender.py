@@ -264,3 +264,34 @@ def test_an_unreadable_queue_file_is_parked_for_good(pacs: Pacs, make_writer: Ma
     report = writer.sender.send_pending()
     assert report.failed == ["broken.dcm"] and writer.sender.seconds_to_next_retry() is None
     assert "not tried again" in (writer.sender.failed_dir / "broken.dcm.reason.txt").read_text()
+
+
+def test_a_pacs_that_requires_a_client_certificate_gets_the_carts(
+    dicom_job: MakeJob, make_writer: MakeWriter, analyzed: list[tuple[Result, Path]], tmp_path: Path
+) -> None:
+    """Mutual TLS to the PACS (found missing by a review run: only the PACS's certificate was checked)."""
+    import ssl
+
+    from testsupport.mosquitto import make_certificates
+
+    certs = make_certificates(tmp_path / "certs")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(certs.ca))
+    context.load_cert_chain(certs.server_cert, certs.server_key)
+    context.verify_mode = ssl.CERT_REQUIRED
+    pacs = Pacs(tmp_path / "pacs", ssl_context=context).start()
+    try:
+        result, source_path = analyzed[0]
+        anonymous = make_writer(pacs, ca_file=certs.ca)
+        written = anonymous.write(dicom_job(result, source_path))
+        assert anonymous.sender is not None
+        with pytest.raises(PacsUnavailable):
+            anonymous.sender.send_pending()
+        assert pacs.received() == []
+        anonymous.close()
+        known = make_writer(pacs, ca_file=certs.ca, cert_file=certs.client_cert, key_file=certs.client_key)
+        assert known.sender is not None
+        report = known.sender.send_pending()
+        assert sorted(report.sent) == sorted(p.name for p in written)
+        assert len(pacs.received()) == len(written)
+    finally:
+        pacs.stop()

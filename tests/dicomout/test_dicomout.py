@@ -265,6 +265,29 @@ def test_patient_age_in_the_sr_is_repaired_or_left_out(
     assert pydicom.dcmread(source).PatientAge == given.strip()  # the source file is left as it was
 
 
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [("1950-01-01", "19500101"), ("1950.01.01", "19500101"), ("unknown", ""), ("19500101", "19500101")],
+)
+def test_a_birth_date_that_is_not_a_dicom_date_does_not_cost_the_sr(
+    dicom_job: MakeJob,
+    writer: DicomOutWriter,
+    analyzed: list[tuple[Result, Path]],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    given: str,
+    expected: str,
+) -> None:
+    """Found by a review run: '1950-01-01' made highdicom refuse the SR (no SR, no SC), and the error
+    logged quoted the birth date."""
+    result, source_path = analyzed[0]
+    source = a_source_like(source_path, tmp_path / "source", PatientBirthDate=given)
+    with caplog.at_level(logging.INFO):
+        sr = by_kind(writer.write(dicom_job(result, source)))["sr"]
+    assert sr.PatientBirthDate == expected
+    assert given not in caplog.text or given == expected
+
+
 def test_repaired_age_takes_only_strings_with_a_unit() -> None:
     assert [repaired_age(v) for v in ("7D", "12m", "100Y", "045Y")] == ["007D", "012M", "100Y", "045Y"]
     assert [repaired_age(v) for v in ("45", "Y", "-5Y", "45Y6M", None, 45)] == [None] * 6

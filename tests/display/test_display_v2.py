@@ -104,7 +104,7 @@ def test_tile_leads_with_the_key_sentence_and_the_detail_view_holds_the_whole_re
     for expected in (
         "Finding: Lung Opacity",
         "0.74 (operating point 0.55) — above",
-        "Extent of lung involvement2.5 of 8",
+        "Extent of lung involvement2.50 of 8",
         "Deterioration risk22% — low (threshold 50%)",
         "Not assessedAtelectasis, Effusion, heart size, localisation",
     ):
@@ -126,8 +126,8 @@ def test_tile_leads_with_the_key_sentence_and_the_detail_view_holds_the_whole_re
     for expected in (
         "Finding: Pneumonia0.91",
         "Abnormality score0.97",
-        "Extent of lung involvement6.5 of 8",
-        "Degree of opacity4.5 of 6",
+        "Extent of lung involvement6.50 of 8",
+        "Degree of opacity4.50 of 6",
         "Deterioration risk83% — high",
         "Zones (patient's side)right lower 71% (flagged), left lower 55% (flagged)",
         "Not assessedAtelectasis, Effusion",

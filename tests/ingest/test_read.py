@@ -656,3 +656,13 @@ def test_a_voi_lut_entry_depth_the_standard_does_not_allow_is_refused(tmp_path: 
     ds.save_as(path)
     refusal = rejected(path, target_size=256)
     assert refusal.reason == reasons.INVALID_DICOM and "unusable VOI LUT" in refusal.detail
+
+
+def test_a_coded_tag_holding_something_else_is_read_as_absent(tmp_path: Path) -> None:
+    """Found by a review run: a name typed into BodyPartExamined was published and quoted in the refusal."""
+    ds = pydicom.dcmread(real(NATIVE_DX))
+    ds.BodyPartExamined, ds.ViewPosition = "DOE^JOHN 12345678", "PA"
+    path = tmp_path / "coded.dcm"
+    ds.save_as(path)
+    meta = read_image(path, target_size=256).meta
+    assert meta.body_part is None and meta.view_position == "PA"
