@@ -139,10 +139,12 @@ def cmd_feedback_export(args: argparse.Namespace) -> int:
 
 def cmd_display(args: argparse.Namespace) -> int:
     from appliance.display.server import serve
+    from appliance.websecurity import server_context
 
     config = _config(args)
     display = config.display
     password = display.password()
+    auth = display.auth
     serve(
         host=args.host or display.host,
         port=args.port or display.port,
@@ -155,6 +157,8 @@ def cmd_display(args: argparse.Namespace) -> int:
         password=password.get_secret_value() if password else None,
         display_name=display.name,
         allowed_hosts=display.allowed_hosts,
+        tls=server_context(display.tls.cert_file, display.tls.key_file, "display") if display.tls else None,
+        credentials=(auth.username, auth.password().get_secret_value()) if auth else None,
     )
     return 0
 

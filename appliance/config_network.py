@@ -73,6 +73,23 @@ class MqttConfig(Section):
         return None
 
 
+class WebTlsConfig(Section):
+    cert_file: Path = Field(description="PEM certificate (chain) the server presents.")
+    key_file: Path = Field(description="PEM private key of cert_file.")
+
+
+class PageAuthConfig(Section):
+    username: str = Field(
+        min_length=1, description="User the ward page's browser logs in as (HTTP basic auth)."
+    )
+    password_file: Path = Field(
+        description="File holding that user's password (mode 0600); never the YAML itself."
+    )
+
+    def password(self) -> SecretStr:
+        return read_secret(self.password_file, "display.auth.password_file")
+
+
 class DisplayConfig(Section):
     host: str = Field("127.0.0.1", description="Address `cxr-appliance display` serves the ward page on.")
     port: int = Field(8080, ge=1, le=65535)
@@ -91,6 +108,14 @@ class DisplayConfig(Section):
         None,
         description="Host names the ward page is served under (e.g. the monitor's URL name); requests"
         " naming another host get 421 (DNS rebinding). None: loopback, this machine's names and `host`.",
+    )
+    tls: WebTlsConfig | None = Field(
+        None, description="Serve the ward page over HTTPS (then give broker_ws_url as wss://)."
+    )
+    auth: PageAuthConfig | None = Field(
+        None,
+        description="Ask the browser for a user and password (the page's config holds the broker account's"
+        " password: set this, with tls, when the page is served beyond loopback).",
     )
 
     def password(self) -> SecretStr | None:
@@ -219,6 +244,9 @@ class MetricsConfig(Section):
     username: str | None = Field(None, description="Given: HTTP basic auth with this user is required.")
     password_file: Path | None = Field(
         None, description="File holding the basic-auth password (mode 0600); never the YAML itself."
+    )
+    tls: WebTlsConfig | None = Field(
+        None, description="Serve the metrics over HTTPS (https://<host>:<port>/metrics)."
     )
 
     @model_validator(mode="after")

@@ -4,6 +4,8 @@ The page is plain static files, so any web server can host it next to a hand-wri
 this one exists so `cxr-appliance display` needs nothing but the standard library. It only serves
 files under `directory`, never lists folders, and sends a Content-Security-Policy that lets the page
 talk to its own origin and the broker's WebSockets URL only (the ward monitor needs no other network).
+On a ward network it serves HTTPS (`display.tls`) and asks for a login (`display.auth`) before any file,
+config.json (which holds the broker's display password) included.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import errno
 import json
 import socket
+import ssl
+import sys
 import threading
 from functools import partial
 from http import HTTPStatus
@@ -20,6 +24,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from appliance.errors import UserError
+from appliance.websecurity import TlsServerMixin, challenge, credentials_match, off_loopback
 
 DISPLAY_DIR = Path(__file__).resolve().parent
 CONFIG_PATH = "/config.json"
@@ -27,6 +32,7 @@ CONFIG_PATH = "/config.json"
 # flood of them) must not tie up the server: each request has this long, and this many run at once.
 REQUEST_TIMEOUT_SECONDS = 10.0
 MAX_CONCURRENT_REQUESTS = 16
+REALM = "cxr-appliance ward display"
 ASSET_SUFFIXES = frozenset({".html", ".js", ".css", ".svg", ".png", ".ico", ".md", ".txt", ".map"})
 
 
@@ -79,6 +85,8 @@ class DisplayHandler(SimpleHTTPRequestHandler):
     # Host names this server answers to. config.json holds the display account's password: a page
     # from elsewhere that rebinds its own DNS name to this address (DNS rebinding) must not read it.
     allowed_hosts: frozenset[str] = frozenset()
+    # display.auth: (user, password) the browser must send (basic auth), for every file, config.json too.
+    credentials: tuple[str, str] | None = None
 
     def parse_request(self) -> bool:
         if not super().parse_request():
@@ -87,6 +95,14 @@ class DisplayHandler(SimpleHTTPRequestHandler):
         name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
         if self.allowed_hosts and name.strip("[]") not in self.allowed_hosts:
             self.send_error(HTTPStatus.MISDIRECTED_REQUEST, "Unknown host name (display.allowed_hosts)")
+            return False
+        if self.credentials is not None and not credentials_match(
+            self.headers.get("Authorization") or "", *self.credentials
+        ):
+            self.send_response(HTTPStatus.UNAUTHORIZED)
+            self.send_header("WWW-Authenticate", challenge(REALM))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
             return False
         return True
 
@@ -125,7 +141,7 @@ class DisplayHandler(SimpleHTTPRequestHandler):
         pass  # one line per asset on every reload would drown the appliance log
 
 
-class BoundedThreadingHTTPServer(ThreadingHTTPServer):
+class BoundedThreadingHTTPServer(TlsServerMixin, ThreadingHTTPServer):
     """One thread per request, at most MAX_CONCURRENT_REQUESTS at once; beyond that a connection is
     closed at once instead of spawning threads without limit."""
 
@@ -168,11 +184,14 @@ def make_server(
     directory: Path | str = DISPLAY_DIR,
     *,
     allowed_hosts: list[str] | None = None,
+    tls: ssl.SSLContext | None = None,
+    credentials: tuple[str, str] | None = None,
     **config: Any,
-) -> ThreadingHTTPServer:
+) -> BoundedThreadingHTTPServer:
     """A bound, not yet running server (port 0 picks a free port: see `server.server_address`).
     `config` goes to `page_config` (topic_prefix, site, username, password, display_name, silent_after_s).
-    allowed_hosts: the Host names to answer (None: `default_allowed_hosts`); others get 421."""
+    allowed_hosts: the Host names to answer (None: `default_allowed_hosts`); others get 421.
+    tls: serve HTTPS; credentials: (user, password) every request must carry (basic auth)."""
     root = Path(directory)
     if not (root / "index.html").is_file():
         raise UserError(f"display directory {root}: no index.html there")
@@ -190,10 +209,13 @@ def make_server(
             "allowed_hosts": frozenset(h.lower() for h in allowed_hosts)
             if allowed_hosts is not None
             else default_allowed_hosts(host),
+            "credentials": credentials,
         },
     )
     try:
-        return BoundedThreadingHTTPServer((host, port), partial(handler, directory=str(root)))
+        server = BoundedThreadingHTTPServer((host, port), partial(handler, directory=str(root)))
+        server.tls_context = tls
+        return server
     except OSError as exc:
         hint = " (already in use: pick another display.port)" if exc.errno == errno.EADDRINUSE else ""
         raise UserError(f"display: cannot listen on {host}:{port}: {exc.strerror}{hint}") from exc
@@ -209,7 +231,17 @@ def serve(
     """Serve until interrupted (Ctrl-C or SIGTERM via the caller)."""
     server = make_server(host, port, broker_ws_url, directory, **config)
     bound_port = server.server_address[1]
-    print(f"Ward display on http://{host}:{bound_port}/ (broker {broker_ws_url}). Not for diagnostic use.")
+    scheme = "https" if server.tls_context is not None else "http"
+    print(
+        f"Ward display on {scheme}://{host}:{bound_port}/ (broker {broker_ws_url}). Not for diagnostic use."
+    )
+    if off_loopback(host) and (server.tls_context is None or config.get("credentials") is None):
+        # config.json holds the broker's display password: beyond loopback it wants TLS and a login.
+        print(
+            "WARNING: the ward page is served beyond this machine without TLS and a login"
+            " (display.tls, display.auth): anyone on the network can read its broker password.",
+            file=sys.stderr,
+        )
     try:
         server.serve_forever()
     except KeyboardInterrupt:

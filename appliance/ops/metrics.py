@@ -28,6 +28,7 @@ from appliance import __version__
 from appliance.config import AppConfig, MetricsConfig
 from appliance.ops.metrics_http import basic_auth, serve
 from appliance.ops.metrics_scrape import DEVFREQ_ROOT, THERMAL_ROOT, StateCollector
+from appliance.websecurity import off_loopback, server_context
 
 if TYPE_CHECKING:  # type hints only: the daemon hands these in, metrics never builds them
     from appliance.ingest.spool import Spool
@@ -161,8 +162,10 @@ class Metrics:
         app = make_wsgi_app(self.registry)
         if self.config.username and self._password is not None:
             app = basic_auth(app, self.config.username, self._password.get_secret_value())
+        tls = self.config.tls
         try:
-            self._server = serve(self.config.host, self.config.port, app)
+            context = server_context(tls.cert_file, tls.key_file, "metrics") if tls else None
+            self._server = serve(self.config.host, self.config.port, app, context)
         except OSError as exc:
             log.error(
                 "metrics: cannot listen on %s:%d (%s); running without the metrics endpoint",
@@ -174,11 +177,18 @@ class Metrics:
         self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)
         self._thread.start()
         log.info(
-            "metrics at http://%s:%d/metrics%s",
+            "metrics at %s://%s:%d/metrics%s",
+            "https" if tls else "http",
             self.config.host,
             self.port,
             " (basic auth)" if self.config.username else "",
         )
+        if off_loopback(self.config.host) and not (tls and self.config.username):
+            log.warning(
+                "metrics: served beyond this machine on %s without %s; set metrics.tls and metrics.username",
+                self.config.host,
+                " and ".join(w for w, on in (("TLS", tls), ("a password", self.config.username)) if not on),
+            )
 
     @property
     def port(self) -> int:

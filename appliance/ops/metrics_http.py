@@ -1,4 +1,4 @@
-"""The metrics endpoint's HTTP side: a single-threaded WSGI server, optionally behind basic auth.
+"""The metrics endpoint's HTTP side: a single-threaded WSGI server, optionally HTTPS and behind basic auth.
 
 One thread serves one request at a time with a socket timeout: a scrape never runs on the processing
 loop, and a stalled or hostile client cannot pile up threads.
@@ -6,14 +6,14 @@ loop, and a stalled or hostile client cannot pile up threads.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hmac
 import logging
 import socket
+import ssl
 from collections.abc import Callable, Iterable
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from appliance.websecurity import TlsServerMixin, challenge, credentials_match
 
 log = logging.getLogger(__name__)
 
@@ -25,27 +25,12 @@ WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 def basic_auth(app: WsgiApp, username: str, password: str) -> WsgiApp:
     """HTTP basic auth in front of `app`; compared in constant time, 401 with a challenge otherwise."""
-    expected_user, expected_password = username.encode(), password.encode()
-
-    def authorised(header: str) -> bool:
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "basic":
-            return False
-        try:
-            user, colon, given = base64.b64decode(token.strip(), validate=True).partition(b":")
-        except (binascii.Error, ValueError):
-            return False
-        # Both compared every time, so the answer's timing does not tell a right user from a wrong one.
-        user_ok = hmac.compare_digest(user, expected_user)
-        password_ok = hmac.compare_digest(given, expected_password)
-        return bool(colon) and user_ok and password_ok
 
     def guarded(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        if authorised(environ.get("HTTP_AUTHORIZATION", "")):
+        if credentials_match(environ.get("HTTP_AUTHORIZATION", ""), username, password):
             return app(environ, start_response)
         start_response(
-            "401 Unauthorized",
-            [("WWW-Authenticate", f'Basic realm="{REALM}", charset="UTF-8"'), ("Content-Type", "text/plain")],
+            "401 Unauthorized", [("WWW-Authenticate", challenge(REALM)), ("Content-Type", "text/plain")]
         )
         return [b"authentication required\n"]
 
@@ -59,14 +44,15 @@ class _QuietHandler(WSGIRequestHandler):
         """Scrapes every 15 s would flood the journal; failures show up in Prometheus instead."""
 
 
-class _Server(WSGIServer):
+class _Server(TlsServerMixin, WSGIServer):
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client that timed out or hung up: not worth a traceback in the cart's log.
         log.debug("metrics: request from %s failed", client_address, exc_info=True)
 
 
-def serve(host: str, port: int, app: WsgiApp) -> WSGIServer:
-    """A single-threaded WSGI server on host:port (IPv4 or IPv6, whichever the address is)."""
+def serve(host: str, port: int, app: WsgiApp, tls: ssl.SSLContext | None = None) -> WSGIServer:
+    """A single-threaded WSGI server on host:port (IPv4 or IPv6, whichever the address is); HTTPS with
+    `tls` (the handshake within the request's time limit, appliance/websecurity.py)."""
     family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
-    server_class = type("_MetricsServer", (_Server,), {"address_family": family})
+    server_class = type("_MetricsServer", (_Server,), {"address_family": family, "tls_context": tls})
     return make_server(host, port, app, server_class=server_class, handler_class=_QuietHandler)

@@ -173,3 +173,57 @@ def test_silent_clients_time_out_and_cannot_take_every_thread(
     finally:
         for conn in idle:
             conn.close()
+
+
+def test_https_and_a_login_guard_every_file_and_the_broker_password(tmp_path: Path) -> None:
+    """Found missing by a review run: the page (and config.json, with the broker's display password) was
+    plain HTTP to anyone who asked. With display.tls and display.auth: HTTPS, and a login first."""
+    import base64
+    import ssl
+
+    from appliance.websecurity import server_context
+    from testsupport.mosquitto import make_certificates
+
+    certs = make_certificates(tmp_path / "certs")
+    srv = make_server(
+        "127.0.0.1",
+        0,
+        "wss://127.0.0.1:9443",
+        topic_prefix="hosp",
+        site="ward7",
+        username="display",
+        password="broker-pw",
+        tls=server_context(certs.server_cert, certs.server_key, "display"),
+        credentials=("ward7", "page-pw"),
+    )
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    port = srv.server_address[1]
+    trusting = ssl.create_default_context(cafile=str(certs.ca))
+
+    def fetch(path: str, login: str | None) -> tuple[int, Message, bytes]:
+        request = urllib.request.Request(f"https://127.0.0.1:{port}{path}")
+        if login is not None:
+            request.add_header("Authorization", "Basic " + base64.b64encode(login.encode()).decode())
+        try:
+            with urllib.request.urlopen(request, timeout=5, context=trusting) as resp:
+                return resp.status, resp.headers, resp.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.headers, exc.read()
+
+    try:
+        silent = socket.create_connection(("127.0.0.1", port))  # never shakes hands: blocks nobody
+        for path in ("/", "/config.json", "/app.js"):
+            status, headers, body = fetch(path, None)
+            assert (
+                status == 401 and "Basic" in headers.get("WWW-Authenticate", "") and b"broker-pw" not in body
+            )
+            assert fetch(path, "ward7:wrong")[0] == 401
+        status, _, body = fetch("/config.json", "ward7:page-pw")
+        assert status == 200 and json.loads(body)["password"] == "broker-pw"
+        assert fetch("/", "ward7:page-pw")[0] == 200
+        with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/config.json", timeout=5)  # plain HTTP
+        silent.close()
+    finally:
+        srv.shutdown()
+        srv.server_close()

@@ -7,10 +7,12 @@ really exports, and that docs/metrics.md describes every one of them.
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import re
 import shutil
 import socket
+import ssl
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -28,7 +30,7 @@ from appliance.ops.metrics import Metrics
 from appliance.publish.outbox import Outbox
 from testsupport import data
 from testsupport.daemon import DaemonProcess, wait_results, wait_until
-from testsupport.mosquitto import Broker, Subscriber, free_port
+from testsupport.mosquitto import Broker, Subscriber, free_port, make_certificates
 
 REPO = Path(__file__).resolve().parents[2]
 DOCS = REPO / "docs"
@@ -38,12 +40,12 @@ OPTIONAL = {"cxr_thermal_zone_temperature_celsius", "cxr_devfreq_clock_hertz"}
 Samples = dict[str, list[tuple[dict[str, str], float]]]
 
 
-def scrape(port: int, auth: tuple[str, str] | None = None) -> str:
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/metrics")
+def scrape(port: int, auth: tuple[str, str] | None = None, tls: ssl.SSLContext | None = None) -> str:
+    request = urllib.request.Request(f"{'https' if tls else 'http'}://127.0.0.1:{port}/metrics")
     if auth is not None:
         token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
         request.add_header("Authorization", f"Basic {token}")
-    with urllib.request.urlopen(request, timeout=10) as response:
+    with urllib.request.urlopen(request, timeout=10, context=tls) as response:
         assert response.status == 200
         return str(response.read().decode())
 
@@ -158,6 +160,39 @@ def test_basic_auth_refuses_a_wrong_password_and_accepts_the_right_one(
     text = scrape(port, ("prometheus", "correct horse battery staple"))
     assert "cxr_model_info" in text and "cxr_accepting 1.0" in text
     assert "correct horse" not in daemon.log() and "correct horse" not in daemon.config_path.read_text()
+
+
+def test_metrics_over_https_with_basic_auth(
+    model: Path, daemons: Callable[..., DaemonProcess], tmp_path: Path
+) -> None:
+    """Found missing by a review run: basic auth over plain HTTP sent the password in clear on every scrape."""
+    certs = make_certificates(tmp_path / "certs")
+    secret = tmp_path / "metrics-password"
+    secret.write_text("correct horse battery staple\n")
+    secret.chmod(0o600)
+    port = free_port()
+    tls = {"cert_file": str(certs.server_cert), "key_file": str(certs.server_key)}
+    daemon = daemons(
+        None,
+        model,
+        metrics={
+            "enabled": True,
+            "port": port,
+            "username": "prometheus",
+            "password_file": str(secret),
+            "tls": tls,
+        },
+    )
+    daemon.start()
+    trusting = ssl.create_default_context(cafile=str(certs.ca))
+    text = scrape(port, ("prometheus", "correct horse battery staple"), tls=trusting)
+    assert "cxr_model_info" in text
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        scrape(port, ("prometheus", "wrong"), tls=trusting)
+    assert refused.value.code == 401
+    with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
+        scrape(port, ("prometheus", "correct horse battery staple"))  # plain HTTP on the TLS port
+    assert "metrics at https://" in daemon.log()
 
 
 def test_metrics_listen_on_loopback_by_default_and_take_no_password_from_yaml(tmp_path: Path) -> None:
