@@ -58,6 +58,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 def cmd_process(args: argparse.Namespace) -> int:
     from appliance.assemble import build_analyzer, job_for_file
+    from appliance.result import Result
 
     config = _config(args)
     if args.model:
@@ -71,7 +72,17 @@ def cmd_process(args: argparse.Namespace) -> int:
     paths: list[Path] = args.files
     for start in range(0, len(paths), batch):
         jobs = [job_for_file(path, source="cli") for path in paths[start : start + batch]]
-        for result in analyzer.analyze(jobs):
+        for job, outcome in analyzer.analyze_each(jobs):
+            # A bug on one file is that file's error result (traceback logged), not the end of the others.
+            result = (
+                outcome
+                if isinstance(outcome, Result)
+                else analyzer.failed(
+                    job, "internal error", f"{job.path.name}: {type(outcome).__name__}: {outcome}"
+                )
+            )
+            if not isinstance(outcome, Result):
+                log.error("%s: internal error", job.path.name, exc_info=outcome)
             failures += result.status == "error"
             if args.json:
                 print(result.to_json(), flush=True)

@@ -209,6 +209,26 @@ class Analyzer:
         for job in jobs:
             self.read(job)
 
+    def analyze_each(
+        self, jobs: Sequence[Job], *, reraise: tuple[type[Exception], ...] = ()
+    ) -> list[tuple[Job, Result | Exception]]:
+        """`analyze`, with an exception counted against the image that raised it: a bug or an unexpected
+        library error on one image must not cost the others, so a batch that raised is analysed again
+        image by image. `reraise`: exceptions that are no image's fault (a backend that is down)."""
+        try:
+            return list(zip(jobs, self.analyze(jobs), strict=True))
+        except reraise:
+            raise
+        except Exception as exc:
+            if len(jobs) == 1:
+                return [(jobs[0], exc)]
+            log.exception("internal error in a batch of %d; analysing its images one by one", len(jobs))
+            pairs: list[tuple[Job, Result | Exception]] = []
+            for job in jobs:
+                fresh = Job(path=job.path, image_id=job.image_id, source=job.source)
+                pairs += self.analyze_each([fresh], reraise=reraise)
+            return pairs
+
     def analyze(self, jobs: Sequence[Job]) -> list[Result]:
         """Reads, infers and interprets; with more jobs than one batch, the next batch is read while
         the current one is inferred (a backlog keeps both cores busy: decode is single-threaded)."""

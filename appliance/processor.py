@@ -98,7 +98,8 @@ class ImageProcessor:
                     self._hand_off(job, earlier)
                 else:
                     fresh.append(job)
-        for job, outcome in self._analyze(fresh):
+        # A temporary problem is no image's fault: the loop keeps the batch and retries.
+        for job, outcome in self.analyzer.analyze_each(fresh, reraise=TEMPORARY):
             if isinstance(outcome, Result):
                 with self._counted(job, "journal/hand-off"):
                     self._finish(job, outcome)
@@ -170,22 +171,6 @@ class ImageProcessor:
                 log.exception("%s: could not report the refusal", job.path.name)
             self.spool.quarantine(job.image_id, reason, detail)
         self.on_finished(job, result, False)
-
-    def _analyze(self, jobs: list[Job]) -> list[tuple[Job, Result | Exception]]:
-        """A bug or an unexpected library error on one image must not stop the cart: the batch is
-        retried image by image so the exception is counted against the image that raised it."""
-        try:
-            return list(zip(jobs, self.analyzer.analyze(jobs), strict=True))
-        except TEMPORARY:
-            raise  # not this image's fault: the loop keeps the batch and retries
-        except Exception as exc:
-            if len(jobs) == 1:
-                return [(jobs[0], exc)]
-            log.exception("internal error in a batch of %d; analysing its images one by one", len(jobs))
-            pairs: list[tuple[Job, Result | Exception]] = []
-            for job in jobs:
-                pairs += self._analyze([Job(path=job.path, image_id=job.image_id, source=job.source)])
-            return pairs
 
     def _finish(self, job: Job, result: Result) -> None:
         """Journal first, then the outbox, then the spool: each step repeatable after a crash."""

@@ -100,3 +100,23 @@ def test_doctor_names_a_bad_model_file(tmp_path: Path, capsys: pytest.CaptureFix
     (tmp_path / "model" / "model.onnx").write_bytes(b"tampered")
     assert main(["doctor", "--config", str(config)]) == 1
     assert "does not match the manifest" in capsys.readouterr().out
+
+
+def test_a_bug_on_one_file_is_its_error_result_and_the_others_are_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Found by a review run: an exception in the stages ended `process` with a traceback and no result
+    for any file of the batch. Here a manifest naming two labels for a three-column output makes the
+    interpretation fail on every image: each gets its own error result."""
+    path = config_file(tmp_path)
+    config = yaml.safe_load(path.read_text())
+    manifest = yaml.safe_load(Path(config["inference"]["model"]).read_text())
+    manifest["outputs"][0]["labels"] = ["Atelectasis", "Effusion"]
+    manifest["outputs"][0]["thresholds"] = {"Atelectasis": 0.5}
+    Path(config["inference"]["model"]).write_text(yaml.safe_dump(manifest))
+    files = data.real_dicoms()[:2]
+    assert main(["process", "--config", str(path), "--json", *map(str, files)]) == 1
+    captured = capsys.readouterr()
+    payloads = [assert_valid(line, "result.v2.json") for line in captured.out.splitlines()]
+    assert [(p["status"], p["reason"]) for p in payloads] == [("error", "internal error")] * 2
+    assert files[0].name in payloads[0]["text"] and "Traceback" in captured.err
