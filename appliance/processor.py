@@ -36,6 +36,7 @@ from appliance.errors import BackendUnavailable
 from appliance.ingest.spool import Spool
 from appliance.ingest.spool_records import SPOOL_ERRORS
 from appliance.interpret import thumbnail
+from appliance.interpret.decisions import UrgentPoints
 from appliance.interpret.priors import with_priors
 from appliance.journal import Journal
 from appliance.logs import printable
@@ -175,7 +176,8 @@ class ImageProcessor:
     def _finish(self, job: Job, result: Result) -> None:
         """Journal first, then the outbox, then the spool: each step repeatable after a crash."""
         started = time.perf_counter()
-        result = with_priors(result, self.journal, self.analyzer.manifest.sequence_risk)
+        manifest = self.analyzer.manifest
+        result = with_priors(result, self.journal, manifest.sequence_risk, UrgentPoints.of(manifest.triage))
         queued = self._file_dicom_job(job, result)
         # Journal row, outbox messages, spool state: one commit; the sender is woken before it is on disk.
         with self.store.transaction(wake_first=True):

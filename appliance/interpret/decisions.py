@@ -35,6 +35,7 @@ from dataclasses import dataclass, field, replace
 
 from appliance.interpret.quoting import agrees, decimals_for, quote, quote_severity
 from appliance.interpret.zones import describe_zones
+from appliance.manifest import TriagePolicy
 from appliance.result import (
     CardiacSize,
     Finding,
@@ -53,6 +54,13 @@ class UrgentPoints:
     abnormal: float | None = None
     extent: float | None = None
     risk: float | None = None
+
+    @classmethod
+    def of(cls, policy: TriagePolicy) -> UrgentPoints:
+        return cls(policy.urgent_threshold, policy.urgent_extent, policy.urgent_risk)
+
+
+NO_URGENT_POINTS = UrgentPoints()
 
 
 @dataclass
@@ -144,7 +152,7 @@ def risk_sentence(risk: Risk, urgent: float | None = None) -> Sentence:
     )
 
 
-def sentences(v: Validated, level: TriageLevel, urgent: UrgentPoints = UrgentPoints()) -> list[Sentence]:
+def sentences(v: Validated, level: TriageLevel, urgent: UrgentPoints = NO_URGENT_POINTS) -> list[Sentence]:
     """The reading's sentences between the view sentence and the trend/disclaimer. Each number is quoted
     so that it compares with its operating points (and the urgent points) as the field does (quoting.py)."""
     out: list[Sentence] = []
@@ -287,6 +295,19 @@ def audit(
         if missing:
             problems.append(f"positive findings not named: {missing}")
     return problems
+
+
+def validated_of(result: Result) -> Validated:
+    """The published outputs of a result, as the decisions read them (a result carries only those)."""
+    return Validated(
+        abnormal=result.abnormal,
+        findings=list(result.findings),
+        severity=result.severity,
+        risk=result.risk,
+        cardiac=result.cardiac,
+        cardiac_state="published" if result.cardiac is not None else "not assessed",
+        zones=list(result.zones),
+    )
 
 
 def audit_result(result: Result) -> list[str]:

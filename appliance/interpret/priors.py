@@ -7,6 +7,7 @@ import logging
 import sqlite3
 from typing import Protocol
 
+from appliance.interpret.decisions import NO_URGENT_POINTS, UrgentPoints
 from appliance.interpret.sequence_risk import with_sequence_risk
 from appliance.interpret.trend import with_trend
 from appliance.manifest import SequenceRisk
@@ -29,7 +30,9 @@ def _model(result: Result) -> tuple[str, str]:
     return result.provenance.model, result.provenance.model_version
 
 
-def with_priors(result: Result, store: PriorStore, sequence: SequenceRisk | None) -> Result:
+def with_priors(
+    result: Result, store: PriorStore, sequence: SequenceRisk | None, urgent: UrgentPoints = NO_URGENT_POINTS
+) -> Result:
     """The result with its trend against the patient's previous image; unchanged when there is none or
     the prior cannot be read (a trend is an extra: it never stops a reading)."""
     if result.status != "ok" or not result.patient_key:
@@ -45,7 +48,7 @@ def with_priors(result: Result, store: PriorStore, sequence: SequenceRisk | None
             return result
         # The manifest's sequence model (when enabled) replaces the single-image risk; the trend then
         # reports the risk the ward sees.
-        result = with_sequence_risk(result, same[-1], sequence)
+        result = with_sequence_risk(result, same[-1], sequence, urgent)
         return with_trend(result, same[-1])
     except (sqlite3.Error, ValueError):  # e.g. a prior stored by an older payload version
         log.exception("%s: trend skipped (the prior could not be read)", result.image.image_id[:12])

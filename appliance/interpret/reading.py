@@ -307,7 +307,7 @@ def read_outputs(
         measures_require=manifest.triage.measures_require,
     )
     policy = manifest.triage
-    urgent = decisions.UrgentPoints(policy.urgent_threshold, policy.urgent_extent, policy.urgent_risk)
+    urgent = decisions.UrgentPoints.of(policy)
     level = decisions.triage(validated, urgent)
     validated = decisions.for_level(validated, level)
     # Shown only by a reading that may show it: a normal reading publishes no localisation.

@@ -14,7 +14,7 @@ from typing import get_args
 import numpy as np
 
 from appliance.interpret.activation import sigmoid
-from appliance.interpret.decisions import risk_sentence
+from appliance.interpret.decisions import NO_URGENT_POINTS, UrgentPoints, risk_sentence, triage, validated_of
 from appliance.interpret.quoting import decide
 from appliance.interpret.text import join
 from appliance.journal import to_timestamp
@@ -107,14 +107,24 @@ def sequence_risk(current: Result, prior: Result, model: SequenceRisk) -> Risk |
     )
 
 
-def with_sequence_risk(current: Result, prior: Result, model: SequenceRisk | None) -> Result:
+def with_sequence_risk(
+    current: Result, prior: Result, model: SequenceRisk | None, urgent: UrgentPoints = NO_URGENT_POINTS
+) -> Result:
     """`current` with its risk (and risk sentence) replaced by the sequence risk when the manifest
-    enables it and it can be computed; otherwise `current` unchanged."""
+    enables it and it can be computed; otherwise `current` unchanged. The triage follows the risk the
+    ward sees (T1: a published risk at or above the urgent risk is urgent, and only then)."""
     if model is None or not model.enabled:
         return current
     risk = sequence_risk(current, prior, model)
     if risk is None:
         return current
-    sentence = risk_sentence(risk)
+    sentence = risk_sentence(risk, urgent.risk)
     sentences: list[Sentence] = [sentence if s.source == "risk" else s for s in current.sentences]
-    return current.model_copy(update={"risk": risk, "sentences": sentences, "text": join(sentences)})
+    level = current.triage
+    if level in ("abnormal", "urgent"):
+        # Only urgent <-> abnormal can follow from the risk (T1); the sentences are those of either.
+        again = triage(validated_of(current.model_copy(update={"risk": risk})), urgent)
+        level = "urgent" if again == "urgent" else "abnormal"
+    return current.model_copy(
+        update={"risk": risk, "sentences": sentences, "text": join(sentences), "triage": level}
+    )

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from appliance.interpret.decisions import UrgentPoints
 from appliance.interpret.sequence_risk import features, image_risk, sequence_risk, with_sequence_risk
 from appliance.manifest import SequenceRisk, load_manifest
-from appliance.result import Result, Risk, Sentence, Severity
+from appliance.result import Finding, Result, Risk, Sentence, Severity
 from testsupport.results import make_result
 
 T0 = datetime(2026, 3, 1, 8, 0, tzinfo=timezone.utc)
@@ -121,3 +122,21 @@ def test_manifest_coefficients_reproduce_the_training_side_numbers_on_real_image
         risk = sequence_risk(results[check["current"]], results[check["prior"]], manifest.sequence_risk)
         assert risk is not None
         assert risk.score == pytest.approx(check["probability"], abs=1e-4)
+
+
+def test_the_triage_follows_the_sequence_risk_the_ward_sees() -> None:
+    """T1: a published risk at or above the urgent risk is urgent. The sequence risk replaces the image's
+    own, so the triage is decided again on it (it was left as the single-image risk had made it)."""
+    named = {"findings": [Finding(label="COVID-19", score=0.9, threshold=0.5, positive=True)]}
+    prior = reading(1, 0.2, 3.0, T0)
+    current = reading(2, 0.5, 3.0, T0 + timedelta(days=1)).model_copy(update={"triage": "abnormal", **named})
+    rising = with_sequence_risk(current, prior, CHANGE_ONLY, UrgentPoints(risk=0.6))
+    assert rising.risk is not None and rising.risk.score >= 0.6 and rising.triage == "urgent"
+    assert rising.sentences[1].text.startswith("High deterioration risk using earlier images (")
+    falling = with_sequence_risk(
+        reading(3, 0.65, 3.0, T0 + timedelta(days=1)).model_copy(update={"triage": "urgent", **named}),
+        reading(4, 0.9, 3.0, T0),
+        CHANGE_ONLY,
+        UrgentPoints(risk=0.6),
+    )
+    assert falling.risk is not None and falling.risk.score < 0.6 and falling.triage == "abnormal"
