@@ -1060,7 +1060,7 @@
       const parts = [];
       // As the text says it: a change below one point of extent is not "unchanged" beside 2.5 → 3.4.
       if (tr.direction === "unchanged") {
-        parts.push(num(tr.extent_before) !== null && num(tr.extent_now) !== null ? "no change of 1 point or more" : "no change of 0.1 or more");
+        parts.push(num(tr.extent_before) !== null && num(tr.extent_now) !== null ? "no change of 1 point or more" : "no change of 10 points or more");
       } else if (tr.direction) parts.push(tr.direction);
       if (num(tr.interval_hours) !== null) parts.push(`vs ${Math.round(tr.interval_hours)} h earlier`);
       if (num(tr.extent_before) !== null && num(tr.extent_now) !== null) {
@@ -1069,7 +1069,14 @@
       if (num(tr.opacity_before) !== null && num(tr.opacity_now) !== null) {
         parts.push(`opacity ${fmt(tr.opacity_before, 2)} → ${fmt(tr.opacity_now, 2)}`);
       }
-      if (num(tr.risk_before) !== null && num(tr.risk_now) !== null) parts.push(`risk ${pct(tr.risk_before)} → ${pct(tr.risk_now)}`);
+      if (num(tr.risk_before) !== null && num(tr.risk_now) !== null) {
+        // Whole percents unless they would differ by 10 or more where the risks do not (or the reverse).
+        const step = (d) => Math.abs(d) >= 10;
+        const change = Math.round((tr.risk_now - tr.risk_before) * 1e4) / 100;
+        let places = 0;
+        while (places < 2 && step(Number((tr.risk_now * 100).toFixed(places)) - Number((tr.risk_before * 100).toFixed(places))) !== step(change)) places++;
+        parts.push(`risk ${(tr.risk_before * 100).toFixed(places)}% → ${(tr.risk_now * 100).toFixed(places)}%`);
+      }
       add("Compared with the prior image", parts.join(", "));
     }
     if (r.view && num(r.view.score) !== null) add("View", `${r.view.label} (${fmt(r.view.score, 2)})`);

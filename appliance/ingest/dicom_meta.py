@@ -21,6 +21,8 @@ _FIRST_PLAUSIBLE_YEAR = 1985
 # name typed into the wrong field at the console) is read as absent, so it never reaches the ward.
 # Lower case and '-' are allowed too: units write "Chest" or "PA-ERECT", and the gate upper-cases.
 _CODE_STRING = re.compile(r"[A-Za-z0-9 _-]{1,16}")
+# ImageMeta.extra key: the coded tags that were present but not code strings ("Modality,BodyPartExamined").
+MALFORMED_CODES = "malformed_codes"
 
 
 def image_meta(ds: Dataset) -> ImageMeta:
@@ -30,9 +32,14 @@ def image_meta(ds: Dataset) -> ImageMeta:
             return None
         return str(value).strip() or None
 
+    malformed: list[str] = []  # present, but not a code string: the gate refuses on these without quoting
+
     def code(key: str) -> str | None:
         value = text(key)
-        return value if value is not None and _CODE_STRING.fullmatch(value) else None
+        if value is None or _CODE_STRING.fullmatch(value):
+            return value
+        malformed.append(key)
+        return None
 
     spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
     pixel_spacing: tuple[float, float] | None = None
@@ -52,14 +59,17 @@ def image_meta(ds: Dataset) -> ImageMeta:
         value = text(key)
         if value:
             extra[label] = value
+    modality, view_position, body_part = code("Modality"), code("ViewPosition"), code("BodyPartExamined")
+    if malformed:
+        extra[MALFORMED_CODES] = ",".join(malformed)
     return ImageMeta(
         format="dicom",
         sop_instance_uid=text("SOPInstanceUID"),
         study_instance_uid=text("StudyInstanceUID"),
         series_instance_uid=text("SeriesInstanceUID"),
-        modality=code("Modality"),
-        view_position=code("ViewPosition"),
-        body_part=code("BodyPartExamined"),
+        modality=modality,
+        view_position=view_position,
+        body_part=body_part,
         acquired_at=acquisition_time(ds),
         patient_id=text("PatientID"),
         patient_name=text("PatientName"),

@@ -136,7 +136,12 @@ def _voi_table(arr: np.ndarray, ds: Dataset) -> np.ndarray:
     chest X-ray). Raises what `_lookup_table` turns into a refusal."""
     item = ds.VOILUTSequence[0]
     entries, first, bits = (int(v) for v in item.LUTDescriptor)
-    entries = entries or 1 << 16
+    # The descriptor's VR is US or SS by the pixels' sign, and writers get it wrong both ways: the number
+    # of entries is unsigned (0: 65536), the first mapped value has the pixels' sign.
+    entries = (entries & 0xFFFF) or 1 << 16
+    first &= 0xFFFF
+    if int(ds.get("PixelRepresentation", 0) or 0) == 1 and first >= 0x8000:
+        first -= 0x10000
     if bits != 8 and not 10 <= bits <= 16:
         raise ValueError(f"{bits} bits per LUT entry (8 or 10-16 allowed)")
     data = item.LUTData

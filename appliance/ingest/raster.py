@@ -79,7 +79,10 @@ def read_raster(path: Path, kind: str, *, max_pixels: int, target_size: int | No
         except Exception as exc:
             raise InputRejected(reasons.DECODE_FAILED, f"{name}: {type(exc).__name__}: {exc}") from exc
         pixels, bits = _to_unit_grey(img)
-        turn = img.getexif().get(ExifTags.Base.Orientation, 1)
+        try:
+            turn = img.getexif().get(ExifTags.Base.Orientation, 1)
+        except Exception:  # a damaged EXIF block (Pillow: SyntaxError, struct.error): the picture as stored
+            turn = 1
     pixels = _upright(pixels, turn)
     if turn in (5, 6, 7, 8):  # a quarter turn: the picture's rows are the file's columns
         width, height = height, width

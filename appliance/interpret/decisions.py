@@ -114,15 +114,12 @@ def _measures(severity: Severity, urgent_extent: float | None) -> Sentence | Non
         ("opacity", severity.opacity, severity.opacity_max, None),
     ):
         if value is not None:
-            parts.append(f"{name} {quote_severity(value, point)} of {top:.0f}")
+            # 0 is a point too: 0.04 is "0.04", not "0.0", beside "lung involvement".
+            parts.append(f"{name} {quote_severity(value, point, 0.0)} of {top:.0f}")
             values.append(value)
     if not parts:
         return None
-    said = (
-        "Lung involvement: "
-        if any(quote_severity(v) != quote_severity(0.0) for v in values)
-        else ("No lung involvement measured: ")
-    )
+    said = "Lung involvement: " if any(values) else "No lung involvement measured: "
     return Sentence(text=f"{said}{', '.join(parts)}.", source="severity")
 
 
@@ -267,11 +264,11 @@ def audit(
                 ("opacity", severity.opacity if severity else None),
             ):
                 if (m := re.search(rf"{name} {_NUMBER} of", text)) is not None and (
-                    value is None or not agrees(m.group(1), value, least=1)
+                    value is None or not agrees(m.group(1), value, 0.0, least=1)
                 ):
                     problems.append(f"quotes {name} {m.group(1)}, field {value}")
-        if sentence.source == "severity" and text.startswith("Lung involvement") == all(
-            float(n) == 0 for n in re.findall(rf"(?:extent|opacity) {_NUMBER} of", text)
+        if sentence.source == "severity" and text.startswith("Lung involvement") != any(
+            (severity.extent, severity.opacity) if severity else ()
         ):
             problems.append("says lung involvement where every measure is 0, or none where one is not")
         if sentence.source == "cardiac" and (m := re.search(rf"ratio {_NUMBER}", text)) is not None:

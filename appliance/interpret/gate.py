@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from appliance.image import ImageMeta
+from appliance.ingest.dicom_meta import MALFORMED_CODES
 
 RADIOGRAPHY_MODALITIES = {"CR", "DX", "DR", "RG", "DF", "PX", "OT", "SC"}
 LATERAL_POSITIONS = {"LL", "RL", "LAT", "LATERAL", "RLD", "LLD"}
@@ -28,6 +29,10 @@ class Refusal:
 
 def gate_on_tags(meta: ImageMeta) -> Refusal | None:
     """Refuse from DICOM tags alone; PNG/JPEG carry none and pass to the model's gate."""
+    malformed = meta.extra.get(MALFORMED_CODES, "").split(",")
+    for key in ("Modality", "BodyPartExamined"):
+        if key in malformed:  # "ABDOMEN/PELVIS", "HÜFTE": not a chest code; the value is not quoted
+            return Refusal("not a chest X-ray", f"DICOM {key} is not a chest radiograph code", f"dicom.{key}")
     modality = (meta.modality or "").upper()
     if modality and modality not in RADIOGRAPHY_MODALITIES:
         return Refusal(

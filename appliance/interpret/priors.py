@@ -49,7 +49,7 @@ def with_priors(
         # The manifest's sequence model (when enabled) replaces the single-image risk; the trend then
         # reports the risk the ward sees.
         result = with_sequence_risk(result, same[-1], sequence, urgent)
-        return with_trend(result, same[-1])
+        return with_trend(result, same[-1], urgent.extent)
     except (sqlite3.Error, ValueError):  # e.g. a prior stored by an older payload version
         log.exception("%s: trend skipped (the prior could not be read)", result.image.image_id[:12])
         return result

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from appliance import NOT_FOR_DIAGNOSTIC_USE
 from appliance.image import ImageMeta
-from appliance.interpret.quoting import SEVERITY_DECIMALS
+from appliance.interpret.quoting import SEVERITY_DECIMALS, decimals_for
 from appliance.result import Finding, Sentence, Trend
 
 FRONTAL_POSITIONS = {"PA", "AP"}
@@ -33,7 +33,9 @@ def _interval(hours: float) -> str:
     return f"{hours / 24:.0f} days ago"
 
 
-def trend_sentence(trend: Trend, step: float, extent_max: float | None) -> Sentence | None:
+def trend_sentence(
+    trend: Trend, step: float, extent_max: float | None, urgent_extent: float | None = None
+) -> Sentence | None:
     """The change of extent, quoted as published (the severity sentence's decimals). `step`: the least
     change called worse or better; below it the sentence says so rather than "unchanged", since 2.5 -> 3.4
     is a change, only not one of a whole point."""
@@ -52,6 +54,9 @@ def trend_sentence(trend: Trend, step: float, extent_max: float | None) -> Sente
     change = abs(round(now - before, SEVERITY_DECIMALS))
     quoted = abs(round(float(f"{now:.1f}") - float(f"{before:.1f}"), 1))
     places = 1 if (quoted >= step) == (change >= step) else SEVERITY_DECIMALS
+    # ... and each on its side of the urgent extent, as the severity sentence quotes it (5.96, not 6.0).
+    for value in (before, now):
+        places = max(places, decimals_for(value, [urgent_extent], least=1, most=SEVERITY_DECIMALS))
     return Sentence(
         text=f"{word}: extent {before:.{places}f} → {now:.{places}f}{of}.",
         source="trend",

@@ -49,12 +49,12 @@ def compare(current: Result, prior: Result) -> Trend:
     )
 
 
-def with_trend(current: Result, prior: Result) -> Result:
+def with_trend(current: Result, prior: Result, urgent_extent: float | None = None) -> Result:
     """The result with its trend and, before the disclaimer, the sentence that reports it."""
     trend = compare(current, prior)
     sentences = list(current.sentences)
     extent_max = current.severity.extent_max if current.severity else None
-    sentence = trend_sentence(trend, EXTENT_STEP, extent_max)
+    sentence = trend_sentence(trend, EXTENT_STEP, extent_max, urgent_extent)
     if sentence is not None:
         at = next((i for i, s in enumerate(sentences) if s.source == "disclaimer"), len(sentences))
         sentences.insert(at, sentence)

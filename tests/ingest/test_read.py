@@ -23,6 +23,7 @@ from pydicom.uid import JPEG2000, UID, JPEG2000Lossless, JPEGLSLossless, RLELoss
 
 from appliance.errors import InputRejected
 from appliance.ingest import read_image, reasons
+from appliance.interpret.gate import gate_on_tags
 from tests.ingest.conftest import JPEG_BASELINE, MONOCHROME1, NATIVE_DX, grey, real
 
 
@@ -666,3 +667,29 @@ def test_a_coded_tag_holding_something_else_is_read_as_absent(tmp_path: Path) ->
     ds.save_as(path)
     meta = read_image(path, target_size=256).meta
     assert meta.body_part is None and meta.view_position == "PA"
+    # Not published, not quoted, but not a chest code either: the gate still refuses it (a review run
+    # found "ABDOMEN/PELVIS" passing once it was read as absent).
+    refusal = gate_on_tags(meta)
+    assert refusal is not None and refusal.reason == "not a chest X-ray" and "DOE" not in refusal.detail
+
+
+def test_a_damaged_exif_block_leaves_the_picture_as_stored(tmp_path: Path, real_png: Path) -> None:
+    path = tmp_path / "exif.png"
+    Image.open(real_png).convert("L").save(path, "PNG", exif=b"MX\x00*\x00\x00\x00\x08\x00\x00")
+    np.testing.assert_allclose(read_image(path).pixels, grey(real_png) / 255.0, atol=1e-6)
+
+
+def test_a_voi_lut_descriptor_written_unsigned_for_signed_pixels(tmp_path: Path) -> None:
+    """-2048 written as US 63488 (some writers): the first mapped value has the pixels' sign."""
+    ds = pydicom.dcmread(real(NATIVE_DX))
+    stored = ds.pixel_array.astype(np.int16) * 16 - 2048  # -2048 .. 2032, signed 12 bits
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 1
+    ds.PixelData = stored.astype(np.int16).tobytes()
+    item = pydicom.Dataset()
+    item.add_new("LUTDescriptor", "US", [4096, 63488, 16])
+    item.add_new("LUTData", "US", list(range(0, 65536, 16)))
+    ds.VOILUTSequence = pydicom.Sequence([item])
+    path = tmp_path / "signed-voi.dcm"
+    ds.save_as(path)
+    expected = ((stored.astype(np.int32) + 2048) * 16).astype(np.float32) / 65535
+    np.testing.assert_allclose(read_image(path).pixels, expected, atol=1e-6)

@@ -83,6 +83,17 @@ def test_sentences_at_the_boundaries_read_as_the_fields() -> None:
         zones=[],
     )
     texts = [s.text for s in decisions.sentences(none, "abnormal")]
+    assert "Lung involvement: extent 0.04 of 8, opacity 0.0 of 6." in texts  # 0.04 is not 0.0
+    zero = decisions.Validated(
+        abnormal=below,
+        findings=[finding],
+        severity=Severity(extent=0.0, opacity=0.0),
+        risk=None,
+        cardiac=None,
+        cardiac_state="not assessed",
+        zones=[],
+    )
+    texts = [s.text for s in decisions.sentences(zero, "abnormal")]
     assert "No lung involvement measured: extent 0.0 of 8, opacity 0.0 of 6." in texts
     assert (
         decisions.audit(

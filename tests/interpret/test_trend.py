@@ -93,3 +93,9 @@ def test_a_prior_read_by_another_model_is_not_compared(tmp_path: Path) -> None:
     alone.record_result(other)
     assert with_priors(current, alone, None).trend is None
     alone.close()
+
+
+def test_the_trend_quotes_an_extent_on_its_side_of_the_urgent_extent() -> None:
+    """5.96 is below the urgent 6: "5.96", as the severity sentence says it, never "6.0" (review run)."""
+    result = with_trend(with_extent(2, 5.96, T0 + timedelta(hours=30)), with_extent(1, 3.0, T0), 6.0)
+    assert result.sentences[1].text == "Worse than 30 hours ago: extent 3.00 → 5.96 of 8."
