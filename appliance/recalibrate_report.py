@@ -5,6 +5,7 @@ patients; written as JSON and as Markdown next to the overlay."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from appliance import NOT_FOR_DIAGNOSTIC_USE
+from appliance.interpret.quoting import SCORE_DECIMALS
 from appliance.manifest import Manifest
 from appliance.operating_points import (
     bootstrap_ci,
@@ -69,10 +71,15 @@ def assess(key: str, cases: list[Case], manifest: Manifest, target: Target) -> d
     # A read image carries every published score, so each labelled case is scored here.
     scored = [c for c in cases if key in c.labels and key in c.scores]
     labels = np.array([c.labels[key] for c in scored], dtype=int)
-    scores = np.array([c.scores[key] for c in scored], dtype=np.float64)
+    # As the cart publishes and decides on them (4 decimals, appliance/interpret/quoting.py): the site's
+    # figures are then exactly what the cart will do.
+    scores = np.round(np.array([c.scores[key] for c in scored], dtype=np.float64), SCORE_DECIMALS)
     groups = np.array([c.group for c in scored])
     choose = threshold_at_sensitivity if target.metric == "sensitivity" else threshold_at_specificity
-    chosen = round(choose(labels, scores, target.value), 6)
+    # A published point (4 decimals) with the same decisions on published scores: the midpoint between
+    # two of them becomes the upper one (score >= point), which no score lies between.
+    step = 10**SCORE_DECIMALS
+    chosen = math.ceil(round(choose(labels, scores, target.value) * step, 6)) / step
     urgent = manifest.triage.urgent_threshold
     if key == ABNORMAL and urgent is not None and chosen > urgent:
         return {
