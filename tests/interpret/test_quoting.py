@@ -40,64 +40,48 @@ def test_the_audit_refuses_a_quote_that_crosses_its_point() -> None:
     assert not agrees("0.716", 0.7153)  # not the value
 
 
-def test_sentences_at_the_boundaries_read_as_the_fields() -> None:
-    below = Score(score=0.7153, threshold=0.7157, positive=False)
-    v = decisions.Validated(
-        abnormal=below,
-        findings=[],
-        severity=None,
-        risk=None,
+BELOW = Score(score=0.7153, threshold=0.7157, positive=False)
+NAMED = Finding(label="COVID-19", score=0.9, threshold=0.5, positive=True)
+
+
+def outputs(
+    findings: list[Finding], severity: Severity | None = None, risk: Risk | None = None
+) -> decisions.Validated:
+    return decisions.Validated(
+        abnormal=BELOW,
+        findings=findings,
+        severity=severity,
+        risk=risk,
         cardiac=None,
         cardiac_state="not assessed",
         zones=[],
     )
+
+
+def test_sentences_at_the_boundaries_read_as_the_fields() -> None:
+    v = outputs([])
     level = decisions.triage(v, decisions.UrgentPoints())
     said = decisions.sentences(v, level)
-    assert (
-        level == "normal"
-        and said[0].text == "No abnormality detected above the operating point (score 0.715)."
-    )
-    finding = Finding(label="COVID-19", score=0.9, threshold=0.5, positive=True)
+    assert level == "normal"
+    assert said[0].text == "No abnormality detected above the operating point (score 0.715)."
     urgent = decisions.UrgentPoints(extent=6.0, risk=0.5974)
-    v = decisions.Validated(
-        abnormal=below,
-        findings=[finding],
-        severity=Severity(extent=5.96, opacity=0.0),
-        risk=Risk(score=0.5972, threshold=0.5, positive=True),
-        cardiac=None,
-        cardiac_state="not assessed",
-        zones=[],
-    )
+    v = outputs([NAMED], Severity(extent=5.96, opacity=0.0), Risk(score=0.5972, threshold=0.5, positive=True))
     level = decisions.triage(v, urgent)
     texts = [s.text for s in decisions.sentences(v, level, urgent)]
     assert level == "abnormal"
     assert "Lung involvement: extent 5.96 of 8, opacity 0.0 of 6." in texts  # not "6.0", which is urgent
     assert "High deterioration risk (0.5972)." in texts  # not "0.60", above the urgent 0.5974
-    none = decisions.Validated(
-        abnormal=below,
-        findings=[finding],
-        severity=Severity(extent=0.04, opacity=0.0),
-        risk=None,
-        cardiac=None,
-        cardiac_state="not assessed",
-        zones=[],
-    )
-    texts = [s.text for s in decisions.sentences(none, "abnormal")]
-    assert "Lung involvement: extent 0.04 of 8, opacity 0.0 of 6." in texts  # 0.04 is not 0.0
-    zero = decisions.Validated(
-        abnormal=below,
-        findings=[finding],
-        severity=Severity(extent=0.0, opacity=0.0),
-        risk=None,
-        cardiac=None,
-        cardiac_state="not assessed",
-        zones=[],
-    )
-    texts = [s.text for s in decisions.sentences(zero, "abnormal")]
-    assert "No lung involvement measured: extent 0.0 of 8, opacity 0.0 of 6." in texts
-    assert (
-        decisions.audit(
-            "abnormal", decisions.sentences(none, "abnormal"), below, [finding], none.severity, None, None, []
-        )
-        == []
-    )
+
+
+@pytest.mark.parametrize(
+    ("extent", "said"),
+    [
+        (0.04, "Lung involvement: extent 0.04 of 8, opacity 0.0 of 6."),  # 0.04 is not 0.0
+        (0.0, "No lung involvement measured: extent 0.0 of 8, opacity 0.0 of 6."),
+    ],
+)
+def test_no_lung_involvement_only_when_every_measure_is_zero(extent: float, said: str) -> None:
+    v = outputs([NAMED], Severity(extent=extent, opacity=0.0))
+    sentences = decisions.sentences(v, "abnormal")
+    assert said in [s.text for s in sentences]
+    assert decisions.audit("abnormal", sentences, BELOW, [NAMED], v.severity, None, None, []) == []
