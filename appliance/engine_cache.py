@@ -25,7 +25,7 @@ from appliance.errors import BackendUnavailable
 from appliance.manifest import sha256_file
 
 # Bump when the meaning of a key field changes, so old engines are never taken for new ones.
-KEY_SCHEMA = 1
+KEY_SCHEMA = 2  # 2: the board and memory joined the device identity
 L4T_RELEASE_FILE = Path("/etc/nv_tegra_release")
 
 
@@ -42,6 +42,10 @@ class DeviceIdentity(_Frozen):
     l4t_release: str | None = Field(
         None, description="e.g. 'R36.4.3' from /etc/nv_tegra_release; None off-Jetson."
     )
+    # Jetson modules share a GPU name ("Orin") and compute capability, but an engine built on one may
+    # not run right on another (AGX vs NX vs Nano, 8 vs 16 GB): the board and the memory tell them apart.
+    board: str | None = Field(None, description="/proc/device-tree/model, e.g. 'NVIDIA Jetson AGX Orin'.")
+    memory_mb: int | None = Field(None, description="The GPU's total memory (MiB).")
 
 
 class BuildSpec(_Frozen):
@@ -130,6 +134,14 @@ def parse_l4t_release(text: str) -> str | None:
 def read_l4t_release(path: Path = L4T_RELEASE_FILE) -> str | None:
     try:
         return parse_l4t_release(path.read_text(encoding="utf-8", errors="replace"))
+    except OSError:
+        return None
+
+
+def read_board(path: Path = Path("/proc/device-tree/model")) -> str | None:
+    """The board's model name (Jetson and other device-tree machines); None elsewhere."""
+    try:
+        return path.read_bytes().rstrip(b"\0").decode("utf-8", "replace").strip() or None
     except OSError:
         return None
 

@@ -21,6 +21,7 @@ from appliance.engine_cache import (
     find_engine,
     list_records,
     parse_l4t_release,
+    read_board,
     read_record,
     record_parity,
     store_engine,
@@ -44,6 +45,9 @@ from tests.backends.engine_records import ORIN, SPEC
         ({}, {"tensorrt_version": "10.3.1"}),
         ({}, {"l4t_release": "R36.3.0"}),
         ({}, {"l4t_release": None}),
+        # Found by a review run: AGX, NX and Nano Orin share a GPU name and compute capability.
+        ({}, {"board": "NVIDIA Jetson Orin Nano Developer Kit"}),
+        ({}, {"memory_mb": 7620}),
     ],
 )
 def test_every_field_changes_the_key(
@@ -152,3 +156,10 @@ def test_timing_cache_is_per_gpu_and_version(tmp_path: Path) -> None:
     other = ORIN.model_copy(update={"tensorrt_version": "10.4.0"})
     assert timing_cache_path(tmp_path, ORIN) != timing_cache_path(tmp_path, other)
     assert timing_cache_path(tmp_path, ORIN).name == "Orin-sm8.7-trt10.3.0.timing.cache"
+
+
+def test_the_board_is_read_from_the_device_tree(tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    model.write_bytes(b"NVIDIA Jetson AGX Orin Developer Kit\x00")
+    assert read_board(model) == "NVIDIA Jetson AGX Orin Developer Kit"
+    assert read_board(tmp_path / "absent") is None

@@ -121,11 +121,12 @@ def load_target(args: argparse.Namespace) -> Target:
     return Target(load_manifest(model), config, precision, max_batch)
 
 
-def this_device(args: argparse.Namespace) -> DeviceIdentity:
-    """The real device; on a machine without TensorRT a plain UserError (or, for --dry-run, the target given)."""
+def this_device(args: argparse.Namespace, device_index: int = 0) -> DeviceIdentity:
+    """The real device (tensorrt.device_index); on a machine without TensorRT a plain UserError (or, for
+    --dry-run, the target given)."""
     try:
         import_tensorrt()
-        return current_device()
+        return current_device(device_index)
     except BackendUnavailable as exc:
         if args.dry_run:
             say(f"note: {exc}; planning for the target given on the command line")
@@ -199,7 +200,7 @@ def run_parity(args: argparse.Namespace, model: Path, plan: EnginePlan) -> bool:
 def build(args: argparse.Namespace) -> int:
     target = load_target(args)
     manifest, config = target.manifest, target.config
-    device = this_device(args)
+    device = this_device(args, config.device_index)
     plan = plan_engine(
         manifest, config, device, target.precision, target.max_batch, int8_source=args.int8_source
     )
@@ -227,7 +228,13 @@ def build(args: argparse.Namespace) -> int:
         say(f"calibration: {len(files)} images")
         calibration_id = calibration_id_for(files)
         batches = calibration_batches(files, manifest, 8)
-    build_engine(plan, progress=say, calibration_batches=batches, calibration_id=calibration_id)
+    build_engine(
+        plan,
+        progress=say,
+        calibration_batches=batches,
+        calibration_id=calibration_id,
+        device_index=config.device_index,
+    )
     if args.check_parity and not run_parity(args, manifest.folder, plan):
         say("error: the engine FAILED the parity gate; it is recorded as refused and will not be loaded")
         return 1

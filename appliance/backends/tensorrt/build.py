@@ -18,6 +18,7 @@ import numpy as np
 
 from appliance.backends.cuda import CudaDevice, DeviceBuffer
 from appliance.backends.tensorrt.plan import EnginePlan, import_tensorrt, major_version
+from appliance.durable import write_atomically
 from appliance.engine_cache import EngineRecord, store_engine
 from appliance.errors import UserError
 
@@ -70,11 +71,20 @@ def _parse_onnx(trt: ModuleType, builder: Any, logger: Any, plan: EnginePlan) ->
         raise BuildFailed(
             f"{plan.onnx_path}: inputs {names}, the manifest expects exactly [{plan.spec.input_name!r}]"
         )
-    batch_dim = inputs[0].shape[0]
-    if batch_dim != -1 and batch_dim < plan.spec.max_batch:
+    spec = plan.spec
+    batch_dim, *sample = (int(d) for d in inputs[0].shape)
+    # The profile gives the batch axis min..max and the rest the manifest's shape; TensorRT's set_shape
+    # raises (ValueError, not a build failure) where a fixed dimension disagrees.
+    if batch_dim != -1 and not batch_dim == spec.min_batch == spec.max_batch:
         raise BuildFailed(
-            f"{plan.onnx_path}: fixed batch {batch_dim} < max_batch {plan.spec.max_batch};"
-            " export the ONNX with a dynamic batch axis"
+            f"{plan.onnx_path}: fixed batch {batch_dim}, the engine is for {spec.min_batch}..{spec.max_batch}"
+            " images; export the ONNX with a dynamic batch axis"
+        )
+    if len(sample) != len(spec.input_shape) or any(
+        d not in (-1, want) for d, want in zip(sample, spec.input_shape, strict=True)
+    ):
+        raise BuildFailed(
+            f"{plan.onnx_path}: input {tuple(sample)} per image, the manifest says {spec.input_shape}"
         )
     # Parser and network must outlive the build (the network references parser-owned weights).
     return network, parser
@@ -104,7 +114,11 @@ def _builder_config(trt: ModuleType, builder: Any, plan: EnginePlan, progress: P
     if serialized_cache:
         progress(f"timing cache: reusing {plan.timing_cache} ({len(serialized_cache) >> 10} KiB)")
     timing_cache = config.create_timing_cache(serialized_cache)
-    config.set_timing_cache(timing_cache, False)  # False: refuse a cache from another device/version
+    # False: refuse a cache made on another device or TensorRT (set_timing_cache says so by its answer).
+    if not config.set_timing_cache(timing_cache, False):
+        progress(f"timing cache {plan.timing_cache} was made elsewhere; starting a new one")
+        timing_cache = config.create_timing_cache(b"")
+        config.set_timing_cache(timing_cache, False)
     return config, timing_cache
 
 
@@ -161,8 +175,10 @@ def build_engine(
     calibration_batches: Iterable[np.ndarray] | None = None,
     calibration_batch_size: int = 8,
     calibration_id: str | None = None,
+    device_index: int = 0,
 ) -> EngineRecord:
-    """ONNX -> serialized engine + sidecar in the cache, updating the persistent timing cache."""
+    """ONNX -> serialized engine + sidecar in the cache, updating the persistent timing cache.
+    `device_index`: the GPU the plan's device identity was read from (tensorrt.device_index)."""
     trt = import_tensorrt()
     if (
         plan.calibration_cache is not None
@@ -174,7 +190,7 @@ def build_engine(
             f" cache {plan.calibration_cache} exists: give --calibration-images DIR, or use the Q/DQ ONNX"
             " (--int8-source qdq)"
         )
-    cuda = CudaDevice()
+    cuda = CudaDevice(device_index)
     started = time.monotonic()
     try:
         with cuda.active():
@@ -182,7 +198,7 @@ def build_engine(
             builder = trt.Builder(logger)
             progress(f"parsing {plan.onnx_path}")
             network, _parser = _parse_onnx(trt, builder, logger, plan)
-            config, _timing = _builder_config(trt, builder, plan, progress)
+            config, timing_cache = _builder_config(trt, builder, plan, progress)
             calibrator = None
             if plan.calibration_cache is not None:
                 calibrator = _entropy_calibrator(
@@ -205,7 +221,8 @@ def build_engine(
             if calibrator is not None:
                 progress(f"calibrated on {calibrator.seen} images; cache {plan.calibration_cache}")
             plan.timing_cache.parent.mkdir(parents=True, exist_ok=True)
-            plan.timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
+            # Whole or not at all: a cache cut short by a power cut would be fed to the next build.
+            write_atomically(plan.timing_cache, bytes(timing_cache.serialize()))
     finally:
         cuda.close()
     elapsed = time.monotonic() - started

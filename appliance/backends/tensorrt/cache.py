@@ -45,7 +45,7 @@ def cached_engine(
         if not config.build_if_missing:
             raise EngineMismatch(f"{exc}; build it with tools/engines/build_engine.py") from exc
         log.warning("no usable engine (%s); building one now, this takes minutes", exc)
-        record = build_engine(plan, progress=log.info)
+        record = build_engine(plan, progress=log.info, device_index=config.device_index)
         engine_path = plan.engine_path
     refusal = parity_refusal(record, config)
     if refusal:

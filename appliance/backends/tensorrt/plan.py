@@ -20,6 +20,7 @@ from appliance.engine_cache import (
     DeviceIdentity,
     cache_key,
     engine_paths,
+    read_board,
     read_l4t_release,
     timing_cache_path,
 )
@@ -61,6 +62,8 @@ def current_device(device_index: int = 0) -> DeviceIdentity:
         compute_capability=gpu.compute_capability,
         tensorrt_version=str(trt.__version__),
         l4t_release=read_l4t_release(),
+        board=read_board(),
+        memory_mb=gpu.total_memory_mb,
     )
 
 

@@ -6,6 +6,7 @@ batch larger than max batch is split into chunks (the batch contract in base.py)
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -122,6 +123,8 @@ class TensorRTBackend:
                 f"{engine_path}: TensorRT cannot deserialize it (built by another version?)"
             )
         self._context = self._engine.create_execution_context()
+        if self._context is None:  # TensorRT answers None, not an exception, e.g. when GPU memory is short
+            raise BackendUnavailable(f"{engine_path}: TensorRT could not create an execution context")
         io_class = _NamedTensorIo if hasattr(self._engine, "num_io_tensors") else _BindingsIo
         self._io: _NamedTensorIo | _BindingsIo = io_class(trt, self._engine, self._context)
         described = self._io.tensors()
@@ -183,8 +186,17 @@ class TensorRTBackend:
         }
 
     def close(self) -> None:
+        """Free the buffers, the stream and the TensorRT objects inside the context they belong to, then
+        release the context (a SIGHUP reload closes one runner and opens another). Idempotent."""
+        if getattr(self, "_closed", False):
+            return
+        self._closed = True
         with self._cuda.active():
             for tensor in self._tensors:
                 tensor.device.free()
-            del self._context, self._engine, self._runtime
+            # The tensor records hold pinned host arrays, the I/O helper the engine and context: all go
+            # while the context is current, or pycuda frees them against a dead one.
+            self._tensors = []
+            del self._io, self._context, self._engine, self._runtime, self._stream
+            gc.collect()
         self._cuda.close()
