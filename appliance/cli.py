@@ -46,7 +46,10 @@ def cmd_validate_config(args: argparse.Namespace) -> int:
 def cmd_schema(args: argparse.Namespace) -> int:
     from appliance.result import write_schemas
 
-    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{args.out}: cannot create: {exc.strerror or exc}") from exc
     config_schema = args.out / "config.schema.json"
     config_schema.write_text(
         json.dumps(config_json_schema(), indent=2, sort_keys=True) + "\n", encoding="utf-8"
@@ -142,7 +145,11 @@ def cmd_feedback_export(args: argparse.Namespace) -> int:
     if args.out == "-":
         write_csv(rows, sys.stdout)
     else:
-        with open(args.out, "w", encoding="utf-8", newline="") as out:
+        try:
+            out = open(args.out, "w", encoding="utf-8", newline="")  # noqa: SIM115 (closed below)
+        except OSError as exc:
+            raise UserError(f"{args.out}: cannot write: {exc.strerror or exc}") from exc
+        with out:
             count = write_csv(rows, out)
         print(f"{args.out}: {count} acknowledgement(s)", file=sys.stderr)
     return 0

@@ -213,6 +213,8 @@ class Daemon:
         sdnotify.reloading()
         try:
             self._reload(self.config_path)
+        except Exception:  # a reload must never stop a cart that is reading: the running config stays
+            log.exception("SIGHUP: reload failed; keeping the running configuration")
         finally:
             sdnotify.ready()
 

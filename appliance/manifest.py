@@ -276,7 +276,10 @@ class Manifest(Strict):
         path = self.onnx_path(precision)
         if not path.is_file():
             raise ManifestError(f"{path}: ONNX file named by the manifest is missing")
-        digest = sha256_file(path)
+        try:
+            digest = sha256_file(path)
+        except OSError as exc:
+            raise ManifestError(f"{path}: cannot read: {exc.strerror or exc}") from exc
         expected = self.onnx[precision].sha256
         if digest != expected:
             raise ManifestError(

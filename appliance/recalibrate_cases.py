@@ -8,9 +8,10 @@ and backend as the daemon) or, for an `image_id` row or feedback, from the resul
 
 from __future__ import annotations
 
+import contextlib
 import csv
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,17 @@ def finding_labels(manifest: Manifest) -> list[str]:
     return [label for label in spec.labels if label != spec.normal_label] if spec is not None else []
 
 
+@contextlib.contextmanager
+def _utf8(path: Path) -> Iterator[None]:
+    """A spreadsheet saved as Latin-1 or Windows-1252 (Excel's default CSV): said plainly, with the fix."""
+    try:
+        yield
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"{path}: not UTF-8 (byte 0x{exc.object[exc.start]:02x}); save it as CSV UTF-8"
+        ) from exc
+
+
 def read_label_csv(path: Path, manifest: Manifest) -> list[LabelRow]:
     """Parse the site's label file; a wrong column or value stops the run with its line number."""
     try:
@@ -62,7 +74,7 @@ def read_label_csv(path: Path, manifest: Manifest) -> list[LabelRow]:
     except OSError as exc:
         raise UserError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     findings = finding_labels(manifest)
-    with handle:
+    with handle, _utf8(path):
         reader = csv.DictReader(handle)
         columns = [c.strip() for c in reader.fieldnames or []]
         unknown = [c for c in columns if c not in LABEL_COLUMNS and c not in findings]

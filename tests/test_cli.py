@@ -120,3 +120,23 @@ def test_a_bug_on_one_file_is_its_error_result_and_the_others_are_read(
     payloads = [assert_valid(line, "result.v2.json") for line in captured.out.splitlines()]
     assert [(p["status"], p["reason"]) for p in payloads] == [("error", "internal error")] * 2
     assert files[0].name in payloads[0]["text"] and "Traceback" in captured.err
+
+
+def test_unwritable_outputs_and_odd_inputs_are_plain_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Found by a review run: each of these printed a traceback."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    assert main(["schema", "--out", str(blocker / "schemas")]) == 2
+    assert "cannot create" in capsys.readouterr().err
+    config = config_file(tmp_path)
+    Journal(tmp_path / "journal.sqlite3").close()
+    assert main(["feedback", "export", "--config", str(config), "--out", str(blocker / "x.csv")]) == 2
+    assert "cannot write" in capsys.readouterr().err
+    labels = tmp_path / "labels.csv"
+    labels.write_bytes(b"file,abnormal\nR\xe9a.dcm,1\n")
+    code = main(
+        ["recalibrate", "--config", str(config), "--labels", str(labels), "--out", str(tmp_path / "o.yaml")]
+    )
+    assert code == 2 and "not UTF-8" in capsys.readouterr().err

@@ -111,3 +111,11 @@ def test_a_pacs_client_certificate_needs_its_key_and_tls(tmp_path: Path) -> None
         load_config(write(tmp_path, base + "    cert_file: /etc/cart.pem\n    ca_file: /etc/ca.pem\n"))
     with pytest.raises(ConfigError, match="give ca_file too"):
         load_config(write(tmp_path, base + "    cert_file: /etc/cart.pem\n    key_file: /etc/cart.key\n"))
+
+
+def test_a_config_not_in_utf8_names_its_line(tmp_path: Path) -> None:
+    """Found by a review run: a Latin-1 byte gave a UnicodeDecodeError traceback (and killed a SIGHUP)."""
+    path = tmp_path / "config.yaml"
+    path.write_bytes(b'device:\n  site: ward-7\n  locations: {"R\xe9a Lit 3": bed-3}\n')
+    with pytest.raises(ConfigError, match=r"config\.yaml:3: not UTF-8 \(byte 0xe9\)"):
+        load_config(path)

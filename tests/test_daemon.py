@@ -405,3 +405,16 @@ def test_a_claim_that_fails_sets_the_storage_fault_and_the_loop_tries_again(
     assert not failing and not daemon._faults
     assert "storage problem (database or disk is full)" in caplog.text
     assert list((files.spool / "done").iterdir()) and not list((files.spool / "processing").iterdir())
+
+
+def test_a_broker_that_cannot_be_reached_is_said_in_the_log(
+    broker: Broker, model: Path, daemons: Callable[..., DaemonProcess]
+) -> None:
+    """Found by a review run: with nothing listening on the broker's port the log said nothing at all
+    (a refused connect calls neither on_connect nor on_disconnect)."""
+    from testsupport.mosquitto import free_port
+
+    daemon = daemons(broker, model, mqtt={"port": free_port()})
+    daemon.start()
+    assert wait_until(lambda: "not reachable; retrying" in daemon.log(), 20), daemon.log()
+    assert daemon.log().count("not reachable; retrying") == 1  # one line per outage, not per attempt

@@ -10,6 +10,8 @@ DEV=0
 need_apt=()
 command -v mosquitto >/dev/null || [[ -x /usr/sbin/mosquitto ]] || need_apt+=(mosquitto mosquitto-clients)
 command -v openssl >/dev/null || need_apt+=(openssl)
+# venv needs ensurepip, which Debian ships apart from python3.
+"${PYTHON:-python3}" -c "import ensurepip" 2>/dev/null || need_apt+=(python3-venv)
 if [[ $DEV == 1 ]]; then
   command -v chromium >/dev/null || need_apt+=(chromium chromium-driver)
   command -v systemd-analyze >/dev/null || need_apt+=(systemd)
@@ -25,9 +27,10 @@ if ((${#need_apt[@]})); then
 fi
 
 PY=${PYTHON:-python3}
-if [[ ! -x .venv/bin/python ]]; then
+if [[ ! -x .venv/bin/python || ! -x .venv/bin/pip ]]; then
+  # (a venv made without pip, when python3-venv was missing, is made again)
   echo "==> creating .venv"
-  "$PY" -m venv .venv
+  "$PY" -m venv --clear .venv
   .venv/bin/pip install -q --upgrade pip
 fi
 extras="."

@@ -91,6 +91,13 @@ class DicomSender:
         self.queue_dir = Path(queue_dir)
         self.failed_dir = Path(failed_dir) if failed_dir else self.queue_dir.parent / "failed"
         self.calling_ae = pacs.calling_ae_title or calling_ae
+        # The TLS files are read now: a missing one stops the start with its name (ConfigError), not
+        # every send later as an unexpected error.
+        self._tls = (
+            client_tls_context(pacs.ca_file, pacs.cert_file, pacs.key_file)
+            if pacs.ca_file is not None
+            else None
+        )
         self.queue_dir.mkdir(parents=True, exist_ok=True)
         self.failed_dir.mkdir(parents=True, exist_ok=True)
         self._stop = threading.Event()
@@ -169,12 +176,7 @@ class DicomSender:
         ae.connection_timeout = self.pacs.timeout_seconds
         for sop_class, syntaxes in contexts:
             ae.add_requested_context(sop_class, list(syntaxes))
-        pacs = self.pacs
-        tls = (
-            (client_tls_context(pacs.ca_file, pacs.cert_file, pacs.key_file), pacs.host)
-            if pacs.ca_file
-            else None
-        )
+        tls = (self._tls, self.pacs.host) if self._tls is not None else None
         where = f"{self.pacs.ae_title}@{self.pacs.host}:{self.pacs.port}"
         assoc = ae.associate(self.pacs.host, self.pacs.port, ae_title=self.pacs.ae_title, tls_args=tls)
         if assoc.is_established:

@@ -27,9 +27,10 @@ HANDSHAKE_SECONDS = 10.0
 
 class HandshakeInThreadServer(ThreadedAssociationServer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        # Before the base class binds: a failed bind calls server_close(), which reads them.
         self._shaking: set[ssl.SSLSocket] = set()  # closed at server_close: stop() never waits for them
         self._shaking_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         assert self.socket is not None

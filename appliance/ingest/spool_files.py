@@ -18,6 +18,7 @@ from pathlib import Path
 
 from appliance.clock import now_iso
 from appliance.durable import copy_atomically, fsync_dir, write_atomically
+from appliance.errors import UserError
 from appliance.ingest.identity import open_nofollow
 from appliance.ingest.spool_records import COPY_CHUNK, QUARANTINE_COPY_MAX_BYTES, STATES, SpoolFull
 from appliance.logs import printable
@@ -31,7 +32,11 @@ class SpoolFolders:
         self.root = Path(root)
         self.min_free_mb = min_free_mb
         for sub in (*STATES, "tmp"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
+            try:
+                (self.root / sub).mkdir(parents=True, exist_ok=True)
+            except OSError as exc:  # a read-only or mistyped spool: the engineer's to fix, said plainly
+                what = "is not a folder" if exc.errno == errno.EEXIST else exc.strerror or exc
+                raise UserError(f"spool {self.root / sub}: cannot create: {what}") from exc
 
     def dir(self, state: str) -> Path:
         return self.root / state

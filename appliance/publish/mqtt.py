@@ -111,6 +111,8 @@ class MqttPublisher:
         client.max_inflight_messages_set(self.max_inflight + 4)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
+        # A refused or timed-out TCP connect calls neither of the two above (connect_async).
+        client.on_connect_fail = self._on_connect_fail
         client.on_publish = self._on_publish
         client.on_message = self._on_message
         return client
@@ -245,6 +247,11 @@ class MqttPublisher:
             self._status_dirty = True  # `online` on EVERY (re)connect, replacing the last will
         self._connected.set()
         self._wake.set()
+
+    def _on_connect_fail(self, _c: mqtt.Client, _u: Any) -> None:
+        if not self._stop.is_set():
+            # One line per outage (the text does not change between attempts): results wait in the outbox.
+            self._problem(f"broker {self.config.host}:{self.config.port} not reachable; retrying")
 
     def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, reason: mqtt.ReasonCode, _p: Any) -> None:
         self._connected.clear()

@@ -334,3 +334,16 @@ def test_an_instance_over_max_file_mb_aborts_the_association_and_leaves_nothing(
     assert spooled(spool) == [] and quarantined(spool) == [] and list(receiver.receive_dir.iterdir()) == []
     assert dicom_scu.store(port, [real(JPEG_CR)]) == [SUCCESS]  # 127 kB: under the cap
     assert len(spooled(spool)) == 1 and list(partial.iterdir()) == []
+
+
+def test_a_port_already_taken_is_a_plain_error(receivers: Callable[..., DicomReceiver], spool: Spool) -> None:
+    """Found by a review run: the TLS server's own attributes were set after the bind, so a failed bind
+    ended in an AttributeError traceback instead of 'cannot listen'."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(UserError, match="cannot listen"):
+            receivers(port=port)

@@ -295,3 +295,12 @@ def test_a_pacs_that_requires_a_client_certificate_gets_the_carts(
         assert len(pacs.received()) == len(written)
     finally:
         pacs.stop()
+
+
+def test_missing_pacs_tls_files_stop_the_start_with_their_names(tmp_path: Path) -> None:
+    """Found by a review run: they surfaced only at the first send, as an 'unexpected error' every 5 s."""
+    from appliance.errors import ConfigError
+
+    pacs = PacsConfig(ae_title="PACS", host=LOOPBACK, port=104, ca_file=tmp_path / "absent-ca.pem")
+    with pytest.raises(ConfigError, match=r"absent-ca\.pem"):
+        DicomSender(pacs, tmp_path / "queue", calling_ae="CXR_APPLIANCE")

@@ -464,3 +464,14 @@ def test_symlinks_and_hard_links_are_refused(tmp_path: Path) -> None:
     assert list((spool.root / "incoming").iterdir()) == []
     assert target.read_bytes() == real_dicoms()[0].read_bytes()  # the other name's file is untouched
     spool.close()
+
+
+def test_a_spool_folder_that_cannot_be_made_is_a_plain_error(tmp_path: Path) -> None:
+    """Found by a review run: a read-only or mistyped spool gave a PermissionError traceback at start."""
+    from appliance.errors import UserError
+
+    root = tmp_path / "spool"
+    root.mkdir()
+    (root / "incoming").write_text("not a folder")
+    with pytest.raises(UserError, match=r"incoming: cannot create: is not a folder"):
+        Spool(root)
