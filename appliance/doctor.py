@@ -229,23 +229,63 @@ def check_broker(config: AppConfig) -> Iterator[Check]:
         )
 
 
+def check_tls_files(config: AppConfig) -> Iterator[Check]:
+    """Every configured certificate and key loaded as the part that uses it will load it at start: a
+    missing or unreadable one made `doctor` say READY and `run` stop."""
+    from appliance.dicomnet import client_tls_context, server_tls_context
+    from appliance.websecurity import server_context
+
+    loads: list[tuple[str, Callable[[], object]]] = []
+    if config.display.tls is not None:
+        tls = config.display.tls
+        loads.append(("display.tls", lambda: server_context(tls.cert_file, tls.key_file, "display")))
+    if config.metrics.enabled and config.metrics.tls is not None:
+        mtls = config.metrics.tls
+        loads.append(("metrics.tls", lambda: server_context(mtls.cert_file, mtls.key_file, "metrics")))
+    if config.dicom_net.enabled and config.dicom_net.tls is not None:
+        dtls = config.dicom_net.tls
+        loads.append(
+            ("dicom_net.tls", lambda: server_tls_context(dtls.cert_file, dtls.key_file, dtls.ca_file))
+        )
+    pacs = config.dicom_out.pacs if config.dicom_out.enabled else None
+    if pacs is not None and pacs.ca_file is not None:
+        ca = pacs.ca_file
+        loads.append(("dicom_out.pacs", lambda: client_tls_context(ca, pacs.cert_file, pacs.key_file)))
+    for name, load in loads:
+        try:
+            load()
+        except UserError as exc:
+            yield Check("FAIL", "tls", str(exc))
+        else:
+            yield Check("OK", "tls", f"{name}: certificate and key load")
+
+
+def _guarded(group: Iterator[Check], topic: str) -> Iterator[Check]:
+    """One group's failure is its own FAIL line: the other checks and the verdict still come."""
+    try:
+        yield from group
+    except Exception as exc:  # e.g. a journal that is not a database, a folder that cannot be read
+        yield Check("FAIL", topic, f"{type(exc).__name__}: {exc}")
+
+
 def run_doctor(config_path: Path | None, load: Callable[[argparse.Namespace], AppConfig]) -> int:
     args = argparse.Namespace(config=config_path)
     first, config = _config_check(args, load)
     checks = [first]
     print(f"{first.verdict:4}  {first.topic:8} {first.message}", flush=True)
     if config is not None:
-        groups: list[Iterator[Check]] = [
-            check_model(config),
-            check_site_overlay(config),
-            check_decoders(),
-            check_folders(config),
-            check_journal(config),
-            check_privacy(config),
-            check_broker(config),
+        groups: list[tuple[Iterator[Check], str]] = [
+            (check_model(config), "model"),
+            (check_site_overlay(config), "overlay"),
+            (check_decoders(), "decoders"),
+            (check_folders(config), "folders"),
+            (check_journal(config), "journal"),
+            (check_privacy(config), "privacy"),
+            (check_tls_files(config), "tls"),
+            (check_broker(config), "broker"),
         ]
-        for group in groups:
-            for check in group:  # generators: each line prints as soon as its check is done
+        for group, topic in groups:
+            for check in _guarded(group, topic):  # generators: each line prints as soon as its check is done
                 checks.append(check)
                 print(f"{check.verdict:4}  {check.topic:8} {check.message}", flush=True)
     failed = sum(c.verdict == "FAIL" for c in checks)

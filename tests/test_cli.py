@@ -102,6 +102,24 @@ def test_doctor_names_a_bad_model_file(tmp_path: Path, capsys: pytest.CaptureFix
     assert "does not match the manifest" in capsys.readouterr().out
 
 
+def test_doctor_loads_every_certificate_and_goes_on_past_a_bad_journal(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Found by a review run: a missing metrics certificate got READY (and `run` then stopped), and a
+    journal that is not a database ended doctor before its other checks and verdict."""
+    path = config_file(tmp_path)
+    config = yaml.safe_load(path.read_text())
+    config["metrics"] = {
+        "tls": {"cert_file": str(tmp_path / "absent.pem"), "key_file": str(tmp_path / "absent.key")}
+    }
+    path.write_text(yaml.safe_dump(config))
+    (tmp_path / "journal.sqlite3").write_bytes(b"not a database" * 100)
+    assert main(["doctor", "--config", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL  tls" in out and "absent.pem" in out
+    assert "FAIL  journal" in out and "NOT READY" in out
+
+
 def test_a_bug_on_one_file_is_its_error_result_and_the_others_are_read(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
