@@ -170,8 +170,12 @@ def _encapsulated(elem: Any, path: Path) -> bool:
 
 def size_checkable(ts: UID) -> bool:
     """Native data in the file as is: its declared size can be compared with the file's. Not so for
-    encapsulated fragments, nor for a deflated dataset (offsets point into the inflated copy)."""
-    return not ts.is_encapsulated and ts != DeflatedExplicitVRLittleEndian
+    encapsulated fragments, nor for a deflated dataset (offsets point into the inflated copy), nor for a
+    UID that is no transfer syntax pydicom knows (it raises ValueError; the reader refuses the file)."""
+    try:
+        return not ts.is_encapsulated and ts != DeflatedExplicitVRLittleEndian
+    except ValueError:
+        return False
 
 
 def stored_length(elem: Any, path: Path) -> int:
