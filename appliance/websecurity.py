@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hmac
 import logging
 import socket
 import socketserver
 import ssl
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +40,18 @@ def server_context(cert_file: Path, key_file: Path, what: str) -> ssl.SSLContext
 
 
 class TlsServerMixin(socketserver.BaseServer):
-    """For a socketserver server: with `tls_context` set, TLS on every connection, the handshake done in
-    finish_request (the request's own thread when the server is threading) within HANDSHAKE_SECONDS."""
+    """For a socketserver server (the DICOM receiver's too: appliance/dicomnet/tls_server.py): with
+    `tls_context` set, TLS on every connection, the handshake done in finish_request (the request's own
+    thread when the server is threading) within HANDSHAKE_SECONDS; server_close() cuts the handshakes
+    still waiting, so a stop never waits for a client that connected and said nothing."""
 
     tls_context: ssl.SSLContext | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Before the base class binds: a failed bind calls server_close(), which reads them.
+        self._shaking: set[ssl.SSLSocket] = set()
+        self._shaking_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
 
     def get_request(self) -> tuple[Any, Any]:
         request, address = super().get_request()
@@ -49,15 +59,33 @@ class TlsServerMixin(socketserver.BaseServer):
             return request, address
         return self.tls_context.wrap_socket(request, server_side=True, do_handshake_on_connect=False), address
 
+    def handshake_failed(self, client_address: Any, exc: OSError) -> None:
+        log.debug("TLS handshake with %s not completed: %s", client_address, exc)
+
     def finish_request(self, request: Any, client_address: Any) -> None:
         if isinstance(request, ssl.SSLSocket):
+            timeout = request.gettimeout()
+            with self._shaking_lock:
+                self._shaking.add(request)
             try:
                 request.settimeout(HANDSHAKE_SECONDS)
                 request.do_handshake()
-            except OSError as exc:  # not TLS, a timeout, a reset: this client only (closed by the caller)
-                log.debug("TLS handshake with %s not completed: %s", client_address, exc)
+                request.settimeout(timeout)
+            except OSError as exc:  # not TLS, a timeout, a reset, cut at stop: this client only
+                self.handshake_failed(client_address, exc)
+                self.shutdown_request(request)
                 return
+            finally:
+                with self._shaking_lock:
+                    self._shaking.discard(request)
         super().finish_request(request, client_address)
+
+    def server_close(self) -> None:
+        with self._shaking_lock:
+            for request in self._shaking:
+                with contextlib.suppress(OSError):
+                    request.shutdown(socket.SHUT_RDWR)
+        super().server_close()
 
 
 def credentials_match(header: str, username: str, password: str) -> bool:
