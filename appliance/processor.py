@@ -160,6 +160,7 @@ class ImageProcessor:
         result = self.analyzer.failed(job, reason, detail)
         if self.dicom_out is not None:  # a job filed on an earlier try: no SR/SC for a refused image
             self.dicom_out.cancel(job.image_id)
+        self.spool.ensure_synced(job.image_id)
         with self.store.transaction():
             try:
                 self.journal.record_result(result)
@@ -179,6 +180,7 @@ class ImageProcessor:
         manifest = self.analyzer.manifest
         result = with_priors(result, self.journal, manifest.sequence_risk, UrgentPoints.of(manifest.triage))
         queued = self._file_dicom_job(job, result)
+        self.spool.ensure_synced(job.image_id)  # its acceptance on disk before its result
         # Journal row, outbox messages, spool state: one commit; the sender is woken before it is on disk.
         with self.store.transaction(wake_first=True):
             self.journal.record_result(result)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pydicom
 
-from appliance.ingest.identity import dedup_key
+from appliance.ingest.identity import dicom_uid, uid_key
 from appliance.pseudonym import PatientKeys
 from testsupport import data
 from testsupport.daemon import RESULT_TOPIC, DaemonProcess, wait_results
@@ -38,7 +38,8 @@ def test_unlisted_locations_are_never_published_and_image_ids_are_keyed(
     first, second = data.real_dicoms()[:2]
     unlisted = with_location(first, f"Ward7 Bed3 ({NAME})", tmp_path / "unlisted.dcm")
     listed = with_location(second, "ward7  bed4", tmp_path / "listed.dcm")  # case and spacing differ
-    keys = {dedup_key(p, "dicom"): p.name for p in (unlisted, listed)}
+    # The spool's keys: the first file of each SOP Instance UID is keyed by the UID alone.
+    keys = {uid_key(str(dicom_uid(p))): p.name for p in (unlisted, listed)}
     with Subscriber(broker, "cxr/#") as sub:
         daemon.start()
         for path in (unlisted, listed):

@@ -1,5 +1,6 @@
-"""Who a file is, before the spool takes it: the de-duplication key (SOP Instance UID + dataset hash, or
-content hash), the keyed image id, and the refusal of links. Read with O_NOFOLLOW, bounded, never
+"""Who a file is, before the spool takes it: the parts of the de-duplication key (SOP Instance UID, the
+dataset hash when the UID is not enough, or the content hash), the keyed image id, and the refusal of
+links. Read with O_NOFOLLOW, bounded, never
 inflating a deflated dataset whole."""
 
 from __future__ import annotations
@@ -78,31 +79,60 @@ def _dataset_start(path: Path) -> int:
     return 0
 
 
+def dicom_uid(path: Path) -> str | None:
+    """The SOP Instance UID a DICOM names, else None (no UID, or a header the reader will refuse later)."""
+    try:
+        refuse_deflate_bomb(path)  # pydicom would inflate a deflated dataset whole just to find the UID
+        with BoundedFile(path) as fh:  # a corrupt length must not become a 1 GB read
+            ds = pydicom.dcmread(fh, stop_before_pixels=True, force=True, specific_tags=["SOPInstanceUID"])
+        return str(ds.get("SOPInstanceUID", "") or "").strip() or None
+    except Exception as exc:  # unreadable header: the reader will say why later; the bytes are hashed
+        log.debug("no SOPInstanceUID in %s: %s", path, exc)
+        return None
+
+
+def uid_key(uid: str) -> str:
+    """'sop:<UID>': the key of the first DICOM the spool sees under its UID (no other key holds the UID,
+    so no hash is needed to tell it apart: see appliance/ingest/spool_keys.py)."""
+    return f"sop:{uid}"
+
+
+def is_uid_key(key: str) -> bool:
+    return key.startswith("sop:") and "/" not in key and "#" not in key
+
+
+def dataset_hash(path: Path, mappable_device: int | None = None) -> str:
+    """BLAKE3 of the DICOM dataset (after the File Meta, which each writer fills its own way)."""
+    return dataset_blake3(path, _dataset_start(path), mappable_device)
+
+
+def hashed_key(uid: str, digest: str) -> str:
+    """'sop:<UID>/blake3:<dataset hash>': a DICOM whose UID the spool holds already under other content."""
+    return f"{uid_key(uid)}/{DATASET_HASH}:{digest}"
+
+
+def content_key(path: Path) -> str:
+    """'sha256:<content hash>': a PNG/JPEG, or a DICOM without a readable SOP Instance UID."""
+    return f"sha256:{content_sha256(path)}"
+
+
 def dedup_key(path: Path, kind: str, mappable_device: int | None = None) -> str:
-    """'sop:<SOPInstanceUID>/blake3:<dataset hash>' for a DICOM that names one, else 'sha256:<content hash>'.
+    """The hashed key of a file on its own: 'sop:<UID>/blake3:<dataset hash>' for a DICOM that names one,
+    else 'sha256:<content hash>'. The spool keys the first DICOM of a UID by the UID alone and hashes only
+    when the UID comes again (spool_keys.py).
 
     The UID alone would drop a corrected re-send (same UID, new content) and let any sender pre-empt
     a UID; the same instance sent twice is still one key. Versions before the store hashed the dataset
     with sha256: `legacy_key` gives that form, for rows they left. `mappable_device`: see dataset_blake3."""
-    if kind == "dicom":
-        try:
-            refuse_deflate_bomb(path)  # pydicom would inflate a deflated dataset whole just to find the UID
-            with BoundedFile(path) as fh:  # a corrupt length must not become a 1 GB read
-                ds = pydicom.dcmread(
-                    fh, stop_before_pixels=True, force=True, specific_tags=["SOPInstanceUID"]
-                )
-            uid = str(ds.get("SOPInstanceUID", "") or "").strip()
-            if uid:
-                digest = dataset_blake3(path, _dataset_start(path), mappable_device)
-                return f"sop:{uid}/{DATASET_HASH}:{digest}"
-        except Exception as exc:  # unreadable header: the reader will say why later; hash the bytes
-            log.debug("no SOPInstanceUID in %s: %s", path, exc)
-    return f"sha256:{content_sha256(path)}"
+    uid = dicom_uid(path) if kind == "dicom" else None
+    return content_key(path) if uid is None else hashed_key(uid, dataset_hash(path, mappable_device))
 
 
 def legacy_key_prefix(key: str) -> str | None:
-    """'sop:<UID>/sha256:', the start of the key an older version gave the DICOM that has `key` now;
-    None for keys of another form."""
+    """'sop:<UID>/sha256:', the start of the key an older version gave the DICOM that has `key` now
+    ('sop:<UID>' or 'sop:<UID>/blake3:...'); None for keys of another form."""
+    if is_uid_key(key):
+        return f"{key}/sha256:"
     uid, sep, _ = key.rpartition(f"/{DATASET_HASH}:")
     return f"{uid}/sha256:" if sep and uid.startswith("sop:") else None
 

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
@@ -26,12 +27,9 @@ from appliance.config import AppConfig
 from appliance.durable import fsync_dir
 from appliance.errors import InputRejected
 from appliance.ingest import reasons, sniff
-from appliance.ingest.identity import (
-    dedup_key,
-    image_id_for,
-    plain_file_refusal,
-)
+from appliance.ingest.identity import image_id_for, plain_file_refusal
 from appliance.ingest.spool_files import SpoolFolders
+from appliance.ingest.spool_keys import file_identity, match, remember_hash
 from appliance.ingest.spool_records import (
     ADDED_COLUMNS,
     EXTENSIONS,
@@ -45,7 +43,7 @@ from appliance.ingest.spool_records import (
     SpoolFull,
     SpoolItem,
 )
-from appliance.ingest.spool_recovery import adopt, legacy_row, recover
+from appliance.ingest.spool_recovery import adopt, recover
 from appliance.pseudonym import image_id_secret, load_or_create_salt
 from appliance.store import Store, store_at
 
@@ -69,6 +67,9 @@ class Spool:
         self.files = SpoolFolders(self.root, min_free_mb)
         self._device = self.root.stat().st_dev  # files on it may be hashed through a memory map
         self._id_secret = id_secret or load_or_create_salt(self.root / "image-id.key", what="spool id key")
+        # Images renamed into incoming/ whose folder is not synced yet (accept(sync=False))
+        self._unsynced: set[str] = set()
+        self._unsynced_lock = threading.Lock()
         self.store, self._owns_store = store_at(store or self.root / LEGACY_DB, "spool")
         self._lock = self.store.lock
         self._db = self.store.db
@@ -110,8 +111,12 @@ class Spool:
             raise
 
     # -- accepting -----------------------------------------------------------------------------
-    def accept(self, path: Path, source: str, *, move: bool = True) -> Accepted | Duplicate | Rejected:
+    def accept(
+        self, path: Path, source: str, *, move: bool = True, sync: bool = True
+    ) -> Accepted | Duplicate | Rejected:
         """Take one complete file from a watched folder. `move=False` copies (read-only media).
+        `sync=False`: a file renamed in is made durable by the caller's `sync_incoming()` (the loop may
+        start on it meanwhile; its result is not committed before: `ensure_synced`).
 
         Files whose content is not an image at all are quarantined here (Rejected); the rest get an id."""
         path = Path(path)
@@ -126,7 +131,7 @@ class Spool:
             return Rejected(exc.reason, exc.detail, where)
         self.files.check_space(size)
         try:
-            key = dedup_key(path, kind, mappable_device=self._device)
+            uid, key = file_identity(path, kind)
         except PermissionError as exc:
             detail = f"{path.name}: {exc.strerror}"
             return Rejected(
@@ -135,34 +140,38 @@ class Spool:
                 self.quarantine_file(path, reasons.PERMISSION_DENIED, detail, source, move=move),
             )
         staged = None
-        if not move and self._known(key) is None:
+        if not move and self._known(path, uid, key) is None:
             # Read-only media: the slow copy happens before the store's lock is taken (the loop and the
             # sender share it), and only for a file the spool does not already hold.
             staged = self.files.copy_to_tmp(path)
         try:
-            return self._admit(path, source, kind, key, move=move, staged=staged)
+            return self._admit(path, source, kind, uid, key, move=move, sync=sync, staged=staged)
         finally:
             if staged is not None:  # not taken (a duplicate after all, or an error)
                 with contextlib.suppress(FileNotFoundError):
                     staged.unlink()
 
-    def _known(self, key: str) -> str | None:
-        """The state of the live row holding `key` (None: new, or only a retry state holds it)."""
+    def _known(self, path: Path, uid: str | None, key: str | None) -> str | None:
+        """The state of the live row this file is (None: new, or only a retry state holds it)."""
         with self._lock:
-            row = self._db.execute("SELECT state FROM items WHERE key = ?", (key,)).fetchone()
-        return None if row is None or row[0] in RETRY_STATES else str(row[0])
+            _, row = match(self, path, uid, key)
+        return None if row is None or row[1] in RETRY_STATES else row[1]
 
     def _admit(
-        self, path: Path, source: str, kind: str, key: str, *, move: bool, staged: Path | None
+        self,
+        path: Path,
+        source: str,
+        kind: str,
+        uid: str | None,
+        content_key: str | None,
+        *,
+        move: bool,
+        sync: bool,
+        staged: Path | None,
     ) -> Accepted | Duplicate:
-        image_id = image_id_for(key, self._id_secret)
         with self._lock:
-            row = self._db.execute(
-                "SELECT source, state, image_id FROM items WHERE key = ?", (key,)
-            ).fetchone()
-            if row is None and (older := legacy_row(self._db, path, key)) is not None:
-                key, row = older
-                image_id = image_id_for(key, self._id_secret)
+            key, row = match(self, path, uid, content_key)
+            image_id = image_id_for(key, self._id_secret)
             retried = None
             if row is not None and row[1] in RETRY_STATES:
                 # Sent again after it was quarantined (or vanished): analysed again, under a new id (the
@@ -193,7 +202,10 @@ class Spool:
                 fsync_dir(dest.parent)
                 renamed = False
             else:
-                renamed = self.files.place(path, dest, move=move)
+                renamed = self.files.place(path, dest, move=move, sync=sync)
+                if renamed and not sync:
+                    with self._unsynced_lock:
+                        self._unsynced.add(image_id)
             try:
                 # Not waited for on disk: the file placed in incoming/ (its folder synced) is what makes
                 # the image accepted. A row lost in a power cut is rebuilt by recover() from that file
@@ -212,6 +224,8 @@ class Spool:
                 # Undo, so the source is offered again once there is room (nothing half-accepted).
                 if renamed:
                     os.rename(dest, path)
+                    with self._unsynced_lock:
+                        self._unsynced.discard(image_id)
                 else:
                     dest.unlink()
                 raise
@@ -223,6 +237,25 @@ class Spool:
         log.info("accepted an image from %s as %s", source, image_id)
         log.debug("%s is %s", path, image_id)
         return Accepted(image_id, dest, key)
+
+    def sync_incoming(self) -> None:
+        """Make every rename into incoming/ that accept(sync=False) made durable (incoming/ and
+        processing/ both synced: the loop may have claimed the file meanwhile)."""
+        with self._unsynced_lock:
+            pending = set(self._unsynced)
+        if pending:
+            for state in ("incoming", "processing"):
+                fsync_dir(self.files.dir(state))
+            with self._unsynced_lock:
+                self._unsynced -= pending
+
+    def ensure_synced(self, image_id: str) -> None:
+        """Before an image's result is committed: its acceptance is on disk (a power cut must never keep
+        the result and lose the rename that accepted the image)."""
+        with self._unsynced_lock:
+            pending = image_id in self._unsynced
+        if pending:
+            self.sync_incoming()
 
     # -- the pipeline side ---------------------------------------------------------------------
     def claim(self, n: int = 1) -> list[SpoolItem]:
@@ -396,7 +429,7 @@ class Spool:
 
     def purge_done(self, older_than_s: float) -> int:
         """Delete processed files older than `older_than_s` (their key stays: a re-send is still a duplicate)."""
-        return self.files.purge_done(older_than_s)
+        return self.files.purge_done(older_than_s, keep=lambda path: remember_hash(self, path))
 
     def close(self) -> None:
         if self._owns_store:

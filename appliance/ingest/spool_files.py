@@ -12,7 +12,7 @@ import errno
 import logging
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -64,12 +64,14 @@ class SpoolFolders:
             raise
 
     # -- placing and moving ----------------------------------------------------------------------
-    def place(self, src: Path, dest: Path, *, move: bool) -> bool:
-        """Put src at dest atomically. Returns True when src is gone (it was renamed)."""
+    def place(self, src: Path, dest: Path, *, move: bool, sync: bool = True) -> bool:
+        """Put src at dest atomically. Returns True when src is gone (it was renamed; its folder synced
+        unless `sync` is False: the caller syncs it, Spool.sync_incoming)."""
         if move:
             try:
                 os.rename(src, dest)
-                fsync_dir(dest.parent)
+                if sync:
+                    fsync_dir(dest.parent)
                 return True
             except OSError as exc:
                 if exc.errno != errno.EXDEV:
@@ -158,6 +160,6 @@ class SpoolFolders:
         """Delete refused files and their reason files older than `older_than_s`."""
         return len(purge_older(self.dir("quarantine"), older_than_s))
 
-    def purge_done(self, older_than_s: float) -> int:
-        """Delete processed files older than `older_than_s`."""
-        return len(purge_older(self.dir("done"), older_than_s))
+    def purge_done(self, older_than_s: float, keep: Callable[[Path], bool] = lambda path: False) -> int:
+        """Delete processed files older than `older_than_s` (`keep`: asked first, may spare one)."""
+        return len(purge_older(self.dir("done"), older_than_s, keep=keep))

@@ -87,9 +87,13 @@ CREATE INDEX IF NOT EXISTS items_waiting ON items (seq) WHERE state = 'incoming'
 # this image failed (found in processing/ after the process died, or a stage raised): one that keeps
 # failing is quarantined, not retried forever. last_failure: why, for the quarantine reason. refusal:
 # the quarantine reason, so recovery can write its reason file when a crash cut the move short.
+# dataset_hash: BLAKE3 of a DICOM dataset keyed by its UID alone, once it was needed (spool_keys.py).
 ADDED_COLUMNS = {
     "crashes": "INTEGER NOT NULL DEFAULT 0",
     "last_failure": "TEXT",
     "refusal": "TEXT",
+    "dataset_hash": "TEXT",
 }
-COLUMNS = "key, image_id, name, state, source, original, accepted_at, crashes, last_failure, refusal"
+COLUMNS = (
+    "key, image_id, name, state, source, original, accepted_at, crashes, last_failure, refusal, dataset_hash"
+)

@@ -22,7 +22,7 @@ from appliance.clock import now_iso
 from appliance.durable import fsync_dir
 from appliance.errors import InputRejected
 from appliance.ingest import sniff
-from appliance.ingest.identity import content_sha256, dedup_key, legacy_key, legacy_key_prefix
+from appliance.ingest.identity import content_sha256
 from appliance.ingest.spool_records import COLUMNS, RETRY_STATES
 
 if TYPE_CHECKING:
@@ -111,8 +111,10 @@ def _forget_sidecars(spool: Spool) -> None:
 def _register_orphan(spool: Spool, file: Path, image_id: str, state: str) -> None:
     """A file renamed into the spool just before a crash, before its row was written: its key is
     computed again from its content (where it came from is not known any more)."""
+    from appliance.ingest.spool_keys import file_identity, match  # spool_keys uses the spool's rows too
+
     try:
-        key = dedup_key(file, sniff(file))
+        key, _ = match(spool, file, *file_identity(file, sniff(file)))
     except InputRejected:  # not an image after all: it is still the spool's to account for
         key = f"sha256:{content_sha256(file)}"
     with spool._tx() as db:
@@ -127,19 +129,3 @@ def _register_orphan(spool: Spool, file: Path, image_id: str, state: str) -> Non
             " VALUES (?, ?, ?, ?, '', NULL, ?)",
             (key, image_id, file.name, state, now_iso()),
         )
-
-
-def legacy_row(db: sqlite3.Connection, path: Path, key: str) -> tuple[str, tuple[str, str, str]] | None:
-    """(key, row) of a row an older version wrote for this DICOM under its sha256 key: a re-send after an
-    upgrade is still a duplicate. Looked for only when such keys exist for its SOP Instance UID (an index
-    range), so the sha256 is computed only then."""
-    low = legacy_key_prefix(key)
-    if low is None:
-        return None
-    if not db.execute(
-        "SELECT 1 FROM items WHERE key >= ? AND key < ? LIMIT 1", (low, low[:-1] + ";")
-    ).fetchone():
-        return None
-    older = legacy_key(path, key)
-    row = db.execute("SELECT source, state, image_id FROM items WHERE key = ?", (older,)).fetchone()
-    return (older, row) if older is not None and row is not None else None

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import signal
 import sqlite3
-import struct
 import subprocess
 import sys
 import textwrap
@@ -17,14 +15,20 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.filewriter import write_file_meta_info
 
 from appliance.ingest import reasons
 from appliance.ingest.identity import legacy_key
 from appliance.ingest.spool import Spool
 from appliance.ingest.spool_records import STATES, Accepted, Duplicate, Rejected, SpoolFull
 from appliance.store import Store
-from tests.ingest.conftest import JPEG_BASELINE, NATIVE_DX, copy_to, real
+from tests.ingest.conftest import (
+    JPEG_BASELINE,
+    NATIVE_DX,
+    copy_to,
+    corrected,
+    real,
+    same_dataset_other_file_meta,
+)
 from testsupport.data import REPO, cxr_data, real_dicoms
 
 # The spool's own database (opened without the appliance's store) and SQLite's WAL files beside it.
@@ -43,7 +47,9 @@ def test_accept_claim_done(tmp_path: Path) -> None:
     got = spool.accept(src, "watch")
     assert isinstance(got, Accepted) and not src.exists()
     assert got.path == spool.root / "incoming" / f"{got.image_id}.dcm" and got.path.is_file()
-    assert got.key.startswith("sop:1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819/blake3:")
+    # The first file of its SOP Instance UID: keyed by the UID alone (its dataset hashed only if the UID
+    # comes again: tests below).
+    assert got.key == "sop:1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819"
     assert spool.pending_count() == 1
     item = spool.claim_next()
     assert item is not None and item.image_id == got.image_id and item.path.parent.name == "processing"
@@ -333,44 +339,15 @@ def test_an_older_spool_database_and_its_sidecars_are_adopted_into_the_store(tmp
 # -- Hardening II: de-duplication on SOPInstanceUID + content ------------------------------------------
 
 
-def _same_dataset_other_file_meta(src: Path, dest: Path) -> Path:
-    """The dataset's bytes as they are, behind a File Meta another program wrote (as a network
-    receiver does): the same instance."""
-    data = src.read_bytes()
-    start = 144 + struct.unpack_from("<I", data, 140)[0]
-    meta = pydicom.dcmread(src, stop_before_pixels=True).file_meta
-    meta.ImplementationClassUID = pydicom.uid.UID("1.2.826.0.1.3680043.9.9999.1")
-    meta.ImplementationVersionName = "OTHER_WRITER"
-    head = io.BytesIO()
-    head.write(b"\xff" * 128 + b"DICM")
-    write_file_meta_info(head, meta)  # type: ignore[arg-type]
-    dest.write_bytes(head.getvalue() + data[start:])
-    return dest
-
-
-def _corrected(src: Path, dest: Path, *, pixel: bool) -> Path:
-    """`src` edited and saved under the same SOPInstanceUID: one pixel, or a tag."""
-    ds = pydicom.dcmread(src)
-    if pixel:
-        data = bytearray(ds.PixelData)
-        data[len(data) // 2] ^= 0x01
-        ds.PixelData = bytes(data)
-    else:
-        ds.PatientOrientation = ["L", "F"]  # the unit's correction of a wrong orientation
-    ds.save_as(dest)
-    assert pydicom.dcmread(dest, stop_before_pixels=True).SOPInstanceUID == ds.SOPInstanceUID
-    return dest
-
-
 @pytest.mark.parametrize(("name", "pixel"), [(NATIVE_DX, True), (JPEG_BASELINE, False)])
 def test_a_corrected_resend_under_the_same_uid_is_analysed(tmp_path: Path, name: str, pixel: bool) -> None:
     spool = Spool(tmp_path / "spool")
     watch = tmp_path / "watch"
     watch.mkdir()
     first = spool.accept(copy_to(real(name), watch, "first.dcm"), "dicom-net")
-    same = spool.accept(_same_dataset_other_file_meta(real(name), watch / "same.dcm"), "usb")
-    fixed = spool.accept(_corrected(real(name), watch / "fixed.dcm", pixel=pixel), "dicom-net")
-    fixed_again = spool.accept(_corrected(real(name), watch / "fixed-again.dcm", pixel=pixel), "dicom-net")
+    same = spool.accept(same_dataset_other_file_meta(real(name), watch / "same.dcm"), "usb")
+    fixed = spool.accept(corrected(real(name), watch / "fixed.dcm", pixel=pixel), "dicom-net")
+    fixed_again = spool.accept(corrected(real(name), watch / "fixed-again.dcm", pixel=pixel), "dicom-net")
     assert isinstance(first, Accepted) and isinstance(same, Duplicate) and same.image_id == first.image_id
     assert isinstance(fixed, Accepted) and fixed.image_id != first.image_id
     assert isinstance(fixed_again, Duplicate) and fixed_again.image_id == fixed.image_id
@@ -386,7 +363,7 @@ def test_a_corrected_resend_under_the_same_uid_is_analysed(tmp_path: Path, name:
     spool.close()
     spool = Spool(tmp_path / "spool")  # the keys survive a restart
     assert spool.recover() == 0
-    again = spool.accept(_corrected(real(name), watch / "third.dcm", pixel=pixel), "dicom-net")
+    again = spool.accept(corrected(real(name), watch / "third.dcm", pixel=pixel), "dicom-net")
     assert isinstance(again, Duplicate) and again.image_id == fixed.image_id
     assert spool.pending_count() == 0
 

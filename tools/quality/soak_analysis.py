@@ -45,7 +45,8 @@ def account(
     recovered: list[str] = []
     for drop in images:
         if originals[drop.name] == 0 and drop.key_prefix:
-            match = next((key for key in orphans if key.startswith(drop.key_prefix)), None)
+            # '/' closes a UID key: 'sop:<UID>' (the first of its UID) matches the prefix 'sop:<UID>/'
+            match = next((key for key in orphans if f"{key}/".startswith(drop.key_prefix)), None)
             if match is not None:
                 orphans.remove(match)
                 recovered.append(drop.name)

@@ -23,7 +23,8 @@ class Drop:
     kind: str  # image | fuzz
     bed: str | None = None
     secrets: tuple[str, ...] = ()
-    # How the spool's key of this image begins ('sop:<UID>/' or 'sha256:<hash>'): an image whose row
+    # How the spool's key of this image begins ('sop:<UID>/' or 'sha256:<hash>'; the key 'sop:<UID>' of
+    # the first file of a UID counts as 'sop:<UID>/'): an image whose row
     # recovery registered after a kill between its rename and its row has no original name to match.
     key_prefix: str | None = None
 
