@@ -145,8 +145,6 @@ class Daemon:
                     "precision": backend.precision,
                 },
             )
-            self._publish_status()
-            self.publisher.start()
         self.watcher = FolderWatcher(
             [
                 (self.config.ingest.watch, "inbox"),
@@ -183,6 +181,11 @@ class Daemon:
             log_skipped_thumbnails=self.config.mqtt.publish_thumbnail,
         )
         self.metrics.start(self.spool, self.publisher, self.analyzer)
+        # Last: `online` is said only by a cart whose every part started (a receiver that cannot listen
+        # ends the start before the ward ever hears of it).
+        if self.publisher is not None:
+            self._publish_status()
+            self.publisher.start()
 
     def _shutdown(self) -> None:
         sdnotify.stopping()

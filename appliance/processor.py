@@ -177,10 +177,10 @@ class ImageProcessor:
     def _finish(self, job: Job, result: Result) -> None:
         """Journal first, then the outbox, then the spool: each step repeatable after a crash."""
         started = time.perf_counter()
+        self.spool.ensure_synced(job.image_id)  # its acceptance on disk before anything of its result
         manifest = self.analyzer.manifest
         result = with_priors(result, self.journal, manifest.sequence_risk, UrgentPoints.of(manifest.triage))
         queued = self._file_dicom_job(job, result)
-        self.spool.ensure_synced(job.image_id)  # its acceptance on disk before its result
         # Journal row, outbox messages, spool state: one commit; the sender is woken before it is on disk.
         with self.store.transaction(wake_first=True):
             self.journal.record_result(result)

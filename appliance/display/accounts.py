@@ -161,13 +161,16 @@ def list_accounts(passwd: Path, acl: Path) -> list[DisplayAccount]:
     return found
 
 
-def add(name: str, site: str, passwd: Path, acl: Path, prefix: str = "cxr") -> str:
-    """Create (or replace, with a new password) display `name`'s account; returns its new password."""
+def add(
+    name: str, site: str, passwd: Path, acl: Path, prefix: str = "cxr", password: str | None = None
+) -> str:
+    """Create (or replace, with a new password) display `name`'s account; returns its new password
+    (`password`, or a new random one)."""
     user = user_for(name)
     if user == LEGACY_USER:
         raise UserError("'display' is the old shared account: give this display its own name")
     block = acl_block(name, site, prefix)
-    password = secrets.token_urlsafe(24)
+    password = password or secrets.token_urlsafe(24)
     lines, _ = _without_user(_read_lines(acl), user)
     # The ACL first: a password without its ACL block could log in and be denied everything, never more.
     write_atomic(acl, _join([*lines, "", *block.splitlines()]))
@@ -217,11 +220,19 @@ def main(args: argparse.Namespace) -> int:
             print(f"{account.user}  {where}{note}")
         return 0
     if action == "add":
-        password = add(args.name, args.site, args.passwd, args.acl, args.topic_prefix)
+        password = secrets.token_urlsafe(24)
         user = user_for(args.name)
         if args.password_file is not None:
-            # 0600 from its first byte (mkstemp); an existing file keeps its mode and owner.
-            write_atomic(args.password_file, password + "\n", mode=0o600)
+            # First: an account whose password could not be written down would be lost. 0600 from its
+            # first byte (mkstemp); an existing file keeps its mode and owner.
+            try:
+                write_atomic(args.password_file, password + "\n", mode=0o600)
+            except OSError as exc:
+                raise UserError(
+                    f"--password-file {args.password_file}: cannot write: {exc.strerror}"
+                ) from exc
+        add(args.name, args.site, args.passwd, args.acl, args.topic_prefix, password=password)
+        if args.password_file is not None:
             print(
                 f"created broker account {user} (site {args.site}); its password is in {args.password_file}"
             )

@@ -22,17 +22,15 @@ from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
-from appliance.clock import now_iso
 from appliance.config import AppConfig
-from appliance.durable import fsync_dir
 from appliance.errors import InputRejected
 from appliance.ingest import reasons, sniff
-from appliance.ingest.identity import image_id_for, plain_file_refusal
+from appliance.ingest.identity import plain_file_refusal
+from appliance.ingest.spool_accept import admit, sync_incoming
 from appliance.ingest.spool_files import SpoolFolders
-from appliance.ingest.spool_keys import file_identity, match, remember_hash
+from appliance.ingest.spool_keys import FileIdentity, match, remember_hashes
 from appliance.ingest.spool_records import (
     ADDED_COLUMNS,
-    EXTENSIONS,
     LEGACY_DB,
     RETRY_STATES,
     SCHEMA,
@@ -67,9 +65,11 @@ class Spool:
         self.files = SpoolFolders(self.root, min_free_mb)
         self._device = self.root.stat().st_dev  # files on it may be hashed through a memory map
         self._id_secret = id_secret or load_or_create_salt(self.root / "image-id.key", what="spool id key")
-        # Images renamed into incoming/ whose folder is not synced yet (accept(sync=False))
+        # Images renamed into incoming/ whose folder is not synced yet (accept(sync=False)), and why
+        # syncing failed, once it did (spool_accept.sync_incoming)
         self._unsynced: set[str] = set()
         self._unsynced_lock = threading.Lock()
+        self._sync_failed: str | None = None
         self.store, self._owns_store = store_at(store or self.root / LEGACY_DB, "spool")
         self._lock = self.store.lock
         self._db = self.store.db
@@ -131,7 +131,7 @@ class Spool:
             return Rejected(exc.reason, exc.detail, where)
         self.files.check_space(size)
         try:
-            uid, key = file_identity(path, kind)
+            file = FileIdentity.of(path, kind, self._device)
         except PermissionError as exc:
             detail = f"{path.name}: {exc.strerror}"
             return Rejected(
@@ -140,114 +140,26 @@ class Spool:
                 self.quarantine_file(path, reasons.PERMISSION_DENIED, detail, source, move=move),
             )
         staged = None
-        if not move and self._known(path, uid, key) is None:
+        if not move and self._known(file) is None:
             # Read-only media: the slow copy happens before the store's lock is taken (the loop and the
             # sender share it), and only for a file the spool does not already hold.
             staged = self.files.copy_to_tmp(path)
         try:
-            return self._admit(path, source, kind, uid, key, move=move, sync=sync, staged=staged)
+            return admit(self, path, source, kind, file, move=move, sync=sync, staged=staged)
         finally:
             if staged is not None:  # not taken (a duplicate after all, or an error)
                 with contextlib.suppress(FileNotFoundError):
                     staged.unlink()
 
-    def _known(self, path: Path, uid: str | None, key: str | None) -> str | None:
+    def _known(self, file: FileIdentity) -> str | None:
         """The state of the live row this file is (None: new, or only a retry state holds it)."""
         with self._lock:
-            _, row = match(self, path, uid, key)
+            _, row = match(self, file)
         return None if row is None or row[1] in RETRY_STATES else row[1]
 
-    def _admit(
-        self,
-        path: Path,
-        source: str,
-        kind: str,
-        uid: str | None,
-        content_key: str | None,
-        *,
-        move: bool,
-        sync: bool,
-        staged: Path | None,
-    ) -> Accepted | Duplicate:
-        with self._lock:
-            key, row = match(self, path, uid, content_key)
-            image_id = image_id_for(key, self._id_secret)
-            retried = None
-            if row is not None and row[1] in RETRY_STATES:
-                # Sent again after it was quarantined (or vanished): analysed again, under a new id (the
-                # journal keeps the first result per id). The old row keeps its file in quarantine/.
-                retried, image_id = row[2], image_id_for(f"{key}#{row[2]}", self._id_secret)
-                row = None
-            if row is not None:
-                removed = False
-                if move:
-                    with contextlib.suppress(FileNotFoundError):
-                        path.unlink()
-                        removed = True
-                log.info(
-                    "duplicate of %s from %s, first seen from %s; %s",
-                    row[2],
-                    source,
-                    row[0],
-                    "removed" if removed else "left in place",
-                )
-                log.debug("%s (%s) is a duplicate of %s", path, key, row[2])
-                return Duplicate(row[2], key, row[0], removed)
-            name = f"{image_id}.{EXTENSIONS[kind]}"
-            dest = self.files.dir("incoming") / name
-            # The file first, then its row: a crash between the two leaves a file that recover()
-            # registers (its key is computed again from its content), never a row without a file.
-            if staged is not None:
-                os.rename(staged, dest)
-                fsync_dir(dest.parent)
-                renamed = False
-            else:
-                renamed = self.files.place(path, dest, move=move, sync=sync)
-                if renamed and not sync:
-                    with self._unsynced_lock:
-                        self._unsynced.add(image_id)
-            try:
-                # Not waited for on disk: the file placed in incoming/ (its folder synced) is what makes
-                # the image accepted. A row lost in a power cut is rebuilt by recover() from that file
-                # (_register_orphan), and the processor's durable commit carries this one with it.
-                with self._tx(durable=False) as db:
-                    if retried is not None:  # the key is unique: the old row's is kept, made its own
-                        db.execute(
-                            "UPDATE items SET key = key || '#' || image_id WHERE image_id = ?", (retried,)
-                        )
-                    db.execute(
-                        "INSERT INTO items (key, image_id, name, state, source, original, accepted_at)"
-                        " VALUES (?, ?, ?, 'incoming', ?, ?, ?)",
-                        (key, image_id, name, source, str(path), now_iso()),
-                    )
-            except SpoolFull:
-                # Undo, so the source is offered again once there is room (nothing half-accepted).
-                if renamed:
-                    os.rename(dest, path)
-                    with self._unsynced_lock:
-                        self._unsynced.discard(image_id)
-                else:
-                    dest.unlink()
-                raise
-            if move and not renamed:
-                # Copied from another filesystem: the spool copy is durable, now the original may go.
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-        # The original path may name the patient: at debug level only (the row keeps it for a while).
-        log.info("accepted an image from %s as %s", source, image_id)
-        log.debug("%s is %s", path, image_id)
-        return Accepted(image_id, dest, key)
-
     def sync_incoming(self) -> None:
-        """Make every rename into incoming/ that accept(sync=False) made durable (incoming/ and
-        processing/ both synced: the loop may have claimed the file meanwhile)."""
-        with self._unsynced_lock:
-            pending = set(self._unsynced)
-        if pending:
-            for state in ("incoming", "processing"):
-                fsync_dir(self.files.dir(state))
-            with self._unsynced_lock:
-                self._unsynced -= pending
+        """Make every rename into incoming/ that accept(sync=False) left durable (spool_accept.py)."""
+        sync_incoming(self)
 
     def ensure_synced(self, image_id: str) -> None:
         """Before an image's result is committed: its acceptance is on disk (a power cut must never keep
@@ -255,7 +167,7 @@ class Spool:
         with self._unsynced_lock:
             pending = image_id in self._unsynced
         if pending:
-            self.sync_incoming()
+            sync_incoming(self)
 
     # -- the pipeline side ---------------------------------------------------------------------
     def claim(self, n: int = 1) -> list[SpoolItem]:
@@ -429,7 +341,7 @@ class Spool:
 
     def purge_done(self, older_than_s: float) -> int:
         """Delete processed files older than `older_than_s` (their key stays: a re-send is still a duplicate)."""
-        return self.files.purge_done(older_than_s, keep=lambda path: remember_hash(self, path))
+        return self.files.purge_done(older_than_s, keep=remember_hashes(self))
 
     def close(self) -> None:
         if self._owns_store:

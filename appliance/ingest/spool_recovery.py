@@ -61,8 +61,10 @@ def recover(spool: Spool) -> int:
                     back.append(image_id)
                 elif row[1] != state:  # rows of an older version, whose folders were the truth
                     spool._set_state(image_id, state)
-        if back:
-            fsync_dir(spool.files.dir("incoming"))
+        # Always: a kill -9 between a rename into incoming/ and its folder sync (accept(sync=False))
+        # leaves the rename in memory only; this process's results must not be on disk before it.
+        for state in ("incoming", "processing"):
+            fsync_dir(spool.files.dir(state))
         _forget_sidecars(spool)
     if back:
         log.warning("spool recovery: %d image(s) back from processing/ to incoming/", len(back))
@@ -111,10 +113,10 @@ def _forget_sidecars(spool: Spool) -> None:
 def _register_orphan(spool: Spool, file: Path, image_id: str, state: str) -> None:
     """A file renamed into the spool just before a crash, before its row was written: its key is
     computed again from its content (where it came from is not known any more)."""
-    from appliance.ingest.spool_keys import file_identity, match  # spool_keys uses the spool's rows too
+    from appliance.ingest.spool_keys import FileIdentity, orphan_key  # it uses the spool's rows too
 
     try:
-        key, _ = match(spool, file, *file_identity(file, sniff(file)))
+        key = orphan_key(spool, FileIdentity.of(file, sniff(file), spool._device), image_id)
     except InputRejected:  # not an image after all: it is still the spool's to account for
         key = f"sha256:{content_sha256(file)}"
     with spool._tx() as db:

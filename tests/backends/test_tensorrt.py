@@ -1,7 +1,7 @@
 """TensorRT backend: planning and trtexec text everywhere; building and running only where TensorRT is.
 
 The tests marked `tensorrt` build real engines from the tiny conv model and compare them with ONNX
-Runtime. Without TensorRT they SKIP with the import error as reason; nothing stands in for TensorRT.
+Runtime. Without TensorRT, pycuda or a CUDA GPU they SKIP with the reason; nothing stands in for TensorRT.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from appliance.engine_cache import DeviceIdentity, EngineMismatch, find_engine
 from appliance.errors import BackendUnavailable, ManifestError, UserError
 from appliance.manifest import Precision, load_manifest
 from tests.backends import tiny_conv
-from tests.backends.conftest import tensorrt_missing
+from tests.backends.conftest import tensorrt_missing, tensorrt_unusable
 from tools.engines.check_parity import compare_backends, load_inputs
 from tools.training import dataset
 from tools.training.dataset import data_dir
@@ -40,6 +40,7 @@ XAVIER_JP5 = DeviceIdentity(
     gpu_name="Xavier", compute_capability="7.2", tensorrt_version="8.5.2.2", l4t_release="R35.5.0"
 )
 NO_TENSORRT = tensorrt_missing()
+UNUSABLE = tensorrt_unusable()
 
 
 @pytest.fixture
@@ -138,7 +139,7 @@ def _parity_inputs(manifest_path: Path) -> tuple[np.ndarray, list[dataset.Record
 
 @pytest.mark.parametrize("precision", ["fp16", "int8"])
 @pytest.mark.tensorrt
-@pytest.mark.skipif(NO_TENSORRT is not None, reason=f"TensorRT not installed: {NO_TENSORRT}")
+@pytest.mark.skipif(UNUSABLE is not None, reason=f"TensorRT cannot run here: {UNUSABLE}")
 def test_engine_builds_runs_and_matches_onnxruntime(with_int8: Path, precision: str) -> None:
     manifest = load_manifest(with_int8)
     config = TensorRTConfig(require_parity=False)
@@ -163,7 +164,7 @@ def test_engine_builds_runs_and_matches_onnxruntime(with_int8: Path, precision: 
 
 
 @pytest.mark.tensorrt
-@pytest.mark.skipif(NO_TENSORRT is not None, reason=f"TensorRT not installed: {NO_TENSORRT}")
+@pytest.mark.skipif(UNUSABLE is not None, reason=f"TensorRT cannot run here: {UNUSABLE}")
 def test_engine_from_another_model_version_is_rebuilt_not_loaded(tiny_model: Path, tmp_path: Path) -> None:
     manifest = load_manifest(tiny_model)
     config = TensorRTConfig(require_parity=False, build_if_missing=True)

@@ -82,3 +82,32 @@ def test_c_store_to_the_cart_gives_a_result_on_mqtt_and_sr_sc_on_the_pacs(
     }
     assert referenced == sources
     assert "'STRANGER' is not in dicom_net.allowed_calling_ae" in daemon.log()
+
+
+def test_a_cart_whose_receiver_cannot_listen_never_says_online(broker: Broker, tmp_path: Path) -> None:
+    """Every part starts before the ward hears `online`: a start that fails leaves no online status
+    (before, `online` was published, then the broker's will said `offline`)."""
+    import socket
+
+    taken = socket.socket()
+    taken.bind((LOOPBACK, 0))
+    taken.listen()
+    daemon = DaemonProcess(
+        tmp_path / "appliance",
+        broker,
+        tiny_models.xrv_like(tmp_path / "model"),
+        dicom_net={
+            "enabled": True,
+            "bind": LOOPBACK,
+            "port": taken.getsockname()[1],
+            "allowed_calling_ae": ["XRAY_UNIT"],
+        },
+    )
+    with Subscriber(broker, "cxr/#") as sub, taken:
+        with pytest.raises(AssertionError, match="never said READY"):
+            daemon.start(timeout=60)
+        assert daemon.proc is not None and daemon.proc.wait(10) == 2
+        time.sleep(1.0)  # a will or a late status would have arrived by now
+    assert "cannot listen" in daemon.log()
+    states = [m.json().get("state") for m in sub.on_topic("cxr/ward-7/cart-1/status")]
+    assert "online" not in states, states

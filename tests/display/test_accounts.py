@@ -53,3 +53,18 @@ def test_add_revoke_list_keep_modes_and_never_print_a_written_password(
     )
     assert main(["display-account", "revoke", "kiosk", *files]) == 2  # nothing left to revoke: said plainly
     assert main(["display-account", "add", "display", "--site", "ward7", *files]) == 2  # the old shared name
+
+
+def test_a_password_file_that_cannot_be_written_creates_no_account(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before, the account was created first and its password, shown nowhere, was lost."""
+    passwd, acl = tmp_path / "cxr.passwd", tmp_path / "cxr.acl"
+    files = ["--passwd", str(passwd), "--acl", str(acl)]
+    missing = tmp_path / "no-such-folder" / "kiosk.pw"
+    assert (
+        main(["display-account", "add", "kiosk", "--site", "ward7", "--password-file", str(missing), *files])
+        == 2
+    )
+    assert "kiosk.pw: cannot write" in capsys.readouterr().err
+    assert list_accounts(passwd, acl) == []

@@ -217,16 +217,18 @@ def test_a_link_refused_by_the_spool_is_quarantined_and_counted(
 @pytest.fixture
 def synced(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The spool folders the spool syncs, in order (the real fsync, recorded)."""
-    import appliance.ingest.spool as spool_module
+    import appliance.ingest.spool_accept as spool_accept
+    import appliance.ingest.spool_files as spool_files
 
     names: list[str] = []
-    real_fsync_dir = spool_module.fsync_dir
+    real_fsync_dir = spool_files.fsync_dir
 
     def recorded(path: Path) -> None:
         names.append(Path(path).name)
         real_fsync_dir(path)
 
-    monkeypatch.setattr(spool_module, "fsync_dir", recorded)
+    for module in (spool_accept, spool_files):  # the admission's and the placing's own syncs
+        monkeypatch.setattr(module, "fsync_dir", recorded)
     return names
 
 

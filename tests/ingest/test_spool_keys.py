@@ -3,17 +3,26 @@ by the dataset hash, also after the first file left the spool."""
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pydicom
 import pytest
 
 import appliance.ingest.spool_keys as spool_keys
 from appliance.ingest.spool import Spool
 from appliance.ingest.spool_records import Accepted, Duplicate
-from tests.ingest.conftest import NATIVE_DX, copy_to, corrected, real, same_dataset_other_file_meta
+from tests.ingest.conftest import (
+    JPEG_BASELINE,
+    NATIVE_DX,
+    copy_to,
+    corrected,
+    real,
+    same_dataset_other_file_meta,
+)
 
 
 @pytest.fixture
@@ -52,10 +61,7 @@ def test_only_a_repeated_uid_is_hashed_and_the_first_hash_is_kept(tmp_path: Path
     hashed.clear()
     third = spool.accept(copy_to(real(NATIVE_DX), watch, "third.dcm"), "usb", move=False)
     assert isinstance(third, Duplicate) and third.image_id == first.image_id
-    assert [p.name for p in hashed] == [
-        "third.dcm",
-        "third.dcm",
-    ]  # the copy check and the admission; not the first
+    assert [p.name for p in hashed] == ["third.dcm"]  # once for the copy check and the admission
     spool.close()
 
 
@@ -118,4 +124,141 @@ def test_an_orphan_of_a_repeated_uid_is_registered_under_its_hashed_key(tmp_path
     row = spool._db.execute("SELECT key FROM items WHERE image_id = ?", (fixed.image_id,)).fetchone()
     assert row is not None and row[0] == fixed.key
     assert [i.image_id for i in spool.claim(5)] == [first.image_id, fixed.image_id]
+    spool.close()
+
+
+def _with_uid(src: Path, dest: Path, uid: str, *, pixel: bool = False) -> Path:
+    ds = pydicom.dcmread(src)
+    ds.SOPInstanceUID = pydicom.uid.UID(uid)
+    ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.UID(uid)
+    if pixel:
+        data = bytearray(ds.PixelData)
+        data[len(data) // 2] ^= 0x01
+        ds.PixelData = bytes(data)
+    ds.save_as(dest)
+    return dest
+
+
+def test_a_uid_that_is_not_one_is_always_hashed_and_cannot_forge_a_key(tmp_path: Path) -> None:
+    """Keys are 'sop:<UID>' and 'sop:<UID>/blake3:<hash>': a "UID" holding '/' or '#' must not be able to
+    take another image's key (the real image would be dropped as its duplicate)."""
+    spool = Spool(tmp_path / "spool")
+    watch = tmp_path / "watch"
+    watch.mkdir()
+    real_uid = "1.2.826.0.1.3680043.9.7777.1"
+    genuine = _with_uid(real(NATIVE_DX), tmp_path / "genuine.dcm", real_uid)
+    corrected_copy = _with_uid(real(NATIVE_DX), tmp_path / "corrected.dcm", real_uid, pixel=True)
+    digest = spool_keys.dataset_hash(corrected_copy)
+    forged = _with_uid(real(JPEG_BASELINE), watch / "forged.dcm", f"{real_uid}/blake3:{digest}")
+    odd = _with_uid(real(JPEG_BASELINE), watch / "odd.dcm", "1.2#3")
+    got = [spool.accept(p, "watch") for p in (forged, odd)]
+    got_ids = [g.image_id for g in got if isinstance(g, Accepted) and "/blake3:" in g.key]
+    assert len(got_ids) == 2
+    first = spool.accept(copy_to(genuine, watch, "first.dcm"), "watch")
+    fixed = spool.accept(copy_to(corrected_copy, watch, "fixed.dcm"), "watch")
+    assert isinstance(first, Accepted) and isinstance(fixed, Accepted)
+    # Nobody's duplicate: the forgery's key shares the UID's range, so the genuine files are hashed too.
+    assert len({*got_ids, first.image_id, fixed.image_id}) == 4
+    assert fixed.key == f"sop:{real_uid}/blake3:{digest}"
+    odd_again = spool.accept(_with_uid(real(JPEG_BASELINE), watch / "odd2.dcm", "1.2#3"), "watch")
+    assert isinstance(odd_again, Duplicate)
+    assert odd_again.image_id == got_ids[1]  # hashed, the same instance is still one image
+    spool.close()
+
+
+def test_two_orphans_of_one_uid_get_back_the_keys_their_ids_were_made_from(tmp_path: Path) -> None:
+    """Both rows lost (a power cut: the rows are not synced at acceptance): recovery finds the files in
+    id order, not in the order they came; each still gets the key its id came from."""
+    spool = Spool(tmp_path / "spool")
+    watch = tmp_path / "watch"
+    watch.mkdir()
+    first = spool.accept(copy_to(real(NATIVE_DX), watch, "first.dcm"), "watch")
+    fixed = spool.accept(corrected(real(NATIVE_DX), watch / "fixed.dcm", pixel=True), "watch")
+    assert isinstance(first, Accepted) and isinstance(fixed, Accepted)
+    spool._db.execute("DELETE FROM items")
+    spool.close()
+    spool = Spool(tmp_path / "spool")
+    assert spool.recover() == 0
+    keys = dict(spool._db.execute("SELECT image_id, key FROM items").fetchall())
+    assert keys == {first.image_id: first.key, fixed.image_id: fixed.key}
+    spool.close()
+
+
+def test_a_first_file_that_cannot_be_read_does_not_block_its_uid(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An I/O error on the first file: the re-send cannot be compared with it, so it is analysed
+    (before: the error stopped every later file of that UID)."""
+    spool = Spool(tmp_path / "spool")
+    watch = tmp_path / "watch"
+    watch.mkdir()
+    first = spool.accept(copy_to(real(NATIVE_DX), watch, "first.dcm"), "watch")
+    assert isinstance(first, Accepted)
+    real_hash = spool_keys.dataset_hash
+
+    def failing_disk(path: Path, mappable_device: int | None = None) -> str:
+        if Path(path).name == first.path.name:
+            raise OSError(errno.EIO, "Input/output error")
+        return real_hash(path, mappable_device)
+
+    monkeypatch.setattr(spool_keys, "dataset_hash", failing_disk)
+    again = spool.accept(copy_to(real(NATIVE_DX), watch, "again.dcm"), "watch")
+    assert isinstance(again, Accepted) and again.image_id != first.image_id
+    spool.close()
+
+
+def test_retention_hashes_within_a_budget_and_a_failed_hash_does_not_stop_it(
+    tmp_path: Path, hashed: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = Spool(tmp_path / "spool")
+    watch = tmp_path / "watch"
+    watch.mkdir()
+    got = [
+        spool.accept(p, "watch")
+        for p in (copy_to(real(NATIVE_DX), watch), copy_to(real(JPEG_BASELINE), watch))
+    ]
+    for item in spool.claim(2):
+        spool.mark_done(item.image_id)
+    old = time.time() - 3600
+    for path in (spool.root / "done").iterdir():
+        os.utime(path, (old, old))
+    monkeypatch.setattr(spool_keys, "PURGE_HASH_BUDGET_S", -1.0)  # this pass has no time left
+    assert spool.purge_done(60) == 0 and len(list((spool.root / "done").iterdir())) == 2 and hashed == []
+    # The database refuses the hash (a full disk gives a real sqlite3 error the same way): deleted anyway.
+    spool._db.execute(
+        "CREATE TRIGGER refuse_hash BEFORE UPDATE OF dataset_hash ON items"
+        " BEGIN SELECT RAISE(ABORT, 'refused (test)'); END"
+    )
+    monkeypatch.setattr(spool_keys, "PURGE_HASH_BUDGET_S", 10.0)
+    assert spool.purge_done(60) == 2 and len(hashed) == 2
+    assert all(isinstance(g, Accepted) and _stored_hash(spool, g.image_id) is None for g in got)
+    spool.close()
+
+
+def test_a_failed_folder_sync_is_not_retried_on_a_new_descriptor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Linux reports a write-back error once: a second fsync on a new descriptor could succeed without the
+    rename on disk. The image's result keeps waiting (the loop stays degraded) until a restart."""
+    import appliance.ingest.spool_accept as spool_accept
+
+    spool = Spool(tmp_path / "spool")
+    watch = tmp_path / "watch"
+    watch.mkdir()
+    got = spool.accept(copy_to(real(NATIVE_DX), watch), "watch", sync=False)
+    assert isinstance(got, Accepted)
+    real_fsync_dir = spool_accept.fsync_dir
+
+    def failing(path: Path) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(spool_accept, "fsync_dir", failing)
+    with pytest.raises(OSError, match="Input/output error"):
+        spool.sync_incoming()
+    monkeypatch.setattr(spool_accept, "fsync_dir", real_fsync_dir)  # the disk "works" again
+    with pytest.raises(OSError, match="restart after checking the disk"):
+        spool.ensure_synced(got.image_id)
+    spool.close()
+    spool = Spool(tmp_path / "spool")
+    assert spool.recover() == 0 and spool.claim_next() is not None  # a restart syncs and goes on
     spool.close()

@@ -12,7 +12,7 @@ from appliance.backends.tensorrt import TensorRTConfig
 from appliance.engine_cache import BuildSpec, DeviceIdentity, cache_key, find_engine
 from appliance.manifest import Precision, load_manifest
 from tests.backends import tiny_conv
-from tests.backends.conftest import tensorrt_missing
+from tests.backends.conftest import tensorrt_missing, tensorrt_unusable
 
 REPO = Path(__file__).resolve().parents[2]
 TARGET = [
@@ -26,6 +26,7 @@ TARGET = [
     "R36.4.3",
 ]
 NO_TENSORRT = tensorrt_missing()
+UNUSABLE = tensorrt_unusable()
 
 
 def build_engine(*args: str) -> subprocess.CompletedProcess[str]:
@@ -105,7 +106,7 @@ def test_missing_manifest_is_a_user_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.tensorrt
-@pytest.mark.skipif(NO_TENSORRT is not None, reason=f"TensorRT not installed: {NO_TENSORRT}")
+@pytest.mark.skipif(UNUSABLE is not None, reason=f"TensorRT cannot run here: {UNUSABLE}")
 def test_builds_then_is_up_to_date_then_parity_checks(model: Path) -> None:
     first = build_engine("--model", str(model), "--if-needed")
     assert first.returncode == 0, first.stdout + first.stderr

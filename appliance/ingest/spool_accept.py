@@ -1,0 +1,141 @@
+"""Taking a file into the spool: its key decided, the file placed in incoming/ and its row written, in one
+write transaction; and the folder sync that makes the acceptance durable, now or just after.
+
+One transaction from the key to the row (BEGIN IMMEDIATE, SQLite's write lock): another process taking
+files into the same spool (a USB import) waits, so two files of one new UID can never both be given the
+UID's key and the same name. The file first, then its row: a crash between the two leaves a file that
+recover() registers, never a row without a file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from appliance.clock import now_iso
+from appliance.durable import fsync_dir
+from appliance.ingest.identity import image_id_for
+from appliance.ingest.spool_keys import FileIdentity, match
+from appliance.ingest.spool_records import EXTENSIONS, RETRY_STATES, Accepted, Duplicate
+
+if TYPE_CHECKING:
+    from appliance.ingest.spool import Spool
+
+log = logging.getLogger("appliance.ingest.spool")
+
+
+def admit(
+    spool: Spool,
+    path: Path,
+    source: str,
+    kind: str,
+    file: FileIdentity,
+    *,
+    move: bool,
+    sync: bool,
+    staged: Path | None,
+) -> Accepted | Duplicate:
+    placed: tuple[Path, bool] | None = None  # (where, renamed from the source)
+    try:
+        # Not waited for on disk: the file placed in incoming/ (its folder synced) is what makes the
+        # image accepted. A row lost in a power cut is rebuilt by recover() from that file, and the
+        # processor's durable commit carries this one with it.
+        with spool._tx(durable=False) as db:
+            key, row = match(spool, file)
+            image_id = image_id_for(key, spool._id_secret)
+            retried = None
+            if row is not None and row[1] in RETRY_STATES:
+                # Sent again after it was quarantined (or vanished): analysed again, under a new id (the
+                # journal keeps the first result per id). The old row keeps its file in quarantine/.
+                retried, image_id = row[2], image_id_for(f"{key}#{row[2]}", spool._id_secret)
+                row = None
+            if row is not None:
+                return _duplicate(path, source, key, row, move=move)
+            name = f"{image_id}.{EXTENSIONS[kind]}"
+            dest = spool.files.dir("incoming") / name
+            if staged is not None:
+                os.rename(staged, dest)
+                fsync_dir(dest.parent)
+                placed = (dest, False)
+            else:
+                placed = (dest, spool.files.place(path, dest, move=move, sync=sync))
+                if placed[1] and not sync:
+                    with spool._unsynced_lock:
+                        spool._unsynced.add(image_id)
+            if retried is not None:  # the key is unique: the old row's is kept, made its own
+                db.execute("UPDATE items SET key = key || '#' || image_id WHERE image_id = ?", (retried,))
+            db.execute(
+                "INSERT INTO items (key, image_id, name, state, source, original, accepted_at)"
+                " VALUES (?, ?, ?, 'incoming', ?, ?, ?)",
+                (key, image_id, name, source, str(path), now_iso()),
+            )
+    except BaseException:
+        # Undo, so the source is offered again (nothing half-accepted): a full disk, a failed write.
+        if placed is not None:
+            _undo(spool, path, *placed)
+        raise
+    assert placed is not None
+    if move and not placed[1]:
+        # Copied from another filesystem: the spool copy is durable, now the original may go.
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    # The original path may name the patient: at debug level only (the row keeps it for a while).
+    log.info("accepted an image from %s as %s", source, image_id)
+    log.debug("%s is %s", path, image_id)
+    return Accepted(image_id, placed[0], key)
+
+
+def _duplicate(path: Path, source: str, key: str, row: tuple[str, str, str], *, move: bool) -> Duplicate:
+    removed = False
+    if move:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed = True
+    log.info(
+        "duplicate of %s from %s, first seen from %s; %s",
+        row[2],
+        source,
+        row[0],
+        "removed" if removed else "left in place",
+    )
+    log.debug("%s (%s) is a duplicate of %s", path, key, row[2])
+    return Duplicate(row[2], key, row[0], removed)
+
+
+def _undo(spool: Spool, source: Path, dest: Path, renamed: bool) -> None:
+    with contextlib.suppress(OSError):
+        if renamed:
+            os.rename(dest, source)
+        else:
+            dest.unlink()
+    with spool._unsynced_lock:
+        spool._unsynced.discard(dest.name.split(".", 1)[0])
+
+
+def sync_incoming(spool: Spool) -> None:
+    """Make every rename into incoming/ that accept(sync=False) made durable: incoming/ and processing/
+    both synced (the loop may have claimed the file meanwhile). A sync that failed is not tried again on
+    a new descriptor (Linux reports a write-back error once; a retry could "succeed" without the rename
+    on disk): the images it concerned keep waiting, and the cart stays degraded until a restart
+    (recover() syncs both folders) after someone has looked at the disk."""
+    with spool._unsynced_lock:
+        pending = set(spool._unsynced)
+        failed = spool._sync_failed
+    if not pending:
+        return
+    if failed is not None:
+        raise OSError(
+            f"spool {spool.root}: syncing incoming/ failed ({failed}); restart after checking the disk"
+        )
+    try:
+        for state in ("incoming", "processing"):
+            fsync_dir(spool.files.dir(state))
+    except OSError as exc:
+        with spool._unsynced_lock:
+            spool._sync_failed = exc.strerror or str(exc)
+        raise
+    with spool._unsynced_lock:
+        spool._unsynced -= pending
