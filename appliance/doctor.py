@@ -131,18 +131,38 @@ def _writable(folder: Path) -> str | None:
     return None
 
 
+def _creatable(folder: Path) -> str | None:
+    """Why `folder` could not be made as the start makes it (mkdir with its parents), or None."""
+    ancestor = folder
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        if ancestor.is_symlink():
+            return f"{ancestor} is a broken link"
+        ancestor = ancestor.parent
+    problem = _writable(ancestor)
+    return None if problem is None else f"{ancestor} {problem}"
+
+
+def _folders(config: AppConfig) -> list[tuple[str, Path]]:
+    """Every folder the start creates or writes, as `run` would (its parts' own defaults)."""
+    ingest = config.ingest
+    folders = [("watch", ingest.watch), ("spool", ingest.spool), ("journal", config.journal.path.parent)]
+    if config.dicom_net.enabled:
+        folders.append(("dicom_net.receive_dir", config.dicom_net.receive_dir or ingest.spool / "dicom-in"))
+    if config.dicom_out.enabled:
+        folders.append(("dicom_out.outbox", config.dicom_out.outbox))
+    return folders
+
+
 def check_folders(config: AppConfig) -> Iterator[Check]:
     ingest = config.ingest
-    for name, folder in (
-        ("watch", ingest.watch),
-        ("spool", ingest.spool),
-        ("journal", config.journal.path.parent),
-    ):
+    for name, folder in _folders(config):
         problem = _writable(folder)
         if problem is None:
             yield Check("OK", "folders", f"{name} {folder} is writable")
-        elif problem == "does not exist" and _writable(folder.parent) is None:
+        elif problem == "does not exist" and (cannot := _creatable(folder)) is None:
             yield Check("WARN", "folders", f"{name} {folder} does not exist yet (created at start)")
+        elif problem == "does not exist":
+            yield Check("FAIL", "folders", f"{name} {folder} does not exist and cannot be created: {cannot}")
         else:
             yield Check("FAIL", "folders", f"{name} {folder} {problem}")
     for folder in ingest.extra_watch:
@@ -159,6 +179,26 @@ def check_folders(config: AppConfig) -> Iterator[Check]:
             "disk",
             f"{free_mb:.0f} MB free for the spool (stops accepting below {ingest.min_free_mb:.0f} MB)",
         )
+
+
+def check_listeners(config: AppConfig) -> Iterator[Check]:
+    """Each address the cart listens on belongs to this machine (a bind address copied from another cart
+    made `run` stop with "cannot listen"). Only the address: the port is the running daemon's own."""
+    listeners = []
+    if config.dicom_net.enabled:
+        listeners.append(("dicom_net", config.dicom_net.bind, config.dicom_net.port))
+    if config.metrics.enabled:
+        listeners.append(("metrics", config.metrics.host, config.metrics.port))
+    for name, host, port in listeners:
+        try:
+            family, kind, proto, _, address = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0]
+            with socket.socket(family, kind, proto) as probe:
+                probe.bind(address)
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            yield Check("FAIL", "network", f"{name}: cannot listen on {host} (port {port}): {reason}")
+        else:
+            yield Check("OK", "network", f"{name}: {host} is an address of this machine (port {port})")
 
 
 def check_journal(config: AppConfig) -> Iterator[Check]:
@@ -178,13 +218,26 @@ def check_journal(config: AppConfig) -> Iterator[Check]:
 
 
 def check_privacy(config: AppConfig) -> Iterator[Check]:
+    """The salt judged as the start judges it (pseudonym.load_or_create_salt): size, mode, type."""
+    from appliance.errors import ConfigError
+    from appliance.pseudonym import load_or_create_salt
+
     salt = config.privacy.salt_file
-    if not salt.exists():
-        yield Check(
-            "WARN", "privacy", f"salt {salt} missing (created at start; patient keys change if it is lost)"
-        )
-    elif salt.stat().st_mode & 0o077:
-        yield Check("FAIL", "privacy", f"salt {salt} is readable by others: chmod 600 {salt}")
+    if not salt.exists() and not salt.is_symlink():
+        cannot = _creatable(salt.parent)
+        if cannot is None:
+            yield Check(
+                "WARN",
+                "privacy",
+                f"salt {salt} missing (created at start; patient keys change if it is lost)",
+            )
+        else:
+            yield Check("FAIL", "privacy", f"salt {salt} missing and cannot be created: {cannot}")
+        return
+    try:
+        load_or_create_salt(salt, create=False)
+    except ConfigError as exc:
+        yield Check("FAIL", "privacy", str(exc))
     else:
         yield Check("OK", "privacy", f"salt {salt} present, mode 0600")
 
@@ -282,6 +335,7 @@ def run_doctor(config_path: Path | None, load: Callable[[argparse.Namespace], Ap
             (check_journal(config), "journal"),
             (check_privacy(config), "privacy"),
             (check_tls_files(config), "tls"),
+            (check_listeners(config), "network"),
             (check_broker(config), "broker"),
         ]
         for group, topic in groups:

@@ -120,6 +120,29 @@ def test_doctor_loads_every_certificate_and_goes_on_past_a_bad_journal(
     assert "FAIL  journal" in out and "NOT READY" in out
 
 
+def test_doctor_judges_folders_salt_and_addresses_as_run_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Found by a review run: doctor said READY where `run` then stopped (a DICOM outbox that cannot be
+    created, a bind address of another machine, a salt too short), and NOT READY where `run` works (a
+    watch folder two levels below an existing one)."""
+    path = config_file(tmp_path)
+    config = yaml.safe_load(path.read_text())
+    (tmp_path / "a-file").write_text("")
+    config["ingest"]["watch"] = str(tmp_path / "new" / "deeper" / "inbox")
+    config["dicom_out"] = {"enabled": True, "outbox": str(tmp_path / "a-file" / "dicom-out")}
+    config["dicom_net"] = {"enabled": True, "bind": "203.0.113.7", "allowed_calling_ae": ["XRAY_UNIT"]}
+    path.write_text(yaml.safe_dump(config))
+    (tmp_path / "salt").write_bytes(b"1234")
+    (tmp_path / "salt").chmod(0o600)
+    assert main(["doctor", "--config", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "WARN  folders  watch" in out and "created at start" in out
+    assert "FAIL  folders  dicom_out.outbox" in out and "a-file is not a folder" in out
+    assert "FAIL  network  dicom_net: cannot listen on 203.0.113.7" in out
+    assert "FAIL  privacy" in out and "only 4 bytes" in out
+
+
 def test_a_bug_on_one_file_is_its_error_result_and_the_others_are_read(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -180,3 +180,16 @@ def test_engine_from_another_model_version_is_rebuilt_not_loaded(tiny_model: Pat
     rebuilt = open_tensorrt(manifest, config)
     assert rebuilt.model_sha256 == manifest.onnx[Precision.fp32].sha256
     rebuilt.close()
+
+
+def test_a_calibration_cache_keeps_the_id_of_the_images_it_came_from(tmp_path: Path) -> None:
+    """Found by a review: an INT8 engine rebuilt from an existing calibration cache recorded no
+    calibration id. The id now lies beside the cache (written whole), and a rebuild reads it there."""
+    from appliance.backends.tensorrt.build import store_calibration_id, stored_calibration_id
+
+    cache = tmp_path / "cache" / "model.int8.calib"
+    cache.parent.mkdir()
+    assert stored_calibration_id(cache) is None
+    store_calibration_id(cache, "sha256:abc123 (256 images)")
+    assert stored_calibration_id(cache) == "sha256:abc123 (256 images)"
+    assert sorted(p.name for p in cache.parent.iterdir()) == ["model.int8.calib.id"]  # no temp file left

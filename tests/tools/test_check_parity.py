@@ -130,3 +130,27 @@ def test_cli_tensorrt_candidate_without_tensorrt_is_a_plain_error(model: Path) -
     assert done.returncode == 2
     assert "error: TensorRT Python package not importable" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_check_parity_names_the_engine_build_engine_built_with_its_own_options(model: Path) -> None:
+    """Found by a review: check_parity planned from the config alone, so an engine built with
+    --workspace-mb or --dla-core (build_engine's options) was never found to be checked."""
+    from appliance.backends.tensorrt import plan_engine
+    from appliance.engine_cache import DeviceIdentity
+    from tools.engines import build_engine, check_parity
+    from tools.engines.engine_target import load_target
+
+    orin = DeviceIdentity(
+        gpu_name="Orin", compute_capability="8.7", tensorrt_version="10.3.0", l4t_release=None
+    )
+    options = ["--model", str(model), "--workspace-mb", "2048", "--dla-core", "0", "--precision", "fp16"]
+    built, checked = (load_target(tool.parse_args(options)) for tool in (build_engine, check_parity))
+    paths = [
+        plan_engine(t.manifest, t.config, orin, t.precision, t.max_batch).engine_path
+        for t in (built, checked)
+    ]
+    assert paths[0] == paths[1]
+    default = load_target(check_parity.parse_args(["--model", str(model), "--precision", "fp16"]))
+    assert (
+        plan_engine(default.manifest, default.config, orin, "fp16", default.max_batch).engine_path != paths[0]
+    )

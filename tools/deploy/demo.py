@@ -18,8 +18,8 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -40,13 +40,19 @@ def listening(port: int) -> bool:
 def start_broker() -> subprocess.Popen[bytes] | None:
     if listening(1883):
         print("==> a broker already listens on 127.0.0.1:1883; using it")
+        if not listening(9001):
+            print(
+                "==> note: nothing listens on 127.0.0.1:9001, so the ward display (WebSockets) cannot reach"
+                " that broker; add a `listener 9001 127.0.0.1` + `protocol websockets` to it for the display"
+            )
         return None
     mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     conf = VAR / "mosquitto.conf"
     # Loopback only and anonymous: a demo on this machine. The cart's broker (systemd/mosquitto/cxr.conf)
     # has TLS, passwords and ACLs.
     lines = ["listener 1883 127.0.0.1", "allow_anonymous true"]
-    if not listening(9001):
+    websockets = not listening(9001)
+    if websockets:
         lines += ["listener 9001 127.0.0.1", "protocol websockets"]
     if os.geteuid() == 0:
         lines.insert(0, "user root")
@@ -55,11 +61,17 @@ def start_broker() -> subprocess.Popen[bytes] | None:
     proc = subprocess.Popen([mosquitto, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
     for _ in range(50):
         if listening(1883):
-            print(
-                f"==> started Mosquitto on 127.0.0.1:1883 (+ WebSockets :9001), log {VAR / 'mosquitto.log'}"
+            extra = (
+                "+ WebSockets :9001"
+                if websockets
+                else "port 9001 is taken: the ward display will not connect"
             )
+            print(f"==> started Mosquitto on 127.0.0.1:1883 ({extra}), log {VAR / 'mosquitto.log'}")
             return proc
+        if proc.poll() is not None:
+            break
         time.sleep(0.1)
+    proc.terminate()
     raise SystemExit(f"Mosquitto did not start; see {VAR / 'mosquitto.log'}")
 
 
@@ -102,16 +114,36 @@ def main() -> int:
             path.unlink()
     VAR.mkdir(parents=True, exist_ok=True)
     broker = start_broker()
+    try:
+        return run_demo(args.once)
+    finally:  # whatever happened: the demo's own broker does not outlive it
+        if broker is not None:
+            broker.terminate()
+            broker.wait(10)
+
+
+def wait_for(done: Callable[[], bool], daemon: subprocess.Popen[bytes], seconds: float, what: str) -> None:
+    """Until `done`, or SystemExit naming `what` when the appliance exits or the time is up."""
+    deadline = time.monotonic() + seconds
+    while not done():
+        if daemon.poll() is not None:
+            raise SystemExit(
+                f"the appliance stopped (exit {daemon.returncode}) before {what}; see the log above"
+            )
+        if time.monotonic() > deadline:
+            raise SystemExit(f"no {what} within {seconds:.0f} s; see the log above")
+        time.sleep(0.2)
+
+
+def run_demo(once: bool) -> int:
     config = write_config()
     subprocess.run([sys.executable, "-m", "appliance.cli", "doctor", "--config", str(config)], check=False)
 
     received: list[bytes] = []
-    got = threading.Event()
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"demo-viewer-{os.getpid()}")
 
     def on_message(c: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
         received.append(bytes(message.payload))
-        got.set()
 
     client.on_message = on_message
     client.connect("127.0.0.1", 1883)
@@ -120,31 +152,24 @@ def main() -> int:
 
     print(f"==> starting the appliance: cxr-appliance run --config {config}")
     daemon = subprocess.Popen([sys.executable, "-m", "appliance.cli", "run", "--config", str(config)])
-    inbox = VAR / "inbox"
-    deadline = time.monotonic() + 120
-    while not (VAR / "spool" / "incoming").is_dir() or not inbox.is_dir():
-        if daemon.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit("the appliance did not start; see the log above")
-        time.sleep(0.2)
-    time.sleep(2.0)  # let it finish loading the model and start watching
-    image = demo_image()
-    target = inbox / f"demo-{int(time.time())}.dcm"
-    shutil.copy(image, target)
-    print(f"==> copied a real chest X-ray into the watched folder: {image.name} -> {target}")
-    if not got.wait(timeout=120):
-        print("no result within 120 s; see the log above", file=sys.stderr)
-        daemon.terminate()
-        return 1
-    payload = json.loads(received[0])
-    if payload.get("heatmap"):
-        payload["heatmap"]["png_base64"] = payload["heatmap"]["png_base64"][:32] + "…"
-    print(f"==> the message that went out on cxr/{SITE}/{DEVICE}/result:")
-    print(json.dumps(payload, indent=2, ensure_ascii=False))
-    print(f"\n==> TEXT: {payload['text']}")
-    client.loop_stop()
-    client.disconnect()
     try:
-        if args.once:
+        inbox = VAR / "inbox"
+        wait_for(lambda: (VAR / "spool" / "incoming").is_dir() and inbox.is_dir(), daemon, 120, "its start")
+        time.sleep(2.0)  # let it finish loading the model and start watching
+        image = demo_image()
+        target = inbox / f"demo-{int(time.time())}.dcm"
+        shutil.copy(image, target)
+        print(f"==> copied a real chest X-ray into the watched folder: {image.name} -> {target}")
+        wait_for(lambda: bool(received), daemon, 120, "result")
+        payload = json.loads(received[0])
+        if payload.get("heatmap"):
+            payload["heatmap"]["png_base64"] = payload["heatmap"]["png_base64"][:32] + "…"
+        print(f"==> the message that went out on cxr/{SITE}/{DEVICE}/result:")
+        print(json.dumps(payload, indent=2, ensure_ascii=False))
+        print(f"\n==> TEXT: {payload['text']}")
+        client.loop_stop()
+        client.disconnect()
+        if once:
             daemon.send_signal(signal.SIGTERM)
         else:
             print(
@@ -152,14 +177,13 @@ def main() -> int:
                 f"\nWard display: .venv/bin/cxr-appliance display --config {config}  (http://127.0.0.1:8080/)"
                 "\nCtrl-C stops the appliance and the demo broker."
             )
-        daemon.wait()
+        return daemon.wait()
     except KeyboardInterrupt:
-        daemon.send_signal(signal.SIGTERM)
-        daemon.wait(30)
+        return 0
     finally:
-        if broker is not None:
-            broker.terminate()
-    return 0
+        if daemon.poll() is None:
+            daemon.send_signal(signal.SIGTERM)
+            daemon.wait(30)
 
 
 if __name__ == "__main__":

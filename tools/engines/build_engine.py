@@ -22,16 +22,13 @@ import functools
 import shlex
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from appliance.backends.select import parity_refusal, tensorrt_settings
+from appliance.backends.select import parity_refusal
 from appliance.backends.tensorrt import (
-    OPT_BATCH,
     EnginePlan,
-    TensorRTConfig,
     build_engine,
     calibration_id_for,
     current_device,
@@ -39,35 +36,23 @@ from appliance.backends.tensorrt import (
     plan_engine,
     trtexec_command,
 )
-from appliance.config import InferenceConfig, load_config
 from appliance.engine_cache import DeviceIdentity, EngineMismatch, find_engine, read_l4t_release
 from appliance.errors import ApplianceError, BackendUnavailable, UserError
 from appliance.ingest import read_image
-from appliance.manifest import Manifest, load_manifest
+from appliance.manifest import Manifest
 from appliance.preprocess import preprocess
 from tools.engines import check_parity
+from tools.engines.engine_target import add_target_arguments, load_target
 from tools.training import dataset
 
 say = functools.partial(print, flush=True)
-DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "engines" / "cxr-lite0"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--config", help="appliance config YAML: model, inference.precision/max_batch and TensorRT settings"
-    )
-    parser.add_argument("--model", help="model manifest or its folder (overrides the config's)")
-    parser.add_argument("--precision", choices=["auto", "fp16", "int8", "best"], help="auto = fp16")
-    parser.add_argument("--workspace-mb", type=int)
-    parser.add_argument(
-        "--max-batch", type=int, help="the profile is 1 / 1 / max batch (inference.max_batch)"
-    )
-    parser.add_argument("--opt-batch", type=int, help=argparse.SUPPRESS)  # gone: refused below, by name
-    parser.add_argument("--dla-core", type=int, help="build for this DLA core (GPU fallback on)")
-    parser.add_argument("--cache", help="engine cache folder (default: the config's, else <model>/cache)")
+    add_target_arguments(parser)
     parser.add_argument(
         "--int8-source", choices=["qdq", "calibration"], help="default: qdq on TensorRT >= 10"
     )
@@ -87,38 +72,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     target.add_argument("--tensorrt-version", default="10.0.0", help="default 10.0.0 (JetPack 6)")
     target.add_argument("--l4t", default=None, help="e.g. R36.4.3 (default: this machine's, if a Jetson)")
     return parser.parse_args(argv)
-
-
-@dataclass(frozen=True)
-class Target:
-    manifest: Manifest
-    config: TensorRTConfig
-    precision: str  # inference.precision (auto = fp16 engine)
-    max_batch: int  # inference.max_batch: the profile's max
-
-
-def load_target(args: argparse.Namespace) -> Target:
-    if args.opt_batch is not None and args.opt_batch != OPT_BATCH:
-        raise UserError(
-            f"--opt-batch {args.opt_batch}: the engine profile's optimum is always {OPT_BATCH} now;"
-            " one batch setting, --max-batch (inference.max_batch), sets its max"
-        )
-    inference = load_config(Path(args.config)).inference if args.config else InferenceConfig()
-    model = Path(args.model) if args.model else (inference.model if args.config else DEFAULT_MODEL)
-    config = tensorrt_settings(inference)
-    overrides = {
-        "workspace_mb": args.workspace_mb,
-        "dla_core": args.dla_core,
-        "engine_cache": Path(args.cache) if args.cache else None,
-    }
-    values = config.model_dump() | {k: v for k, v in overrides.items() if v is not None}
-    try:
-        config = TensorRTConfig.model_validate(values)
-    except ValueError as exc:
-        raise UserError(f"invalid engine settings: {exc}") from exc
-    precision = args.precision or inference.precision
-    max_batch = inference.max_batch if args.max_batch is None else args.max_batch
-    return Target(load_manifest(model), config, precision, max_batch)
 
 
 def this_device(args: argparse.Namespace, device_index: int = 0) -> DeviceIdentity:
@@ -194,6 +147,9 @@ def run_parity(args: argparse.Namespace, model: Path, plan: EnginePlan) -> bool:
     argv += ["--cache", args.cache] if args.cache else []
     argv += ["--data", args.parity_data] if args.parity_data else []
     argv += ["--precision", plan.spec.precision, "--max-batch", str(plan.spec.max_batch)]
+    # The engine just built, whatever the command line changed from the config
+    argv += ["--workspace-mb", str(plan.spec.workspace_mb)]
+    argv += ["--dla-core", str(plan.spec.dla_core)] if plan.spec.dla_core is not None else []
     return check_parity.check(check_parity.parse_args(argv)).passed
 
 

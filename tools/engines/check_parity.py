@@ -29,14 +29,15 @@ import numpy as np
 
 from appliance.backends.base import Backend
 from appliance.backends.onnxruntime import OnnxRuntimeBackend, OnnxRuntimeConfig
-from appliance.backends.select import open_tensorrt, tensorrt_settings
-from appliance.backends.tensorrt import TensorRTBackend, TensorRTConfig
-from appliance.config import InferenceConfig, load_config
+from appliance.backends.select import open_tensorrt
+from appliance.backends.tensorrt import TensorRTBackend
+from appliance.config import load_config
 from appliance.engine_cache import ParityRecord, record_parity, utc_now
 from appliance.errors import ApplianceError, InputRejected, UserError
 from appliance.ingest import read_image
 from appliance.manifest import Manifest, Precision, load_manifest
 from appliance.preprocess import preprocess
+from tools.engines.engine_target import add_target_arguments, load_target
 from tools.engines.parity_accuracy import Truth
 from tools.engines.parity_gate import judge
 from tools.engines.parity_noise import Runner, load_or_measure_noise
@@ -189,19 +190,9 @@ def _candidate(spec: str, manifest: Manifest, args: argparse.Namespace) -> Backe
         )
     if spec != "tensorrt":
         raise UserError(f"--candidate {spec!r}: use 'tensorrt', 'onnx:fp16' or 'onnx:int8'")
-    config, engine_precision, max_batch = _tensorrt_target(args)
-    config = config.model_copy(update={"require_parity": False})  # this IS the parity check
-    return open_tensorrt(manifest, config, engine_precision, max_batch)
-
-
-def _tensorrt_target(args: argparse.Namespace) -> tuple[TensorRTConfig, str, int]:
-    """The engine to check: TensorRT settings, precision and max batch (config, then command line)."""
-    inference = load_config(Path(args.config)).inference if args.config else InferenceConfig()
-    config = tensorrt_settings(inference)
-    if args.cache:
-        config = config.model_copy(update={"engine_cache": Path(args.cache)})
-    max_batch = inference.max_batch if args.max_batch is None else args.max_batch
-    return config, args.precision or inference.precision, max_batch
+    target = load_target(args)  # the same options build_engine takes: the engine it built
+    config = target.config.model_copy(update={"require_parity": False})  # this IS the parity check
+    return open_tensorrt(manifest, config, target.precision, target.max_batch)
 
 
 def record_verdict(backend: Backend, report: ParityReport, report_path: Path) -> None:
@@ -226,20 +217,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--config", help="appliance config YAML (model, inference.precision/max_batch, TensorRT settings)"
-    )
-    parser.add_argument(
-        "--model", help="model manifest or its folder (default: the config's, else cxr-lite0)"
-    )
+    add_target_arguments(parser)
     parser.add_argument("--candidate", default="tensorrt", help="tensorrt (default), onnx:fp16 or onnx:int8")
-    parser.add_argument("--cache", help="engine cache folder (default: the config's, else <model>/cache)")
-    parser.add_argument(
-        "--precision",
-        choices=["auto", "fp16", "int8", "best"],
-        help="engine precision (default: the config's)",
-    )
-    parser.add_argument("--max-batch", type=int, help="engine profile's max batch (default: the config's)")
     parser.add_argument("--data", help="real images (default $CXR_DATA, else ../shared/data/cxr)")
     parser.add_argument("--limit", type=int, help="at most this many images (default: all validation images)")
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads of the fp32 reference")

@@ -11,6 +11,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -164,9 +165,26 @@ def _entropy_calibrator(
 
         def write_calibration_cache(self, cache: Any) -> None:
             cache_path.parent.mkdir(parents=True, exist_ok=True)
-            cache_path.write_bytes(bytes(cache))
+            write_atomically(cache_path, bytes(cache))  # a cache cut short would calibrate the next build
 
     return EntropyCalibrator()
+
+
+def _calibration_id_path(cache: Path) -> Path:
+    return cache.with_name(f"{cache.name}.id")
+
+
+def stored_calibration_id(cache: Path) -> str | None:
+    """The id of the images a calibration cache was made from (kept beside it), None when unknown: an
+    engine rebuilt from the cache records the same id as the one first calibrated."""
+    try:
+        return _calibration_id_path(cache).read_text(encoding="utf-8").strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def store_calibration_id(cache: Path, calibration_id: str) -> None:
+    write_atomically(_calibration_id_path(cache), f"{calibration_id}\n".encode())
 
 
 def build_engine(
@@ -190,6 +208,9 @@ def build_engine(
             f" cache {plan.calibration_cache} exists: give --calibration-images DIR, or use the Q/DQ ONNX"
             " (--int8-source qdq)"
         )
+    calibrating = plan.calibration_cache is not None and not plan.calibration_cache.is_file()
+    if plan.calibration_cache is not None and not calibrating and calibration_id is None:
+        calibration_id = stored_calibration_id(plan.calibration_cache)
     cuda = CudaDevice(device_index)
     started = time.monotonic()
     try:
@@ -220,6 +241,8 @@ def build_engine(
                 )
             if calibrator is not None:
                 progress(f"calibrated on {calibrator.seen} images; cache {plan.calibration_cache}")
+                if calibrating and calibration_id is not None and plan.calibration_cache is not None:
+                    store_calibration_id(plan.calibration_cache, calibration_id)
             plan.timing_cache.parent.mkdir(parents=True, exist_ok=True)
             # Whole or not at all: a cache cut short by a power cut would be fed to the next build.
             write_atomically(plan.timing_cache, bytes(timing_cache.serialize()))
