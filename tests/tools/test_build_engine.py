@@ -122,3 +122,16 @@ def test_builds_then_is_up_to_date_then_parity_checks(model: Path) -> None:
     plan = plan_engine(manifest, TensorRTConfig(), current_device())
     _, record = find_engine(plan.engine_path.parent, plan.spec, current_device())
     assert record.parity is not None and record.parity.passed
+
+
+@pytest.mark.skipif(NO_TENSORRT is None, reason="TensorRT is installed here: the dry run would plan for it")
+def test_an_int8_source_the_appliance_does_not_plan_is_said_plainly(model: Path) -> None:
+    """TensorRT 10 plans INT8 from the Q/DQ ONNX: an engine calibrated instead is never loaded by the
+    appliance, and the build says so before minutes are spent on it."""
+    done = build_engine(
+        "--model", str(model), "--precision", "int8", "--int8-source", "calibration", "--dry-run", *TARGET
+    )
+    assert done.returncode == 0, done.stderr
+    assert "it will not load this engine" in done.stdout
+    plain = build_engine("--model", str(model), "--precision", "fp16", "--dry-run", *TARGET)
+    assert plain.returncode == 0 and "will not load" not in plain.stdout

@@ -161,6 +161,16 @@ def build(args: argparse.Namespace) -> int:
         manifest, config, device, target.precision, target.max_batch, int8_source=args.int8_source
     )
     show_plan(plan)
+    if args.int8_source is not None:
+        try:
+            loaded = plan_engine(manifest, config, device, target.precision, target.max_batch).engine_path
+        except ApplianceError:  # e.g. no Q/DQ ONNX: the appliance cannot plan an INT8 engine at all
+            loaded = None
+        if plan.engine_path != loaded:
+            say(
+                f"warning: --int8-source {args.int8_source} is not what the appliance plans on this device:"
+                " it will not load this engine (for comparisons only)"
+            )
     if args.dry_run:
         return 0
     if args.if_needed:
