@@ -190,15 +190,19 @@ def check_listeners(config: AppConfig) -> Iterator[Check]:
     if config.metrics.enabled:
         listeners.append(("metrics", config.metrics.host, config.metrics.port))
     for name, host, port in listeners:
+        where = host or "every address"
         try:
-            family, kind, proto, _, address = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0]
+            # As the servers resolve it: a passive address ("" = every address), IPv4 first (pynetdicom)
+            found = socket.getaddrinfo(host or None, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+            ipv4 = [entry for entry in found if entry[0] == socket.AF_INET]
+            family, kind, proto, _, address = (ipv4 if name == "dicom_net" and ipv4 else found)[0]
             with socket.socket(family, kind, proto) as probe:
                 probe.bind(address)
         except OSError as exc:
             reason = exc.strerror or str(exc)
-            yield Check("FAIL", "network", f"{name}: cannot listen on {host} (port {port}): {reason}")
+            yield Check("FAIL", "network", f"{name}: cannot listen on {where} (port {port}): {reason}")
         else:
-            yield Check("OK", "network", f"{name}: {host} is an address of this machine (port {port})")
+            yield Check("OK", "network", f"{name}: can listen on {where} (port {port})")
 
 
 def check_journal(config: AppConfig) -> Iterator[Check]:
@@ -239,7 +243,7 @@ def check_privacy(config: AppConfig) -> Iterator[Check]:
     except ConfigError as exc:
         yield Check("FAIL", "privacy", str(exc))
     else:
-        yield Check("OK", "privacy", f"salt {salt} present, mode 0600")
+        yield Check("OK", "privacy", f"salt {salt} present, no access for group or others")
 
 
 def check_broker(config: AppConfig) -> Iterator[Check]:

@@ -143,6 +143,17 @@ def test_doctor_judges_folders_salt_and_addresses_as_run_does(
     assert "FAIL  privacy" in out and "only 4 bytes" in out
 
 
+def test_doctor_takes_an_empty_bind_as_every_address_as_the_receiver_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = config_file(tmp_path)
+    config = yaml.safe_load(path.read_text())
+    config["dicom_net"] = {"enabled": True, "bind": "", "allowed_calling_ae": ["XRAY_UNIT"]}
+    path.write_text(yaml.safe_dump(config))
+    main(["doctor", "--config", str(path)])
+    assert "OK    network  dicom_net: can listen on every address" in capsys.readouterr().out
+
+
 def test_a_bug_on_one_file_is_its_error_result_and_the_others_are_read(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

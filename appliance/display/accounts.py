@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import hashlib
 import os
 import re
@@ -211,6 +212,27 @@ def reload_broker(args: argparse.Namespace) -> str:
     )
 
 
+def _add_with_password_file(args: argparse.Namespace, password: str) -> None:
+    """The password file first (an account whose password was never written down is lost), 0600 from
+    its first byte; put back as it was when the account then cannot be made (a display's live password
+    file must not end up holding a password the broker never got)."""
+    path: Path = args.password_file
+    try:
+        before = path.read_text(encoding="utf-8") if path.exists() else None
+        write_atomic(path, password + "\n", mode=0o600)
+    except OSError as exc:
+        raise UserError(f"--password-file {path}: cannot write: {exc.strerror}") from exc
+    try:
+        add(args.name, args.site, args.passwd, args.acl, args.topic_prefix, password=password)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            if before is None:
+                path.unlink()
+            else:
+                write_atomic(path, before)
+        raise
+
+
 def main(args: argparse.Namespace) -> int:
     action = args.account_command
     if action == "list":
@@ -222,16 +244,17 @@ def main(args: argparse.Namespace) -> int:
     if action == "add":
         password = secrets.token_urlsafe(24)
         user = user_for(args.name)
-        if args.password_file is not None:
-            # First: an account whose password could not be written down would be lost. 0600 from its
-            # first byte (mkstemp); an existing file keeps its mode and owner.
-            try:
-                write_atomic(args.password_file, password + "\n", mode=0o600)
-            except OSError as exc:
-                raise UserError(
-                    f"--password-file {args.password_file}: cannot write: {exc.strerror}"
-                ) from exc
-        add(args.name, args.site, args.passwd, args.acl, args.topic_prefix, password=password)
+        if user == LEGACY_USER:  # before any file is touched
+            raise UserError("'display' is the old shared account: give this display its own name")
+        try:
+            if args.password_file is None:
+                add(args.name, args.site, args.passwd, args.acl, args.topic_prefix, password=password)
+            else:
+                _add_with_password_file(args, password)
+        except OSError as exc:
+            raise UserError(
+                f"cannot write the broker's files {args.passwd}, {args.acl}: {exc.strerror}"
+            ) from exc
         if args.password_file is not None:
             print(
                 f"created broker account {user} (site {args.site}); its password is in {args.password_file}"

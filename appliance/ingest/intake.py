@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,6 +178,9 @@ class Intake:
         except OSError as exc:  # an I/O error on either side: the source keeps the file and may retry
             log.error("%s from %s not taken: %s", path, source, exc.strerror or exc)
             return Outcome(Verdict.DEFERRED, f"I/O error: {exc.strerror or exc}")
+        except sqlite3.Error as exc:  # e.g. another process held the database past the busy timeout
+            log.error("%s from %s not taken: the spool's database: %s", path, source, exc)
+            return Outcome(Verdict.DEFERRED, f"database: {exc}")
 
     def refuse(self, path: Path, source: str, rules: SourceRules, refusal: InputRejected) -> Outcome:
         """A file the source itself gave up on (never completed, a link leading out): quarantined like

@@ -69,6 +69,7 @@ class Spool:
         # syncing failed, once it did (spool_accept.sync_incoming)
         self._unsynced: set[str] = set()
         self._unsynced_lock = threading.Lock()
+        self._sync_lock = threading.Lock()
         self._sync_failed: str | None = None
         self.store, self._owns_store = store_at(store or self.root / LEGACY_DB, "spool")
         self._lock = self.store.lock
@@ -140,9 +141,11 @@ class Spool:
                 self.quarantine_file(path, reasons.PERMISSION_DENIED, detail, source, move=move),
             )
         staged = None
-        if not move and self._known(file) is None:
-            # Read-only media: the slow copy happens before the store's lock is taken (the loop and the
-            # sender share it), and only for a file the spool does not already hold.
+        copied = not move or os.lstat(path).st_dev != self._device
+        if copied and self._known(file) is None:
+            # Read-only media or another filesystem: the slow copy happens before the store's lock and
+            # its write transaction are taken (the loop, the sender, a USB import share them), and only
+            # for a file the spool does not already hold.
             staged = self.files.copy_to_tmp(path)
         try:
             return admit(self, path, source, kind, file, move=move, sync=sync, staged=staged)
@@ -158,7 +161,7 @@ class Spool:
         return None if row is None or row[1] in RETRY_STATES else row[1]
 
     def sync_incoming(self) -> None:
-        """Make every rename into incoming/ that accept(sync=False) left durable (spool_accept.py)."""
+        """Make every rename into incoming/ that accept(sync=False) left unsynced durable (spool_accept.py)."""
         sync_incoming(self)
 
     def ensure_synced(self, image_id: str) -> None:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from appliance.clock import now_iso
 from appliance.durable import fsync_dir
 from appliance.ingest.identity import image_id_for
-from appliance.ingest.spool_keys import FileIdentity, match
+from appliance.ingest.spool_keys import FileIdentity, Row, match
 from appliance.ingest.spool_records import EXTENSIONS, RETRY_STATES, Accepted, Duplicate
 
 if TYPE_CHECKING:
@@ -38,7 +38,10 @@ def admit(
     sync: bool,
     staged: Path | None,
 ) -> Accepted | Duplicate:
+    """`staged`: a durable copy already made under tmp/ (read-only media, another filesystem): copied
+    before the transaction, which must not hold the write lock for a 500 MB copy."""
     placed: tuple[Path, bool] | None = None  # (where, renamed from the source)
+    duplicate: tuple[str, Row] | None = None
     try:
         # Not waited for on disk: the file placed in incoming/ (its folder synced) is what makes the
         # image accepted. A row lost in a power cut is rebuilt by recover() from that file, and the
@@ -53,30 +56,29 @@ def admit(
                 retried, image_id = row[2], image_id_for(f"{key}#{row[2]}", spool._id_secret)
                 row = None
             if row is not None:
-                return _duplicate(path, source, key, row, move=move)
-            name = f"{image_id}.{EXTENSIONS[kind]}"
-            dest = spool.files.dir("incoming") / name
-            if staged is not None:
-                os.rename(staged, dest)
-                fsync_dir(dest.parent)
-                placed = (dest, False)
+                duplicate = (key, row)  # the source is removed once this transaction committed
             else:
-                placed = (dest, spool.files.place(path, dest, move=move, sync=sync))
+                name = f"{image_id}.{EXTENSIONS[kind]}"
+                placed = _place(spool, path, staged, spool.files.dir("incoming") / name, move=move)
                 if placed[1] and not sync:
                     with spool._unsynced_lock:
                         spool._unsynced.add(image_id)
-            if retried is not None:  # the key is unique: the old row's is kept, made its own
-                db.execute("UPDATE items SET key = key || '#' || image_id WHERE image_id = ?", (retried,))
-            db.execute(
-                "INSERT INTO items (key, image_id, name, state, source, original, accepted_at)"
-                " VALUES (?, ?, ?, 'incoming', ?, ?, ?)",
-                (key, image_id, name, source, str(path), now_iso()),
-            )
+                else:
+                    fsync_dir(placed[0].parent)  # a copy too: before its original may go
+                if retried is not None:  # the key is unique: the old row's is kept, made its own
+                    db.execute("UPDATE items SET key = key || '#' || image_id WHERE image_id = ?", (retried,))
+                db.execute(
+                    "INSERT INTO items (key, image_id, name, state, source, original, accepted_at)"
+                    " VALUES (?, ?, ?, 'incoming', ?, ?, ?)",
+                    (key, image_id, name, source, str(path), now_iso()),
+                )
     except BaseException:
         # Undo, so the source is offered again (nothing half-accepted): a full disk, a failed write.
         if placed is not None:
             _undo(spool, path, *placed)
         raise
+    if duplicate is not None:
+        return _duplicate(path, source, *duplicate, move=move)
     assert placed is not None
     if move and not placed[1]:
         # Copied from another filesystem: the spool copy is durable, now the original may go.
@@ -88,7 +90,15 @@ def admit(
     return Accepted(image_id, placed[0], key)
 
 
-def _duplicate(path: Path, source: str, key: str, row: tuple[str, str, str], *, move: bool) -> Duplicate:
+def _place(spool: Spool, path: Path, staged: Path | None, dest: Path, *, move: bool) -> tuple[Path, bool]:
+    """(dest, renamed from the source): the staged copy or the source itself put at dest, not synced."""
+    if staged is not None:
+        os.rename(staged, dest)
+        return dest, False
+    return dest, spool.files.place(path, dest, move=move, sync=False)
+
+
+def _duplicate(path: Path, source: str, key: str, row: Row, *, move: bool) -> Duplicate:
     removed = False
     if move:
         with contextlib.suppress(FileNotFoundError):
@@ -116,26 +126,28 @@ def _undo(spool: Spool, source: Path, dest: Path, renamed: bool) -> None:
 
 
 def sync_incoming(spool: Spool) -> None:
-    """Make every rename into incoming/ that accept(sync=False) made durable: incoming/ and processing/
-    both synced (the loop may have claimed the file meanwhile). A sync that failed is not tried again on
-    a new descriptor (Linux reports a write-back error once; a retry could "succeed" without the rename
-    on disk): the images it concerned keep waiting, and the cart stays degraded until a restart
-    (recover() syncs both folders) after someone has looked at the disk."""
-    with spool._unsynced_lock:
-        pending = set(spool._unsynced)
-        failed = spool._sync_failed
-    if not pending:
-        return
-    if failed is not None:
-        raise OSError(
-            f"spool {spool.root}: syncing incoming/ failed ({failed}); restart after checking the disk"
-        )
-    try:
-        for state in ("incoming", "processing"):
-            fsync_dir(spool.files.dir(state))
-    except OSError as exc:
+    """Make every rename into incoming/ that accept(sync=False) left unsynced durable: incoming/ and
+    processing/ both synced (the loop may have claimed the file meanwhile). One sync at a time: a second
+    caller must not "succeed" beside a failing one. A sync that failed is not tried again on a new
+    descriptor (Linux reports a write-back error once; a retry could "succeed" without the rename on
+    disk): the images it concerned keep waiting, and the cart stays degraded until a restart (recover()
+    syncs both folders) after someone has looked at the disk."""
+    with spool._sync_lock:
         with spool._unsynced_lock:
-            spool._sync_failed = exc.strerror or str(exc)
-        raise
-    with spool._unsynced_lock:
-        spool._unsynced -= pending
+            pending = set(spool._unsynced)
+            failed = spool._sync_failed
+        if not pending:
+            return
+        if failed is not None:
+            raise OSError(
+                f"spool {spool.root}: syncing incoming/ failed ({failed}); restart after checking the disk"
+            )
+        try:
+            for state in ("incoming", "processing"):
+                fsync_dir(spool.files.dir(state))
+        except OSError as exc:
+            with spool._unsynced_lock:
+                spool._sync_failed = exc.strerror or str(exc)
+            raise
+        with spool._unsynced_lock:
+            spool._unsynced -= pending

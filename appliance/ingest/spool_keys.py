@@ -7,7 +7,7 @@ and compared: the same content is the same image (a duplicate, or a re-send of a
 other content under the UID is another image, keyed 'sop:<UID>/blake3:<dataset hash>' (a corrected
 re-send is analysed; a forgery that took the UID first hides nothing). The first file's hash is kept in
 the row's `dataset_hash` once computed, and computed before its file leaves done/ for good
-(`remember_hash`): a re-send after the purge is still recognised. A first file that is gone without a
+(`remember_hashes`): a re-send after the purge is still recognised. A first file that is gone without a
 hash (a quarantined file purged, a file deleted by hand) cannot be compared: a re-send is analysed.
 
 A "UID" that is not one (letters, '#', '/': any sender can write anything there) is always hashed, as

@@ -68,3 +68,30 @@ def test_a_password_file_that_cannot_be_written_creates_no_account(
     )
     assert "kiosk.pw: cannot write" in capsys.readouterr().err
     assert list_accounts(passwd, acl) == []
+
+
+def test_a_failed_add_leaves_an_existing_password_file_as_it_was(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A display's live password file must never end up holding a password the broker never got."""
+    live = tmp_path / "kiosk.pw"
+    live.write_text("the-live-password\n")
+    files = ["--passwd", str(tmp_path / "cxr.passwd"), "--acl", str(tmp_path / "cxr.acl")]
+    # the old shared name: refused before any file is touched
+    assert (
+        main(["display-account", "add", "display", "--site", "ward7", "--password-file", str(live), *files])
+        == 2
+    )
+    # the broker's files cannot be written (their folder is missing): the password file is put back
+    elsewhere = [
+        "--passwd",
+        str(tmp_path / "gone" / "cxr.passwd"),
+        "--acl",
+        str(tmp_path / "gone" / "cxr.acl"),
+    ]
+    assert (
+        main(["display-account", "add", "kiosk", "--site", "ward7", "--password-file", str(live), *elsewhere])
+        == 2
+    )
+    assert "cannot write the broker's files" in capsys.readouterr().err
+    assert live.read_text() == "the-live-password\n"

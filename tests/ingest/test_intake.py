@@ -261,3 +261,19 @@ def test_a_result_is_never_committed_before_its_acceptance_is_on_disk(
     assert synced == ["incoming", "processing"]
     spool.ensure_synced(got.image_id)
     assert synced == ["incoming", "processing"]
+
+
+def test_a_database_error_defers_instead_of_ending_the_source(
+    intake: Intake, spool: Spool, src: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process (a USB import) holding the database past SQLite's busy timeout raised
+    sqlite3.OperationalError out of offer: the import ended with a traceback."""
+    import sqlite3
+
+    def locked(*args: object, **kwargs: object) -> None:
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(spool, "accept", locked)
+    path = copy_to(real(NATIVE_DX), src, "a.dcm")
+    got = intake.offer(path, "usb", USB)
+    assert got.verdict is Verdict.DEFERRED and "database is locked" in got.reason and path.is_file()

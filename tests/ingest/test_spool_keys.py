@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -249,3 +251,44 @@ def test_a_failed_folder_sync_is_not_retried_on_a_new_descriptor(
     spool = Spool(tmp_path / "spool")
     assert spool.recover() == 0 and spool.claim_next() is not None  # a restart syncs and goes on
     spool.close()
+
+
+def test_a_folder_sync_that_fails_after_the_rename_puts_the_file_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing half-accepted: the file was renamed into incoming/, its folder sync failed; it is back
+    where it came from (before: left in incoming/ without a row until a restart)."""
+    import appliance.ingest.spool_accept as spool_accept
+
+    spool = Spool(tmp_path / "spool")
+    watch = tmp_path / "watch"
+    watch.mkdir()
+    source = copy_to(real(NATIVE_DX), watch, "a.dcm")
+
+    def failing(path: Path) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(spool_accept, "fsync_dir", failing)
+    with pytest.raises(OSError, match="Input/output error"):
+        spool.accept(source, "watch")
+    assert source.is_file() and not list((spool.root / "incoming").iterdir()) and spool.pending_count() == 0
+    spool.close()
+
+
+def test_a_file_from_another_filesystem_is_copied_before_the_transaction(tmp_path: Path) -> None:
+    """A watched folder on another filesystem: the copy is made under tmp/ first (the write transaction
+    must not be held through a 500 MB copy), then placed; the original goes once the copy is durable."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("no second filesystem here (/dev/shm)")
+    spool = Spool(tmp_path / "spool")
+    watch = Path(tempfile.mkdtemp(dir=shm))
+    try:
+        got = spool.accept(copy_to(real(NATIVE_DX), watch, "a.dcm"), "watch")
+        assert isinstance(got, Accepted) and got.path.read_bytes() == real(NATIVE_DX).read_bytes()
+        assert not list(watch.iterdir()) and not list((spool.root / "tmp").iterdir())
+        again = spool.accept(copy_to(real(NATIVE_DX), watch, "b.dcm"), "watch")
+        assert isinstance(again, Duplicate) and not list(watch.iterdir())
+    finally:
+        shutil.rmtree(watch, ignore_errors=True)
+        spool.close()

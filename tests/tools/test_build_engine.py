@@ -135,3 +135,8 @@ def test_an_int8_source_the_appliance_does_not_plan_is_said_plainly(model: Path)
     assert "it will not load this engine" in done.stdout
     plain = build_engine("--model", str(model), "--precision", "fp16", "--dry-run", *TARGET)
     assert plain.returncode == 0 and "will not load" not in plain.stdout
+    checked = build_engine(
+        "--model", str(model), "--precision", "int8", "--int8-source", "calibration", "--check-parity",
+        "--dry-run", *TARGET,
+    )  # fmt: skip
+    assert checked.returncode == 2 and "would look at another engine" in checked.stderr

@@ -118,8 +118,18 @@ def main() -> int:
         return run_demo(args.once)
     finally:  # whatever happened: the demo's own broker does not outlive it
         if broker is not None:
-            broker.terminate()
-            broker.wait(10)
+            stop(broker, 10)
+
+
+def stop(process: subprocess.Popen[bytes], seconds: float) -> None:
+    """SIGTERM, and SIGKILL if it has not ended within `seconds`."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(seconds)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def wait_for(done: Callable[[], bool], daemon: subprocess.Popen[bytes], seconds: float, what: str) -> None:
@@ -179,11 +189,9 @@ def run_demo(once: bool) -> int:
             )
         return daemon.wait()
     except KeyboardInterrupt:
-        return 0
+        return 130  # as a shell reports Ctrl-C
     finally:
-        if daemon.poll() is None:
-            daemon.send_signal(signal.SIGTERM)
-            daemon.wait(30)
+        stop(daemon, 30)
 
 
 if __name__ == "__main__":

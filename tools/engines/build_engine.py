@@ -167,6 +167,11 @@ def build(args: argparse.Namespace) -> int:
         except ApplianceError:  # e.g. no Q/DQ ONNX: the appliance cannot plan an INT8 engine at all
             loaded = None
         if plan.engine_path != loaded:
+            if args.check_parity or args.if_needed:  # both find the engine the appliance plans, not this one
+                raise UserError(
+                    f"--int8-source {args.int8_source} builds an engine the appliance does not plan on this"
+                    " device: --check-parity and --if-needed would look at another engine; leave them out"
+                )
             say(
                 f"warning: --int8-source {args.int8_source} is not what the appliance plans on this device:"
                 " it will not load this engine (for comparisons only)"

@@ -179,7 +179,7 @@ def stored_calibration_id(cache: Path) -> str | None:
     engine rebuilt from the cache records the same id as the one first calibrated."""
     try:
         return _calibration_id_path(cache).read_text(encoding="utf-8").strip() or None
-    except FileNotFoundError:
+    except (OSError, UnicodeDecodeError):  # missing or unreadable: the engine records none
         return None
 
 
@@ -211,6 +211,10 @@ def build_engine(
     calibrating = plan.calibration_cache is not None and not plan.calibration_cache.is_file()
     if plan.calibration_cache is not None and not calibrating and calibration_id is None:
         calibration_id = stored_calibration_id(plan.calibration_cache)
+    if (
+        plan.calibration_cache is not None and calibrating
+    ):  # an id left from a deleted cache is not this one's
+        _calibration_id_path(plan.calibration_cache).unlink(missing_ok=True)
     cuda = CudaDevice(device_index)
     started = time.monotonic()
     try:
