@@ -115,7 +115,7 @@ def cmd_history(args: argparse.Namespace) -> int:
     config = _config(args)
     if not config.journal.path.exists():
         raise UserError(f"{config.journal.path}: no journal yet (the daemon has not processed an image)")
-    journal = Journal(config.journal.path)
+    journal = Journal(config.journal.path, read_only=True)  # an engineer may not write it
     rows = journal.history(limit=args.limit, patient_key=args.patient)
     for row in rows:
         if args.json:
@@ -137,7 +137,7 @@ def cmd_feedback_export(args: argparse.Namespace) -> int:
         raise UserError(f"{config.journal.path}: no journal yet (the daemon has not processed an image)")
     if args.since is not None and to_timestamp(args.since) is None:
         raise UserError(f"--since {args.since!r} is not an ISO 8601 time")
-    journal = Journal(config.journal.path)
+    journal = Journal(config.journal.path, read_only=True)  # an engineer may not write it
     try:
         rows = journal.feedback(since=args.since)
     finally:

@@ -97,15 +97,24 @@ class Journal:
     """Thread-safe (one connection behind a lock): the pipeline writes results, MQTT writes acks."""
 
     def __init__(
-        self, store: Store | Path, *, retention_days: float = 90, retention_count: int = 100_000
+        self,
+        store: Store | Path,
+        *,
+        retention_days: float = 90,
+        retention_count: int = 100_000,
+        read_only: bool = False,
     ) -> None:
-        """`store`: the daemon's Store, or the path of the database to open (then closed with the journal)."""
-        self.store, self._owns_store = store_at(store, "journal")
+        """`store`: the daemon's Store, or the path of the database to open (then closed with the journal).
+        `read_only`: for the commands that only read (history, feedback export): the path opened without
+        writing anything (the tables are the daemon's to make)."""
+        self.store, self._owns_store = store_at(store, "journal", read_only=read_only)
         self.path = self.store.path
         self.retention_days = retention_days
         self.retention_count = retention_count
         self._lock = self.store.lock
         self._db = self.store.db
+        if read_only:
+            return
         with self._lock:
             self._db.executescript(_SCHEMA)
             # Journals from before clinician feedback: add its columns (NULL for the old acks).

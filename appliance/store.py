@@ -24,6 +24,7 @@ import logging
 import os
 import sqlite3
 import threading
+import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -35,9 +36,17 @@ log = logging.getLogger(__name__)
 class Store:
     """One connection behind one lock, shared by the threads of the process (loop, watcher, sender)."""
 
-    def __init__(self, path: Path, what: str = "database") -> None:
+    def __init__(self, path: Path, what: str = "database", *, read_only: bool = False) -> None:
+        """`read_only`: for the commands that only read (history, feedback export), run by a user who may
+        not write the appliance's folder; nothing is created or changed."""
         self.path = Path(path)
         self.lock = threading.RLock()
+        self._durable = True
+        self._after_commit: list[tuple[Callable[[], None], bool]] = []  # (action, before_sync)
+        self._wal_fd: int | None = None  # see sync()
+        if read_only:
+            self.db = _open_read_only(self.path, what)
+            return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
@@ -48,9 +57,6 @@ class Store:
             self.db.execute("PRAGMA secure_delete=ON")
         except (OSError, sqlite3.Error) as exc:
             raise UserError(f"{what} {self.path}: cannot open: {exc}") from exc
-        self._durable = True
-        self._after_commit: list[tuple[Callable[[], None], bool]] = []  # (action, before_sync)
-        self._wal_fd: int | None = None  # see sync()
 
     @contextlib.contextmanager
     def transaction(self, *, durable: bool = True, wake_first: bool = False) -> Iterator[sqlite3.Connection]:
@@ -157,8 +163,30 @@ def _run(actions: list[Callable[[], None]]) -> None:
             log.exception("store: an action after a commit failed")
 
 
-def store_at(store: Store | Path, what: str) -> tuple[Store, bool]:
+def store_at(store: Store | Path, what: str, *, read_only: bool = False) -> tuple[Store, bool]:
     """The store to use and whether its user owns it (opened it here, so closes it)."""
     if isinstance(store, Store):
         return store, False
-    return Store(Path(store), what), True
+    return Store(Path(store), what, read_only=read_only), True
+
+
+def _open_read_only(path: Path, what: str) -> sqlite3.Connection:
+    """Read without writing anything. While the daemon runs, SQLite reads its WAL through the shared
+    -shm file; with no daemon (no -wal file: the last writer checkpointed and removed it) a read-only
+    connection cannot make the -shm it wants in a folder it may not write, and the file is read as the
+    whole, unchanging database it then is (`immutable`)."""
+    base = f"file:{urllib.parse.quote(os.path.abspath(path))}"
+    last: sqlite3.Error | None = None
+    for mode in ("mode=ro", "immutable=1"):
+        if mode == "immutable=1" and os.path.exists(f"{path}-wal"):
+            break  # a writer is (or was) there: never read around its log
+        try:
+            db = sqlite3.connect(
+                f"{base}?{mode}", uri=True, timeout=30, isolation_level=None, check_same_thread=False
+            )
+            db.execute("PRAGMA query_only=ON")
+            db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            return db
+        except sqlite3.Error as exc:
+            last = exc
+    raise UserError(f"{what} {path}: cannot open to read: {last}")

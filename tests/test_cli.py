@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import multiprocessing
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -74,6 +80,51 @@ def test_history_lists_the_journal(tmp_path: Path, capsys: pytest.CaptureFixture
     assert main(["history", "--config", str(config), "--json", "--limit", "2"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(rows) == 2
+
+
+def _history_as_nobody(config: str, queue: multiprocessing.Queue) -> None:
+    try:
+        os.setgid(65534)
+        os.setuid(65534)
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(["history", "--config", config, "--json"])
+        queue.put((code, out.getvalue(), err.getvalue()))
+    except BaseException as exc:
+        queue.put((-1, "", repr(exc)))
+
+
+def _run_as_nobody(config: Path) -> tuple[int, str, str]:
+    queue: multiprocessing.Queue = multiprocessing.get_context("fork").Queue()
+    child = multiprocessing.get_context("fork").Process(target=_history_as_nobody, args=(str(config), queue))
+    child.start()
+    got = queue.get(timeout=60)
+    child.join(30)
+    return got
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the command as another user")
+def test_history_reads_a_journal_its_user_cannot_write() -> None:
+    """Found by a review: history and feedback export opened the journal for writing, so an engineer's
+    account that may only read it got "attempt to write a readonly database" once the daemon had stopped."""
+    folder = Path(tempfile.mkdtemp(prefix="cxr-ro-"))
+    try:
+        folder.chmod(0o755)
+        config = config_file(folder)
+        journal = Journal(folder / "journal.sqlite3")
+        for n in range(3):
+            journal.record_result(make_result(n, location=f"bed-{n}"))
+        journal.close()  # the daemon stopped: no -wal file, and nobody may create one here
+        code, out, err = _run_as_nobody(config)
+        assert code == 0 and len(out.splitlines()) == 3, err
+        running = Journal(folder / "journal.sqlite3")  # the daemon running: its WAL is read too
+        running.record_result(make_result(3, location="bed-3"))
+        code, out, err = _run_as_nobody(config)
+        running.close()
+        assert code == 0 and len(out.splitlines()) == 4, err
+        assert sorted(p.name for p in folder.iterdir() if "journal" in p.name) == ["journal.sqlite3"]
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_history_without_a_journal_is_a_plain_error(
