@@ -299,9 +299,11 @@ class Daemon:
     def _accept(self, path: Path, source: str) -> None:
         """Called by the watcher thread. Raising SpoolFull leaves the file where it is: the watcher
         offers it again later, so nothing dropped while the cart is not accepting is lost or quarantined."""
-        outcome = self.intake.offer(path, source, self._folder_rules, on_accepted=self.wake.set)
+        outcome = self.intake.offer(path, source, self._folder_rules)
         if outcome.verdict is Verdict.DEFERRED:
             raise SpoolFull(outcome.reason)
+        if outcome.verdict is Verdict.ACCEPTED:
+            self.wake.set()
 
     def _rejected(self, path: Path, source: str, exc: InputRejected) -> None:
         """The watcher gave up on a file (never completed, unreadable): quarantine it with the reason."""

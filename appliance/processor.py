@@ -160,7 +160,6 @@ class ImageProcessor:
         result = self.analyzer.failed(job, reason, detail)
         if self.dicom_out is not None:  # a job filed on an earlier try: no SR/SC for a refused image
             self.dicom_out.cancel(job.image_id)
-        self.spool.ensure_synced(job.image_id)
         with self.store.transaction():
             try:
                 self.journal.record_result(result)
@@ -177,7 +176,6 @@ class ImageProcessor:
     def _finish(self, job: Job, result: Result) -> None:
         """Journal first, then the outbox, then the spool: each step repeatable after a crash."""
         started = time.perf_counter()
-        self.spool.ensure_synced(job.image_id)  # its acceptance on disk before anything of its result
         manifest = self.analyzer.manifest
         result = with_priors(result, self.journal, manifest.sequence_risk, UrgentPoints.of(manifest.triage))
         queued = self._file_dicom_job(job, result)

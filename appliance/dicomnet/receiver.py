@@ -293,7 +293,7 @@ class DicomReceiver:
 
     def _offer(self, path: Path) -> Outcome:
         with self._lock:  # one hand-off at a time: two copies of one instance share a receive file name
-            return self.intake.offer(path, SOURCE, NETWORK, on_accepted=self.on_accepted)
+            return self.intake.offer(path, SOURCE, NETWORK)
 
     def _answer(self, outcome: Outcome, path: Path, calling: str) -> int:
         if outcome.verdict is Verdict.DEFERRED:
@@ -304,8 +304,10 @@ class DicomReceiver:
         elif outcome.verdict in (Verdict.QUARANTINED, Verdict.SKIPPED):
             log.warning("C-STORE from %s refused: %s (%s)", calling, outcome.reason, outcome.detail)
         else:
-            self.received += 1  # the loop was woken by the intake (on_accepted) before the disk had it
-            if outcome.verdict is Verdict.DUPLICATE:
+            self.received += 1
+            if outcome.verdict is Verdict.ACCEPTED and self.on_accepted is not None:
+                self.on_accepted()
+            elif outcome.verdict is Verdict.DUPLICATE:
                 log.info("C-STORE from %s: already have %s", calling, outcome.key)
         return STATUS[outcome.verdict]
 

@@ -155,21 +155,16 @@ class Intake:
 
     # --- the rules ---------------------------------------------------------------------------------
 
-    def offer(
-        self, path: Path, source: str, rules: SourceRules, on_accepted: Callable[[], None] | None = None
-    ) -> Outcome:
+    def offer(self, path: Path, source: str, rules: SourceRules) -> Outcome:
         """Take one complete file, or say why not. Never raises for what a file or the spool can do.
-
-        ACCEPTED is answered once the acceptance is on disk. `on_accepted` is called as soon as the image
-        is in the spool, before its folder is synced: the loop starts on it while the disk catches up
-        (~1 ms; the result waits for the sync: Spool.ensure_synced)."""
+        ACCEPTED is answered once the acceptance is on disk."""
         path = Path(path)
         why = self.not_accepting()
         if why:
             log.debug("not taking %s from %s now: %s", path, source, why)
             return Outcome(Verdict.DEFERRED, why)
         try:
-            return self._offer(path, source, rules, on_accepted)
+            return self._offer(path, source, rules)
         except SpoolFull as exc:
             if self.on_spool_full is not None:
                 self.on_spool_full(str(exc))
@@ -187,9 +182,7 @@ class Intake:
         any other refusal. Raises SpoolFull/OSError when even that is impossible."""
         return self._quarantine(Path(path), source, rules, refusal)
 
-    def _offer(
-        self, path: Path, source: str, rules: SourceRules, on_accepted: Callable[[], None] | None
-    ) -> Outcome:
+    def _offer(self, path: Path, source: str, rules: SourceRules) -> Outcome:
         try:
             size = path.stat().st_size
         except OSError:
@@ -214,16 +207,13 @@ class Intake:
                 log.exception("checking %s from %s failed", path, source)
                 detail = f"{path.name}: {type(exc).__name__}: {exc}"
                 return self._quarantine(path, source, rules, InputRejected(reasons.INVALID_DICOM, detail))
-        got = self.spool.accept(path, source, move=rules.move, sync=on_accepted is None)
+        got = self.spool.accept(path, source, move=rules.move)
         if isinstance(got, Rejected):  # the spool's own last checks (a link, unreadable): quarantined
             self._count(got.reason)
             return Outcome(Verdict.QUARANTINED, got.reason, got.detail)
         if isinstance(got, Duplicate):
             return Outcome(Verdict.DUPLICATE, image_id=got.image_id, key=got.key)
         assert isinstance(got, Accepted)
-        if on_accepted is not None:
-            on_accepted()
-            self.spool.sync_incoming()  # an OSError here: DEFERRED, the image stays (its result waits)
         return Outcome(Verdict.ACCEPTED, image_id=got.image_id, key=got.key)
 
     def _quarantine(self, path: Path, source: str, rules: SourceRules, refusal: InputRejected) -> Outcome:

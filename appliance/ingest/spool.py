@@ -16,7 +16,6 @@ import contextlib
 import logging
 import os
 import sqlite3
-import threading
 import time
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
@@ -26,7 +25,7 @@ from appliance.config import AppConfig
 from appliance.errors import InputRejected
 from appliance.ingest import reasons, sniff
 from appliance.ingest.identity import plain_file_refusal
-from appliance.ingest.spool_accept import admit, sync_incoming
+from appliance.ingest.spool_accept import admit
 from appliance.ingest.spool_files import SpoolFolders
 from appliance.ingest.spool_keys import FileIdentity, match, remember_hashes
 from appliance.ingest.spool_records import (
@@ -65,12 +64,6 @@ class Spool:
         self.files = SpoolFolders(self.root, min_free_mb)
         self._device = self.root.stat().st_dev  # files on it may be hashed through a memory map
         self._id_secret = id_secret or load_or_create_salt(self.root / "image-id.key", what="spool id key")
-        # Images renamed into incoming/ whose folder is not synced yet (accept(sync=False)), and why
-        # syncing failed, once it did (spool_accept.sync_incoming)
-        self._unsynced: set[str] = set()
-        self._unsynced_lock = threading.Lock()
-        self._sync_lock = threading.Lock()
-        self._sync_failed: str | None = None
         self.store, self._owns_store = store_at(store or self.root / LEGACY_DB, "spool")
         self._lock = self.store.lock
         self._db = self.store.db
@@ -112,12 +105,8 @@ class Spool:
             raise
 
     # -- accepting -----------------------------------------------------------------------------
-    def accept(
-        self, path: Path, source: str, *, move: bool = True, sync: bool = True
-    ) -> Accepted | Duplicate | Rejected:
+    def accept(self, path: Path, source: str, *, move: bool = True) -> Accepted | Duplicate | Rejected:
         """Take one complete file from a watched folder. `move=False` copies (read-only media).
-        `sync=False`: a file renamed in is made durable by the caller's `sync_incoming()` (the loop may
-        start on it meanwhile; its result is not committed before: `ensure_synced`).
 
         Files whose content is not an image at all are quarantined here (Rejected); the rest get an id."""
         path = Path(path)
@@ -148,7 +137,7 @@ class Spool:
             # for a file the spool does not already hold.
             staged = self.files.copy_to_tmp(path)
         try:
-            return admit(self, path, source, kind, file, move=move, sync=sync, staged=staged)
+            return admit(self, path, source, kind, file, move=move, staged=staged)
         finally:
             if staged is not None:  # not taken (a duplicate after all, or an error)
                 with contextlib.suppress(FileNotFoundError):
@@ -159,18 +148,6 @@ class Spool:
         with self._lock:
             _, row = match(self, file)
         return None if row is None or row[1] in RETRY_STATES else row[1]
-
-    def sync_incoming(self) -> None:
-        """Make every rename into incoming/ that accept(sync=False) left unsynced durable (spool_accept.py)."""
-        sync_incoming(self)
-
-    def ensure_synced(self, image_id: str) -> None:
-        """Before an image's result is committed: its acceptance is on disk (a power cut must never keep
-        the result and lose the rename that accepted the image)."""
-        with self._unsynced_lock:
-            pending = image_id in self._unsynced
-        if pending:
-            sync_incoming(self)
 
     # -- the pipeline side ---------------------------------------------------------------------
     def claim(self, n: int = 1) -> list[SpoolItem]:

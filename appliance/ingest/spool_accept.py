@@ -1,5 +1,5 @@
-"""Taking a file into the spool: its key decided, the file placed in incoming/ and its row written, in one
-write transaction; and the folder sync that makes the acceptance durable, now or just after.
+"""Taking a file into the spool: its key decided, the file placed in incoming/ (its folder synced) and its
+row written, in one write transaction.
 
 One transaction from the key to the row (BEGIN IMMEDIATE, SQLite's write lock): another process taking
 files into the same spool (a USB import) waits, so two files of one new UID can never both be given the
@@ -35,7 +35,6 @@ def admit(
     file: FileIdentity,
     *,
     move: bool,
-    sync: bool,
     staged: Path | None,
 ) -> Accepted | Duplicate:
     """`staged`: a durable copy already made under tmp/ (read-only media, another filesystem): copied
@@ -60,11 +59,7 @@ def admit(
             else:
                 name = f"{image_id}.{EXTENSIONS[kind]}"
                 placed = _place(spool, path, staged, spool.files.dir("incoming") / name, move=move)
-                if placed[1] and not sync:
-                    with spool._unsynced_lock:
-                        spool._unsynced.add(image_id)
-                else:
-                    fsync_dir(placed[0].parent)  # a copy too: before its original may go
+                fsync_dir(placed[0].parent)  # what makes it accepted; a copy: before its original may go
                 if retried is not None:  # the key is unique: the old row's is kept, made its own
                     db.execute("UPDATE items SET key = key || '#' || image_id WHERE image_id = ?", (retried,))
                 db.execute(
@@ -95,7 +90,7 @@ def _place(spool: Spool, path: Path, staged: Path | None, dest: Path, *, move: b
     if staged is not None:
         os.rename(staged, dest)
         return dest, False
-    return dest, spool.files.place(path, dest, move=move, sync=False)
+    return dest, spool.files.place(path, dest, move=move)
 
 
 def _duplicate(path: Path, source: str, key: str, row: Row, *, move: bool) -> Duplicate:
@@ -121,33 +116,3 @@ def _undo(spool: Spool, source: Path, dest: Path, renamed: bool) -> None:
             os.rename(dest, source)
         else:
             dest.unlink()
-    with spool._unsynced_lock:
-        spool._unsynced.discard(dest.name.split(".", 1)[0])
-
-
-def sync_incoming(spool: Spool) -> None:
-    """Make every rename into incoming/ that accept(sync=False) left unsynced durable: incoming/ and
-    processing/ both synced (the loop may have claimed the file meanwhile). One sync at a time: a second
-    caller must not "succeed" beside a failing one. A sync that failed is not tried again on a new
-    descriptor (Linux reports a write-back error once; a retry could "succeed" without the rename on
-    disk): the images it concerned keep waiting, and the cart stays degraded until a restart (recover()
-    syncs both folders) after someone has looked at the disk."""
-    with spool._sync_lock:
-        with spool._unsynced_lock:
-            pending = set(spool._unsynced)
-            failed = spool._sync_failed
-        if not pending:
-            return
-        if failed is not None:
-            raise OSError(
-                f"spool {spool.root}: syncing incoming/ failed ({failed}); restart after checking the disk"
-            )
-        try:
-            for state in ("incoming", "processing"):
-                fsync_dir(spool.files.dir(state))
-        except OSError as exc:
-            with spool._unsynced_lock:
-                spool._sync_failed = exc.strerror or str(exc)
-            raise
-        with spool._unsynced_lock:
-            spool._unsynced -= pending

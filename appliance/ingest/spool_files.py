@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from appliance.clock import now_iso
-from appliance.durable import copy_atomically, fsync_dir, write_atomically
+from appliance.durable import copy_atomically, write_atomically
 from appliance.errors import UserError
 from appliance.ingest.identity import open_nofollow
 from appliance.ingest.spool_records import COPY_CHUNK, QUARANTINE_COPY_MAX_BYTES, STATES, SpoolFull
@@ -64,14 +64,12 @@ class SpoolFolders:
             raise
 
     # -- placing and moving ----------------------------------------------------------------------
-    def place(self, src: Path, dest: Path, *, move: bool, sync: bool = True) -> bool:
-        """Put src at dest atomically. Returns True when src is gone (it was renamed; its folder synced
-        unless `sync` is False: the caller syncs it, Spool.sync_incoming)."""
+    def place(self, src: Path, dest: Path, *, move: bool) -> bool:
+        """Put src at dest atomically, not synced (the caller syncs its folder). Returns True when src is
+        gone (it was renamed)."""
         if move:
             try:
                 os.rename(src, dest)
-                if sync:
-                    fsync_dir(dest.parent)
                 return True
             except OSError as exc:
                 if exc.errno != errno.EXDEV:

@@ -15,7 +15,6 @@ from appliance.errors import InputRejected
 from appliance.ingest import reasons
 from appliance.ingest.intake import FOLDER, NETWORK, USB, Intake, Outcome, Verdict
 from appliance.ingest.spool import Spool
-from appliance.ingest.spool_records import Accepted
 from tests.ingest.conftest import JPEG_BASELINE, NATIVE_DX, copy_to, real
 from testsupport.data import dicom_with
 
@@ -212,55 +211,6 @@ def test_a_link_refused_by_the_spool_is_quarantined_and_counted(
     got = intake.offer(path, "inbox", FOLDER)
     assert got.verdict is Verdict.QUARANTINED and got.reason == reasons.HARD_LINK
     assert counted.reasons == [reasons.HARD_LINK]
-
-
-@pytest.fixture
-def synced(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The spool folders the spool syncs, in order (the real fsync, recorded)."""
-    import appliance.ingest.spool_accept as spool_accept
-    import appliance.ingest.spool_files as spool_files
-
-    names: list[str] = []
-    real_fsync_dir = spool_files.fsync_dir
-
-    def recorded(path: Path) -> None:
-        names.append(Path(path).name)
-        real_fsync_dir(path)
-
-    for module in (spool_accept, spool_files):  # the admission's and the placing's own syncs
-        monkeypatch.setattr(module, "fsync_dir", recorded)
-    return names
-
-
-def test_the_loop_is_woken_before_the_folder_sync_and_the_answer_waits_for_it(
-    intake: Intake, spool: Spool, src: Path, synced: list[str]
-) -> None:
-    """The folder sync (~1 ms) overlaps the analysis; ACCEPTED still means on disk."""
-    woken: list[str] = []
-
-    def wake() -> None:
-        woken.append(f"{spool.pending_count()} waiting, {len(synced)} folders synced")
-
-    got = intake.offer(copy_to(real(NATIVE_DX), src, "a.dcm"), "inbox", FOLDER, on_accepted=wake)
-    assert got.verdict is Verdict.ACCEPTED and got.image_id
-    assert woken == ["1 waiting, 0 folders synced"] and synced == ["incoming", "processing"]
-    spool.ensure_synced(got.image_id)  # the processor's barrier: nothing left to sync
-    assert synced == ["incoming", "processing"]
-
-    again = intake.offer(copy_to(real(NATIVE_DX), src, "b.dcm"), "inbox", FOLDER, on_accepted=wake)
-    assert again.verdict is Verdict.DUPLICATE and len(woken) == 1  # a duplicate wakes nobody
-
-
-def test_a_result_is_never_committed_before_its_acceptance_is_on_disk(
-    spool: Spool, src: Path, synced: list[str]
-) -> None:
-    """A source that accepted without syncing and never synced: the processor's barrier syncs."""
-    got = spool.accept(copy_to(real(NATIVE_DX), src, "a.dcm"), "inbox", sync=False)
-    assert isinstance(got, Accepted) and synced == []
-    spool.ensure_synced(got.image_id)
-    assert synced == ["incoming", "processing"]
-    spool.ensure_synced(got.image_id)
-    assert synced == ["incoming", "processing"]
 
 
 def test_a_database_error_defers_instead_of_ending_the_source(

@@ -224,35 +224,6 @@ def test_retention_hashes_within_a_budget_and_a_failed_hash_does_not_stop_it(
     spool.close()
 
 
-def test_a_failed_folder_sync_is_not_retried_on_a_new_descriptor(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Linux reports a write-back error once: a second fsync on a new descriptor could succeed without the
-    rename on disk. The image's result keeps waiting (the loop stays degraded) until a restart."""
-    import appliance.ingest.spool_accept as spool_accept
-
-    spool = Spool(tmp_path / "spool")
-    watch = tmp_path / "watch"
-    watch.mkdir()
-    got = spool.accept(copy_to(real(NATIVE_DX), watch), "watch", sync=False)
-    assert isinstance(got, Accepted)
-    real_fsync_dir = spool_accept.fsync_dir
-
-    def failing(path: Path) -> None:
-        raise OSError(errno.EIO, "Input/output error")
-
-    monkeypatch.setattr(spool_accept, "fsync_dir", failing)
-    with pytest.raises(OSError, match="Input/output error"):
-        spool.sync_incoming()
-    monkeypatch.setattr(spool_accept, "fsync_dir", real_fsync_dir)  # the disk "works" again
-    with pytest.raises(OSError, match="restart after checking the disk"):
-        spool.ensure_synced(got.image_id)
-    spool.close()
-    spool = Spool(tmp_path / "spool")
-    assert spool.recover() == 0 and spool.claim_next() is not None  # a restart syncs and goes on
-    spool.close()
-
-
 def test_a_folder_sync_that_fails_after_the_rename_puts_the_file_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
