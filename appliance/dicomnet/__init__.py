@@ -7,13 +7,11 @@ renamed, and its folder fsynced, so a crash leaves either nothing or the whole i
 from __future__ import annotations
 
 import logging
-import re
 import ssl
 from pathlib import Path
 
 from appliance.errors import ConfigError
-
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+from appliance.ingest.identity import valid_uid
 
 
 def quiet_pynetdicom() -> None:
@@ -24,7 +22,7 @@ def quiet_pynetdicom() -> None:
 def safe_uid_name(uid: str, suffix: str = ".dcm") -> str | None:
     """A file name from a UID, or None when the peer sent something that is not a UID."""
     uid = uid.strip()
-    return f"{uid}{suffix}" if uid and len(uid) <= 64 and _UID.match(uid) else None
+    return f"{uid}{suffix}" if valid_uid(uid) else None
 
 
 def server_tls_context(cert_file: Path, key_file: Path, ca_file: Path | None) -> ssl.SSLContext:

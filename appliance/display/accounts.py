@@ -162,14 +162,20 @@ def list_accounts(passwd: Path, acl: Path) -> list[DisplayAccount]:
     return found
 
 
+def new_account_user(name: str) -> str:
+    """The broker user of a new display account; never the old shared one."""
+    user = user_for(name)
+    if user == LEGACY_USER:
+        raise UserError("'display' is the old shared account: give this display its own name")
+    return user
+
+
 def add(
     name: str, site: str, passwd: Path, acl: Path, prefix: str = "cxr", password: str | None = None
 ) -> str:
     """Create (or replace, with a new password) display `name`'s account; returns its new password
     (`password`, or a new random one)."""
-    user = user_for(name)
-    if user == LEGACY_USER:
-        raise UserError("'display' is the old shared account: give this display its own name")
+    user = new_account_user(name)
     block = acl_block(name, site, prefix)
     password = password or secrets.token_urlsafe(24)
     lines, _ = _without_user(_read_lines(acl), user)
@@ -243,9 +249,7 @@ def main(args: argparse.Namespace) -> int:
         return 0
     if action == "add":
         password = secrets.token_urlsafe(24)
-        user = user_for(args.name)
-        if user == LEGACY_USER:  # before any file is touched
-            raise UserError("'display' is the old shared account: give this display its own name")
+        user = new_account_user(args.name)  # before any file is touched
         try:
             if args.password_file is None:
                 add(args.name, args.site, args.passwd, args.acl, args.topic_prefix, password=password)

@@ -1,7 +1,7 @@
 """Who a file is, before the spool takes it: the parts of the de-duplication key (SOP Instance UID, the
 dataset hash when the UID is not enough, or the content hash), the keyed image id, and the refusal of
-links. Read with O_NOFOLLOW, bounded, never
-inflating a deflated dataset whole."""
+links. Read with O_NOFOLLOW, bounded, never inflating a deflated dataset whole. How the spool puts the
+parts together: appliance/ingest/spool_keys.py."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import hmac
 import io
 import logging
 import os
+import re
 import stat
 import struct
 from pathlib import Path
@@ -27,6 +28,7 @@ from appliance.ingest.mapped import digest_mapped
 log = logging.getLogger(__name__)
 
 DATASET_HASH = "blake3"
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 BLAKE3_CHUNK = 4 << 20  # 1 MB pieces leave the threads too little each; 16 MB leave the CPU cache
 
 
@@ -91,6 +93,12 @@ def dicom_uid(path: Path) -> str | None:
         return None
 
 
+def valid_uid(uid: str) -> bool:
+    """PS3.5 9.1: digits and dots, at most 64 characters. Anything else a sender wrote there is no UID
+    (and must never become part of a key or a file name as it is)."""
+    return 0 < len(uid) <= 64 and _UID.match(uid) is not None
+
+
 def uid_key(uid: str) -> str:
     """'sop:<UID>': the key of the first DICOM the spool sees under its UID (no other key holds the UID,
     so no hash is needed to tell it apart: see appliance/ingest/spool_keys.py)."""
@@ -114,18 +122,6 @@ def hashed_key(uid: str, digest: str) -> str:
 def content_key(path: Path) -> str:
     """'sha256:<content hash>': a PNG/JPEG, or a DICOM without a readable SOP Instance UID."""
     return f"sha256:{content_sha256(path)}"
-
-
-def dedup_key(path: Path, kind: str, mappable_device: int | None = None) -> str:
-    """The hashed key of a file on its own: 'sop:<UID>/blake3:<dataset hash>' for a DICOM that names one,
-    else 'sha256:<content hash>'. The spool keys the first DICOM of a UID by the UID alone and hashes only
-    when the UID comes again (spool_keys.py).
-
-    The UID alone would drop a corrected re-send (same UID, new content) and let any sender pre-empt
-    a UID; the same instance sent twice is still one key. Versions before the store hashed the dataset
-    with sha256: `legacy_key` gives that form, for rows they left. `mappable_device`: see dataset_blake3."""
-    uid = dicom_uid(path) if kind == "dicom" else None
-    return content_key(path) if uid is None else hashed_key(uid, dataset_hash(path, mappable_device))
 
 
 def legacy_key_prefix(key: str) -> str | None:

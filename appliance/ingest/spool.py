@@ -115,11 +115,11 @@ class Spool:
             if refusal is not None:
                 raise refusal
             kind = sniff(path)
-            size = path.stat().st_size
+            st = path.stat()  # not a link (refused above): the file itself
         except InputRejected as exc:
             where = self.quarantine_file(path, exc.reason, exc.detail, source, move=move)
             return Rejected(exc.reason, exc.detail, where)
-        self.files.check_space(size)
+        self.files.check_space(st.st_size)
         try:
             file = FileIdentity.of(path, kind, self._device)
         except PermissionError as exc:
@@ -130,7 +130,7 @@ class Spool:
                 self.quarantine_file(path, reasons.PERMISSION_DENIED, detail, source, move=move),
             )
         staged = None
-        copied = not move or os.lstat(path).st_dev != self._device
+        copied = not move or st.st_dev != self._device
         if copied and self._known(file) is None:
             # Read-only media or another filesystem: the slow copy happens before the store's lock and
             # its write transaction are taken (the loop, the sender, a USB import share them), and only

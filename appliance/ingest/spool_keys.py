@@ -18,7 +18,6 @@ by the sha256 of their bytes, as before.
 from __future__ import annotations
 
 import logging
-import re
 import sqlite3
 import time
 from collections.abc import Callable
@@ -36,6 +35,7 @@ from appliance.ingest.identity import (
     legacy_key,
     legacy_key_prefix,
     uid_key,
+    valid_uid,
 )
 from appliance.ingest.spool_records import RETRY_STATES, SPOOL_ERRORS, STATES
 
@@ -46,8 +46,6 @@ log = logging.getLogger("appliance.ingest.spool")
 
 # (source, state, image_id) of the row a file matched
 Row = tuple[str, str, str]
-# PS3.5 9.1: digits and dots, at most 64 characters
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 # Hashing first files before retention deletes them, per housekeeping pass: the loop's pass must stay
 # short (the rest waits for the next pass, ~10 minutes later, still hashed before they go).
 PURGE_HASH_BUDGET_S = 0.25
@@ -72,7 +70,7 @@ class FileIdentity:
         uid = dicom_uid(path) if kind == "dicom" else None
         if uid is None:
             return cls(path, None, content_key(path), device)
-        if len(uid) > 64 or not _UID.match(uid):
+        if not valid_uid(uid):
             return cls(path, None, hashed_key(uid, dataset_hash(path, device)), device)
         return cls(path, uid, None, device)
 

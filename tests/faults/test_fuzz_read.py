@@ -22,7 +22,7 @@ import pytest
 from appliance.errors import InputRejected
 from appliance.ingest import read_image, reasons
 from appliance.ingest.complete import incomplete_reason
-from appliance.ingest.identity import dedup_key
+from appliance.ingest.spool_keys import FileIdentity
 from testsupport.data import cxr_data
 from testsupport.mutate import GENERIC, Mutator, deflate_bomb, png_bomb
 from tools.quality.fuzz import NATIVE_DX, run_fuzz, seed_corpus
@@ -149,7 +149,8 @@ def test_deflate_bomb_refused_everywhere_a_header_is_read(tmp_path: Path) -> Non
     tracemalloc.start()
     try:
         refused(path, reasons.IMAGE_TOO_LARGE)
-        assert dedup_key(path, "dicom").startswith("sha256:")  # the spool hashes it instead of inflating
+        key = FileIdentity.of(path, "dicom").key
+        assert key is not None and key.startswith("sha256:")  # the spool hashes it instead of inflating
         incomplete_reason(path)  # the watcher's completeness check
         peak = tracemalloc.get_traced_memory()[1]
     finally:
@@ -218,7 +219,7 @@ def test_corrupt_file_meta_length_allocates_nothing_big(corpus: list[Path], tmp_
     try:
         with pytest.raises(InputRejected):
             read_image(path)
-        dedup_key(path, "dicom")
+        FileIdentity.of(path, "dicom")  # the spool's identity of the file
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()

@@ -406,7 +406,7 @@ def test_a_resend_after_quarantine_is_analysed_again(tmp_path: Path) -> None:
 def test_image_ids_are_keyed_per_cart_and_dedup_still_holds(tmp_path: Path) -> None:
     import hashlib
 
-    from appliance.ingest.identity import dedup_key
+    from appliance.ingest.identity import dicom_uid, uid_key
 
     source = real_dicoms()[0]
     ids = []
@@ -420,7 +420,7 @@ def test_image_ids_are_keyed_per_cart_and_dedup_still_holds(tmp_path: Path) -> N
         ids.append(first.image_id)
         spool.close()
     assert ids[0] == ids[1] != ids[2]  # same image, same key: same id; another secret: another id
-    assert ids[0] != hashlib.sha256(dedup_key(source, "dicom").encode()).hexdigest()
+    assert ids[0] != hashlib.sha256(uid_key(str(dicom_uid(source))).encode()).hexdigest()  # the spool's key
     own = Spool(tmp_path / "d")  # no secret given: a key file of its own, private
     assert (tmp_path / "d" / "image-id.key").stat().st_mode & 0o077 == 0
     own.close()

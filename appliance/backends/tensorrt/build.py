@@ -208,13 +208,13 @@ def build_engine(
             f" cache {plan.calibration_cache} exists: give --calibration-images DIR, or use the Q/DQ ONNX"
             " (--int8-source qdq)"
         )
-    calibrating = plan.calibration_cache is not None and not plan.calibration_cache.is_file()
-    if plan.calibration_cache is not None and not calibrating and calibration_id is None:
-        calibration_id = stored_calibration_id(plan.calibration_cache)
-    if (
-        plan.calibration_cache is not None and calibrating
-    ):  # an id left from a deleted cache is not this one's
-        _calibration_id_path(plan.calibration_cache).unlink(missing_ok=True)
+    calibration_cache = plan.calibration_cache
+    calibrating = calibration_cache is not None and not calibration_cache.is_file()
+    if calibration_cache is not None:
+        if calibrating:  # an id left from a deleted cache is not this one's
+            _calibration_id_path(calibration_cache).unlink(missing_ok=True)
+        elif calibration_id is None:  # rebuilt from the cache: the images it was made from
+            calibration_id = stored_calibration_id(calibration_cache)
     cuda = CudaDevice(device_index)
     started = time.monotonic()
     try:
@@ -245,8 +245,8 @@ def build_engine(
                 )
             if calibrator is not None:
                 progress(f"calibrated on {calibrator.seen} images; cache {plan.calibration_cache}")
-                if calibrating and calibration_id is not None and plan.calibration_cache is not None:
-                    store_calibration_id(plan.calibration_cache, calibration_id)
+                if calibrating and calibration_id is not None and calibration_cache is not None:
+                    store_calibration_id(calibration_cache, calibration_id)
             plan.timing_cache.parent.mkdir(parents=True, exist_ok=True)
             # Whole or not at all: a cache cut short by a power cut would be fed to the next build.
             write_atomically(plan.timing_cache, bytes(timing_cache.serialize()))
