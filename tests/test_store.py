@@ -103,3 +103,57 @@ def test_sync_syncs_the_log_sqlite_writes_even_through_a_linked_path(tmp_path: P
     assert os.path.samestat(os.fstat(store._wal_fd), os.stat(f"{real}-wal"))
     store.close()
     assert store._wal_fd is None
+
+
+@pytest.mark.parametrize("wake_first", [False, True])
+def test_what_must_precede_the_disk_runs_before_it_and_stops_the_rest_when_it_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, wake_first: bool
+) -> None:
+    """`before_durable`: before COMMIT (a failure rolls the transaction back), or with `wake_first` after
+    the wake-up and before the sync (a failure leaves the sync and the moves undone)."""
+    store = _store(tmp_path)
+    seen: list[str] = []
+    real_sync = store.sync
+
+    def recorded_sync() -> None:
+        seen.append("sync")
+        real_sync()
+
+    monkeypatch.setattr(store, "sync", recorded_sync)
+
+    def visible() -> list[tuple[str]]:
+        other = sqlite3.connect(store.path)
+        try:
+            return other.execute("SELECT x FROM rows").fetchall()
+        finally:
+            other.close()
+
+    def settle() -> None:
+        seen.append(f"settle, committed: {bool(visible())}")
+
+    with store.transaction(wake_first=wake_first) as db:
+        db.execute("INSERT INTO rows VALUES ('done')")
+        store.before_durable(settle)
+        store.after_commit(lambda: seen.append("move file"))
+        store.after_commit(lambda: seen.append("wake sender"), before_sync=True)
+    if wake_first:
+        assert seen == ["wake sender", "settle, committed: True", "sync", "move file"]
+    else:
+        assert seen == ["settle, committed: False", "move file", "wake sender"]
+
+    seen.clear()
+
+    def failing() -> None:
+        raise OSError(5, "Input/output error")
+
+    with pytest.raises(OSError, match="Input/output error"), store.transaction(wake_first=wake_first) as db:
+        db.execute("INSERT INTO rows VALUES ('second')")
+        store.before_durable(failing)
+        store.after_commit(lambda: seen.append("move file"))
+        store.after_commit(lambda: seen.append("wake sender"), before_sync=True)
+    if wake_first:  # committed, the sender woken (ids let the ward drop a repeat); not synced, not moved
+        assert seen == ["wake sender"] and ("second",) in visible()
+    else:
+        assert seen == [] and ("second",) not in visible()
+    store.before_durable(lambda: seen.append("at once"))  # no transaction open
+    assert seen[-1] == "at once"

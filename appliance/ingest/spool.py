@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from appliance.config import AppConfig
+from appliance.durable import fsync_dir
 from appliance.errors import InputRejected
 from appliance.ingest import reasons, sniff
 from appliance.ingest.identity import plain_file_refusal
@@ -67,6 +68,7 @@ class Spool:
         self.store, self._owns_store = store_at(store or self.root / LEGACY_DB, "spool")
         self._lock = self.store.lock
         self._db = self.store.db
+        self._unsynced = 0  # files renamed into incoming/ since its folder was last synced
         with self._lock:
             self._db.executescript(SCHEMA)
             columns = {row[1] for row in self._db.execute("PRAGMA table_info(items)")}
@@ -142,6 +144,26 @@ class Spool:
             if staged is not None:  # not taken (a duplicate after all, or an error)
                 with contextlib.suppress(FileNotFoundError):
                     staged.unlink()
+
+    def placed_unsynced(self) -> None:
+        """A file was renamed into incoming/ without a sync of its folder (appliance/ingest/spool_accept.py)."""
+        with self._lock:
+            self._unsynced += 1
+
+    def settle_placements(self) -> None:
+        """Sync incoming/ and processing/ (where a claim renamed the file) if a placement waits for it."""
+        with self._lock:
+            waiting = self._unsynced
+        if waiting:
+            fsync_dir(self.files.dir("incoming"))
+            fsync_dir(self.files.dir("processing"))
+            with self._lock:
+                self._unsynced -= waiting
+
+    def _settled_before_durable(self) -> None:
+        """Called inside a transaction that ends an image: its file's folders reach the disk first."""
+        if self._unsynced:
+            self.store.before_durable(self.settle_placements)
 
     def _known(self, file: FileIdentity) -> str | None:
         """The state of the live row this file is (None: new, or only a retry state holds it)."""
@@ -233,6 +255,7 @@ class Spool:
                 return False
             if row[1] != "done":
                 db.execute("UPDATE items SET state = 'done' WHERE image_id = ?", (image_id,))
+                self._settled_before_durable()
                 self.store.after_commit(lambda: self.files.file_done(row[0]))
             return True
 
@@ -264,6 +287,7 @@ class Spool:
             db.execute(
                 "UPDATE items SET state = 'quarantine', refusal = ? WHERE image_id = ?", (refusal, image_id)
             )
+            self._settled_before_durable()
             self.store.after_commit(lambda: self.files.file_refused(name, refusal, original or name, source))
         log.warning("quarantined %s (%s): %s %s", original or name, image_id, reason, detail)
         return self.files.dir("quarantine") / name

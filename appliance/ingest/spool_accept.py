@@ -1,10 +1,20 @@
-"""Taking a file into the spool: its key decided, the file placed in incoming/ (its folder synced) and its
-row written, in one write transaction.
+"""Taking a file into the spool: its key decided, the file placed in incoming/ and its row written, in one
+write transaction.
 
 One transaction from the key to the row (BEGIN IMMEDIATE, SQLite's write lock): another process taking
 files into the same spool (a USB import) waits, so two files of one new UID can never both be given the
 UID's key and the same name. The file first, then its row: a crash between the two leaves a file that
 recover() registers, never a row without a file.
+
+When the file is kept. A copy (read-only media, another filesystem) is synced into incoming/ before the
+transaction ends: its original may go, or the stick be pulled, at once. A file renamed within the
+spool's filesystem is not synced here (0.7 ms on the ward's path): a rename is atomic, so after a power
+cut the file is either back where it came from (the watched folder or the DICOM receiver's, both offered
+again at start) or in incoming/ (registered by recover(), which syncs the folders), and either way it
+gets the same key, so the same image id and message id. The folders are synced before a row that ends
+the image (done, quarantine) can reach the disk (`Spool.settle_placements`, run by the store before that
+transaction is made durable), so a file can never fall back to the watched folder behind a row saying
+its image was read, where it would look like a new one.
 """
 
 from __future__ import annotations
@@ -42,9 +52,9 @@ def admit(
     placed: tuple[Path, bool] | None = None  # (where, renamed from the source)
     duplicate: tuple[str, Row] | None = None
     try:
-        # Not waited for on disk: the file placed in incoming/ (its folder synced) is what makes the
-        # image accepted. A row lost in a power cut is rebuilt by recover() from that file, and the
-        # processor's durable commit carries this one with it.
+        # Not waited for on disk: the file placed in incoming/ is what makes the image accepted. A row
+        # lost in a power cut is rebuilt by recover() from that file, and the processor's durable commit
+        # carries this one with it.
         with spool._tx(durable=False) as db:
             key, row = match(spool, file)
             image_id = image_id_for(key, spool._id_secret)
@@ -59,7 +69,10 @@ def admit(
             else:
                 name = f"{image_id}.{EXTENSIONS[kind]}"
                 placed = _place(spool, path, staged, spool.files.dir("incoming") / name, move=move)
-                fsync_dir(placed[0].parent)  # what makes it accepted; a copy: before its original may go
+                if placed[1]:
+                    spool.placed_unsynced()  # renamed: see the module's docstring
+                else:
+                    fsync_dir(placed[0].parent)  # a copy: durable before its original may go
                 if retried is not None:  # the key is unique: the old row's is kept, made its own
                     db.execute("UPDATE items SET key = key || '#' || image_id WHERE image_id = ?", (retried,))
                 db.execute(

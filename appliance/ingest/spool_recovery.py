@@ -61,8 +61,8 @@ def recover(spool: Spool) -> int:
                     back.append(image_id)
                 elif row[1] != state:  # rows of an older version, whose folders were the truth
                     spool._set_state(image_id, state)
-        # Always: a kill -9 between a rename into incoming/ and its folder sync
-        # leaves the rename in memory only; this process's results must not be on disk before it.
+        # Always: renames into incoming/ are not synced when accepted (spool_accept.py), and this
+        # process's results must not reach the disk before the files they are about.
         for state in ("incoming", "processing"):
             fsync_dir(spool.files.dir(state))
         _forget_sidecars(spool)

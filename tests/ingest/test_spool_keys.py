@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import sqlite3
 import tempfile
 import time
 from collections.abc import Callable
@@ -224,11 +225,11 @@ def test_retention_hashes_within_a_budget_and_a_failed_hash_does_not_stop_it(
     spool.close()
 
 
-def test_a_folder_sync_that_fails_after_the_rename_puts_the_file_back(
+def test_a_folder_sync_that_fails_after_the_copy_takes_the_copy_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Nothing half-accepted: the file was renamed into incoming/, its folder sync failed; it is back
-    where it came from (before: left in incoming/ without a row until a restart)."""
+    """Nothing half-accepted: a copy (read-only media) was placed in incoming/, its folder sync failed; the
+    copy is gone again and the source is offered again (before: left in incoming/ without a row)."""
     import appliance.ingest.spool_accept as spool_accept
 
     spool = Spool(tmp_path / "spool")
@@ -241,8 +242,65 @@ def test_a_folder_sync_that_fails_after_the_rename_puts_the_file_back(
 
     monkeypatch.setattr(spool_accept, "fsync_dir", failing)
     with pytest.raises(OSError, match="Input/output error"):
-        spool.accept(source, "watch")
+        spool.accept(source, "usb", move=False)
     assert source.is_file() and not list((spool.root / "incoming").iterdir()) and spool.pending_count() == 0
+    spool.close()
+
+
+@pytest.mark.parametrize("wake_first", [False, True])
+def test_a_renamed_file_is_synced_before_its_end_can_reach_the_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, wake_first: bool
+) -> None:
+    """A file renamed from the watched folder is not synced when it is accepted (an atomic rename: after a
+    power cut it lies in one folder or the other, and keeps its key); its folders are synced before the
+    row saying it is done can reach the disk: before COMMIT, or after the sender's wake-up and before
+    the sync with `wake_first`. A second image's end finds nothing left to sync."""
+    import appliance.ingest.spool as spool_module
+    import appliance.ingest.spool_accept as spool_accept
+
+    spool = Spool(tmp_path / "spool")
+    watch = tmp_path / "watch"
+    watch.mkdir()
+    seen: list[str] = []
+    real_sync = spool.store.sync
+
+    def committed() -> bool:
+        other = sqlite3.connect(spool.store.path)
+        try:
+            rows = other.execute("SELECT state FROM items").fetchall()
+        finally:
+            other.close()
+        return ("done",) in rows
+
+    def synced(path: Path) -> None:
+        seen.append(f"fsync {path.name}" + (" after COMMIT" if committed() else " before COMMIT"))
+
+    def sync() -> None:
+        seen.append("sync")
+        real_sync()
+
+    monkeypatch.setattr(spool_accept, "fsync_dir", lambda path: seen.append("accept fsync"))
+    monkeypatch.setattr(spool_module, "fsync_dir", synced)
+    monkeypatch.setattr(spool.store, "sync", sync)
+    got = spool.accept(copy_to(real(NATIVE_DX), watch, "a.dcm"), "watch")
+    assert isinstance(got, Accepted) and seen == []
+    (item,) = spool.claim()
+    with spool.store.transaction(wake_first=wake_first):
+        spool.mark_done(item.image_id)
+        spool.store.after_commit(lambda: seen.append("wake sender"), before_sync=True)
+    if wake_first:
+        assert seen == ["wake sender", "fsync incoming after COMMIT", "fsync processing after COMMIT", "sync"]
+    else:
+        assert seen == ["fsync incoming before COMMIT", "fsync processing before COMMIT", "wake sender"]
+    assert (spool.root / "done" / item.path.name).is_file()
+    seen.clear()
+    other = copy_to(real(JPEG_BASELINE), watch, "b.dcm")
+    assert isinstance(spool.accept(other, "usb", move=False), Accepted)
+    assert seen == ["accept fsync"]  # a copy is synced at once; nothing renamed waits since the last end
+    (item,) = spool.claim()
+    with spool.store.transaction():
+        spool.mark_done(item.image_id)
+    assert seen == ["accept fsync"]
     spool.close()
 
 
