@@ -11,7 +11,7 @@ import ssl
 from pathlib import Path
 
 from appliance.errors import ConfigError
-from appliance.ingest.identity import valid_uid
+from appliance.ingest.uid_scan import valid_uid
 
 
 def quiet_pynetdicom() -> None:

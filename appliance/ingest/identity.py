@@ -10,7 +10,6 @@ import hmac
 import io
 import logging
 import os
-import re
 import stat
 import struct
 from pathlib import Path
@@ -24,11 +23,11 @@ from appliance.ingest import reasons
 from appliance.ingest.bounded import BoundedFile
 from appliance.ingest.dicom import refuse_deflate_bomb
 from appliance.ingest.mapped import digest_mapped
+from appliance.ingest.uid_scan import scan_uids
 
 log = logging.getLogger(__name__)
 
 DATASET_HASH = "blake3"
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 BLAKE3_CHUNK = 4 << 20  # 1 MB pieces leave the threads too little each; 16 MB leave the CPU cache
 
 
@@ -84,6 +83,9 @@ def _dataset_start(path: Path) -> int:
 def dicom_uid(path: Path) -> str | None:
     """The SOP Instance UID a DICOM names, else None (no UID, or a header the reader will refuse later)."""
     try:
+        scanned = scan_uids(path)
+        if scanned is not None:
+            return scanned.sop_instance
         refuse_deflate_bomb(path)  # pydicom would inflate a deflated dataset whole just to find the UID
         with BoundedFile(path) as fh:  # a corrupt length must not become a 1 GB read
             ds = pydicom.dcmread(fh, stop_before_pixels=True, force=True, specific_tags=["SOPInstanceUID"])
@@ -91,12 +93,6 @@ def dicom_uid(path: Path) -> str | None:
     except Exception as exc:  # unreadable header: the reader will say why later; the bytes are hashed
         log.debug("no SOPInstanceUID in %s: %s", path, exc)
         return None
-
-
-def valid_uid(uid: str) -> bool:
-    """PS3.5 9.1: digits and dots, at most 64 characters. Anything else a sender wrote there is no UID
-    (and must never become part of a key or a file name as it is)."""
-    return 0 < len(uid) <= 64 and _UID.match(uid) is not None
 
 
 def uid_key(uid: str) -> str:

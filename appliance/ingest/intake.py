@@ -37,6 +37,7 @@ from appliance.ingest import reasons, sniff
 from appliance.ingest.dicom import check_dicom
 from appliance.ingest.spool import Spool
 from appliance.ingest.spool_records import Accepted, Duplicate, Rejected, SpoolFull
+from appliance.ingest.uid_scan import scan_uids
 
 if TYPE_CHECKING:
     from appliance.config import AppConfig
@@ -97,7 +98,8 @@ def _non_image_sop_class(path: Path) -> str | None:
     from pydicom.uid import UID
 
     try:
-        sop = read_file_meta_info(path).get("MediaStorageSOPClassUID")
+        scanned = scan_uids(path)
+        sop = scanned.sop_class if scanned else read_file_meta_info(path).get("MediaStorageSOPClassUID")
     except Exception:
         return None  # no or broken File Meta: the reader says why later
     if sop is None:

@@ -35,9 +35,9 @@ from appliance.ingest.identity import (
     legacy_key,
     legacy_key_prefix,
     uid_key,
-    valid_uid,
 )
 from appliance.ingest.spool_records import RETRY_STATES, SPOOL_ERRORS, STATES
+from appliance.ingest.uid_scan import valid_uid
 
 if TYPE_CHECKING:
     from appliance.ingest.spool import Spool
