@@ -75,6 +75,14 @@ class Feeder:
                 # This batch is claimed already: it goes on; the next is claimed after it (or the
                 # claim fails again there, with nothing else handed out, and the loop keeps the fault).
                 log.warning("cannot claim the next batch ahead (%s); it waits in incoming/", exc)
+        if current.reading is not None:
+            # While the read-ahead thread reads: the claimed files' folders reach the disk before any
+            # row that ends their images is written (appliance/ingest/spool_accept.py). If the disk
+            # refuses, the transaction that ends them tries again and the processor's rule applies.
+            try:
+                self.spool.settle_placements()
+            except SPOOL_ERRORS as exc:
+                log.warning("cannot sync the spool's folders now (%s); tried again with the results", exc)
         self._wait(current, analyzer)
         return current.jobs
 

@@ -15,8 +15,10 @@ the same id and de-duplicated by subscribers), then waits for the disk, then run
 moves, which must never get ahead of the rows that explain them). The ward hears a result while the
 commit is still on its way to the disk instead of after it (~1.5 ms of an image's 30 here).
 `before_durable` queues what must be on disk no later than the transaction (the spool's folder syncs,
-see appliance/ingest/spool_accept.py): it runs just before COMMIT, or with `wake_first` after the wake
-and before the sync; if it raises, nothing after it runs.
+see appliance/ingest/spool_accept.py): it runs just before COMMIT; with `wake_first` after the wake-up
+and before the sync (so a durable commit of another thread in between may carry the rows to the disk
+first: the spool syncs its folders at the claim, long before, for that reason). If it raises, nothing
+after it runs.
 """
 
 from __future__ import annotations
@@ -127,8 +129,8 @@ class Store:
         action()
 
     def before_durable(self, action: Callable[[], None]) -> None:
-        """Run `action` before the current transaction can reach the disk (at once when none is open);
-        an exception from it is raised to the transaction's caller."""
+        """Run `action` before the current transaction is made durable (at once when none is open; see
+        the module's docstring for `wake_first`); an exception from it is raised to the caller."""
         with self.lock:
             if self.db.in_transaction:
                 self._before_durable.append(action)

@@ -127,3 +127,23 @@ def test_a_claim_that_fails_after_claiming_hands_its_images_back_uncounted(
     assert not failing and in_processing(spool) == 0 and spool.pending_count() == 3
     assert [spool.crashes(i) for i in ids] == [1, 0, 0]  # the suspect's own failure, nothing more
     assert [j.image_id for j in Feeder(spool, batch=2).take(analyzer)] == [ids[0]]
+
+
+def test_the_claimed_files_folders_are_synced_while_they_are_read(
+    spool: Spool, analyzer: Analyzer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Files renamed into the spool are not synced when accepted; the loop syncs their folders once per
+    claim, beside the read, so the transaction that ends their images has nothing left to wait for."""
+    import appliance.ingest.spool as spool_module
+
+    synced: list[str] = []
+    monkeypatch.setattr(spool_module, "fsync_dir", lambda path: synced.append(path.name))
+    ids = backlog(spool, tmp_path, 2)
+    assert synced == []
+    feeder = Feeder(spool, batch=2)
+    jobs = feeder.take(analyzer)
+    assert synced == ["incoming", "processing"] and all(job.image is not None for job in jobs)
+    with spool.store.transaction(wake_first=True):
+        for image_id in ids:
+            spool.mark_done(image_id)
+    assert synced == ["incoming", "processing"] and spool.pending_count() == 0

@@ -159,7 +159,9 @@ class Intake:
 
     def offer(self, path: Path, source: str, rules: SourceRules) -> Outcome:
         """Take one complete file, or say why not. Never raises for what a file or the spool can do.
-        ACCEPTED is answered once the acceptance is on disk."""
+        ACCEPTED is answered once the file is the spool's whatever happens next: a copy synced into
+        incoming/, a file renamed from the source's folder found again in one of the two (see
+        appliance/ingest/spool_accept.py)."""
         path = Path(path)
         why = self.not_accepting()
         if why:

@@ -68,7 +68,9 @@ class Spool:
         self.store, self._owns_store = store_at(store or self.root / LEGACY_DB, "spool")
         self._lock = self.store.lock
         self._db = self.store.db
-        self._unsynced = 0  # files renamed into incoming/ since its folder was last synced
+        # Files renamed into incoming/ unsynced (spool_accept.py): placements counted, and how many of
+        # them the last folder sync covered.
+        self._placed = self._settled = 0
         with self._lock:
             self._db.executescript(SCHEMA)
             columns = {row[1] for row in self._db.execute("PRAGMA table_info(items)")}
@@ -148,21 +150,23 @@ class Spool:
     def placed_unsynced(self) -> None:
         """A file was renamed into incoming/ without a sync of its folder (appliance/ingest/spool_accept.py)."""
         with self._lock:
-            self._unsynced += 1
+            self._placed += 1
 
     def settle_placements(self) -> None:
-        """Sync incoming/ and processing/ (where a claim renamed the file) if a placement waits for it."""
+        """Sync incoming/ and processing/ (where a claim renamed the file) if a placement waits for it.
+        The loop calls it after each claim, while the claimed images are read."""
         with self._lock:
-            waiting = self._unsynced
-        if waiting:
+            placed = self._placed
+        if placed > self._settled:
             fsync_dir(self.files.dir("incoming"))
             fsync_dir(self.files.dir("processing"))
             with self._lock:
-                self._unsynced -= waiting
+                self._settled = max(self._settled, placed)
 
     def _settled_before_durable(self) -> None:
-        """Called inside a transaction that ends an image: its file's folders reach the disk first."""
-        if self._unsynced:
+        """Called inside a transaction that ends an image: its file's folders reach the disk first (the
+        loop settled them at the claim already, unless that failed)."""
+        if self._placed > self._settled:
             self.store.before_durable(self.settle_placements)
 
     def _known(self, file: FileIdentity) -> str | None:

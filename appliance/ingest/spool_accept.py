@@ -11,10 +11,13 @@ transaction ends: its original may go, or the stick be pulled, at once. A file r
 spool's filesystem is not synced here (0.7 ms on the ward's path): a rename is atomic, so after a power
 cut the file is either back where it came from (the watched folder or the DICOM receiver's, both offered
 again at start) or in incoming/ (registered by recover(), which syncs the folders), and either way it
-gets the same key, so the same image id and message id. The folders are synced before a row that ends
-the image (done, quarantine) can reach the disk (`Spool.settle_placements`, run by the store before that
-transaction is made durable), so a file can never fall back to the watched folder behind a row saying
-its image was read, where it would look like a new one.
+gets the same key, so the same image id and message id. The loop syncs the folders after each claim,
+while the claimed images are read (appliance/feeder.py), and the transaction that ends an image (done,
+quarantine) syncs whatever is left before it commits (`Spool.settle_placements`, by way of
+`Store.before_durable`), so a file does not fall back to the watched folder behind a row saying its image
+was read. The acceptance's own row may reach the disk before the rename (another commit carries it):
+recover() forgets a row whose file is in no folder of the spool, so the file, offered again, is taken
+under the same key.
 """
 
 from __future__ import annotations

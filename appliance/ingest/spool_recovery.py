@@ -38,6 +38,8 @@ def recover(spool: Spool) -> int:
     registered. Returns how many images were put back into incoming/."""
     back: list[str] = []
     with spool._lock:
+        # First: what this recovery commits must not reach the disk before the renames it is about.
+        _sync_live_folders(spool)
         spool.files.clear_tmp()
         for state in ("incoming", "processing", "done", "quarantine"):
             for file in sorted(spool.files.dir(state).iterdir()):
@@ -61,14 +63,48 @@ def recover(spool: Spool) -> int:
                     back.append(image_id)
                 elif row[1] != state:  # rows of an older version, whose folders were the truth
                     spool._set_state(image_id, state)
-        # Always: renames into incoming/ are not synced when accepted (spool_accept.py), and this
-        # process's results must not reach the disk before the files they are about.
-        for state in ("incoming", "processing"):
-            fsync_dir(spool.files.dir(state))
+        _forget_unplaced(spool)
+        _sync_live_folders(spool)  # the moves back to incoming/ above
         _forget_sidecars(spool)
     if back:
         log.warning("spool recovery: %d image(s) back from processing/ to incoming/", len(back))
     return len(back)
+
+
+def _sync_live_folders(spool: Spool) -> None:
+    for state in ("incoming", "processing"):
+        fsync_dir(spool.files.dir(state))
+
+
+def _forget_unplaced(spool: Spool) -> None:
+    """Rows of accepted images whose file is in no folder of the spool: forgotten, so that the file is
+    taken again under the same key, image id and message id when it is offered again.
+
+    A rename into incoming/ is not synced when accepted (spool_accept.py), while its row may reach the
+    disk with another commit; after a power cut the file is back where it came from (the watched folder,
+    the DICOM receiver's). Kept, the row would make it a duplicate of itself (a content key: the source
+    deleted) or another image (a UID key: hashed, a new id). Checked in a write transaction: a USB import
+    in its own process places its file before its row commits."""
+    with spool._tx() as db:
+        rows = db.execute(
+            "SELECT image_id, name, key FROM items WHERE state IN ('incoming', 'processing')"
+        ).fetchall()
+        gone = [
+            (image_id, key)
+            for image_id, name, key in rows
+            if not any((spool.files.dir(state) / name).exists() for state in ("incoming", "processing"))
+        ]
+        for image_id, key in gone:
+            db.execute("DELETE FROM items WHERE image_id = ?", (image_id,))
+            # A re-send of a quarantined image had moved the old row's key aside (spool_accept.py):
+            # given back, so the file offered again is that re-send again, under the same id.
+            db.execute("UPDATE items SET key = ? WHERE key = ? || '#' || image_id", (key, key))
+    if gone:
+        log.warning(
+            "spool recovery: %d accepted image(s) not in the spool (a power cut before the move reached"
+            " the disk, or removed by hand); taken again when offered again",
+            len(gone),
+        )
 
 
 def _finish_move(spool: Spool, image_id: str, state: str) -> None:

@@ -4,7 +4,11 @@ The intake asks every arriving file for both (the non-image filter, the spool's 
 the header for them took ~0.35 ms of a cart image's way to the ward. Only the layout carts and PACS write
 is read here: a Part 10 file whose File Meta and dataset are explicit VR little endian, with (0008,0018)
 among the first elements and no sequence or undefined length before it. Anything else, and any value
-that is not a plain UID, answers None: the caller asks pydicom, as before, so both read the same UIDs.
+that is not a plain UID of VR UI, answers None: the caller asks pydicom, as before, so both read the same
+UIDs. One difference is left: a file repeating (0008,0018) further down, out of order, is read here with
+its first value and by pydicom with its last (finding it would mean walking the whole header, sequences
+included). Such a file is malformed; its key is still a UID it carries, and a repeat of that UID is told
+apart by the dataset hash like any other (appliance/ingest/spool_keys.py).
 """
 
 from __future__ import annotations
@@ -50,12 +54,14 @@ def _elements(head: bytes, pos: int) -> tuple[int, int, bytes, int] | None:
     return (group << 16) | element, pos + 8, vr, struct.unpack_from("<H", head, pos + 6)[0]
 
 
-def _uid(value: bytes) -> str | None:
-    """The value as pydicom gives it (trailing NUL padding and spaces off), if it is one plain UID."""
+def _uid(value: bytes, *, strip: bool) -> str | None:
+    """The value as pydicom gives it (trailing NULs and spaces off, and leading spaces too where
+    `strip`, as identity.dicom_uid does), if it is one plain UID."""
     try:
-        text = value.decode("ascii").rstrip("\x00").strip()
+        text = value.decode("ascii").rstrip("\x00 ")
     except UnicodeDecodeError:
         return None
+    text = text.strip() if strip else text
     return text if valid_uid(text) else None
 
 
@@ -65,7 +71,7 @@ def scan_uids(path: Path) -> ScannedUids | None:
         head = fh.read(_HEAD_BYTES)
     if len(head) < 144 or head[128:132] != b"DICM":
         return None
-    values: dict[int, str | None] = {}
+    values: dict[int, str] = {}
     pos, last = 132, -1
     while (found := _elements(head, pos)) is not None:
         tag, at, vr, length = found
@@ -74,14 +80,18 @@ def scan_uids(path: Path) -> ScannedUids | None:
         if tag <= last or length == 0xFFFFFFFF or vr == b"SQ" or at + length > len(head):
             return None  # out of order, a sequence or undefined length: not the layout read here
         if tag in (_MEDIA_SOP_CLASS, _TRANSFER_SYNTAX, _SOP_INSTANCE):
-            values[tag] = _uid(head[at : at + length])
+            uid = _uid(head[at : at + length], strip=tag == _SOP_INSTANCE) if vr == b"UI" else None
+            if uid is None:
+                return None  # another VR (pydicom would convert it differently) or no plain UID
+            values[tag] = uid
         if tag >= _SOP_INSTANCE:
-            break
+            # pydicom keeps the last of repeated tags: answered only when the next one is in order.
+            following = _elements(head, at + length)
+            if tag != _SOP_INSTANCE or following is None or following[0] <= tag:
+                return None
+            return ScannedUids(values.get(_MEDIA_SOP_CLASS), values[_SOP_INSTANCE])
         last, pos = tag, at + length
-    instance = values.get(_SOP_INSTANCE)
-    if instance is None:
-        return None
-    return ScannedUids(values.get(_MEDIA_SOP_CLASS), instance)
+    return None
 
 
 def _dataset_is_explicit_le(syntax: str | None) -> bool:

@@ -9,13 +9,17 @@ writes the reason file of a refused image from its row.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import sqlite3
 from pathlib import Path
 
+import pytest
+
 from appliance.ingest.spool import Spool
 from appliance.ingest.spool_records import Accepted, Duplicate
 from appliance.store import Store
+from tests.ingest.conftest import NATIVE_DX, copy_to, real
 from testsupport.data import cxr_data
 
 
@@ -106,3 +110,49 @@ def test_an_accepted_image_whose_row_a_power_cut_lost_is_registered_again_and_re
     assert item is not None and item.image_id == got.image_id
     spool.mark_done(item.image_id)
     assert spool.claim_next() is None
+
+
+@pytest.mark.parametrize("state", ["incoming", "processing"])
+@pytest.mark.parametrize("image", [NATIVE_DX, "jpeg"], ids=["uid key", "content key"])
+def test_a_rename_lost_in_a_power_cut_behind_its_row_takes_the_file_again_under_the_same_id(
+    tmp_path: Path, state: str, image: str
+) -> None:
+    """The row of an accepted image reached the disk (with another commit) but its unsynced rename did
+    not: the file is back in the watched folder. Offered again after recovery it is taken again, under
+    the same id (so the same message id): not deleted as a duplicate of itself, nor a new image."""
+    spool = Spool(tmp_path / "spool")
+    watch = tmp_path / "watch"
+    watch.mkdir()
+    source = copy_to(real(NATIVE_DX) if image == NATIVE_DX else real_image(), watch, "a")
+    content = source.read_bytes()
+    first = spool.accept(source, "watch")
+    assert isinstance(first, Accepted)
+    if state == "processing":
+        spool.claim()
+    os.rename(spool.root / state / first.path.name, source)  # the disk as the power cut left it
+    spool.close()
+    spool = Spool(tmp_path / "spool")
+    spool.recover()
+    again = spool.accept(source, "watch")
+    assert isinstance(again, Accepted) and again.image_id == first.image_id
+    assert again.path.read_bytes() == content and spool.pending_count() == 1
+    spool.close()
+
+
+def test_a_lost_rename_of_a_resend_after_quarantine_keeps_its_retry_id(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    watch = tmp_path / "watch"
+    watch.mkdir()
+    first = spool.accept(copy_to(real(NATIVE_DX), watch), "watch")
+    assert isinstance(first, Accepted)
+    spool.quarantine(first.image_id, "decode failed", "test")
+    source = copy_to(real(NATIVE_DX), watch, "again.dcm")
+    retry = spool.accept(source, "watch")
+    assert isinstance(retry, Accepted) and retry.image_id != first.image_id
+    os.rename(retry.path, source)  # the re-send's rename lost, its row (and the old row's key change) kept
+    spool.close()
+    spool = Spool(tmp_path / "spool")
+    spool.recover()
+    again = spool.accept(source, "watch")
+    assert isinstance(again, Accepted) and again.image_id == retry.image_id
+    spool.close()

@@ -61,18 +61,49 @@ def test_real_files_read_the_same_as_pydicom(tmp_path: Path) -> None:
     assert answered >= 3  # the fast path is what cart files take: it must answer for them
 
 
-def test_padding_is_taken_off_as_pydicom_does(tmp_path: Path) -> None:
-    path = small_dicom(tmp_path / "padded.dcm")
+_INSTANCE_UI = b"\x08\x00\x18\x00UI"  # (0008,0018) of the dataset, explicit VR
+
+
+def with_instance_value(path: Path, value: bytes) -> Path:
+    """The dataset's SOP Instance UID element given `value`, padded with NULs to its old length."""
     raw = bytearray(path.read_bytes())
-    uid = str(pydicom.dcmread(path).SOPInstanceUID).encode()
-    at = raw.index(uid, 200)  # the dataset's copy, after the File Meta's
-    if len(uid) % 2 == 0:  # make room: shorten by two digits, keep the length, pad with a NUL
-        raw[at : at + len(uid)] = uid[:-2] + b"\x00 "
-    else:
-        raw[at : at + len(uid) + 1] = uid + b"\x00"
+    at = raw.index(_INSTANCE_UI) + 8
+    length = int.from_bytes(raw[at - 2 : at], "little")
+    assert len(value) <= length
+    raw[at : at + length] = value.ljust(length, b"\x00")
     path.write_bytes(bytes(raw))
+    return path
+
+
+@pytest.mark.parametrize("value", [b"1.2.3", b"1.2.3\x00 ", b" 1.2.3 ", b"1.2.3  \x00"], ids=repr)
+def test_padding_is_taken_off_as_pydicom_does(tmp_path: Path, value: bytes) -> None:
+    path = with_instance_value(small_dicom(tmp_path / "padded.dcm"), value)
     scanned = scan_uids(path)
-    assert scanned is not None and scanned.sop_instance == pydicom_uids(path)[1]
+    assert scanned is not None and scanned.sop_instance == "1.2.3" == pydicom_uids(path)[1]
+
+
+def test_another_vr_or_a_repeated_uid_is_left_to_pydicom(tmp_path: Path) -> None:
+    other_vr = small_dicom(tmp_path / "lo.dcm")
+    raw = other_vr.read_bytes()
+    other_vr.write_bytes(raw.replace(_INSTANCE_UI, b"\x08\x00\x18\x00LO"))
+    repeated = tmp_path / "repeated.dcm"
+    at = raw.index(_INSTANCE_UI)
+    end = at + 8 + int.from_bytes(raw[at + 6 : at + 8], "little")
+    second = b"1.2.3".ljust(end - at - 8, b"\x00")
+    repeated.write_bytes(raw[:end] + raw[at : at + 8] + second + raw[end:])
+    for path in (other_vr, repeated):
+        assert scan_uids(path) is None, path.name
+        assert dicom_uid(path) == pydicom_uids(path)[1], path.name
+    assert dicom_uid(repeated) == "1.2.3"  # pydicom's reading: the last one
+
+
+def test_a_sop_class_pydicom_would_not_name_is_left_to_it(tmp_path: Path) -> None:
+    path = small_dicom(tmp_path / "class.dcm")
+    raw = path.read_bytes()
+    at = raw.index(b"\x02\x00\x02\x00UI") + 8
+    length = int.from_bytes(raw[at - 2 : at], "little")
+    path.write_bytes(raw[:at] + b" " + raw[at : at + length - 1] + raw[at + length :])  # a leading space
+    assert scan_uids(path) is None
 
 
 @pytest.mark.parametrize(
