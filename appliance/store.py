@@ -15,10 +15,8 @@ the same id and de-duplicated by subscribers), then waits for the disk, then run
 moves, which must never get ahead of the rows that explain them). The ward hears a result while the
 commit is still on its way to the disk instead of after it (~1.5 ms of an image's 30 here).
 `before_durable` queues what must be on disk no later than the transaction (the spool's folder syncs,
-see appliance/ingest/spool_accept.py): it runs just before COMMIT; with `wake_first` after the wake-up
-and before the sync (so a durable commit of another thread in between may carry the rows to the disk
-first: the spool syncs its folders at the claim, long before, for that reason). If it raises, nothing
-after it runs.
+see appliance/ingest/spool_accept.py): it runs just before COMMIT, in every mode (after COMMIT another
+thread's durable commit could carry the rows to the disk first); if it raises, the transaction rolls back.
 """
 
 from __future__ import annotations
@@ -81,8 +79,7 @@ class Store:
             self.db.execute("BEGIN IMMEDIATE")
             try:
                 yield self.db
-                if not (durable and wake_first):
-                    _settle(self._before_durable)
+                _settle(self._before_durable)
                 self.db.execute("COMMIT")
             except BaseException:
                 self._after_commit.clear()
@@ -91,11 +88,9 @@ class Store:
                     self.db.execute("ROLLBACK")
                 raise
             actions, self._after_commit = self._after_commit, []
-            settle, self._before_durable = self._before_durable, []
         # Outside the lock: a rename must not hold up the other threads, nor the sender wait for the disk.
         if durable and wake_first:
             _run([action for action, before_sync in actions if before_sync])
-            _settle(settle)
             self.sync()
             _run([action for action, before_sync in actions if not before_sync])
         else:
@@ -129,8 +124,8 @@ class Store:
         action()
 
     def before_durable(self, action: Callable[[], None]) -> None:
-        """Run `action` before the current transaction is made durable (at once when none is open; see
-        the module's docstring for `wake_first`); an exception from it is raised to the caller."""
+        """Run `action` just before the current transaction commits (at once when none is open); an
+        exception from it rolls the transaction back and is raised to its caller."""
         with self.lock:
             if self.db.in_transaction:
                 self._before_durable.append(action)

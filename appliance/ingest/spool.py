@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
@@ -69,8 +70,11 @@ class Spool:
         self._lock = self.store.lock
         self._db = self.store.db
         # Files renamed into incoming/ unsynced (spool_accept.py): placements counted, and how many of
-        # them the last folder sync covered.
+        # them the last folder sync covered. `_counts` guards both and is never held across I/O;
+        # `_syncing` lets one folder sync run at a time (never taken while holding `_counts`).
         self._placed = self._settled = 0
+        self._counts = threading.Lock()
+        self._syncing = threading.Lock()
         with self._lock:
             self._db.executescript(SCHEMA)
             columns = {row[1] for row in self._db.execute("PRAGMA table_info(items)")}
@@ -149,24 +153,28 @@ class Spool:
 
     def placed_unsynced(self) -> None:
         """A file was renamed into incoming/ without a sync of its folder (appliance/ingest/spool_accept.py)."""
-        with self._lock:
+        with self._counts:
             self._placed += 1
 
     def settle_placements(self) -> None:
-        """Sync incoming/ and processing/ (where a claim renamed the file) if a placement waits for it.
-        The loop calls it after each claim, while the claimed images are read."""
-        with self._lock:
-            placed = self._placed
-        if placed > self._settled:
+        """Sync incoming/ and processing/ (where a claim renamed the file) if a placement waits for it;
+        a sync already running is waited for. The loop has it done beside each inference."""
+        with self._syncing:
+            with self._counts:
+                placed = self._placed
+                if placed <= self._settled:
+                    return
             fsync_dir(self.files.dir("incoming"))
             fsync_dir(self.files.dir("processing"))
-            with self._lock:
+            with self._counts:
                 self._settled = max(self._settled, placed)
 
     def _settled_before_durable(self) -> None:
-        """Called inside a transaction that ends an image: its file's folders reach the disk first (the
-        loop settled them at the claim already, unless that failed)."""
-        if self._placed > self._settled:
+        """Called inside a transaction that ends an image: its file's folders reach the disk first (found
+        done already, normally: see settle_placements)."""
+        with self._counts:
+            waiting = self._placed > self._settled
+        if waiting:
             self.store.before_durable(self.settle_placements)
 
     def _known(self, file: FileIdentity) -> str | None:

@@ -11,11 +11,11 @@ transaction ends: its original may go, or the stick be pulled, at once. A file r
 spool's filesystem is not synced here (0.7 ms on the ward's path): a rename is atomic, so after a power
 cut the file is either back where it came from (the watched folder or the DICOM receiver's, both offered
 again at start) or in incoming/ (registered by recover(), which syncs the folders), and either way it
-gets the same key, so the same image id and message id. The loop syncs the folders after each claim,
-while the claimed images are read (appliance/feeder.py), and the transaction that ends an image (done,
-quarantine) syncs whatever is left before it commits (`Spool.settle_placements`, by way of
-`Store.before_durable`), so a file does not fall back to the watched folder behind a row saying its image
-was read. The acceptance's own row may reach the disk before the rename (another commit carries it):
+gets the same key, so the same image id and message id. The folders are synced once a claimed batch is
+read, by the read-ahead thread while the loop infers (appliance/feeder.py), and the transaction that ends
+an image (done, quarantine) syncs whatever is left before it commits (`Spool.settle_placements`, by way
+of `Store.before_durable`), so a file does not fall back to the watched folder behind a row saying its
+image was read. The acceptance's own row may reach the disk before the rename (another commit carries it):
 recover() forgets a row whose file is in no folder of the spool, so the file, offered again, is taken
 under the same key.
 """
