@@ -12,7 +12,7 @@ import pytest
 from appliance.feeder import Feeder
 from appliance.ingest.spool import Spool
 from appliance.ingest.spool_records import Accepted, SpoolItem
-from appliance.pipeline import PREFETCH, Analyzer
+from appliance.pipeline import Analyzer
 from testsupport.data import cxr_data
 
 
@@ -132,9 +132,8 @@ def test_a_claim_that_fails_after_claiming_hands_its_images_back_uncounted(
 def test_the_claimed_files_folders_are_synced_while_they_are_read(
     spool: Spool, analyzer: Analyzer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Files renamed into the spool are not synced when accepted; their folders are synced by the
-    read-ahead thread once the batch is read (while the loop infers), so the transaction that ends their
-    images has nothing left to do."""
+    """Files renamed into the spool are not synced when accepted; the loop syncs their folders after the
+    claim, while the read-ahead thread reads, so the transaction that ends their images has nothing left."""
     import appliance.ingest.spool as spool_module
 
     synced: list[str] = []
@@ -143,7 +142,6 @@ def test_the_claimed_files_folders_are_synced_while_they_are_read(
     assert synced == []
     feeder = Feeder(spool, batch=2)
     jobs = feeder.take(analyzer)
-    PREFETCH.submit(lambda: None).result()  # what the read-ahead thread was given has run
     assert synced == ["incoming", "processing"] and all(job.image is not None for job in jobs)
     with spool.store.transaction(wake_first=True):
         for image_id in ids:

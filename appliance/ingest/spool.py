@@ -7,12 +7,14 @@ spool's filesystem (files from elsewhere are first copied to tmp/ and fsynced); 
 quarantine/ happens after the transaction that decided it committed (with the image's journal row and
 outbox messages, when the processor wraps them in one). `recover()` (call it at start) puts what a killed
 process left in processing/ back into incoming/ (counted against the image), finishes moves a crash cut
-short and registers files whose row was never committed.
+short, registers files whose row was never committed and forgets rows whose file a power cut sent back
+to the folder it came from (appliance/ingest/spool_accept.py: when a placement is synced).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import sqlite3
@@ -75,6 +77,7 @@ class Spool:
         self._placed = self._settled = 0
         self._counts = threading.Lock()
         self._syncing = threading.Lock()
+        self._sync_failed: str | None = None  # see settle_placements
         with self._lock:
             self._db.executescript(SCHEMA)
             columns = {row[1] for row in self._db.execute("PRAGMA table_info(items)")}
@@ -158,20 +161,32 @@ class Spool:
 
     def settle_placements(self) -> None:
         """Sync incoming/ and processing/ (where a claim renamed the file) if a placement waits for it;
-        a sync already running is waited for. The loop has it done beside each inference."""
+        a sync already running is waited for. The loop calls it after each claim, beside the read.
+
+        A failed sync fails every later one until a restart: Linux reports a write-back error once, so a
+        retry on a new descriptor could succeed with the renames still not on disk (recover() at the
+        next start syncs the folders as they are then)."""
         with self._syncing:
+            if self._sync_failed is not None:
+                raise OSError(
+                    errno.EIO, f"an earlier sync of the spool's folders failed ({self._sync_failed})"
+                )
             with self._counts:
                 placed = self._placed
                 if placed <= self._settled:
                     return
-            fsync_dir(self.files.dir("incoming"))
-            fsync_dir(self.files.dir("processing"))
+            try:
+                fsync_dir(self.files.dir("incoming"))
+                fsync_dir(self.files.dir("processing"))
+            except OSError as exc:
+                self._sync_failed = exc.strerror or str(exc)
+                raise
             with self._counts:
                 self._settled = max(self._settled, placed)
 
     def _settled_before_durable(self) -> None:
-        """Called inside a transaction that ends an image: its file's folders reach the disk first (found
-        done already, normally: see settle_placements)."""
+        """Called inside a transaction that ends an image: its file's folders reach the disk first (done
+        at the claim already, normally)."""
         with self._counts:
             waiting = self._placed > self._settled
         if waiting:

@@ -3,21 +3,21 @@ write transaction.
 
 One transaction from the key to the row (BEGIN IMMEDIATE, SQLite's write lock): another process taking
 files into the same spool (a USB import) waits, so two files of one new UID can never both be given the
-UID's key and the same name. The file first, then its row: a crash between the two leaves a file that
-recover() registers, never a row without a file.
+UID's key and the same name. The file first, then its row: a kill -9 between the two leaves a file that
+recover() registers, never a row without a file (a power cut can: see below).
 
 When the file is kept. A copy (read-only media, another filesystem) is synced into incoming/ before the
 transaction ends: its original may go, or the stick be pulled, at once. A file renamed within the
 spool's filesystem is not synced here (0.7 ms on the ward's path): a rename is atomic, so after a power
 cut the file is either back where it came from (the watched folder or the DICOM receiver's, both offered
 again at start) or in incoming/ (registered by recover(), which syncs the folders), and either way it
-gets the same key, so the same image id and message id. The folders are synced once a claimed batch is
-read, by the read-ahead thread while the loop infers (appliance/feeder.py), and the transaction that ends
-an image (done, quarantine) syncs whatever is left before it commits (`Spool.settle_placements`, by way
-of `Store.before_durable`), so a file does not fall back to the watched folder behind a row saying its
-image was read. The acceptance's own row may reach the disk before the rename (another commit carries it):
+gets the same key, so the same image id and message id. The loop syncs the folders after each claim,
+while the read-ahead thread reads (appliance/feeder.py), and the transaction that ends an image (done,
+quarantine) syncs whatever is left before it commits (`Spool.settle_placements`, by way of
+`Store.before_durable`), so a file does not fall back to the watched folder behind a row saying its image
+was read. The acceptance's own row may reach the disk before the rename (another commit carries it):
 recover() forgets a row whose file is in no folder of the spool, so the file, offered again, is taken
-under the same key.
+under the same key (unless another file took its UID meanwhile).
 """
 
 from __future__ import annotations

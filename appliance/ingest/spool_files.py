@@ -65,8 +65,8 @@ class SpoolFolders:
 
     # -- placing and moving ----------------------------------------------------------------------
     def place(self, src: Path, dest: Path, *, move: bool) -> bool:
-        """Put src at dest atomically, not synced (the caller syncs its folder). Returns True when src is
-        gone (it was renamed)."""
+        """Put src at dest atomically, not synced (see appliance/ingest/spool_accept.py for who syncs
+        and when). Returns True when src is gone (it was renamed)."""
         if move:
             try:
                 os.rename(src, dest)

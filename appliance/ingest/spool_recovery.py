@@ -4,7 +4,10 @@ The items table is the truth (appliance/ingest/spool.py). A kill -9 can leave: a
 (handed back to incoming/ and counted against the image: it may be what killed the process); a file
 still in processing/ or incoming/ whose row already says done or quarantine (the move after the commit
 was cut short: finished now, the reason file written from the row); a file renamed into the spool whose
-row was never committed (registered, its key computed again from its content). An older version kept
+row was never committed (registered, its key computed again from its content). A power cut can also
+leave the row of an acceptance without its file (the rename into incoming/ is not synced when accepted:
+appliance/ingest/spool_accept.py): the row is forgotten, and the file, back in the folder it came from,
+is taken again under the same key when it is offered again. An older version kept
 the rows in spool/spool.db and a meta/<id>.json per image: the rows are adopted into the store, the
 meta files deleted.
 """
@@ -22,7 +25,7 @@ from appliance.clock import now_iso
 from appliance.durable import fsync_dir
 from appliance.errors import InputRejected
 from appliance.ingest import sniff
-from appliance.ingest.identity import content_sha256
+from appliance.ingest.identity import content_sha256, image_id_for
 from appliance.ingest.spool_records import COLUMNS, RETRY_STATES
 
 if TYPE_CHECKING:
@@ -78,7 +81,8 @@ def _sync_live_folders(spool: Spool) -> None:
 
 def _forget_unplaced(spool: Spool) -> None:
     """Rows of accepted images whose file is in no folder of the spool: forgotten, so that the file is
-    taken again under the same key, image id and message id when it is offered again.
+    taken again under the same key, image id and message id when it is offered again (unless another
+    file took its UID meanwhile: then a hashed key and a new id, for an image never reported).
 
     A rename into incoming/ is not synced when accepted (spool_accept.py), while its row may reach the
     disk with another commit; after a power cut the file is back where it came from (the watched folder,
@@ -96,15 +100,25 @@ def _forget_unplaced(spool: Spool) -> None:
         ]
         for image_id, key in gone:
             db.execute("DELETE FROM items WHERE image_id = ?", (image_id,))
-            # A re-send of a quarantined image had moved the old row's key aside (spool_accept.py):
-            # given back, so the file offered again is that re-send again, under the same id.
-            db.execute("UPDATE items SET key = ? WHERE key = ? || '#' || image_id", (key, key))
+            _give_key_back(spool, db, key, image_id)
     if gone:
         log.warning(
             "spool recovery: %d accepted image(s) not in the spool (a power cut before the move reached"
             " the disk, or removed by hand); taken again when offered again",
             len(gone),
         )
+
+
+def _give_key_back(spool: Spool, db: sqlite3.Connection, key: str, image_id: str) -> None:
+    """A re-send of a quarantined image moved that row's key aside (`<key>#<its id>`, spool_accept.py) and
+    took the id made from it: the row it displaced gets the key back, so the file offered again is that
+    re-send again, under the same id. Only that row: earlier re-sends keep theirs."""
+    for (older,) in db.execute(
+        "SELECT image_id FROM items WHERE key = ? || '#' || image_id", (key,)
+    ).fetchall():
+        if image_id_for(f"{key}#{older}", spool._id_secret) == image_id:
+            db.execute("UPDATE items SET key = ? WHERE image_id = ?", (key, older))
+            return
 
 
 def _finish_move(spool: Spool, image_id: str, state: str) -> None:

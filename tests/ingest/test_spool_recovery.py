@@ -156,3 +156,54 @@ def test_a_lost_rename_of_a_resend_after_quarantine_keeps_its_retry_id(tmp_path:
     again = spool.accept(source, "watch")
     assert isinstance(again, Accepted) and again.image_id == retry.image_id
     spool.close()
+
+
+def test_only_the_displaced_row_gets_its_key_back_after_two_resends(tmp_path: Path) -> None:
+    """Quarantined, re-sent, quarantined again, re-sent again, and that last rename lost behind its row:
+    only the row the last re-send displaced gets the key back (giving it to both broke the key's
+    uniqueness and recovery with it, at every start)."""
+    spool = Spool(tmp_path / "spool")
+    watch = tmp_path / "watch"
+    watch.mkdir()
+    ids = []
+    for attempt in range(2):
+        got = spool.accept(copy_to(real(NATIVE_DX), watch, f"{attempt}.dcm"), "watch")
+        assert isinstance(got, Accepted)
+        spool.quarantine(got.image_id, "decode failed", "test")
+        ids.append(got.image_id)
+    source = copy_to(real(NATIVE_DX), watch, "last.dcm")
+    last = spool.accept(source, "watch")
+    assert isinstance(last, Accepted) and last.image_id not in ids
+    os.rename(last.path, source)
+    spool.close()
+    spool = Spool(tmp_path / "spool")
+    spool.recover()
+    again = spool.accept(source, "watch")
+    assert isinstance(again, Accepted) and again.image_id == last.image_id
+    spool.close()
+
+
+def test_a_failed_folder_sync_fails_every_later_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Linux reports a write-back error once: a retry on a new descriptor could pass with the renames not
+    on disk, so after one failure the spool's folder syncs keep failing until a restart."""
+    import appliance.ingest.spool as spool_module
+
+    spool = Spool(tmp_path / "spool")
+    watch = tmp_path / "watch"
+    watch.mkdir()
+    calls: list[Path] = []
+
+    def failing_once(path: Path) -> None:
+        calls.append(path)
+        if len(calls) == 1:
+            raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(spool_module, "fsync_dir", failing_once)
+    assert isinstance(spool.accept(copy_to(real(NATIVE_DX), watch), "watch"), Accepted)
+    with pytest.raises(OSError, match="Input/output error"):
+        spool.settle_placements()
+    (item,) = spool.claim()
+    with pytest.raises(OSError, match="an earlier sync of the spool's folders failed"):
+        spool.mark_done(item.image_id)
+    assert len(calls) == 1 and spool.pending_count() == 1  # not done: the row rolled back
+    spool.close()
