@@ -169,7 +169,9 @@ class Spool:
         with self._syncing:
             if self._sync_failed is not None:
                 raise OSError(
-                    errno.EIO, f"an earlier sync of the spool's folders failed ({self._sync_failed})"
+                    errno.EIO,
+                    f"an earlier sync of the spool's folders failed ({self._sync_failed});"
+                    " check the disk and restart the appliance",
                 )
             with self._counts:
                 placed = self._placed
