@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from appliance.ingest.spool import Spool
-from appliance.ingest.spool_records import Accepted, Duplicate
+from appliance.ingest.spool_records import Accepted, Duplicate, Rejected
 from appliance.store import Store
 from tests.ingest.conftest import NATIVE_DX, copy_to, real
 from testsupport.data import cxr_data
@@ -112,6 +112,18 @@ def test_an_accepted_image_whose_row_a_power_cut_lost_is_registered_again_and_re
     assert spool.claim_next() is None
 
 
+def offered_again_after_a_lost_rename(
+    spool: Spool, placed: Path, source: Path
+) -> tuple[Spool, Accepted | Duplicate | Rejected]:
+    """The disk as a power cut left it (the rename into the spool undone, the rows kept), the spool
+    started again, and the file offered again from where it came back."""
+    os.rename(placed, source)
+    spool.close()
+    spool = Spool(spool.root)
+    spool.recover()
+    return spool, spool.accept(source, "watch")
+
+
 @pytest.mark.parametrize("state", ["incoming", "processing"])
 @pytest.mark.parametrize("image", [NATIVE_DX, "jpeg"], ids=["uid key", "content key"])
 def test_a_rename_lost_in_a_power_cut_behind_its_row_takes_the_file_again_under_the_same_id(
@@ -129,44 +141,24 @@ def test_a_rename_lost_in_a_power_cut_behind_its_row_takes_the_file_again_under_
     assert isinstance(first, Accepted)
     if state == "processing":
         spool.claim()
-    os.rename(spool.root / state / first.path.name, source)  # the disk as the power cut left it
-    spool.close()
-    spool = Spool(tmp_path / "spool")
-    spool.recover()
-    again = spool.accept(source, "watch")
+    spool, again = offered_again_after_a_lost_rename(spool, spool.root / state / first.path.name, source)
     assert isinstance(again, Accepted) and again.image_id == first.image_id
     assert again.path.read_bytes() == content and spool.pending_count() == 1
     spool.close()
 
 
-def test_a_lost_rename_of_a_resend_after_quarantine_keeps_its_retry_id(tmp_path: Path) -> None:
-    spool = Spool(tmp_path / "spool")
-    watch = tmp_path / "watch"
-    watch.mkdir()
-    first = spool.accept(copy_to(real(NATIVE_DX), watch), "watch")
-    assert isinstance(first, Accepted)
-    spool.quarantine(first.image_id, "decode failed", "test")
-    source = copy_to(real(NATIVE_DX), watch, "again.dcm")
-    retry = spool.accept(source, "watch")
-    assert isinstance(retry, Accepted) and retry.image_id != first.image_id
-    os.rename(retry.path, source)  # the re-send's rename lost, its row (and the old row's key change) kept
-    spool.close()
-    spool = Spool(tmp_path / "spool")
-    spool.recover()
-    again = spool.accept(source, "watch")
-    assert isinstance(again, Accepted) and again.image_id == retry.image_id
-    spool.close()
-
-
-def test_only_the_displaced_row_gets_its_key_back_after_two_resends(tmp_path: Path) -> None:
-    """Quarantined, re-sent, quarantined again, re-sent again, and that last rename lost behind its row:
-    only the row the last re-send displaced gets the key back (giving it to both broke the key's
-    uniqueness and recovery with it, at every start)."""
+@pytest.mark.parametrize("quarantined", [1, 2])
+def test_a_lost_rename_of_a_resend_after_quarantine_keeps_its_retry_id(
+    tmp_path: Path, quarantined: int
+) -> None:
+    """Quarantined (once or twice, re-sent in between), re-sent, and that last rename lost behind its row:
+    the row it displaced gets the key back, and only that one (giving it to every earlier re-send broke
+    the key's uniqueness, and recovery with it at every start); offered again, the same retry id."""
     spool = Spool(tmp_path / "spool")
     watch = tmp_path / "watch"
     watch.mkdir()
     ids = []
-    for attempt in range(2):
+    for attempt in range(quarantined):
         got = spool.accept(copy_to(real(NATIVE_DX), watch, f"{attempt}.dcm"), "watch")
         assert isinstance(got, Accepted)
         spool.quarantine(got.image_id, "decode failed", "test")
@@ -174,11 +166,7 @@ def test_only_the_displaced_row_gets_its_key_back_after_two_resends(tmp_path: Pa
     source = copy_to(real(NATIVE_DX), watch, "last.dcm")
     last = spool.accept(source, "watch")
     assert isinstance(last, Accepted) and last.image_id not in ids
-    os.rename(last.path, source)
-    spool.close()
-    spool = Spool(tmp_path / "spool")
-    spool.recover()
-    again = spool.accept(source, "watch")
+    spool, again = offered_again_after_a_lost_rename(spool, last.path, source)
     assert isinstance(again, Accepted) and again.image_id == last.image_id
     spool.close()
 
