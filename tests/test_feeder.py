@@ -134,10 +134,10 @@ def test_the_claimed_files_folders_are_synced_while_they_are_read(
 ) -> None:
     """Files renamed into the spool are not synced when accepted; the loop syncs their folders after the
     claim, while the read-ahead thread reads, so the transaction that ends their images has nothing left."""
-    import appliance.ingest.spool as spool_module
+    import appliance.ingest.spool_files as spool_files
 
     synced: list[str] = []
-    monkeypatch.setattr(spool_module, "fsync_dir", lambda path: synced.append(path.name))
+    monkeypatch.setattr(spool_files, "fsync_dir", lambda path: synced.append(path.name))
     ids = backlog(spool, tmp_path, 2)
     assert synced == []
     feeder = Feeder(spool, batch=2)

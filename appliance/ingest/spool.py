@@ -25,7 +25,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from appliance.config import AppConfig
-from appliance.durable import fsync_dir
 from appliance.errors import InputRejected
 from appliance.ingest import reasons, sniff
 from appliance.ingest.identity import plain_file_refusal
@@ -178,8 +177,7 @@ class Spool:
                 if placed <= self._settled:
                     return
             try:
-                fsync_dir(self.files.dir("incoming"))
-                fsync_dir(self.files.dir("processing"))
+                self.files.sync_live()
             except OSError as exc:
                 self._sync_failed = exc.strerror or str(exc)
                 raise

@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from appliance.clock import now_iso
-from appliance.durable import copy_atomically, write_atomically
+from appliance.durable import copy_atomically, fsync_dir, write_atomically
 from appliance.errors import UserError
 from appliance.ingest.identity import open_nofollow
 from appliance.ingest.spool_records import COPY_CHUNK, QUARANTINE_COPY_MAX_BYTES, STATES, SpoolFull
@@ -77,6 +77,12 @@ class SpoolFolders:
         with self.disk_full_is_spool_full(f"copying {src.name}"), open_nofollow(src) as fin:
             copy_atomically(fin, dest, tmp_dir=self.dir("tmp"), chunk=COPY_CHUNK)
         return False
+
+    def sync_live(self) -> None:
+        """fsync incoming/ and processing/: the renames into them and between them reach the disk (who
+        calls it and when: appliance/ingest/spool_accept.py)."""
+        for state in ("incoming", "processing"):
+            fsync_dir(self.dir(state))
 
     def copy_to_tmp(self, path: Path) -> Path:
         """A durable copy under tmp/ (deleted by recovery if a crash leaves it there)."""

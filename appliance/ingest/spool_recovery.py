@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from appliance.clock import now_iso
-from appliance.durable import fsync_dir
 from appliance.errors import InputRejected
 from appliance.ingest import sniff
 from appliance.ingest.identity import content_sha256, image_id_for
@@ -42,7 +41,7 @@ def recover(spool: Spool) -> int:
     back: list[str] = []
     with spool._lock:
         # First: what this recovery commits must not reach the disk before the renames it is about.
-        _sync_live_folders(spool)
+        spool.files.sync_live()
         spool.files.clear_tmp()
         for state in ("incoming", "processing", "done", "quarantine"):
             for file in sorted(spool.files.dir(state).iterdir()):
@@ -67,16 +66,11 @@ def recover(spool: Spool) -> int:
                 elif row[1] != state:  # rows of an older version, whose folders were the truth
                     spool._set_state(image_id, state)
         _forget_unplaced(spool)
-        _sync_live_folders(spool)  # the moves back to incoming/ above
+        spool.files.sync_live()  # the moves back to incoming/ above
         _forget_sidecars(spool)
     if back:
         log.warning("spool recovery: %d image(s) back from processing/ to incoming/", len(back))
     return len(back)
-
-
-def _sync_live_folders(spool: Spool) -> None:
-    for state in ("incoming", "processing"):
-        fsync_dir(spool.files.dir(state))
 
 
 def _forget_unplaced(spool: Spool) -> None:

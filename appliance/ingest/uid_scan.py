@@ -39,7 +39,7 @@ class ScannedUids:
     sop_instance: str
 
 
-def _elements(head: bytes, pos: int) -> tuple[int, int, bytes, int] | None:
+def _element(head: bytes, pos: int) -> tuple[int, int, bytes, int] | None:
     """(tag, value position, VR, length) of the element at `pos`; None past the bytes read."""
     if pos + 8 > len(head):
         return None
@@ -73,7 +73,7 @@ def scan_uids(path: Path) -> ScannedUids | None:
         return None
     values: dict[int, str] = {}
     pos, last = 132, -1
-    while (found := _elements(head, pos)) is not None:
+    while (found := _element(head, pos)) is not None:
         tag, at, vr, length = found
         if tag >> 16 != 2 and not _dataset_is_explicit_le(values.get(_TRANSFER_SYNTAX)):
             return None  # a dataset in a syntax read by pydicom only (or no File Meta naming one)
@@ -86,7 +86,7 @@ def scan_uids(path: Path) -> ScannedUids | None:
             values[tag] = uid
         if tag >= _SOP_INSTANCE:
             # pydicom keeps the last of repeated tags: answered only when the next one is in order.
-            following = _elements(head, at + length)
+            following = _element(head, at + length)
             if tag != _SOP_INSTANCE or following is None or following[0] <= tag:
                 return None
             return ScannedUids(values.get(_MEDIA_SOP_CLASS), values[_SOP_INSTANCE])

@@ -255,8 +255,8 @@ def test_a_renamed_file_is_synced_before_its_end_can_reach_the_disk(
     power cut it lies in one folder or the other, and keeps its key); its folders are synced before the
     row saying it is done can reach the disk: before COMMIT, with `wake_first` too. A second image's end
     finds nothing left to sync."""
-    import appliance.ingest.spool as spool_module
     import appliance.ingest.spool_accept as spool_accept
+    import appliance.ingest.spool_files as spool_files
 
     spool = Spool(tmp_path / "spool")
     watch = tmp_path / "watch"
@@ -280,7 +280,7 @@ def test_a_renamed_file_is_synced_before_its_end_can_reach_the_disk(
         real_sync()
 
     monkeypatch.setattr(spool_accept, "fsync_dir", lambda path: seen.append("accept fsync"))
-    monkeypatch.setattr(spool_module, "fsync_dir", synced)
+    monkeypatch.setattr(spool_files, "fsync_dir", synced)
     monkeypatch.setattr(spool.store, "sync", sync)
     got = spool.accept(copy_to(real(NATIVE_DX), watch, "a.dcm"), "watch")
     assert isinstance(got, Accepted) and seen == []

@@ -174,7 +174,7 @@ def test_a_lost_rename_of_a_resend_after_quarantine_keeps_its_retry_id(
 def test_a_failed_folder_sync_fails_every_later_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Linux reports a write-back error once: a retry on a new descriptor could pass with the renames not
     on disk, so after one failure the spool's folder syncs keep failing until a restart."""
-    import appliance.ingest.spool as spool_module
+    import appliance.ingest.spool_files as spool_files
 
     spool = Spool(tmp_path / "spool")
     watch = tmp_path / "watch"
@@ -186,7 +186,7 @@ def test_a_failed_folder_sync_fails_every_later_one(tmp_path: Path, monkeypatch:
         if len(calls) == 1:
             raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(spool_module, "fsync_dir", failing_once)
+    monkeypatch.setattr(spool_files, "fsync_dir", failing_once)
     assert isinstance(spool.accept(copy_to(real(NATIVE_DX), watch), "watch"), Accepted)
     with pytest.raises(OSError, match="Input/output error"):
         spool.settle_placements()
