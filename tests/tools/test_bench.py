@@ -104,3 +104,44 @@ def test_precisions_environment_and_markdown(report: tuple[dict[str, Any], Path]
     assert env["cpu_model"] and env["versions"]["onnxruntime"] and "ort_intra_op_threads" in env["threads"]
     table = out.with_name(out.name + ".md").read_text(encoding="utf-8")
     assert "| e2e p95 ms, uncompressed |" in table and "baseline" in table
+
+
+def test_sigterm_stops_the_run_and_removes_its_files(tmp_path: Path) -> None:
+    """A bench ended by SIGTERM (a timeout, systemd) stops its broker and daemons and leaves none of the
+    gigabytes it generated behind: one killed run left 4 GB in /tmp and a later CI run found the disk full."""
+    model = tiny_conv.build(tmp_path / "tiny")
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tools.quality.bench",
+            "--quick",
+            "--json",
+            str(tmp_path / "b.json"),
+            "--model",
+            str(model),
+            "--workdir",
+            str(workdir),
+        ],
+        cwd=REPO,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    progress = []
+    for line in proc.stderr:  # terminated once the daemon end-to-end part runs: broker and daemon are up
+        progress.append(line)
+        if "daemon end to end" in line:
+            break
+    else:
+        pytest.fail("the bench ended before its daemon part:\n" + "".join(progress[-40:]))
+    proc.terminate()
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=60) == 130, rest[-3000:]
+    assert "interrupted" in rest
+    assert list(workdir.iterdir()) == []
+    left = subprocess.run(["pgrep", "-af", str(workdir)], capture_output=True, text=True, check=False)
+    assert left.stdout == "", left.stdout  # no broker or daemon still running from the work folder

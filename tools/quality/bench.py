@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -193,7 +194,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists():
         print("bench: mosquitto not found (apt-get install mosquitto)", file=sys.stderr)
         return 2
-    report = run(args)
+    # SIGTERM (a timeout, systemd) unwinds like Ctrl-C: the broker and daemons stop, and the gigabytes of
+    # generated images under the work folder are removed.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        report = run(args)
+    except KeyboardInterrupt:
+        print("bench: interrupted; the broker and daemons were stopped", file=sys.stderr)
+        return 130
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
     md = args.json.with_name(args.json.name + ".md")
